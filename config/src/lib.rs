@@ -1,0 +1,26 @@
+//! rim-config owns rim's configuration: one typed config per role
+//! ([`StandaloneConfig`], [`CometRoleConfig`], [`LogicRoleConfig`],
+//! [`JobRoleConfig`]) built from sections ([`NodeConfig`], [`CometConfig`],
+//! ...), and the one way to load them: built-in defaults < TOML file <
+//! `RIM_<SECTION>__<KEY>` environment variables, then validation.
+//!
+//! Unknown keys are rejected naming the key, and every value is checked
+//! before a role binds a port. It does not own what the values mean at run
+//! time: each role crate reads its section.
+
+mod error;
+mod load;
+mod roles;
+mod sections;
+mod serde_list;
+
+pub use error::{ConfigError, Result};
+pub use load::{ENV_PREFIX, Load};
+pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, StandaloneConfig};
+pub use sections::{
+    ApiConfig, CometConfig, DiscoveryBackend, DiscoveryConfig, JobConfig, LogicConfig, NodeConfig,
+    QueueBackend, QueueConfig, RouterBackend, RouterConfig, StaticComet,
+};
+
+#[cfg(test)]
+mod tests;

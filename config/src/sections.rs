@@ -1,0 +1,514 @@
+//! The config sections. Each is a `[section]` table in TOML and a
+//! `RIM_<SECTION>__<KEY>` prefix in the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, Result};
+
+fn addr(s: &str) -> SocketAddr {
+    // Only called on literals below; a typo there fails every config test.
+    s.parse()
+        .unwrap_or_else(|_| panic!("bad built-in address {s}"))
+}
+
+fn positive(key: &str, value: Duration) -> Result<()> {
+    if value.is_zero() {
+        return Err(ConfigError::invalid(key, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<()> {
+    if value < min || value > max {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be between {min} and {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn not_blank(key: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::invalid(key, "must not be empty"));
+    }
+    Ok(())
+}
+
+/// `[node]`: who this process is in the cluster.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique id of this node; empty = the host name.
+    pub id: String,
+    /// Region this node serves (comets) or runs in (logic, job).
+    pub region: String,
+    /// Zone inside the region.
+    pub zone: String,
+    /// Relative weight for client node selection (comets).
+    pub weight: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: String::new(),
+            region: "default".into(),
+            zone: "default".into(),
+            weight: 10,
+        }
+    }
+}
+
+impl NodeConfig {
+    pub(crate) fn validate(&mut self) -> Result<()> {
+        if self.id.trim().is_empty() {
+            self.id = host_name();
+        }
+        not_blank("node.region", &self.region)?;
+        not_blank("node.zone", &self.zone)?;
+        in_range("node.weight", u64::from(self.weight), 1, 1 << 20)
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "rim".to_owned())
+}
+
+/// `[comet]`: the edge server's listeners, limits and timers.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CometConfig {
+    /// Raw TCP listeners (goim port 3101); empty = none.
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    pub tcp_bind: Vec<SocketAddr>,
+    /// WebSocket listeners, upgrade path `/sub` (goim port 3102); empty = none.
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    pub ws_bind: Vec<SocketAddr>,
+    /// Secure WebSocket listeners (goim port 3103); bound only when
+    /// `tls_cert` and `tls_key` are set.
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    pub wss_bind: Vec<SocketAddr>,
+    /// PEM certificate chain for WSS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for WSS.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// The comet gRPC service (goim port 3109).
+    pub grpc_bind: SocketAddr,
+    /// Session shards keyed by connection key.
+    pub buckets: usize,
+    /// Largest body a client frame may carry, in bytes.
+    pub max_body: usize,
+    /// Time a new connection has to authenticate.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Most connections this comet holds.
+    pub max_connections: usize,
+    /// Most connections from one client IP address.
+    pub max_connections_per_ip: usize,
+    /// Frames each connection's outbound queue holds before pushes to it drop.
+    pub write_queue: usize,
+    /// How long a connection's outbound queue may stay full before the
+    /// connection is closed as a slow consumer.
+    #[serde(with = "humantime_serde")]
+    pub slow_consumer_timeout: Duration,
+    /// Least time between two presence-lease renewals of one connection.
+    #[serde(with = "humantime_serde")]
+    pub presence_renew: Duration,
+    /// How often room counts are reported to logic.
+    #[serde(with = "humantime_serde")]
+    pub room_report_interval: Duration,
+    /// On SIGTERM, clients are closed spread over this window.
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
+}
+
+impl Default for CometConfig {
+    fn default() -> Self {
+        CometConfig {
+            tcp_bind: vec![addr("0.0.0.0:3101")],
+            ws_bind: vec![addr("0.0.0.0:3102")],
+            wss_bind: vec![addr("0.0.0.0:3103")],
+            tls_cert: None,
+            tls_key: None,
+            grpc_bind: addr("0.0.0.0:3109"),
+            buckets: 32,
+            max_body: 4096,
+            handshake_timeout: Duration::from_secs(5),
+            max_connections: 1_000_000,
+            max_connections_per_ip: 10_000,
+            write_queue: 64,
+            slow_consumer_timeout: Duration::from_secs(10),
+            presence_renew: Duration::from_secs(600),
+            room_report_interval: Duration::from_secs(10),
+            drain_window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CometConfig {
+    /// Returns whether secure WebSocket listeners are configured.
+    pub fn wss_enabled(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some() && !self.wss_bind.is_empty()
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.tcp_bind.is_empty() && self.ws_bind.is_empty() && !self.wss_enabled() {
+            return Err(ConfigError::invalid(
+                "comet.tcp_bind",
+                "no client listener: set tcp_bind, ws_bind or wss_bind with tls_cert and tls_key",
+            ));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "comet.tls_key",
+                    "tls_cert is set but tls_key is not",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "comet.tls_cert",
+                    "tls_key is set but tls_cert is not",
+                ));
+            }
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("comet.tls_cert", cert), ("comet.tls_key", key)] {
+                    if !path.is_file() {
+                        return Err(ConfigError::invalid(
+                            name,
+                            format!("{} is not a readable file", path.display()),
+                        ));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+        in_range("comet.buckets", self.buckets as u64, 1, 4096)?;
+        in_range("comet.max_body", self.max_body as u64, 16, 16 << 20)?;
+        positive("comet.handshake_timeout", self.handshake_timeout)?;
+        in_range(
+            "comet.max_connections",
+            self.max_connections as u64,
+            1,
+            100_000_000,
+        )?;
+        in_range(
+            "comet.max_connections_per_ip",
+            self.max_connections_per_ip as u64,
+            1,
+            100_000_000,
+        )?;
+        in_range("comet.write_queue", self.write_queue as u64, 1, 65_536)?;
+        positive("comet.slow_consumer_timeout", self.slow_consumer_timeout)?;
+        positive("comet.presence_renew", self.presence_renew)?;
+        positive("comet.room_report_interval", self.room_report_interval)
+    }
+}
+
+/// `[logic]`: the logic service.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogicConfig {
+    /// The logic gRPC service (goim port 3119).
+    pub grpc_bind: SocketAddr,
+    /// Heartbeat interval clients are told to keep.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Missed heartbeats after which a comet closes a connection.
+    pub heartbeat_max: u32,
+    /// Lifetime of a presence entry in the router without renewal.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for LogicConfig {
+    fn default() -> Self {
+        LogicConfig {
+            grpc_bind: addr("0.0.0.0:3119"),
+            heartbeat: Duration::from_secs(240),
+            heartbeat_max: 2,
+            lease: Duration::from_secs(1800),
+        }
+    }
+}
+
+impl LogicConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        positive("logic.heartbeat", self.heartbeat)?;
+        in_range("logic.heartbeat_max", u64::from(self.heartbeat_max), 1, 100)?;
+        positive("logic.lease", self.lease)?;
+        if self.lease <= self.heartbeat {
+            return Err(ConfigError::invalid(
+                "logic.lease",
+                "must be longer than logic.heartbeat, or idle sessions expire",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[api]`: the HTTP push and admin API.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The HTTP listener (goim port 3111).
+    pub http_bind: SocketAddr,
+    /// Largest push body accepted, in bytes; larger requests get 413.
+    pub max_body: usize,
+    /// Bearer token required by the admin endpoints; unset = no check.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            http_bind: addr("0.0.0.0:3111"),
+            max_body: 64 * 1024,
+            admin_token: None,
+        }
+    }
+}
+
+impl ApiConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        in_range("api.max_body", self.max_body as u64, 1, 16 << 20)?;
+        if let Some(token) = &self.admin_token {
+            not_blank("api.admin_token", token)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the online map lives.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterBackend {
+    /// In this process (standalone, or a single logic).
+    Memory,
+    /// In Redis (single node or cluster), shared by every logic.
+    Redis,
+}
+
+/// `[router]`: the online map.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Where the online map lives.
+    pub backend: RouterBackend,
+    /// Redis URLs; one = a single Redis, several = the seeds of a Redis Cluster.
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    pub redis: Vec<String>,
+    /// Room counts a comet reported longer ago than this are ignored.
+    #[serde(with = "humantime_serde")]
+    pub online_max_age: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            backend: RouterBackend::Memory,
+            redis: vec!["redis://127.0.0.1:6379".into()],
+            online_max_age: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RouterConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.backend == RouterBackend::Redis {
+            if self.redis.is_empty() {
+                return Err(ConfigError::invalid(
+                    "router.redis",
+                    "backend is redis but no URL is set",
+                ));
+            }
+            for url in &self.redis {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(ConfigError::invalid(
+                        "router.redis",
+                        format!("{url:?} is not a redis:// or rediss:// URL"),
+                    ));
+                }
+            }
+        }
+        positive("router.online_max_age", self.online_max_age)
+    }
+}
+
+/// Which queue carries push messages from api to job.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    /// A bounded in-process queue (standalone).
+    Memory,
+    /// Kafka (any Kafka-protocol broker).
+    Kafka,
+}
+
+/// `[queue]`: the push queue between api and job.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Which queue carries push messages.
+    pub backend: QueueBackend,
+    /// Kafka bootstrap servers, `host:port`.
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    pub brokers: Vec<String>,
+    /// Kafka topic.
+    pub topic: String,
+    /// Messages the in-process queue holds before producers wait.
+    pub capacity: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            backend: QueueBackend::Memory,
+            brokers: vec!["127.0.0.1:9092".into()],
+            topic: "rim-push".into(),
+            capacity: 65_536,
+        }
+    }
+}
+
+impl QueueConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.backend == QueueBackend::Kafka && self.brokers.is_empty() {
+            return Err(ConfigError::invalid(
+                "queue.brokers",
+                "backend is kafka but no broker is set",
+            ));
+        }
+        not_blank("queue.topic", &self.topic)?;
+        in_range("queue.capacity", self.capacity as u64, 1, 16 << 20)
+    }
+}
+
+/// `[job]`: the queue consumer that fans pushes out to comets.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Kafka consumer group; empty = `rim-job-<node.region>`.
+    pub group: String,
+    /// A room's batch is flushed when it holds this many messages.
+    pub room_batch: usize,
+    /// ... or when its oldest message has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub room_flush: Duration,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            group: String::new(),
+            room_batch: 20,
+            room_flush: Duration::from_millis(50),
+        }
+    }
+}
+
+impl JobConfig {
+    pub(crate) fn validate(&mut self, node: &NodeConfig) -> Result<()> {
+        if self.group.trim().is_empty() {
+            self.group = format!("rim-job-{}", node.region);
+        }
+        in_range("job.room_batch", self.room_batch as u64, 1, 10_000)?;
+        positive("job.room_flush", self.room_flush)
+    }
+}
+
+/// How roles find each other.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryBackend {
+    /// The fixed lists in this section.
+    Static,
+    /// Ephemeral nodes and watches in ZooKeeper.
+    Zookeeper,
+}
+
+/// A comet listed in static discovery.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticComet {
+    /// The comet's `node.id`.
+    pub id: String,
+    /// The comet's region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// The comet's gRPC address, `host:port`.
+    pub grpc: String,
+}
+
+fn default_region() -> String {
+    "default".into()
+}
+
+/// `[discovery]`: how comets, logics and jobs find each other.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Where the cluster's membership comes from.
+    pub backend: DiscoveryBackend,
+    /// ZooKeeper connect string, `host:port[,host:port...]`.
+    pub zookeeper: String,
+    /// ZooKeeper path under which rim registers.
+    pub root: String,
+    /// ZooKeeper session timeout.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Static discovery: logic gRPC addresses, `host:port`.
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    pub logics: Vec<String>,
+    /// Static discovery: the comets.
+    #[serde(default)]
+    pub comets: Vec<StaticComet>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            backend: DiscoveryBackend::Static,
+            zookeeper: "127.0.0.1:2181".into(),
+            root: "/rim".into(),
+            session_timeout: Duration::from_secs(10),
+            logics: vec!["127.0.0.1:3119".into()],
+            comets: Vec::new(),
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.backend == DiscoveryBackend::Zookeeper {
+            not_blank("discovery.zookeeper", &self.zookeeper)?;
+        }
+        if !self.root.starts_with('/') || (self.root.len() > 1 && self.root.ends_with('/')) {
+            return Err(ConfigError::invalid(
+                "discovery.root",
+                format!(
+                    "{:?} must be an absolute ZooKeeper path without a trailing slash",
+                    self.root
+                ),
+            ));
+        }
+        positive("discovery.session_timeout", self.session_timeout)?;
+        for (i, comet) in self.comets.iter().enumerate() {
+            not_blank(&format!("discovery.comets[{i}].id"), &comet.id)?;
+            not_blank(&format!("discovery.comets[{i}].grpc"), &comet.grpc)?;
+        }
+        Ok(())
+    }
+}

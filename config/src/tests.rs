@@ -1,0 +1,215 @@
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::*;
+
+fn toml(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn load_err<T: Load + std::fmt::Debug>(file: Option<&str>, vars: &[(&str, &str)]) -> String {
+    let file = file.map(toml);
+    T::load_from(file.as_ref().map(|f| f.path()), env(vars))
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+#[test]
+fn built_in_defaults_are_valid_for_every_role() {
+    let standalone = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(
+        standalone.comet.tcp_bind,
+        vec!["0.0.0.0:3101".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(standalone.comet.grpc_bind.port(), 3109);
+    assert_eq!(standalone.api.http_bind.port(), 3111);
+    assert_eq!(standalone.logic.grpc_bind.port(), 3119);
+    assert_eq!(standalone.router.backend, RouterBackend::Memory);
+    assert_eq!(standalone.queue.backend, QueueBackend::Memory);
+    assert_eq!(standalone.job.group, "rim-job-default");
+    assert!(!standalone.node.id.is_empty());
+
+    let comet = CometRoleConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(comet.discovery.backend, DiscoveryBackend::Zookeeper);
+    let logic = LogicRoleConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(logic.router.backend, RouterBackend::Redis);
+    assert_eq!(logic.queue.backend, QueueBackend::Kafka);
+    let job = JobRoleConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(job.queue.topic, "rim-push");
+}
+
+#[test]
+fn the_file_overrides_defaults_and_the_environment_overrides_the_file() {
+    let file = toml(
+        r#"
+        [node]
+        id = "comet-a"
+        region = "eu"
+        [comet]
+        buckets = 64
+        handshake_timeout = "2s"
+        tcp_bind = ["127.0.0.1:4101", "[::1]:4101"]
+        "#,
+    );
+    let config = CometRoleConfig::load_from(
+        Some(file.path()),
+        env(&[
+            ("RIM_COMET__BUCKETS", "128"),
+            ("RIM_COMET__WS_BIND", "127.0.0.1:4102,127.0.0.2:4102"),
+            ("RIM_DISCOVERY__ROOT", "/rim-test"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.node.id, "comet-a");
+    assert_eq!(config.node.region, "eu");
+    assert_eq!(config.comet.buckets, 128);
+    assert_eq!(config.comet.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(config.comet.tcp_bind.len(), 2);
+    assert_eq!(
+        config.comet.ws_bind,
+        vec![
+            "127.0.0.1:4102".parse::<SocketAddr>().unwrap(),
+            "127.0.0.2:4102".parse().unwrap()
+        ]
+    );
+    assert_eq!(config.discovery.root, "/rim-test");
+    // Untouched keys keep their defaults.
+    assert_eq!(config.comet.max_body, 4096);
+}
+
+#[test]
+fn variables_without_a_section_separator_are_not_config() {
+    let config = JobRoleConfig::load_from(
+        None,
+        env(&[
+            ("RIM_TEST_REDIS", "redis://127.0.0.1:1"),
+            ("RIM_LOG", "debug"),
+            ("PATH", "/bin"),
+        ]),
+    );
+    assert!(config.is_ok(), "{config:?}");
+}
+
+#[test]
+fn an_unknown_key_in_the_file_is_rejected_by_name() {
+    let err = load_err::<CometRoleConfig>(Some("[comet]\nbukets = 3\n"), &[]);
+    assert!(err.contains("bukets"), "{err}");
+    let err = load_err::<CometRoleConfig>(Some("[cmet]\nbuckets = 3\n"), &[]);
+    assert!(err.contains("cmet"), "{err}");
+}
+
+#[test]
+fn an_unknown_key_in_the_environment_is_rejected_by_name() {
+    let err = load_err::<CometRoleConfig>(None, &[("RIM_COMET__BUKETS", "3")]);
+    assert!(err.contains("bukets"), "{err}");
+}
+
+#[test]
+fn a_section_of_another_role_is_unknown() {
+    let err = load_err::<JobRoleConfig>(Some("[comet]\nbuckets = 3\n"), &[]);
+    assert!(err.contains("comet"), "{err}");
+}
+
+#[test]
+fn a_value_of_the_wrong_type_names_the_key() {
+    let err = load_err::<CometRoleConfig>(Some("[comet]\nbuckets = \"many\"\n"), &[]);
+    assert!(err.contains("buckets"), "{err}");
+    let err = load_err::<CometRoleConfig>(Some("[comet]\ngrpc_bind = \"nowhere\"\n"), &[]);
+    assert!(err.contains("grpc_bind"), "{err}");
+    let err = load_err::<CometRoleConfig>(Some("[comet]\nhandshake_timeout = \"soon\"\n"), &[]);
+    assert!(err.contains("handshake_timeout"), "{err}");
+}
+
+#[test]
+fn an_out_of_range_value_names_the_key() {
+    let err = load_err::<CometRoleConfig>(None, &[("RIM_COMET__BUCKETS", "0")]);
+    assert_eq!(
+        err,
+        "invalid value for comet.buckets: must be between 1 and 4096, got 0"
+    );
+    let err = load_err::<CometRoleConfig>(Some("[comet]\nhandshake_timeout = \"0s\"\n"), &[]);
+    assert!(
+        err.starts_with("invalid value for comet.handshake_timeout"),
+        "{err}"
+    );
+    let err = load_err::<LogicRoleConfig>(Some("[router]\nredis = [\"http://x\"]\n"), &[]);
+    assert!(err.starts_with("invalid value for router.redis"), "{err}");
+    let err = load_err::<JobRoleConfig>(Some("[discovery]\nroot = \"rim\"\n"), &[]);
+    assert!(err.starts_with("invalid value for discovery.root"), "{err}");
+}
+
+#[test]
+fn half_a_tls_pair_is_rejected() {
+    let err = load_err::<CometRoleConfig>(Some("[comet]\ntls_cert = \"/etc/hostname\"\n"), &[]);
+    assert!(err.starts_with("invalid value for comet.tls_key"), "{err}");
+    let err = load_err::<CometRoleConfig>(
+        Some("[comet]\ntls_cert = \"/nonexistent.pem\"\ntls_key = \"/nonexistent.key\"\n"),
+        &[],
+    );
+    assert!(err.contains("/nonexistent.pem"), "{err}");
+}
+
+#[test]
+fn a_comet_without_any_client_listener_is_rejected() {
+    let err = load_err::<CometRoleConfig>(Some("[comet]\ntcp_bind = []\nws_bind = []\n"), &[]);
+    assert!(err.starts_with("invalid value for comet.tcp_bind"), "{err}");
+}
+
+#[test]
+fn standalone_checks_renewal_against_the_lease() {
+    let err = load_err::<StandaloneConfig>(
+        Some("[comet]\npresence_renew = \"40m\"\n[logic]\nlease = \"30m\"\n"),
+        &[],
+    );
+    assert!(
+        err.starts_with("invalid value for comet.presence_renew"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_file_is_an_error() {
+    let err = StandaloneConfig::load_from(
+        Some(std::path::Path::new("/nonexistent/rim.toml")),
+        env(&[]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("/nonexistent/rim.toml"), "{err}");
+}
+
+#[test]
+fn errors_are_one_line() {
+    let err = load_err::<CometRoleConfig>(Some("[comet\nbuckets = 1\n"), &[]);
+    assert!(!err.contains('\n'), "{err}");
+}
+
+#[test]
+fn static_comets_load_from_the_file() {
+    let file = toml(
+        r#"
+        [discovery]
+        backend = "static"
+        [[discovery.comets]]
+        id = "c1"
+        region = "eu"
+        grpc = "127.0.0.1:3109"
+        [[discovery.comets]]
+        id = "c2"
+        grpc = "127.0.0.1:4109"
+        "#,
+    );
+    let config = JobRoleConfig::load_from(Some(file.path()), env(&[])).unwrap();
+    assert_eq!(config.discovery.backend, DiscoveryBackend::Static);
+    assert_eq!(config.discovery.comets.len(), 2);
+    assert_eq!(config.discovery.comets[1].region, "default");
+}

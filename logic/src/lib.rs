@@ -1,0 +1,6 @@
+//! rim-logic owns the logic service: auth policies, presence (connect,
+//! disconnect, heartbeat leases) written to the router, cluster-wide online
+//! counts, node selection for clients, and the logic gRPC service comets call.
+//!
+//! It does not store the online map (rim-router) nor serve HTTP (rim-api).
+//! Not built yet (issue #4): `rim logic` says so.
