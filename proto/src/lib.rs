@@ -3,9 +3,15 @@
 //! protobuf messages and gRPC services generated from `proto/rim/*.proto`
 //! (comet service, logic service, queue message).
 //!
+//! [`api`] holds the Rust face of the two internal services: the `LogicApi`
+//! and `CometApi` traits, their gRPC server adapters, and their remote (tonic
+//! client) implementations, so that comet, logic and job depend on the
+//! contract rather than on each other.
+//!
 //! It does not own transports: sockets, WebSocket upgrades and gRPC servers
 //! live in the roles that use these types.
 
+pub mod api;
 mod batch;
 mod codec;
 mod error;

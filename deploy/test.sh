@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, including the tests that need real services.
+#
+# 1. Installs what is missing: Debian packages redis-server and zookeeperd,
+#    and the Kafka-protocol broker tansu (cargo install, ~10 min on 2 cores).
+# 2. Starts throwaway Redis, ZooKeeper and tansu servers on 127.0.0.1 with
+#    their data in a temp dir, and creates the topic rim-push.
+# 3. Runs `cargo test --workspace --all-targets -- --include-ignored` with
+#    RIM_TEST_REDIS, RIM_TEST_ZK and RIM_TEST_KAFKA pointing at them.
+# 4. Stops the servers (by PID) and removes the temp dir on exit.
+#
+# Environment overrides:
+#   RIM_TEST_REDIS_PORT  (default 16379)
+#   RIM_TEST_ZK_PORT     (default 12181)
+#   RIM_TEST_KAFKA_PORT  (default 19092)
+#   RIM_TEST_KEEP_SERVICES=1  leave the servers and temp dir behind for debugging
+#
+# Runs as root on Debian 12; CI runs it via .ci/run (no stdin).
+set -euo pipefail
+
+readonly REDIS_PORT="${RIM_TEST_REDIS_PORT:-16379}"
+readonly ZK_PORT="${RIM_TEST_ZK_PORT:-12181}"
+readonly KAFKA_PORT="${RIM_TEST_KAFKA_PORT:-19092}"
+readonly TANSU_VERSION="0.6.0"
+readonly TOPIC="rim-push"
+readonly TOPIC_PARTITIONS=4
+readonly READY_TRIES=60 # x 0.5 s = about 30 s per service
+readonly ZK_SERVER=/usr/share/zookeeper/bin/zkServer.sh
+
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+export DEBIAN_FRONTEND=noninteractive
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+WORK=""      # temp dir with all service data and logs
+TANSU_PID="" # background tansu broker
+
+log() { echo "==> $*" >&2; }
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+# Prints the last lines of a log file (if any) to stderr.
+show_log() {
+    local file="$1"
+    if [[ -s "$file" ]]; then
+        echo "---- last lines of $file ----" >&2
+        tail -n 30 "$file" >&2
+        echo "----" >&2
+    else
+        echo "(no output in $file)" >&2
+    fi
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+tcp_open() {
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+require_free_port() {
+    local name="$1" port="$2" var="$3"
+    if tcp_open "$port"; then
+        die "port $port for $name is already in use on 127.0.0.1 (set $var to another port)"
+    fi
+}
+
+# wait_ready NAME LOGFILE CMD...: retries CMD for about 30 s.
+wait_ready() {
+    local name="$1" logfile="$2" i
+    shift 2
+    for ((i = 0; i < READY_TRIES; i++)); do
+        if "$@"; then
+            log "$name is ready"
+            return 0
+        fi
+        sleep 0.5
+    done
+    echo "error: $name did not become ready within $((READY_TRIES / 2)) s" >&2
+    show_log "$logfile"
+    exit 1
+}
+
+# Sends SIGTERM to a PID and waits up to 10 s, then SIGKILL.
+stop_pid() {
+    local name="$1" pid="$2" i
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill "$pid" 2>/dev/null || true
+    for ((i = 0; i < 20; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.5
+    done
+    echo "warning: $name (pid $pid) ignored SIGTERM; killing it" >&2
+    kill -9 "$pid" 2>/dev/null || true
+}
+
+# ------------------------------------------------------------- install
+
+install_packages() {
+    local missing=() pkg
+    for pkg in redis-server zookeeperd; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    if ((${#missing[@]})); then
+        log "installing ${missing[*]}"
+        apt-get update -qq </dev/null
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
+    fi
+}
+
+install_tansu() {
+    if command -v tansu >/dev/null && [[ "$(tansu --version 2>/dev/null)" == *" $TANSU_VERSION"* ]]; then
+        return 0
+    fi
+    command -v cargo >/dev/null || die "cargo is not on PATH; install Rust first"
+    log "installing tansu $TANSU_VERSION (cargo install, about 10 minutes)"
+    if ! cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+        </dev/null >"$WORK/tansu-install.log" 2>&1; then
+        show_log "$WORK/tansu-install.log"
+        die "cargo install tansu $TANSU_VERSION failed"
+    fi
+}
+
+# ------------------------------------------------------------- services
+
+start_redis() {
+    require_free_port Redis "$REDIS_PORT" RIM_TEST_REDIS_PORT
+    mkdir -p "$WORK/redis"
+    log "starting Redis on 127.0.0.1:$REDIS_PORT"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --daemonize yes --pidfile "$WORK/redis/redis.pid" --dir "$WORK/redis" \
+        --logfile "$WORK/redis/redis.log" </dev/null
+    wait_ready Redis "$WORK/redis/redis.log" redis_ready
+}
+
+redis_ready() {
+    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
+}
+
+stop_redis() {
+    if [[ -s "$WORK/redis/redis.pid" ]]; then
+        stop_pid Redis "$(cat "$WORK/redis/redis.pid")"
+    fi
+}
+
+# Debian's zkEnv.sh hard-codes ZOO_LOG_DIR=/var/log/zookeeper, so the
+# server's stdout goes there whatever we set; its log4j logging is a no-op
+# (no slf4j binding on the classpath). Data and pid file live in $WORK.
+zk_out() {
+    echo "/var/log/zookeeper/zookeeper-${USER:-}-server-${HOSTNAME:-$(hostname)}.out"
+}
+
+start_zookeeper() {
+    require_free_port ZooKeeper "$ZK_PORT" RIM_TEST_ZK_PORT
+    mkdir -p "$WORK/zk/data"
+    cat >"$WORK/zk/zoo.cfg" <<EOF
+tickTime=500
+initLimit=10
+syncLimit=5
+dataDir=$WORK/zk/data
+clientPort=$ZK_PORT
+clientPortAddress=127.0.0.1
+maxSessionTimeout=60000
+admin.enableServer=false
+4lw.commands.whitelist=ruok,srvr
+EOF
+    log "starting ZooKeeper on 127.0.0.1:$ZK_PORT"
+    ZOO_LOG_DIR="$WORK/zk" JMXDISABLE=true SERVER_JVMFLAGS="-Xmx256m" \
+        "$ZK_SERVER" start "$WORK/zk/zoo.cfg" </dev/null >"$WORK/zk/zkServer.log" 2>&1 ||
+        {
+            show_log "$WORK/zk/zkServer.log"
+            die "zkServer.sh start failed"
+        }
+    wait_ready ZooKeeper "$(zk_out)" zk_ready
+}
+
+zk_ready() {
+    [[ "$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf ruok >&3 && cat <&3' _ "$ZK_PORT" 2>/dev/null)" == imok ]]
+}
+
+stop_zookeeper() {
+    local pidfile="$WORK/zk/data/zookeeper_server.pid" pid
+    [[ -s "$pidfile" ]] || return 0
+    pid="$(cat "$pidfile")"
+    "$ZK_SERVER" stop "$WORK/zk/zoo.cfg" </dev/null >/dev/null 2>&1 || true
+    stop_pid ZooKeeper "$pid"
+}
+
+start_tansu() {
+    require_free_port tansu "$KAFKA_PORT" RIM_TEST_KAFKA_PORT
+    local url="tcp://127.0.0.1:$KAFKA_PORT"
+    log "starting tansu on 127.0.0.1:$KAFKA_PORT"
+    tansu broker --listener-url "$url" --advertised-listener-url "$url" \
+        --storage-engine memory://tansu/ </dev/null >"$WORK/tansu.log" 2>&1 &
+    TANSU_PID=$!
+    wait_ready tansu "$WORK/tansu.log" tansu_ready
+    log "creating topic $TOPIC ($TOPIC_PARTITIONS partitions)"
+    if ! timeout 30 tansu topic create "$TOPIC" --partitions "$TOPIC_PARTITIONS" --broker "$url" \
+        </dev/null >"$WORK/tansu-topic.log" 2>&1; then
+        show_log "$WORK/tansu-topic.log"
+        show_log "$WORK/tansu.log"
+        die "creating topic $TOPIC on tansu failed"
+    fi
+}
+
+tansu_ready() {
+    kill -0 "$TANSU_PID" 2>/dev/null || {
+        show_log "$WORK/tansu.log"
+        die "tansu exited during startup"
+    }
+    tcp_open "$KAFKA_PORT"
+}
+
+stop_tansu() {
+    stop_pid tansu "$TANSU_PID"
+}
+
+# ------------------------------------------------------------- main
+
+cleanup() {
+    local rc=$?
+    set +e
+    [[ -n "$WORK" ]] || exit "$rc"
+    if [[ "${RIM_TEST_KEEP_SERVICES:-}" == 1 ]]; then
+        echo "RIM_TEST_KEEP_SERVICES=1: leaving services running, data in $WORK" >&2
+        echo "  redis pid $(cat "$WORK/redis/redis.pid" 2>/dev/null), zookeeper pid" \
+            "$(cat "$WORK/zk/data/zookeeper_server.pid" 2>/dev/null), tansu pid ${TANSU_PID:-}" >&2
+        exit "$rc"
+    fi
+    stop_tansu
+    stop_zookeeper
+    stop_redis
+    rm -rf "$WORK"
+    exit "$rc"
+}
+
+main() {
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/rim-test.XXXXXX")"
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+
+    install_packages
+    install_tansu
+
+    start_redis
+    start_zookeeper
+    start_tansu
+
+    export RIM_TEST_REDIS="redis://127.0.0.1:$REDIS_PORT"
+    export RIM_TEST_ZK="127.0.0.1:$ZK_PORT"
+    export RIM_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
+    log "RIM_TEST_REDIS=$RIM_TEST_REDIS RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA"
+    log "cargo test --workspace --all-targets -- --include-ignored"
+    if ! cargo test --workspace --all-targets -- --include-ignored </dev/null; then
+        echo "error: cargo test failed; tansu log:" >&2
+        show_log "$WORK/tansu.log"
+        exit 1
+    fi
+    log "all tests passed"
+}
+
+main "$@"

@@ -1,0 +1,366 @@
+//! The internal services as Rust traits, each with a gRPC server adapter and
+//! a remote implementation over a tonic channel. A role calls the trait; a
+//! process wires in either the local implementation (another role's struct
+//! in the same process) or the remote one.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::pb::comet::v1 as comet;
+use crate::pb::logic::v1 as logic;
+
+/// Why a call to another role failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The caller's credentials (e.g. a client token) were refused.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The request itself is wrong; retrying it cannot help.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The callee (or something it needs) is unreachable or overloaded; a
+    /// retry later may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The callee failed; a bug or an unexpected state.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result of a call to another role.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// Returns the gRPC status code for this error.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            ApiError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            ApiError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            ApiError::Unavailable(_) => tonic::Code::Unavailable,
+            ApiError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// Returns the HTTP status for this error.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ApiError::Unauthenticated(_) => 401,
+            ApiError::InvalidArgument(_) => 400,
+            ApiError::Unavailable(_) => 503,
+            ApiError::Internal(_) => 500,
+        }
+    }
+
+    /// Returns whether retrying the same call may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApiError::Unavailable(_))
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        let code = err.code();
+        let message = match err {
+            ApiError::Unauthenticated(m)
+            | ApiError::InvalidArgument(m)
+            | ApiError::Unavailable(m)
+            | ApiError::Internal(m) => m,
+        };
+        Status::new(code, message)
+    }
+}
+
+impl From<Status> for ApiError {
+    fn from(status: Status) -> Self {
+        let message = status.message().to_owned();
+        match status.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                ApiError::Unauthenticated(message)
+            }
+            tonic::Code::InvalidArgument
+            | tonic::Code::OutOfRange
+            | tonic::Code::FailedPrecondition => ApiError::InvalidArgument(message),
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+            | tonic::Code::Cancelled => ApiError::Unavailable(message),
+            code => ApiError::Internal(format!("{code:?}: {message}")),
+        }
+    }
+}
+
+/// What a comet asks of logic (protocol.md §3, logic service).
+#[async_trait]
+pub trait LogicApi: Send + Sync + 'static {
+    /// Authenticates a connection's token and records it as online.
+    async fn connect(&self, req: logic::ConnectRequest) -> ApiResult<logic::ConnectReply>;
+    /// Records that a connection ended; returns whether it was known.
+    async fn disconnect(&self, req: logic::DisconnectRequest) -> ApiResult<bool>;
+    /// Renews a connection's presence lease.
+    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> ApiResult<()>;
+    /// Stores a comet's room counts and returns the cluster-wide counts.
+    async fn renew_online(
+        &self,
+        req: logic::RenewOnlineRequest,
+    ) -> ApiResult<logic::RenewOnlineReply>;
+    /// Hands an upstream client frame to the business.
+    async fn receive(&self, req: logic::ReceiveRequest) -> ApiResult<()>;
+    /// Selects comets for a client.
+    async fn nodes(&self, req: logic::NodesRequest) -> ApiResult<logic::NodesReply>;
+}
+
+/// What the job (and admin endpoints) ask of a comet (protocol.md §3, comet service).
+#[async_trait]
+pub trait CometApi: Send + Sync + 'static {
+    /// Delivers a frame to connections by key, filtered by their accepted ops.
+    async fn push_msg(&self, req: comet::PushMsgRequest) -> ApiResult<comet::Delivery>;
+    /// Delivers a frame to every connection accepting the op, paced.
+    async fn broadcast(&self, req: comet::BroadcastRequest) -> ApiResult<comet::Delivery>;
+    /// Delivers a frame to every member of a room.
+    async fn broadcast_room(&self, req: comet::BroadcastRoomRequest) -> ApiResult<comet::Delivery>;
+    /// Lists the rooms with members on the comet.
+    async fn rooms(&self) -> ApiResult<Vec<String>>;
+    /// Closes connections by key; returns how many were found.
+    async fn kick(&self, keys: Vec<String>) -> ApiResult<u64>;
+    /// Reports the comet's counters.
+    async fn stats(&self) -> ApiResult<comet::StatsReply>;
+}
+
+/// `LogicApi` over gRPC: a tonic client on a (possibly load-balanced) channel.
+#[derive(Clone, Debug)]
+pub struct RemoteLogic {
+    client: logic::logic_client::LogicClient<Channel>,
+}
+
+impl RemoteLogic {
+    /// Wraps a channel to one logic or a balanced set of them.
+    pub fn new(channel: Channel) -> Self {
+        RemoteLogic {
+            client: logic::logic_client::LogicClient::new(channel),
+        }
+    }
+}
+
+#[async_trait]
+impl LogicApi for RemoteLogic {
+    async fn connect(&self, req: logic::ConnectRequest) -> ApiResult<logic::ConnectReply> {
+        Ok(self.client.clone().connect(req).await?.into_inner())
+    }
+
+    async fn disconnect(&self, req: logic::DisconnectRequest) -> ApiResult<bool> {
+        Ok(self
+            .client
+            .clone()
+            .disconnect(req)
+            .await?
+            .into_inner()
+            .known)
+    }
+
+    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> ApiResult<()> {
+        self.client.clone().heartbeat(req).await?;
+        Ok(())
+    }
+
+    async fn renew_online(
+        &self,
+        req: logic::RenewOnlineRequest,
+    ) -> ApiResult<logic::RenewOnlineReply> {
+        Ok(self.client.clone().renew_online(req).await?.into_inner())
+    }
+
+    async fn receive(&self, req: logic::ReceiveRequest) -> ApiResult<()> {
+        self.client.clone().receive(req).await?;
+        Ok(())
+    }
+
+    async fn nodes(&self, req: logic::NodesRequest) -> ApiResult<logic::NodesReply> {
+        Ok(self.client.clone().nodes(req).await?.into_inner())
+    }
+}
+
+/// `CometApi` over gRPC: a tonic client to one comet.
+#[derive(Clone, Debug)]
+pub struct RemoteComet {
+    client: comet::comet_client::CometClient<Channel>,
+}
+
+impl RemoteComet {
+    /// Wraps a channel to one comet.
+    pub fn new(channel: Channel) -> Self {
+        RemoteComet {
+            client: comet::comet_client::CometClient::new(channel),
+        }
+    }
+}
+
+#[async_trait]
+impl CometApi for RemoteComet {
+    async fn push_msg(&self, req: comet::PushMsgRequest) -> ApiResult<comet::Delivery> {
+        let reply = self.client.clone().push_msg(req).await?.into_inner();
+        Ok(reply.delivery.unwrap_or_default())
+    }
+
+    async fn broadcast(&self, req: comet::BroadcastRequest) -> ApiResult<comet::Delivery> {
+        let reply = self.client.clone().broadcast(req).await?.into_inner();
+        Ok(reply.delivery.unwrap_or_default())
+    }
+
+    async fn broadcast_room(&self, req: comet::BroadcastRoomRequest) -> ApiResult<comet::Delivery> {
+        let reply = self.client.clone().broadcast_room(req).await?.into_inner();
+        Ok(reply.delivery.unwrap_or_default())
+    }
+
+    async fn rooms(&self) -> ApiResult<Vec<String>> {
+        let reply = self.client.clone().rooms(comet::RoomsRequest {}).await?;
+        Ok(reply.into_inner().rooms)
+    }
+
+    async fn kick(&self, keys: Vec<String>) -> ApiResult<u64> {
+        let reply = self
+            .client
+            .clone()
+            .kick(comet::KickRequest { keys })
+            .await?;
+        Ok(reply.into_inner().kicked)
+    }
+
+    async fn stats(&self) -> ApiResult<comet::StatsReply> {
+        Ok(self
+            .client
+            .clone()
+            .stats(comet::StatsRequest {})
+            .await?
+            .into_inner())
+    }
+}
+
+/// Serves any `LogicApi` as the logic gRPC service.
+#[derive(Debug)]
+pub struct LogicGrpc<T>(pub Arc<T>);
+
+impl<T: LogicApi> LogicGrpc<T> {
+    /// Returns the tonic service, ready to add to a server.
+    pub fn into_service(self) -> logic::logic_server::LogicServer<Self> {
+        logic::logic_server::LogicServer::new(self)
+    }
+}
+
+#[async_trait]
+impl<T: LogicApi> logic::logic_server::Logic for LogicGrpc<T> {
+    async fn connect(
+        &self,
+        req: Request<logic::ConnectRequest>,
+    ) -> Result<Response<logic::ConnectReply>, Status> {
+        Ok(Response::new(self.0.connect(req.into_inner()).await?))
+    }
+
+    async fn disconnect(
+        &self,
+        req: Request<logic::DisconnectRequest>,
+    ) -> Result<Response<logic::DisconnectReply>, Status> {
+        let known = self.0.disconnect(req.into_inner()).await?;
+        Ok(Response::new(logic::DisconnectReply { known }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<logic::HeartbeatRequest>,
+    ) -> Result<Response<logic::HeartbeatReply>, Status> {
+        self.0.heartbeat(req.into_inner()).await?;
+        Ok(Response::new(logic::HeartbeatReply {}))
+    }
+
+    async fn renew_online(
+        &self,
+        req: Request<logic::RenewOnlineRequest>,
+    ) -> Result<Response<logic::RenewOnlineReply>, Status> {
+        Ok(Response::new(self.0.renew_online(req.into_inner()).await?))
+    }
+
+    async fn receive(
+        &self,
+        req: Request<logic::ReceiveRequest>,
+    ) -> Result<Response<logic::ReceiveReply>, Status> {
+        self.0.receive(req.into_inner()).await?;
+        Ok(Response::new(logic::ReceiveReply {}))
+    }
+
+    async fn nodes(
+        &self,
+        req: Request<logic::NodesRequest>,
+    ) -> Result<Response<logic::NodesReply>, Status> {
+        Ok(Response::new(self.0.nodes(req.into_inner()).await?))
+    }
+}
+
+/// Serves any `CometApi` as the comet gRPC service.
+#[derive(Debug)]
+pub struct CometGrpc<T>(pub Arc<T>);
+
+impl<T: CometApi> CometGrpc<T> {
+    /// Returns the tonic service, ready to add to a server.
+    pub fn into_service(self) -> comet::comet_server::CometServer<Self> {
+        comet::comet_server::CometServer::new(self)
+    }
+}
+
+#[async_trait]
+impl<T: CometApi> comet::comet_server::Comet for CometGrpc<T> {
+    async fn push_msg(
+        &self,
+        req: Request<comet::PushMsgRequest>,
+    ) -> Result<Response<comet::PushMsgReply>, Status> {
+        let delivery = self.0.push_msg(req.into_inner()).await?;
+        Ok(Response::new(comet::PushMsgReply {
+            delivery: Some(delivery),
+        }))
+    }
+
+    async fn broadcast(
+        &self,
+        req: Request<comet::BroadcastRequest>,
+    ) -> Result<Response<comet::BroadcastReply>, Status> {
+        let delivery = self.0.broadcast(req.into_inner()).await?;
+        Ok(Response::new(comet::BroadcastReply {
+            delivery: Some(delivery),
+        }))
+    }
+
+    async fn broadcast_room(
+        &self,
+        req: Request<comet::BroadcastRoomRequest>,
+    ) -> Result<Response<comet::BroadcastRoomReply>, Status> {
+        let delivery = self.0.broadcast_room(req.into_inner()).await?;
+        Ok(Response::new(comet::BroadcastRoomReply {
+            delivery: Some(delivery),
+        }))
+    }
+
+    async fn rooms(
+        &self,
+        _req: Request<comet::RoomsRequest>,
+    ) -> Result<Response<comet::RoomsReply>, Status> {
+        let rooms = self.0.rooms().await?;
+        Ok(Response::new(comet::RoomsReply { rooms }))
+    }
+
+    async fn kick(
+        &self,
+        req: Request<comet::KickRequest>,
+    ) -> Result<Response<comet::KickReply>, Status> {
+        let kicked = self.0.kick(req.into_inner().keys).await?;
+        Ok(Response::new(comet::KickReply { kicked }))
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<comet::StatsRequest>,
+    ) -> Result<Response<comet::StatsReply>, Status> {
+        Ok(Response::new(self.0.stats().await?))
+    }
+}

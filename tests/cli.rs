@@ -1,0 +1,114 @@
+//! The `rim` binary's command line: roles listed, bad configuration refused
+//! with exit code 64 and one line naming the key, `--check` round trips.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn rim(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rim"));
+    cmd.args(args);
+    // Make the test independent of the caller's RIM_* overrides.
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("RIM_")) {
+        cmd.env_remove(name);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("rim binary runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn shipped(role: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/config")
+        .join(format!("{role}.toml"))
+        .display()
+        .to_string()
+}
+
+#[test]
+fn help_lists_every_role() {
+    let output = rim(&["--help"], &[]);
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    for role in ["standalone", "comet", "logic", "job"] {
+        assert!(text.contains(role), "--help does not list {role}:\n{text}");
+    }
+}
+
+#[test]
+fn an_unknown_key_exits_64_with_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("comet.toml");
+    std::fs::write(&path, "[comet]\nbukets = 3\n").unwrap();
+    let output = rim(&["comet", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(64));
+    let err = stderr(&output);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("bukets"), "{err}");
+}
+
+#[test]
+fn an_invalid_environment_value_exits_64_naming_the_key() {
+    for role in ["standalone", "comet"] {
+        let output = rim(&[role, "--check"], &[("RIM_COMET__MAX_BODY", "-1")]);
+        assert_eq!(output.status.code(), Some(64), "{role}");
+        assert!(
+            stderr(&output).contains("comet.max_body"),
+            "{}",
+            stderr(&output)
+        );
+    }
+    let output = rim(&["logic", "--check"], &[("RIM_LOGIC__HEARTBEAT_MAX", "0")]);
+    assert_eq!(output.status.code(), Some(64));
+    assert!(
+        stderr(&output).contains("logic.heartbeat_max"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_missing_config_file_exits_64() {
+    let output = rim(&["job", "--config", "/nonexistent/job.toml"], &[]);
+    assert_eq!(output.status.code(), Some(64));
+    assert!(stderr(&output).contains("/nonexistent/job.toml"));
+}
+
+#[test]
+fn check_prints_a_config_that_loads_back_the_same() {
+    for role in ["standalone", "comet", "logic", "job"] {
+        let first = rim(&[role, "--check", "--config", &shipped(role)], &[]);
+        assert!(first.status.success(), "{role}: {}", stderr(&first));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("effective.toml");
+        std::fs::write(&path, &first.stdout).unwrap();
+        let second = rim(&[role, "--check", "--config", path.to_str().unwrap()], &[]);
+        assert!(second.status.success(), "{role}: {}", stderr(&second));
+        assert_eq!(first.stdout, second.stdout, "{role}");
+    }
+}
+
+#[test]
+fn the_environment_overrides_the_file() {
+    let output = rim(
+        &["comet", "--check", "--config", &shipped("comet")],
+        &[("RIM_COMET__BUCKETS", "7"), ("RIM_NODE__REGION", "eu-west")],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let effective: toml::Table = String::from_utf8_lossy(&output.stdout).parse().unwrap();
+    assert_eq!(effective["comet"]["buckets"].as_integer(), Some(7));
+    assert_eq!(effective["node"]["region"].as_str(), Some("eu-west"));
+}
+
+#[test]
+fn an_unbuilt_role_exits_non_zero_saying_so() {
+    let output = rim(&["job", "--config", &shipped("job")], &[]);
+    assert_eq!(output.status.code(), Some(69));
+    assert!(
+        stderr(&output).contains("not built yet"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -1,0 +1,103 @@
+//! The configs shipped in deploy/config/ load, and document every key the
+//! role knows (as a setting, or as a commented-out example for optional keys).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use rim_config::{CometRoleConfig, JobRoleConfig, Load, LogicRoleConfig, StandaloneConfig};
+use serde::Serialize;
+
+fn path(role: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/config")
+        .join(format!("{role}.toml"))
+}
+
+/// Dotted paths of every scalar or list key in a TOML table.
+fn key_paths(table: &toml::Table, prefix: &str, out: &mut BTreeSet<String>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => key_paths(inner, &path, out),
+            _ => {
+                out.insert(path);
+            }
+        }
+    }
+}
+
+/// Dotted paths of keys shown commented out (`# key = ...`) under a
+/// `[section]`, and of commented array-of-tables examples (`# [[a.b]]`).
+fn commented_keys(text: &str) -> BTreeSet<String> {
+    let mut section = String::new();
+    let mut out = BTreeSet::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+        } else if let Some(name) = line.strip_prefix("# [[").and_then(|l| l.strip_suffix("]]")) {
+            // A commented array-of-tables example documents the array key.
+            out.insert(name.to_owned());
+            section = name.to_owned();
+        } else if let Some(rest) = line.strip_prefix("# ")
+            && let Some((key, _)) = rest.split_once(" = ")
+            && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        {
+            out.insert(format!("{section}.{key}"));
+        }
+    }
+    out
+}
+
+fn check<C: Load + Serialize + std::fmt::Debug>(role: &str) {
+    let file = path(role);
+    let config = C::load_from(Some(&file), Vec::new())
+        .unwrap_or_else(|e| panic!("{} does not load: {e}", file.display()));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut documented = BTreeSet::new();
+    key_paths(&text.parse::<toml::Table>().unwrap(), "", &mut documented);
+    documented.extend(commented_keys(&text));
+
+    let mut known = BTreeSet::new();
+    let defaults = toml::Table::try_from(C::default()).unwrap();
+    key_paths(&defaults, "", &mut known);
+    // Optional keys (unset by default) must be shown as commented examples.
+    let loaded = toml::Table::try_from(&config).unwrap();
+    key_paths(&loaded, "", &mut known);
+    let missing: Vec<_> = known.difference(&documented).collect();
+    assert!(
+        missing.is_empty(),
+        "{role}.toml does not document {missing:?}"
+    );
+}
+
+#[test]
+fn standalone_config_loads_and_documents_every_key() {
+    check::<StandaloneConfig>("standalone");
+}
+
+#[test]
+fn comet_config_loads_and_documents_every_key() {
+    check::<CometRoleConfig>("comet");
+}
+
+#[test]
+fn logic_config_loads_and_documents_every_key() {
+    check::<LogicRoleConfig>("logic");
+}
+
+#[test]
+fn job_config_loads_and_documents_every_key() {
+    check::<JobRoleConfig>("job");
+}
+
+#[test]
+fn optional_keys_are_documented_too() {
+    let text = std::fs::read_to_string(path("comet")).unwrap();
+    let commented = commented_keys(&text);
+    assert!(commented.contains("comet.tls_cert"), "{commented:?}");
+    assert!(commented.contains("comet.tls_key"), "{commented:?}");
+}
