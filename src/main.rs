@@ -2,15 +2,19 @@
 //!
 //! Each subcommand loads its role's config (defaults < `--config` TOML <
 //! `RIM_<SECTION>__<KEY>` environment), validates it before binding anything
-//! (exit 64 on a bad config), then runs the role until SIGINT/SIGTERM.
+//! (exit 64 on a bad config), binds its listeners, then runs the role until
+//! SIGINT/SIGTERM.
 
 mod logging;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use rim_config::{CometRoleConfig, JobRoleConfig, Load, LogicRoleConfig, StandaloneConfig};
+use rim_shutdown::Shutdown;
 use serde::Serialize;
 
 use crate::logging::LogFormat;
@@ -19,6 +23,9 @@ use crate::logging::LogFormat;
 const EXIT_CONFIG: u8 = 64;
 /// Exit code for a role this build cannot run yet (sysexits EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
+
+/// How long tasks still running after a role returned may take to finish.
+const GRACE: Duration = Duration::from_secs(5);
 
 /// rim: a goim-compatible distributed push/IM system.
 #[derive(Debug, Parser)]
@@ -60,24 +67,38 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match cli.role {
-        Role::Standalone(args) => start::<StandaloneConfig>("standalone", &args, "#6"),
-        Role::Comet(args) => start::<CometRoleConfig>("comet", &args, "#3"),
-        Role::Logic(args) => start::<LogicRoleConfig>("logic", &args, "#4"),
-        Role::Job(args) => start::<JobRoleConfig>("job", &args, "#5"),
+        Role::Standalone(args) => load::<StandaloneConfig>("standalone", &args)
+            .map_or_else(|code| code, |_| not_built("standalone", "#6")),
+        Role::Comet(args) => load::<CometRoleConfig>("comet", &args).map_or_else(
+            |code| code,
+            |config| {
+                serve("comet", |shutdown| async move {
+                    let listeners = rim_comet::Listeners::bind(&config.comet).await?;
+                    rim_comet::run(config, listeners, shutdown).await?;
+                    Ok(())
+                })
+            },
+        ),
+        Role::Logic(args) => load::<LogicRoleConfig>("logic", &args)
+            .map_or_else(|code| code, |_| not_built("logic", "#4")),
+        Role::Job(args) => {
+            load::<JobRoleConfig>("job", &args).map_or_else(|code| code, |_| not_built("job", "#5"))
+        }
     }
 }
 
-/// Loads and validates a role's config, then runs the role.
-fn start<C: Load + Serialize>(role: &str, args: &RoleArgs, issue: &str) -> ExitCode {
+/// Loads and validates a role's config; `Err` carries the exit code when
+/// the process should stop here (bad config, or `--check`).
+fn load<C: Load + Serialize>(role: &str, args: &RoleArgs) -> Result<C, ExitCode> {
     let config = match C::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("rim {role}: bad configuration: {err}");
-            return ExitCode::from(EXIT_CONFIG);
+            return Err(ExitCode::from(EXIT_CONFIG));
         }
     };
     if args.check {
-        return match toml::to_string_pretty(&config) {
+        return Err(match toml::to_string_pretty(&config) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -86,11 +107,61 @@ fn start<C: Load + Serialize>(role: &str, args: &RoleArgs, issue: &str) -> ExitC
                 eprintln!("rim {role}: cannot print the configuration: {err}");
                 ExitCode::FAILURE
             }
-        };
+        });
     }
+    Ok(config)
+}
+
+fn not_built(role: &str, issue: &str) -> ExitCode {
     eprintln!(
         "rim {role}: the {role} role is not built yet (tracked in issue {issue}); \
          its configuration is valid, but this build cannot run it"
     );
     ExitCode::from(EXIT_UNAVAILABLE)
+}
+
+/// Runs a role on a multi-threaded runtime until it returns, with
+/// SIGINT/SIGTERM wired to its shutdown signal.
+fn serve<F, Fut>(role: &str, run: F) -> ExitCode
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    raise_fd_limit(role);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("rim {role}: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = Shutdown::new();
+        if let Err(err) = shutdown.on_signals() {
+            eprintln!("rim {role}: cannot watch signals: {err}");
+            return ExitCode::FAILURE;
+        }
+        let result = run(shutdown.clone()).await;
+        shutdown.drain(GRACE).await;
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("rim {role}: {err:#}");
+                tracing::error!(reason = %format!("{err:#}"), "{role} failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Raises the soft open-file limit to the hard limit: every connection is a
+/// file descriptor.
+fn raise_fd_limit(role: &str) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(role, limit, "open-file limit"),
+        Err(err) => tracing::warn!(role, reason = %err, "cannot raise the open-file limit"),
+    }
 }

@@ -112,3 +112,74 @@ fn an_unbuilt_role_exits_non_zero_saying_so() {
         stderr(&output)
     );
 }
+
+#[test]
+fn the_comet_role_serves_until_sigterm_then_exits_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rim"));
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("RIM_")) {
+        cmd.env_remove(name);
+    }
+    let mut child = cmd
+        .args(["comet", "--config", &shipped("comet")])
+        .envs([
+            ("RIM_DISCOVERY__BACKEND", "static"),
+            ("RIM_DISCOVERY__LOGICS", "127.0.0.1:1"),
+            ("RIM_COMET__TCP_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__WS_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__DRAIN_WINDOW", "100ms"),
+            ("RUST_LOG", "info"),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rim comet starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = lines
+        .by_ref()
+        .take(50)
+        .map_while(Result::ok)
+        .any(|line| line.contains("accepting clients"));
+    assert!(started, "rim comet did not start accepting");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("rim comet did not stop within 15 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("comet stopped")), "{rest:?}");
+}
+
+#[test]
+fn the_comet_role_refuses_zookeeper_discovery_until_it_is_built() {
+    let output = rim(
+        &["comet", "--config", &shipped("comet")],
+        &[
+            ("RIM_COMET__TCP_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__WS_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("zookeeper discovery is not built yet"),
+        "{}",
+        stderr(&output)
+    );
+}

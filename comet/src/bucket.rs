@@ -1,0 +1,186 @@
+//! A shard of the comet's sessions, keyed by connection key, with the rooms
+//! of those sessions. Rooms are split across buckets like sessions are, so a
+//! room broadcast takes each bucket's lock for that bucket's members only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::session::{Session, lock};
+
+/// One shard of sessions and their rooms.
+#[derive(Debug, Default)]
+pub(crate) struct Bucket {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sessions: HashMap<Box<str>, Arc<Session>>,
+    /// room → session id → session.
+    rooms: HashMap<Box<str>, HashMap<u64, Arc<Session>>>,
+}
+
+impl Inner {
+    fn leave_room(&mut self, session: &Session) {
+        if let Some(room) = session.room() {
+            if let Some(members) = self.rooms.get_mut(&room) {
+                members.remove(&session.id);
+                if members.is_empty() {
+                    self.rooms.remove(&room);
+                }
+            }
+            session.set_room(None);
+        }
+    }
+
+    fn join_room(&mut self, session: &Arc<Session>, room: Box<str>) {
+        self.rooms
+            .entry(room.clone())
+            .or_default()
+            .insert(session.id, Arc::clone(session));
+        session.set_room(Some(room));
+    }
+
+    fn is_current(&self, session: &Session) -> bool {
+        self.sessions
+            .get(&session.key)
+            .is_some_and(|current| current.id == session.id)
+    }
+}
+
+impl Bucket {
+    /// Adds a session, in `room` if given; returns the session it replaced
+    /// (same key), which has been taken out of its room.
+    pub(crate) fn put(
+        &self,
+        session: &Arc<Session>,
+        room: Option<Box<str>>,
+    ) -> Option<Arc<Session>> {
+        let mut inner = lock(&self.inner);
+        let replaced = inner
+            .sessions
+            .insert(session.key.clone(), Arc::clone(session));
+        if let Some(old) = &replaced {
+            inner.leave_room(old);
+        }
+        if let Some(room) = room {
+            inner.join_room(session, room);
+        }
+        replaced
+    }
+
+    /// Removes a session unless a newer one took its key; returns whether it
+    /// was still the current session for its key.
+    pub(crate) fn remove(&self, session: &Session) -> bool {
+        let mut inner = lock(&self.inner);
+        if !inner.is_current(session) {
+            return false;
+        }
+        inner.sessions.remove(&session.key);
+        inner.leave_room(session);
+        true
+    }
+
+    /// Moves a session to another room (`None` = leave); false when the
+    /// session is no longer current.
+    pub(crate) fn change_room(&self, session: &Arc<Session>, room: Option<Box<str>>) -> bool {
+        let mut inner = lock(&self.inner);
+        if !inner.is_current(session) {
+            return false;
+        }
+        inner.leave_room(session);
+        if let Some(room) = room {
+            inner.join_room(session, room);
+        }
+        true
+    }
+
+    /// Returns the session connected with `key`.
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Session>> {
+        lock(&self.inner).sessions.get(key).cloned()
+    }
+
+    /// Calls `f` for every member of `room` in this bucket, under the lock:
+    /// `f` must not block.
+    pub(crate) fn for_each_member(&self, room: &str, mut f: impl FnMut(&Session)) {
+        let inner = lock(&self.inner);
+        if let Some(members) = inner.rooms.get(room) {
+            members.values().for_each(|s| f(s));
+        }
+    }
+
+    /// Returns how many members `room` has in this bucket.
+    pub(crate) fn room_len(&self, room: &str) -> usize {
+        lock(&self.inner).rooms.get(room).map_or(0, HashMap::len)
+    }
+
+    /// Adds this bucket's member count of every room to `counts`.
+    pub(crate) fn add_room_counts(&self, counts: &mut HashMap<String, u64>) {
+        let inner = lock(&self.inner);
+        for (room, members) in &inner.rooms {
+            *counts.entry(room.to_string()).or_default() += members.len() as u64;
+        }
+    }
+
+    /// Returns the sessions, so that long work (paced broadcast, drain) runs
+    /// without the lock.
+    pub(crate) fn sessions(&self) -> Vec<Arc<Session>> {
+        lock(&self.inner).sessions.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    fn session(id: u64, key: &str) -> Arc<Session> {
+        Arc::new(Session::new(
+            id,
+            key,
+            1,
+            IpAddr::from([127, 0, 0, 1]),
+            &[],
+            8,
+        ))
+    }
+
+    #[test]
+    fn a_session_with_the_same_key_replaces_the_old_one_and_its_room_seat() {
+        let bucket = Bucket::default();
+        let old = session(1, "k");
+        assert!(bucket.put(&old, Some("live://1".into())).is_none());
+        assert_eq!(bucket.room_len("live://1"), 1);
+
+        let new = session(2, "k");
+        let replaced = bucket.put(&new, Some("live://2".into())).unwrap();
+        assert_eq!(replaced.id, 1);
+        assert_eq!(bucket.room_len("live://1"), 0);
+        assert_eq!(bucket.room_len("live://2"), 1);
+
+        // The old session's late cleanup must not remove its successor.
+        assert!(!bucket.remove(&old));
+        assert_eq!(bucket.get("k").unwrap().id, 2);
+        assert!(bucket.remove(&new));
+        assert!(bucket.get("k").is_none());
+        assert_eq!(bucket.room_len("live://2"), 0);
+    }
+
+    #[test]
+    fn changing_rooms_moves_the_seat_and_empty_rooms_disappear() {
+        let bucket = Bucket::default();
+        let s = session(1, "a");
+        bucket.put(&s, None);
+        assert!(bucket.change_room(&s, Some("chat://x".into())));
+        assert_eq!(s.room().as_deref(), Some("chat://x"));
+        assert!(bucket.change_room(&s, Some("chat://y".into())));
+        let mut counts = HashMap::new();
+        bucket.add_room_counts(&mut counts);
+        assert_eq!(counts, HashMap::from([("chat://y".to_string(), 1)]));
+        assert!(bucket.change_room(&s, None));
+        counts.clear();
+        bucket.add_room_counts(&mut counts);
+        assert!(counts.is_empty());
+    }
+}

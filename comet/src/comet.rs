@@ -1,0 +1,342 @@
+//! The comet's shared state and its delivery operations (the `CometApi`).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rim_config::{CometConfig, NodeConfig};
+use rim_proto::Frame;
+use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
+use rim_proto::pb::comet::v1 as pb;
+use rim_proto::pb::frame::v1::Proto;
+
+use crate::bucket::Bucket;
+use crate::session::{Queued, Session, TransportKind, lock};
+use crate::stats::{self, Stats};
+
+/// The comet: sessions in buckets, limits, counters and the logic it reports to.
+///
+/// Cloning is cheap and shares the state.
+#[derive(Clone)]
+pub struct Comet {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: String,
+    pub(crate) region: String,
+    pub(crate) config: CometConfig,
+    pub(crate) logic: Arc<dyn LogicApi>,
+    pub(crate) stats: Stats,
+    buckets: Box<[Bucket]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Cluster-wide room counts from the last RenewOnline.
+    online: RwLock<HashMap<String, i32>>,
+    started: Instant,
+    next_session_id: AtomicU64,
+    connections: AtomicU64,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    pub(crate) draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Comet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Comet")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A held connection slot; frees itself (global and per-IP) when dropped.
+pub(crate) struct ConnSlot {
+    inner: Arc<Inner>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.inner.connections.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = lock(&self.inner.per_ip);
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Counts of one delivery, summed over recipients.
+#[derive(Default)]
+struct Tally {
+    delivery: pb::Delivery,
+    slow_closes: u64,
+}
+
+impl Tally {
+    fn record(&mut self, queued: Queued) {
+        match queued {
+            Queued::Yes => self.delivery.delivered += 1,
+            Queued::Dropped => self.delivery.dropped += 1,
+            Queued::DroppedAndClosed => {
+                self.delivery.dropped += 1;
+                self.slow_closes += 1;
+            }
+        }
+    }
+}
+
+impl Comet {
+    /// Creates a comet that reports to `logic`.
+    pub fn new(node: &NodeConfig, config: CometConfig, logic: Arc<dyn LogicApi>) -> Comet {
+        let buckets = (0..config.buckets).map(|_| Bucket::default()).collect();
+        Comet {
+            inner: Arc::new(Inner {
+                id: node.id.clone(),
+                region: node.region.clone(),
+                config,
+                logic,
+                stats: Stats::default(),
+                buckets,
+                hasher: Default::default(),
+                online: RwLock::new(HashMap::new()),
+                started: Instant::now(),
+                next_session_id: AtomicU64::new(1),
+                connections: AtomicU64::new(0),
+                per_ip: Mutex::new(HashMap::new()),
+                draining: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Returns this comet's node id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Returns how many connections are open (authenticated or not).
+    pub fn connections(&self) -> u64 {
+        self.inner.connections.load(Ordering::Acquire)
+    }
+}
+
+impl Inner {
+    pub(crate) fn bucket(&self, key: &str) -> &Bucket {
+        // buckets is never empty: config validation keeps it in 1..=4096.
+        &self.buckets[(self.hasher.hash_one(key) % self.buckets.len() as u64) as usize]
+    }
+
+    pub(crate) fn buckets(&self) -> &[Bucket] {
+        &self.buckets
+    }
+
+    /// Milliseconds since the comet started (the slow-consumer clock).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn slow_ms(&self) -> u64 {
+        self.config.slow_consumer_timeout.as_millis() as u64
+    }
+
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes a connection slot unless a global or per-IP limit is reached.
+    pub(crate) fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnSlot> {
+        if self.draining.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut per_ip = lock(&self.per_ip);
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count as usize >= self.config.max_connections_per_ip {
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+            return None;
+        }
+        if self.connections.fetch_add(1, Ordering::AcqRel) as usize >= self.config.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(ConnSlot {
+            inner: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// Returns the online count heartbeat replies carry for `room`:
+    /// cluster-wide when logic reported it, else this comet's own.
+    pub(crate) fn room_online(&self, room: Option<&str>) -> i32 {
+        let Some(room) = room else { return 0 };
+        if let Some(&count) = self
+            .online
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(room)
+        {
+            return count;
+        }
+        let local: usize = self.buckets.iter().map(|b| b.room_len(room)).sum();
+        i32::try_from(local).unwrap_or(i32::MAX)
+    }
+
+    /// Returns this comet's member count per room.
+    pub(crate) fn room_counts(&self) -> HashMap<String, u64> {
+        let mut counts = HashMap::new();
+        for bucket in self.buckets.iter() {
+            bucket.add_room_counts(&mut counts);
+        }
+        counts
+    }
+
+    /// Replaces the cluster-wide room counts.
+    pub(crate) fn set_online(&self, counts: HashMap<String, i32>) {
+        *self
+            .online
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = counts;
+    }
+
+    fn count(&self, tally: &Tally) {
+        stats::add(&self.stats.dropped_frames, tally.delivery.dropped);
+        stats::add(&self.stats.slow_consumer_closes, tally.slow_closes);
+    }
+
+    pub(crate) fn push_one(&self, session: &Session, frame: &Bytes) -> Queued {
+        session.push(frame, self.now_ms(), self.slow_ms())
+    }
+}
+
+/// Encodes a push once; every recipient shares the bytes.
+fn encode(proto: Option<Proto>) -> ApiResult<Bytes> {
+    let proto = proto.ok_or_else(|| ApiError::InvalidArgument("proto is missing".into()))?;
+    let frame = Frame::try_from(proto).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    frame
+        .to_bytes()
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))
+}
+
+#[async_trait]
+impl CometApi for Comet {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> ApiResult<pb::Delivery> {
+        let frame = encode(req.proto)?;
+        let inner = &self.inner;
+        let mut tally = Tally::default();
+        for key in &req.keys {
+            match inner.bucket(key).get(key) {
+                None => tally.delivery.missing += 1,
+                Some(session) if !session.accepts(req.proto_op) => tally.delivery.filtered += 1,
+                Some(session) => tally.record(inner.push_one(&session, &frame)),
+            }
+        }
+        inner.count(&tally);
+        Ok(tally.delivery)
+    }
+
+    async fn broadcast(&self, req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+        let frame = encode(req.proto)?;
+        let inner = &self.inner;
+        let speed = u64::try_from(req.speed).unwrap_or(0);
+        let mut tally = Tally::default();
+        for bucket in inner.buckets() {
+            let before = tally.delivery.delivered;
+            for session in bucket.sessions() {
+                if session.accepts(req.proto_op) {
+                    tally.record(inner.push_one(&session, &frame));
+                } else {
+                    tally.delivery.filtered += 1;
+                }
+            }
+            // Pace: this bucket's deliveries at `speed` per second.
+            let sent = tally.delivery.delivered - before;
+            if speed > 0 && sent > 0 {
+                tokio::time::sleep(Duration::from_secs_f64(sent as f64 / speed as f64)).await;
+            }
+        }
+        inner.count(&tally);
+        Ok(tally.delivery)
+    }
+
+    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> ApiResult<pb::Delivery> {
+        if req.room_id.is_empty() {
+            return Err(ApiError::InvalidArgument("room_id is empty".into()));
+        }
+        let frame = encode(req.proto)?;
+        let inner = &self.inner;
+        let (now, slow) = (inner.now_ms(), inner.slow_ms());
+        let mut tally = Tally::default();
+        for bucket in inner.buckets() {
+            bucket.for_each_member(&req.room_id, |session| {
+                tally.record(session.push(&frame, now, slow));
+            });
+        }
+        inner.count(&tally);
+        Ok(tally.delivery)
+    }
+
+    async fn rooms(&self) -> ApiResult<Vec<String>> {
+        let mut rooms: Vec<String> = self.inner.room_counts().into_keys().collect();
+        rooms.sort_unstable();
+        Ok(rooms)
+    }
+
+    async fn kick(&self, keys: Vec<String>) -> ApiResult<u64> {
+        let mut kicked = 0;
+        for key in &keys {
+            if let Some(session) = self.inner.bucket(key).get(key) {
+                session.close(crate::session::CloseReason::Kicked);
+                kicked += 1;
+            }
+        }
+        Ok(kicked)
+    }
+
+    async fn stats(&self) -> ApiResult<pb::StatsReply> {
+        let inner = &self.inner;
+        let s = &inner.stats;
+        let mut ips = HashSet::new();
+        for bucket in inner.buckets() {
+            ips.extend(bucket.sessions().iter().map(|session| session.ip));
+        }
+        Ok(pb::StatsReply {
+            server_id: inner.id.clone(),
+            region: inner.region.clone(),
+            tcp_connections: stats::get(&s.tcp_connections),
+            ws_connections: stats::get(&s.ws_connections),
+            room_counts: inner.room_counts(),
+            dropped_frames: stats::get(&s.dropped_frames),
+            slow_consumer_closes: stats::get(&s.slow_consumer_closes),
+            bad_frames: stats::get(&s.bad_frames),
+            ip_count: ips.len() as u64,
+        })
+    }
+}
+
+impl Inner {
+    /// Counts a connection of `kind` as open; the gauge is lowered by `closed`.
+    pub(crate) fn opened(&self, kind: TransportKind) {
+        stats::incr(self.gauge(kind));
+    }
+
+    pub(crate) fn closed(&self, kind: TransportKind) {
+        stats::decr(self.gauge(kind));
+    }
+
+    fn gauge(&self, kind: TransportKind) -> &AtomicU64 {
+        match kind {
+            TransportKind::Tcp => &self.stats.tcp_connections,
+            TransportKind::Ws => &self.stats.ws_connections,
+        }
+    }
+}

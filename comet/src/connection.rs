@@ -1,0 +1,403 @@
+//! One client connection from accept to close: handshake (Auth within the
+//! handshake timeout), registration in its bucket, the read/write loop, and
+//! cleanup that reports the disconnect to logic exactly once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rim_proto::pb::logic::v1 as logic;
+use rim_proto::{Frame, Op};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::comet::{ConnSlot, Inner};
+use crate::session::{CloseReason, Session, TransportKind};
+use crate::stats;
+use crate::transport::{ReadError, Transport};
+
+/// Longest room id a client may ask to join, in bytes.
+const MAX_ROOM_LEN: usize = 256;
+
+/// Heartbeat interval when logic does not say (goim's 4 minutes).
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(240);
+
+/// How long a call to logic made on behalf of one connection may take.
+const LOGIC_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a polite close may take before the socket is just dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why the read/write loop ended.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    HeartbeatTimeout,
+    Closed(CloseReason),
+    Read(ReadError),
+    Write(std::io::Error),
+    Protocol(String),
+}
+
+/// Serves one accepted connection until it closes.
+pub(crate) async fn serve<T: Transport>(
+    inner: Arc<Inner>,
+    mut transport: T,
+    id: u64,
+    peer: SocketAddr,
+    kind: TransportKind,
+    slot: ConnSlot,
+    drain: CancellationToken,
+) {
+    let Some(auth) = handshake(&inner, &mut transport, &drain).await else {
+        close(&mut transport).await;
+        return;
+    };
+    let req = logic::ConnectRequest {
+        server: inner.id.clone(),
+        cookie: String::new(),
+        token: auth.body.clone(),
+        client_ip: peer.ip().to_string(),
+    };
+    let reply = match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.connect(req)).await {
+        Ok(Ok(reply)) if !reply.key.is_empty() => reply,
+        Ok(Ok(_)) => {
+            tracing::warn!("logic accepted the token but assigned no key; closing");
+            return refuse(&inner, &mut transport).await;
+        }
+        Ok(Err(err)) => {
+            tracing::info!(reason = %err, "auth refused; closing");
+            return refuse(&inner, &mut transport).await;
+        }
+        Err(_) => {
+            tracing::warn!("logic did not answer connect in time; closing");
+            return refuse(&inner, &mut transport).await;
+        }
+    };
+    stats::incr(&inner.stats.auth_ok);
+
+    let session = Arc::new(Session::new(
+        id,
+        &reply.key,
+        reply.mid,
+        peer.ip(),
+        &reply.accepts,
+        inner.config.write_queue,
+    ));
+    let room = (!reply.room_id.is_empty()).then(|| reply.room_id.clone().into_boxed_str());
+    let bucket = inner.bucket(&session.key);
+    if let Some(old) = bucket.put(&session, room) {
+        old.close(CloseReason::Replaced);
+    }
+    inner.opened(kind);
+    if drain.is_cancelled() {
+        // Registered after the drain sweep passed this bucket.
+        session.close(CloseReason::Drain);
+    }
+    tracing::debug!(key = %session.key, mid = session.mid, room = ?session.room(), "authenticated");
+
+    let heartbeat = match reply.heartbeat_ms {
+        0 => DEFAULT_HEARTBEAT,
+        ms => Duration::from_millis(ms),
+    };
+    let idle_limit = heartbeat * reply.heartbeat_max.max(1);
+    let auth_reply = encode(Frame::new(Op::AUTH_REPLY, auth.seq, Bytes::new()));
+    let end = run(&inner, &mut transport, &session, idle_limit, auth_reply).await;
+    match &end {
+        End::ClientClosed => tracing::debug!("client closed"),
+        End::HeartbeatTimeout => tracing::debug!(idle = ?idle_limit, "no heartbeat; closing"),
+        End::Closed(reason) => tracing::debug!(reason = reason.as_str(), "closing"),
+        End::Read(err) if err.is_protocol_violation() => {
+            stats::incr(&inner.stats.bad_frames);
+            tracing::debug!(reason = %err, "protocol violation; closing");
+        }
+        End::Read(err) => tracing::debug!(reason = %err, "read failed"),
+        End::Write(err) => tracing::debug!(reason = %err, "write failed"),
+        End::Protocol(reason) => {
+            stats::incr(&inner.stats.bad_frames);
+            tracing::debug!(%reason, "protocol violation; closing");
+        }
+    }
+    close(&mut transport).await;
+
+    let current = bucket.remove(&session);
+    inner.closed(kind);
+    // A replaced session's key lives on in its successor: reporting it
+    // would take the successor offline.
+    if current {
+        let req = logic::DisconnectRequest {
+            mid: session.mid,
+            key: session.key.to_string(),
+            server: inner.id.clone(),
+        };
+        match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.disconnect(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(reason = %err, "disconnect not recorded by logic; the lease will expire")
+            }
+            Err(_) => {
+                tracing::warn!("logic did not answer disconnect in time; the lease will expire")
+            }
+        }
+    }
+    drop(slot);
+}
+
+/// Waits for the Auth frame, skipping anything before it.
+async fn handshake<T: Transport>(
+    inner: &Inner,
+    transport: &mut T,
+    drain: &CancellationToken,
+) -> Option<Frame> {
+    let wait = async {
+        loop {
+            match transport.read_frame().await {
+                Ok(Some(frame)) if frame.op == Op::AUTH => return Some(frame),
+                Ok(Some(frame)) => tracing::debug!(op = %frame.op, "frame before auth skipped"),
+                Ok(None) => return None,
+                Err(err) => {
+                    if err.is_protocol_violation() {
+                        stats::incr(&inner.stats.bad_frames);
+                    }
+                    tracing::debug!(reason = %err, "closed before auth");
+                    return None;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        auth = tokio::time::timeout(inner.config.handshake_timeout, wait) => match auth {
+            Ok(auth) => auth,
+            Err(_) => {
+                stats::incr(&inner.stats.handshake_timeouts);
+                tracing::debug!("no auth within the handshake timeout; closing");
+                None
+            }
+        },
+        () = drain.cancelled() => None,
+    }
+}
+
+async fn refuse<T: Transport>(inner: &Inner, transport: &mut T) {
+    stats::incr(&inner.stats.auth_failed);
+    close(transport).await;
+}
+
+async fn close<T: Transport>(transport: &mut T) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close()).await;
+}
+
+/// The authenticated read/write loop.
+async fn run<T: Transport>(
+    inner: &Inner,
+    transport: &mut T,
+    session: &Arc<Session>,
+    idle_limit: Duration,
+    auth_reply: Bytes,
+) -> End {
+    // Replies this connection owes its client; written before queued pushes.
+    let mut replies: Vec<Bytes> = vec![auth_reply];
+    let deadline = tokio::time::sleep(idle_limit);
+    tokio::pin!(deadline);
+    let mut last_renew = Instant::now();
+    loop {
+        if let Some(reason) = session.close_reason() {
+            return End::Closed(reason);
+        }
+        let mut frames = std::mem::take(&mut replies);
+        frames.extend(session.take_queued());
+        if !frames.is_empty()
+            && let Some(end) = write(inner, transport, session, &frames).await
+        {
+            return end;
+        }
+        drop(frames);
+
+        let frame = tokio::select! {
+            biased;
+            () = session.woken() => continue,
+            () = &mut deadline => return End::HeartbeatTimeout,
+            read = transport.read_frame() => match read {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return End::ClientClosed,
+                Err(err) => return End::Read(err),
+            },
+        };
+        match frame.op {
+            Op::HEARTBEAT => {
+                deadline.as_mut().reset(Instant::now() + idle_limit);
+                let online = inner.room_online(session.room().as_deref());
+                replies.push(encode(Frame::new(
+                    Op::HEARTBEAT_REPLY,
+                    frame.seq,
+                    Bytes::copy_from_slice(&online.to_be_bytes()),
+                )));
+                if last_renew.elapsed() >= inner.config.presence_renew {
+                    last_renew = Instant::now();
+                    renew(inner, session).await;
+                }
+            }
+            Op::CHANGE_ROOM => {
+                let room = match parse_room(&frame.body) {
+                    Ok(room) => room,
+                    Err(reason) => return End::Protocol(reason),
+                };
+                inner.bucket(&session.key).change_room(session, room);
+                replies.push(encode(Frame::new(
+                    Op::CHANGE_ROOM_REPLY,
+                    frame.seq,
+                    frame.body,
+                )));
+            }
+            Op::SUB | Op::UNSUB => {
+                let ops = match parse_ops(&frame.body) {
+                    Ok(ops) => ops,
+                    Err(reason) => return End::Protocol(reason),
+                };
+                let reply_op = if frame.op == Op::SUB {
+                    if !session.watch(&ops) {
+                        return End::Protocol("too many accepted ops".into());
+                    }
+                    Op::SUB_REPLY
+                } else {
+                    session.unwatch(&ops);
+                    Op::UNSUB_REPLY
+                };
+                replies.push(encode(Frame::new(reply_op, frame.seq, frame.body)));
+            }
+            Op::AUTH => tracing::debug!("auth frame on an authenticated connection ignored"),
+            op => {
+                let ack = encode(Frame::new(op, frame.seq, Bytes::new()));
+                receive(inner, session, frame).await;
+                replies.push(ack);
+            }
+        }
+    }
+}
+
+/// Writes frames within the slow-consumer timeout; a close requested
+/// meanwhile (kick, replacement, drain) abandons the write at once.
+async fn write<T: Transport>(
+    inner: &Inner,
+    transport: &mut T,
+    session: &Session,
+    frames: &[Bytes],
+) -> Option<End> {
+    let write = tokio::time::timeout(
+        inner.config.slow_consumer_timeout,
+        transport.write_frames(frames),
+    );
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            written = &mut write => return match written {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) => Some(End::Write(err)),
+                Err(_) => {
+                    if session.close(CloseReason::SlowConsumer) {
+                        stats::incr(&inner.stats.slow_consumer_closes);
+                    }
+                    Some(End::Closed(CloseReason::SlowConsumer))
+                }
+            },
+            // Frames queued meanwhile are picked up after this write.
+            () = session.woken() => {
+                if let Some(reason) = session.close_reason() {
+                    return Some(End::Closed(reason));
+                }
+            }
+        }
+    }
+}
+
+async fn renew(inner: &Inner, session: &Session) {
+    let req = logic::HeartbeatRequest {
+        mid: session.mid,
+        key: session.key.to_string(),
+        server: inner.id.clone(),
+    };
+    match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.heartbeat(req)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(reason = %err, "presence renewal failed"),
+        Err(_) => tracing::warn!("presence renewal timed out"),
+    }
+}
+
+async fn receive(inner: &Inner, session: &Session, frame: Frame) {
+    let req = logic::ReceiveRequest {
+        mid: session.mid,
+        key: session.key.to_string(),
+        proto: Some(frame.into()),
+    };
+    match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.receive(req)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(reason = %err, "upstream frame not accepted by logic"),
+        Err(_) => tracing::warn!("logic did not take the upstream frame in time"),
+    }
+}
+
+/// Encodes a reply; replies are built here with small bodies and cannot
+/// exceed the wire limit.
+fn encode(frame: Frame) -> Bytes {
+    frame.to_bytes().unwrap_or_default()
+}
+
+/// Parses a ChangeRoom body: empty = leave; else a UTF-8 room id of at most
+/// `MAX_ROOM_LEN` bytes.
+pub(crate) fn parse_room(body: &[u8]) -> Result<Option<Box<str>>, String> {
+    if body.is_empty() {
+        return Ok(None);
+    }
+    if body.len() > MAX_ROOM_LEN {
+        return Err(format!(
+            "room id of {} bytes exceeds {MAX_ROOM_LEN}",
+            body.len()
+        ));
+    }
+    let room = std::str::from_utf8(body).map_err(|_| "room id is not UTF-8".to_string())?;
+    if room.chars().any(char::is_control) {
+        return Err("room id contains control characters".into());
+    }
+    Ok(Some(room.into()))
+}
+
+/// Parses a Sub/Unsub body: comma-separated 32-bit ops, e.g. `1000,1001`.
+pub(crate) fn parse_ops(body: &[u8]) -> Result<Vec<i32>, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "op list is not UTF-8".to_string())?;
+    text.split(',')
+        .map(str::trim)
+        .filter(|op| !op.is_empty())
+        .map(|op| {
+            op.parse::<i32>()
+                .map_err(|_| format!("{op:?} in the op list is not a 32-bit integer"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_lists_parse_and_garbage_is_refused() {
+        assert_eq!(parse_ops(b"1000,1001").unwrap(), vec![1000, 1001]);
+        assert_eq!(parse_ops(b" 7 , ,8,").unwrap(), vec![7, 8]);
+        assert_eq!(parse_ops(b"").unwrap(), Vec::<i32>::new());
+        assert!(parse_ops(b"1000,abc").is_err());
+        assert!(parse_ops(b"99999999999").is_err());
+        assert!(parse_ops(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn room_ids_are_bounded_utf8() {
+        assert_eq!(parse_room(b"").unwrap(), None);
+        assert_eq!(
+            parse_room(b"live://1000").unwrap().as_deref(),
+            Some("live://1000")
+        );
+        assert!(parse_room(&[b'a'; MAX_ROOM_LEN + 1]).is_err());
+        assert!(parse_room(&[0xc3, 0x28]).is_err());
+        assert!(parse_room(b"a\nb").is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! One authenticated connection as the rest of the comet sees it: identity,
+//! accepted ops, room, and the outbound queue pushes are written to.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// Most ops one connection may accept; a Sub beyond this is refused.
+pub(crate) const MAX_ACCEPTS: usize = 256;
+
+/// How the client is connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Raw TCP.
+    Tcp,
+    /// WebSocket (plain or over TLS).
+    Ws,
+}
+
+/// Why the comet closes a connection on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum CloseReason {
+    /// A new connection authenticated with the same key.
+    Replaced = 1,
+    /// An operator or the business kicked it.
+    Kicked = 2,
+    /// Its outbound queue stayed full too long.
+    SlowConsumer = 3,
+    /// The comet is shutting down.
+    Drain = 4,
+}
+
+impl CloseReason {
+    fn from_u8(v: u8) -> Option<CloseReason> {
+        match v {
+            1 => Some(CloseReason::Replaced),
+            2 => Some(CloseReason::Kicked),
+            3 => Some(CloseReason::SlowConsumer),
+            4 => Some(CloseReason::Drain),
+            _ => None,
+        }
+    }
+
+    /// Returns the reason as a log field value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Replaced => "replaced by a newer connection with the same key",
+            CloseReason::Kicked => "kicked",
+            CloseReason::SlowConsumer => "slow consumer: outbound queue stayed full",
+            CloseReason::Drain => "comet draining",
+        }
+    }
+}
+
+/// Outcome of queueing one frame for one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Queued {
+    /// The frame is queued.
+    Yes,
+    /// The queue was full (or the connection closing): the frame is dropped
+    /// for this connection.
+    Dropped,
+    /// The queue was full too long: the frame is dropped and the connection
+    /// is now closing as a slow consumer.
+    DroppedAndClosed,
+}
+
+/// An authenticated connection.
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// Unique within this comet process; tells a replaced session from its successor.
+    pub(crate) id: u64,
+    pub(crate) key: Box<str>,
+    pub(crate) mid: i64,
+    pub(crate) ip: IpAddr,
+    /// Sorted, deduplicated.
+    accepts: Mutex<Vec<i32>>,
+    room: Mutex<Option<Box<str>>>,
+    outbox: Outbox,
+}
+
+/// The bounded outbound queue. It holds no allocation while empty, so an
+/// idle connection costs nothing here; the connection task is woken through
+/// one `Notify` for both "frames queued" and "close requested".
+#[derive(Debug)]
+struct Outbox {
+    /// Full = pushes to this connection are dropped and counted.
+    queue: Mutex<VecDeque<Bytes>>,
+    capacity: usize,
+    wake: Notify,
+    close: AtomicU8,
+    /// Milliseconds (comet clock) since the queue has been full; 0 = not full.
+    full_since_ms: AtomicU64,
+}
+
+impl Session {
+    pub(crate) fn new(
+        id: u64,
+        key: &str,
+        mid: i64,
+        ip: IpAddr,
+        accepts: &[i32],
+        capacity: usize,
+    ) -> Session {
+        let mut accepts: Vec<i32> = accepts.iter().copied().take(MAX_ACCEPTS).collect();
+        accepts.sort_unstable();
+        accepts.dedup();
+        accepts.shrink_to_fit();
+        Session {
+            id,
+            key: key.into(),
+            mid,
+            ip,
+            accepts: Mutex::new(accepts),
+            room: Mutex::new(None),
+            outbox: Outbox {
+                queue: Mutex::new(VecDeque::new()),
+                capacity,
+                wake: Notify::new(),
+                close: AtomicU8::new(0),
+                full_since_ms: AtomicU64::new(0),
+            },
+        }
+    }
+
+    /// Returns whether pushes with this op reach the connection.
+    pub(crate) fn accepts(&self, op: i32) -> bool {
+        lock(&self.accepts).binary_search(&op).is_ok()
+    }
+
+    /// Adds ops to the accepted set; false when the set would exceed its limit.
+    pub(crate) fn watch(&self, ops: &[i32]) -> bool {
+        let mut accepts = lock(&self.accepts);
+        for &op in ops {
+            if let Err(at) = accepts.binary_search(&op) {
+                if accepts.len() >= MAX_ACCEPTS {
+                    return false;
+                }
+                accepts.insert(at, op);
+            }
+        }
+        true
+    }
+
+    /// Removes ops from the accepted set.
+    pub(crate) fn unwatch(&self, ops: &[i32]) {
+        lock(&self.accepts).retain(|op| !ops.contains(op));
+    }
+
+    /// Returns the room the connection is in.
+    pub(crate) fn room(&self) -> Option<Box<str>> {
+        lock(&self.room).clone()
+    }
+
+    /// Records the room; only the bucket calls this, under its own lock.
+    pub(crate) fn set_room(&self, room: Option<Box<str>>) {
+        *lock(&self.room) = room;
+    }
+
+    /// Queues an encoded frame without waiting. `now_ms` and `slow_ms` decide
+    /// when a queue that stays full closes the connection.
+    pub(crate) fn push(&self, frame: &Bytes, now_ms: u64, slow_ms: u64) -> Queued {
+        if self.close_reason().is_some() {
+            return Queued::Dropped;
+        }
+        {
+            let mut queue = lock(&self.outbox.queue);
+            if queue.len() < self.outbox.capacity {
+                queue.push_back(frame.clone());
+                drop(queue);
+                self.outbox.wake.notify_one();
+                return Queued::Yes;
+            }
+        }
+        // Full: remember since when, and give up on the connection once it
+        // has stayed full for slow_ms.
+        let now_ms = now_ms.max(1);
+        match self.outbox.full_since_ms.compare_exchange(
+            0,
+            now_ms,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Queued::Dropped,
+            Err(since) if now_ms.saturating_sub(since) >= slow_ms => {
+                if self.close(CloseReason::SlowConsumer) {
+                    Queued::DroppedAndClosed
+                } else {
+                    Queued::Dropped
+                }
+            }
+            Err(_) => Queued::Dropped,
+        }
+    }
+
+    /// Takes every queued frame, leaving the queue empty and unallocated.
+    pub(crate) fn take_queued(&self) -> VecDeque<Bytes> {
+        let taken = std::mem::take(&mut *lock(&self.outbox.queue));
+        self.outbox.full_since_ms.store(0, Ordering::Release);
+        taken
+    }
+
+    /// Completes when frames were queued or a close was requested since the
+    /// last call (a wake-up that came before the wait is not lost).
+    pub(crate) async fn woken(&self) {
+        self.outbox.wake.notified().await;
+    }
+
+    /// Asks the connection to close; true if this call set the reason.
+    pub(crate) fn close(&self, reason: CloseReason) -> bool {
+        let set = self
+            .outbox
+            .close
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if set {
+            self.outbox.wake.notify_one();
+        }
+        set
+    }
+
+    /// Returns why the connection was asked to close, if it was.
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.outbox.close.load(Ordering::Acquire))
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it:
+/// every critical section here leaves the data consistent at each step.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(capacity: usize) -> Session {
+        Session::new(
+            1,
+            "k",
+            7,
+            IpAddr::from([127, 0, 0, 1]),
+            &[1001, 1000, 1000],
+            capacity,
+        )
+    }
+
+    #[test]
+    fn accepts_are_a_bounded_sorted_set() {
+        let s = session(4);
+        assert!(s.accepts(1000) && s.accepts(1001) && !s.accepts(1002));
+        assert!(s.watch(&[1002, 1000]));
+        assert!(s.accepts(1002));
+        s.unwatch(&[1000]);
+        assert!(!s.accepts(1000));
+        let many: Vec<i32> = (0..MAX_ACCEPTS as i32 + 1).collect();
+        assert!(!s.watch(&many));
+    }
+
+    #[test]
+    fn a_full_queue_drops_then_closes_after_the_slow_limit() {
+        let s = session(2);
+        let frame = Bytes::from_static(b"x");
+        assert_eq!(s.push(&frame, 10, 100), Queued::Yes);
+        assert_eq!(s.push(&frame, 10, 100), Queued::Yes);
+        assert_eq!(s.push(&frame, 10, 100), Queued::Dropped);
+        assert_eq!(s.push(&frame, 109, 100), Queued::Dropped);
+        assert_eq!(s.push(&frame, 110, 100), Queued::DroppedAndClosed);
+        assert_eq!(s.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(s.push(&frame, 111, 100), Queued::Dropped);
+    }
+
+    #[test]
+    fn draining_the_queue_resets_the_full_clock() {
+        let s = session(1);
+        let frame = Bytes::from_static(b"x");
+        assert_eq!(s.push(&frame, 10, 100), Queued::Yes);
+        assert_eq!(s.push(&frame, 10, 100), Queued::Dropped);
+        assert_eq!(s.take_queued().len(), 1);
+        assert_eq!(s.push(&frame, 200, 100), Queued::Yes);
+        assert_eq!(s.push(&frame, 250, 100), Queued::Dropped);
+        assert_eq!(s.close_reason(), None);
+    }
+
+    #[test]
+    fn the_first_close_reason_wins() {
+        let s = session(1);
+        assert!(s.close(CloseReason::Kicked));
+        assert!(!s.close(CloseReason::Drain));
+        assert_eq!(s.close_reason(), Some(CloseReason::Kicked));
+    }
+}

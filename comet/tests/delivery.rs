@@ -1,0 +1,343 @@
+//! Delivery: pushes by key, room broadcasts, broadcast to all, op-9 batches,
+//! slow consumers, and the same operations through the gRPC service.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rim_client::Client;
+use rim_comet::TransportKind;
+use rim_config::CometConfig;
+use rim_proto::api::{CometApi, RemoteComet};
+use rim_proto::pb::comet::v1 as pb;
+use rim_proto::{BatchBuilder, Frame, Op};
+use support::*;
+
+const MARK: i32 = 9999;
+
+/// Connects `n` clients alternating TCP and WebSocket, keys `{prefix}{i}`.
+async fn clients(
+    comet: &TestComet,
+    prefix: &str,
+    n: usize,
+    room: &str,
+    accepts: &[i32],
+) -> Vec<Client> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(
+            comet
+                .client(
+                    KINDS[i % 2],
+                    token(i as i64, &format!("{prefix}{i}"), room, accepts),
+                )
+                .await,
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_key_push_reaches_exactly_those_keys() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut all = clients(&comet, "k", 6, "", &[1000, MARK]).await;
+    let d = comet
+        .push_keys(&["k0", "k3", "k4", "nobody"], 1000, "hi")
+        .await;
+    assert_eq!(
+        (d.delivered, d.missing, d.filtered, d.dropped),
+        (3, 1, 0, 0)
+    );
+    for (i, client) in all.iter_mut().enumerate() {
+        if [0, 3, 4].contains(&i) {
+            let frame = next(client).await;
+            assert_eq!((frame.op, &frame.body[..]), (Op(1000), &b"hi"[..]), "k{i}");
+        }
+        assert_nothing_before_marker(&comet, client, &format!("k{i}")).await;
+    }
+    comet.stop().await;
+}
+
+#[tokio::test]
+async fn a_room_broadcast_reaches_exactly_the_room() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut inside = clients(&comet, "in", 6, "live://7", &[MARK]).await;
+    let mut outside = clients(&comet, "out", 4, "live://8", &[MARK]).await;
+    let d = comet.push_room("live://7", 1000, "room msg").await;
+    assert_eq!(d.delivered, 6);
+    for (i, client) in inside.iter_mut().enumerate() {
+        assert_eq!(next(client).await.body, Bytes::from("room msg"));
+        assert_nothing_before_marker(&comet, client, &format!("in{i}")).await;
+    }
+    for (i, client) in outside.iter_mut().enumerate() {
+        assert_nothing_before_marker(&comet, client, &format!("out{i}")).await;
+    }
+    assert_eq!(
+        comet.comet.rooms().await.unwrap(),
+        vec!["live://7".to_string(), "live://8".to_string()]
+    );
+    comet.stop().await;
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_accepting_connection() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut yes = clients(&comet, "y", 4, "", &[1000, MARK]).await;
+    let mut no = clients(&comet, "n", 2, "", &[MARK]).await;
+    let d = comet
+        .comet
+        .broadcast(pb::BroadcastRequest {
+            proto_op: 1000,
+            proto: Some(proto(1000, "all")),
+            speed: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!((d.delivered, d.filtered), (4, 2));
+    for client in &mut yes {
+        assert_eq!(next(client).await.body, Bytes::from("all"));
+    }
+    for (i, client) in no.iter_mut().enumerate() {
+        assert_nothing_before_marker(&comet, client, &format!("n{i}")).await;
+    }
+    comet.stop().await;
+}
+
+#[tokio::test]
+async fn a_paced_broadcast_spreads_deliveries_over_time() {
+    let comet = start(
+        CometConfig {
+            buckets: 4,
+            ..test_config()
+        },
+        ScriptedLogic::default(),
+    )
+    .await;
+    let _all = clients(&comet, "p", 8, "", &[1000]).await;
+    let started = Instant::now();
+    let d = comet
+        .comet
+        .broadcast(pb::BroadcastRequest {
+            proto_op: 1000,
+            proto: Some(proto(1000, "slow")),
+            speed: 40,
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.delivered, 8);
+    // 8 deliveries at 40/s take at least 0.2 s; behaviour, not a benchmark.
+    assert!(
+        started.elapsed() >= Duration::from_millis(190),
+        "{:?}",
+        started.elapsed()
+    );
+    comet.stop().await;
+}
+
+fn batch(ops_bodies: &[(i32, &str)]) -> Frame {
+    let mut builder = BatchBuilder::new();
+    for (op, body) in ops_bodies {
+        builder
+            .push(&Frame::new(
+                Op(*op),
+                0,
+                Bytes::copy_from_slice(body.as_bytes()),
+            ))
+            .unwrap();
+    }
+    builder.finish()
+}
+
+#[tokio::test]
+async fn a_batch_arrives_as_frames_over_tcp_and_as_one_message_over_websocket() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut tcp = comet
+        .client(TransportKind::Tcp, token(1, "t", "live://b", &[]))
+        .await;
+    let mut ws = comet
+        .client(TransportKind::Ws, token(2, "w", "live://b", &[]))
+        .await;
+    tcp.unpack_batches(false);
+    ws.unpack_batches(false);
+    let batch = batch(&[(1000, "one"), (1001, "two"), (1002, "three")]);
+    let d = comet
+        .comet
+        .broadcast_room(pb::BroadcastRoomRequest {
+            room_id: "live://b".into(),
+            proto: Some(batch.clone().into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.delivered, 2);
+
+    for (op, body) in [(1000, "one"), (1001, "two"), (1002, "three")] {
+        let frame = next(&mut tcp).await;
+        assert_eq!((frame.op, &frame.body[..]), (Op(op), body.as_bytes()));
+    }
+    let whole = next(&mut ws).await;
+    assert_eq!(whole.op, Op::RAW);
+    assert_eq!(whole.body, batch.body);
+    comet.stop().await;
+}
+
+#[tokio::test]
+async fn a_stuck_reader_is_dropped_and_closed_without_slowing_the_others() {
+    let config = CometConfig {
+        write_queue: 8,
+        slow_consumer_timeout: Duration::from_millis(300),
+        ..test_config()
+    };
+    let comet = start(config, ScriptedLogic::default()).await;
+    // Never reads after auth.
+    let _stuck = comet
+        .client(TransportKind::Tcp, token(1, "stuck", "live://s", &[]))
+        .await;
+    let mut readers = clients(&comet, "r", 2, "live://s", &[]).await;
+    let body = "x".repeat(4000);
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Push in rounds the readers keep up with, until the stuck one is closed.
+    while comet.comet.stats().await.unwrap().slow_consumer_closes == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "stuck reader never closed after {sent} pushes"
+        );
+        for _ in 0..8 {
+            comet.push_room("live://s", 1000, &body).await;
+            sent += 1;
+        }
+        for reader in &mut readers {
+            for _ in 0..8 {
+                assert_eq!(next(reader).await.body.len(), 4000);
+            }
+        }
+    }
+    within(Duration::from_secs(5), async {
+        while comet
+            .comet
+            .stats()
+            .await
+            .unwrap()
+            .room_counts
+            .get("live://s")
+            != Some(&2)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The readers got every message: nothing was dropped for them.
+    comet.push_room("live://s", 1000, "after").await;
+    for reader in &mut readers {
+        assert_eq!(next(reader).await.body, Bytes::from("after"));
+    }
+    comet.stop().await;
+}
+
+#[tokio::test]
+async fn the_grpc_service_pushes_kicks_and_reports() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut a = comet
+        .client(TransportKind::Tcp, token(1, "ga", "live://g", &[1000]))
+        .await;
+    let mut b = comet
+        .client(TransportKind::Ws, token(2, "gb", "live://g", &[1000]))
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", comet.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let remote = RemoteComet::new(channel);
+
+    let d = remote
+        .push_msg(pb::PushMsgRequest {
+            keys: vec!["ga".into()],
+            proto_op: 1000,
+            proto: Some(proto(1000, "via grpc")),
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.delivered, 1);
+    assert_eq!(next(&mut a).await.body, Bytes::from("via grpc"));
+
+    let d = remote
+        .broadcast_room(pb::BroadcastRoomRequest {
+            room_id: "live://g".into(),
+            proto: Some(proto(1001, "room")),
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.delivered, 2);
+    assert_eq!(next(&mut a).await.body, Bytes::from("room"));
+    assert_eq!(next(&mut b).await.body, Bytes::from("room"));
+
+    assert_eq!(remote.rooms().await.unwrap(), vec!["live://g".to_string()]);
+    let stats = remote.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.server_id.as_str(),
+            stats.tcp_connections,
+            stats.ws_connections
+        ),
+        ("comet-test", 1, 1)
+    );
+    assert_eq!(stats.room_counts.get("live://g"), Some(&2));
+    assert_eq!(stats.ip_count, 1);
+
+    assert_eq!(
+        remote
+            .kick(vec!["gb".into(), "nobody".into()])
+            .await
+            .unwrap(),
+        1
+    );
+    b.closed_within(Duration::from_secs(5))
+        .await
+        .expect("kicked");
+
+    // A push without a frame is a client error, not a crash.
+    let err = remote
+        .push_msg(pb::PushMsgRequest {
+            keys: vec!["ga".into()],
+            proto_op: 1000,
+            proto: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, rim_proto::api::ApiError::InvalidArgument(_)),
+        "{err}"
+    );
+    comet.stop().await;
+}
+
+#[tokio::test]
+async fn many_keys_in_one_push_all_arrive_once() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut all = clients(&comet, "m", 20, "", &[1000]).await;
+    let keys: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    for round in 0..5 {
+        let d = comet
+            .comet
+            .push_msg(pb::PushMsgRequest {
+                keys: keys.clone(),
+                proto_op: 1000,
+                proto: Some(proto(1000, &format!("round {round}"))),
+            })
+            .await
+            .unwrap();
+        assert_eq!(d.delivered, 20);
+    }
+    for client in &mut all {
+        for round in 0..5 {
+            assert_eq!(
+                next(client).await.body,
+                Bytes::from(format!("round {round}")),
+                "in order"
+            );
+        }
+    }
+    comet.stop().await;
+}
