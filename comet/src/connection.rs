@@ -41,6 +41,10 @@ enum End {
 }
 
 /// Serves one accepted connection until it closes.
+///
+/// The task lives as long as the connection, and its future's size is paid
+/// by every idle connection: the one-off phases (handshake, connect,
+/// disconnect) run boxed, so the task itself holds only the read/write loop.
 pub(crate) async fn serve<T: Transport>(
     inner: Arc<Inner>,
     mut transport: T,
@@ -50,10 +54,46 @@ pub(crate) async fn serve<T: Transport>(
     slot: ConnSlot,
     drain: CancellationToken,
 ) {
-    let Some(auth) = handshake(&inner, &mut transport, &drain).await else {
+    let admitted = Box::pin(admit(&inner, &mut transport, id, peer, kind, &drain)).await;
+    let Some(Admitted {
+        session,
+        idle_limit,
+        auth_reply,
+    }) = admitted
+    else {
         close(&mut transport).await;
         return;
     };
+    let end = run(&inner, &mut transport, &session, idle_limit, auth_reply).await;
+    Box::pin(finish(
+        &inner,
+        &mut transport,
+        &session,
+        kind,
+        end,
+        idle_limit,
+    ))
+    .await;
+    drop(slot);
+}
+
+/// An authenticated, registered connection.
+struct Admitted {
+    session: Arc<Session>,
+    idle_limit: Duration,
+    auth_reply: Bytes,
+}
+
+/// Authenticates the connection through logic and registers its session.
+async fn admit<T: Transport>(
+    inner: &Arc<Inner>,
+    transport: &mut T,
+    id: u64,
+    peer: SocketAddr,
+    kind: TransportKind,
+    drain: &CancellationToken,
+) -> Option<Admitted> {
+    let auth = handshake(inner, transport, drain).await?;
     let req = logic::ConnectRequest {
         server: inner.id.clone(),
         cookie: String::new(),
@@ -64,15 +104,18 @@ pub(crate) async fn serve<T: Transport>(
         Ok(Ok(reply)) if !reply.key.is_empty() => reply,
         Ok(Ok(_)) => {
             tracing::warn!("logic accepted the token but assigned no key; closing");
-            return refuse(&inner, &mut transport).await;
+            stats::incr(&inner.stats.auth_failed);
+            return None;
         }
         Ok(Err(err)) => {
             tracing::info!(reason = %err, "auth refused; closing");
-            return refuse(&inner, &mut transport).await;
+            stats::incr(&inner.stats.auth_failed);
+            return None;
         }
         Err(_) => {
             tracing::warn!("logic did not answer connect in time; closing");
-            return refuse(&inner, &mut transport).await;
+            stats::incr(&inner.stats.auth_failed);
+            return None;
         }
     };
     stats::incr(&inner.stats.auth_ok);
@@ -86,8 +129,7 @@ pub(crate) async fn serve<T: Transport>(
         inner.config.write_queue,
     ));
     let room = (!reply.room_id.is_empty()).then(|| reply.room_id.clone().into_boxed_str());
-    let bucket = inner.bucket(&session.key);
-    if let Some(old) = bucket.put(&session, room) {
+    if let Some(old) = inner.bucket(&session.key).put(&session, room) {
         old.close(CloseReason::Replaced);
     }
     inner.opened(kind);
@@ -101,9 +143,23 @@ pub(crate) async fn serve<T: Transport>(
         0 => DEFAULT_HEARTBEAT,
         ms => Duration::from_millis(ms),
     };
-    let idle_limit = heartbeat * reply.heartbeat_max.max(1);
-    let auth_reply = encode(Frame::new(Op::AUTH_REPLY, auth.seq, Bytes::new()));
-    let end = run(&inner, &mut transport, &session, idle_limit, auth_reply).await;
+    Some(Admitted {
+        session,
+        idle_limit: heartbeat * reply.heartbeat_max.max(1),
+        auth_reply: encode(Frame::new(Op::AUTH_REPLY, auth.seq, Bytes::new())),
+    })
+}
+
+/// Logs why the connection ended, closes it, unregisters the session and
+/// reports the disconnect to logic.
+async fn finish<T: Transport>(
+    inner: &Inner,
+    transport: &mut T,
+    session: &Session,
+    kind: TransportKind,
+    end: End,
+    idle_limit: Duration,
+) {
     match &end {
         End::ClientClosed => tracing::debug!("client closed"),
         End::HeartbeatTimeout => tracing::debug!(idle = ?idle_limit, "no heartbeat; closing"),
@@ -119,9 +175,9 @@ pub(crate) async fn serve<T: Transport>(
             tracing::debug!(%reason, "protocol violation; closing");
         }
     }
-    close(&mut transport).await;
+    close(transport).await;
 
-    let current = bucket.remove(&session);
+    let current = inner.bucket(&session.key).remove(session);
     inner.closed(kind);
     // A replaced session's key lives on in its successor: reporting it
     // would take the successor offline.
@@ -141,7 +197,6 @@ pub(crate) async fn serve<T: Transport>(
             }
         }
     }
-    drop(slot);
 }
 
 /// Waits for the Auth frame, skipping anything before it.
@@ -179,11 +234,6 @@ async fn handshake<T: Transport>(
     }
 }
 
-async fn refuse<T: Transport>(inner: &Inner, transport: &mut T) {
-    stats::incr(&inner.stats.auth_failed);
-    close(transport).await;
-}
-
 async fn close<T: Transport>(transport: &mut T) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close()).await;
 }
@@ -208,7 +258,7 @@ async fn run<T: Transport>(
         let mut frames = std::mem::take(&mut replies);
         frames.extend(session.take_queued());
         if !frames.is_empty()
-            && let Some(end) = write(inner, transport, session, &frames).await
+            && let Some(end) = Box::pin(write(inner, transport, session, &frames)).await
         {
             return end;
         }
@@ -235,7 +285,7 @@ async fn run<T: Transport>(
                 )));
                 if last_renew.elapsed() >= inner.config.presence_renew {
                     last_renew = Instant::now();
-                    renew(inner, session).await;
+                    Box::pin(renew(inner, session)).await;
                 }
             }
             Op::CHANGE_ROOM => {
@@ -269,7 +319,7 @@ async fn run<T: Transport>(
             Op::AUTH => tracing::debug!("auth frame on an authenticated connection ignored"),
             op => {
                 let ack = encode(Frame::new(op, frame.seq, Bytes::new()));
-                receive(inner, session, frame).await;
+                Box::pin(receive(inner, session, frame)).await;
                 replies.push(ack);
             }
         }

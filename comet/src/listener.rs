@@ -23,7 +23,7 @@ use crate::comet::{ConnSlot, Inner};
 use crate::connection;
 use crate::session::TransportKind;
 use crate::stats;
-use crate::transport::{TcpTransport, WsTransport};
+use crate::transport::{TcpTransport, Transport, WsTransport};
 use crate::{Error, Result};
 
 /// The WebSocket upgrade path goim clients use.
@@ -109,79 +109,105 @@ pub(crate) async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let id = inner.next_session_id();
         let span = tracing::debug_span!("conn", conn.id = id, peer.addr = %peer, transport = protocol.name());
-        let task = handle(
-            Arc::clone(&inner),
-            stream,
+        let accepted = Accepted {
+            inner: Arc::clone(&inner),
             peer,
-            protocol.clone(),
             id,
             slot,
-            drain.clone(),
-        );
-        tasks.spawn(task.instrument(span));
+            drain: drain.clone(),
+        };
+        spawn_connection(&tasks, stream, &protocol, accepted, span);
     }
     tracing::info!(listener = protocol.name(), addr = ?local, "stopped accepting");
 }
 
-async fn handle(
+/// What every connection task needs besides its stream.
+struct Accepted {
     inner: Arc<Inner>,
-    stream: TcpStream,
     peer: std::net::SocketAddr,
-    protocol: Protocol,
     id: u64,
     slot: ConnSlot,
     drain: CancellationToken,
+}
+
+impl Accepted {
+    async fn serve<T: Transport>(self, transport: T) {
+        connection::serve(
+            self.inner,
+            transport,
+            self.id,
+            self.peer,
+            TransportKind::of::<T>(),
+            self.slot,
+            self.drain,
+        )
+        .await;
+    }
+}
+
+/// Spawns the connection task. Each protocol gets its own task type, so
+/// that a TCP connection's task is sized for TCP, not for TLS + WebSocket.
+fn spawn_connection(
+    tasks: &Shutdown,
+    stream: TcpStream,
+    protocol: &Protocol,
+    accepted: Accepted,
+    span: tracing::Span,
 ) {
-    let max_body = inner.config.max_body;
-    let timeout = inner.config.handshake_timeout;
+    let max_body = accepted.inner.config.max_body;
+    let timeout = accepted.inner.config.handshake_timeout;
     match protocol {
         Protocol::Tcp => {
-            let transport = TcpTransport::new(stream, max_body);
-            connection::serve(inner, transport, id, peer, TransportKind::Tcp, slot, drain).await;
+            tasks.spawn(
+                accepted
+                    .serve(TcpTransport::new(stream, max_body))
+                    .instrument(span),
+            );
         }
         Protocol::Ws => {
-            let Some(ws) = upgrade(&inner, stream, timeout).await else {
-                return;
+            let task = async move {
+                // Boxed: the upgrade's state is freed once it is done.
+                let Some(ws) = Box::pin(upgrade(&accepted.inner, stream, timeout)).await else {
+                    return;
+                };
+                accepted.serve(WsTransport::new(ws, max_body)).await;
             };
-            connection::serve(
-                inner,
-                WsTransport::new(ws, max_body),
-                id,
-                peer,
-                TransportKind::Ws,
-                slot,
-                drain,
-            )
-            .await;
+            tasks.spawn(task.instrument(span));
         }
         Protocol::Wss(tls) => {
-            let stream = match tokio::time::timeout(timeout, tls.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    tracing::debug!(reason = %err, "tls handshake failed");
+            let tls = tls.clone();
+            let task = async move {
+                let Some(ws) = Box::pin(upgrade_tls(&accepted.inner, tls, stream, timeout)).await
+                else {
                     return;
-                }
-                Err(_) => {
-                    stats::incr(&inner.stats.handshake_timeouts);
-                    tracing::debug!("tls handshake timed out");
-                    return;
-                }
+                };
+                accepted.serve(WsTransport::new(ws, max_body)).await;
             };
-            let Some(ws) = upgrade(&inner, stream, timeout).await else {
-                return;
-            };
-            connection::serve(
-                inner,
-                WsTransport::new(ws, max_body),
-                id,
-                peer,
-                TransportKind::Ws,
-                slot,
-                drain,
-            )
-            .await;
+            tasks.spawn(task.instrument(span));
         }
     }
+}
+
+async fn upgrade_tls(
+    inner: &Inner,
+    tls: TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Option<tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>> {
+    let stream = match tokio::time::timeout(timeout, tls.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            stats::incr(&inner.stats.bad_frames);
+            tracing::debug!(reason = %err, "tls handshake failed");
+            return None;
+        }
+        Err(_) => {
+            stats::incr(&inner.stats.handshake_timeouts);
+            tracing::debug!("tls handshake timed out");
+            return None;
+        }
+    };
+    upgrade(inner, stream, timeout).await
 }
 
 /// Buffers sized for many idle connections: tungstenite's defaults
@@ -246,4 +272,73 @@ pub(crate) async fn bind_all(addrs: &[std::net::SocketAddr]) -> io::Result<Vec<T
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use rim_proto::api::{ApiError, ApiResult, LogicApi};
+    use rim_proto::pb::logic::v1 as logic;
+
+    use super::*;
+
+    struct NoLogic;
+
+    #[async_trait]
+    impl LogicApi for NoLogic {
+        async fn connect(&self, _: logic::ConnectRequest) -> ApiResult<logic::ConnectReply> {
+            Err(ApiError::Unavailable("none".into()))
+        }
+        async fn disconnect(&self, _: logic::DisconnectRequest) -> ApiResult<bool> {
+            Ok(false)
+        }
+        async fn heartbeat(&self, _: logic::HeartbeatRequest) -> ApiResult<()> {
+            Ok(())
+        }
+        async fn renew_online(
+            &self,
+            _: logic::RenewOnlineRequest,
+        ) -> ApiResult<logic::RenewOnlineReply> {
+            Ok(logic::RenewOnlineReply::default())
+        }
+        async fn receive(&self, _: logic::ReceiveRequest) -> ApiResult<()> {
+            Ok(())
+        }
+        async fn nodes(&self, _: logic::NodesRequest) -> ApiResult<logic::NodesReply> {
+            Err(ApiError::Unavailable("none".into()))
+        }
+    }
+
+    /// Every idle connection pays for its task's future: one-off phases are
+    /// boxed so that it stays small (it was 10 KB before they were).
+    #[tokio::test]
+    async fn a_tcp_connection_task_stays_small() {
+        let comet = crate::Comet::new(
+            &rim_config::NodeConfig::default(),
+            rim_config::CometConfig::default(),
+            Arc::new(NoLogic),
+        );
+        let inner = Arc::clone(&comet.inner);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let slot = inner.try_admit(peer.ip()).unwrap();
+        let accepted = Accepted {
+            inner,
+            peer,
+            id: 1,
+            slot,
+            drain: CancellationToken::new(),
+        };
+        let task = accepted.serve(TcpTransport::new(stream, 4096));
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size <= 2048,
+            "the TCP connection future grew to {size} bytes"
+        );
+    }
 }

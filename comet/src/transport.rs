@@ -15,6 +15,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::codec::Decoder;
 
+use crate::session::TransportKind;
+
 /// Bytes requested from the socket per read; grows only while a frame is partial.
 const READ_CHUNK: usize = 512;
 
@@ -57,6 +59,9 @@ impl ReadError {
 
 /// A client connection that carries goim frames.
 pub(crate) trait Transport: Send + 'static {
+    /// How the client is connected (for per-transport counts).
+    const KIND: TransportKind;
+
     /// Reads the next frame; `None` when the client closed cleanly. Cancel-safe.
     fn read_frame(&mut self) -> impl Future<Output = Result<Option<Frame>, ReadError>> + Send;
 
@@ -91,6 +96,8 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
+    const KIND: TransportKind = TransportKind::Tcp;
+
     async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
@@ -170,6 +177,8 @@ impl<S> Transport for WsTransport<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    const KIND: TransportKind = TransportKind::Ws;
+
     async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             match self.ws.next().await {

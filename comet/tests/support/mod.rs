@@ -145,6 +145,16 @@ pub fn test_config() -> CometConfig {
 }
 
 pub async fn start(config: CometConfig, logic: ScriptedLogic) -> TestComet {
+    start_with(config, logic, vec![]).await
+}
+
+/// Like [`start`], and also serves WSS on the given listeners (the config
+/// must then name `tls_cert` and `tls_key`).
+pub async fn start_with(
+    config: CometConfig,
+    logic: ScriptedLogic,
+    wss: Vec<TcpListener>,
+) -> TestComet {
     let logic = Arc::new(logic);
     let bind = || TcpListener::bind("127.0.0.1:0");
     let (tcp, ws, grpc) = (
@@ -166,7 +176,7 @@ pub async fn start(config: CometConfig, logic: ScriptedLogic) -> TestComet {
     let listeners = Listeners {
         tcp: vec![tcp],
         ws: vec![ws],
-        wss: vec![],
+        wss,
         grpc,
     };
     let task = tokio::spawn(comet.clone().run(listeners, shutdown.clone()));
