@@ -78,13 +78,20 @@ fn a_missing_config_file_exits_64() {
 
 #[test]
 fn check_prints_a_config_that_loads_back_the_same() {
+    let secret = [(
+        "RIM_LOGIC__AUTH__JWT_SECRET",
+        "0123456789abcdef0123456789abcdef",
+    )];
     for role in ["standalone", "comet", "logic", "job"] {
-        let first = rim(&[role, "--check", "--config", &shipped(role)], &[]);
+        let first = rim(&[role, "--check", "--config", &shipped(role)], &secret);
         assert!(first.status.success(), "{role}: {}", stderr(&first));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("effective.toml");
         std::fs::write(&path, &first.stdout).unwrap();
-        let second = rim(&[role, "--check", "--config", path.to_str().unwrap()], &[]);
+        let second = rim(
+            &[role, "--check", "--config", path.to_str().unwrap()],
+            &secret,
+        );
         assert!(second.status.success(), "{role}: {}", stderr(&second));
         assert_eq!(first.stdout, second.stdout, "{role}");
     }

@@ -54,7 +54,9 @@ fn commented_keys(text: &str) -> BTreeSet<String> {
 
 fn check<C: Load + Serialize + std::fmt::Debug>(role: &str) {
     let file = path(role);
-    let config = C::load_from(Some(&file), Vec::new())
+    // The distributed logic config refuses to start without a JWT secret.
+    let env = vec![("RIM_LOGIC__AUTH__JWT_SECRET".to_string(), "x".repeat(32))];
+    let config = C::load_from(Some(&file), env)
         .unwrap_or_else(|e| panic!("{} does not load: {e}", file.display()));
     let text = std::fs::read_to_string(&file).unwrap();
     let mut documented = BTreeSet::new();
@@ -92,6 +94,12 @@ fn logic_config_loads_and_documents_every_key() {
 #[test]
 fn job_config_loads_and_documents_every_key() {
     check::<JobRoleConfig>("job");
+}
+
+#[test]
+fn the_distributed_logic_config_requires_a_jwt_secret() {
+    let err = LogicRoleConfig::load_from(Some(&path("logic")), Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("logic.auth.jwt_secret"), "{err}");
 }
 
 #[test]

@@ -8,18 +8,21 @@
 //! before a role binds a port. It does not own what the values mean at run
 //! time: each role crate reads its section.
 
+mod cidr;
 mod error;
 mod load;
 mod roles;
 mod sections;
 mod serde_list;
 
+pub use cidr::Cidr;
 pub use error::{ConfigError, Result};
 pub use load::{ENV_PREFIX, Load};
 pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, StandaloneConfig};
 pub use sections::{
-    ApiConfig, CometConfig, DiscoveryBackend, DiscoveryConfig, JobConfig, LogicConfig, NodeConfig,
-    QueueBackend, QueueConfig, RouterBackend, RouterConfig, StaticComet,
+    ApiConfig, AuthConfig, AuthPolicy, CometConfig, DiscoveryBackend, DiscoveryConfig, JobConfig,
+    LogicConfig, NodeConfig, QueueBackend, QueueConfig, RegionCidr, RouterBackend, RouterConfig,
+    StaticComet,
 };
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, Environment, File, FileFormat, Source};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -8,8 +8,23 @@ use crate::{ConfigError, Result};
 
 /// Prefix of environment overrides: `RIM_<SECTION>__<KEY>`, e.g.
 /// `RIM_COMET__BUCKETS=64`. Variables without `__` after the prefix (such as
-/// `RIM_TEST_REDIS`) are not configuration and are ignored.
+/// `RIM_TEST_REDIS`) are not configuration, and variables for a section of
+/// another role are ignored.
 pub const ENV_PREFIX: &str = "RIM_";
+
+/// Every section any role has. An environment override for a section of
+/// another role is ignored (one environment can serve several roles); a
+/// section no role has is an error, so typos are caught.
+pub(crate) const ALL_SECTIONS: [&str; 8] = [
+    "node",
+    "comet",
+    "logic",
+    "api",
+    "router",
+    "queue",
+    "job",
+    "discovery",
+];
 
 /// A role config that loads in layers and validates itself.
 pub trait Load: Default + Serialize + DeserializeOwned {
@@ -28,6 +43,11 @@ pub trait Load: Default + Serialize + DeserializeOwned {
         I: IntoIterator<Item = (String, String)>,
     {
         let defaults = Config::try_from(&Self::default()).map_err(load_error)?;
+        let own_sections: Vec<String> = defaults
+            .collect()
+            .map_err(load_error)?
+            .into_keys()
+            .collect();
         let mut builder = Config::builder().add_source(defaults);
         if let Some(path) = path {
             if !path.is_file() {
@@ -41,8 +61,14 @@ pub trait Load: Default + Serialize + DeserializeOwned {
         let overrides = env
             .into_iter()
             .filter(|(name, _)| {
-                name.strip_prefix(ENV_PREFIX)
-                    .is_some_and(|rest| rest.contains("__"))
+                let Some((section, _)) = name
+                    .strip_prefix(ENV_PREFIX)
+                    .and_then(|rest| rest.split_once("__"))
+                else {
+                    return false;
+                };
+                let section = section.to_ascii_lowercase();
+                own_sections.contains(&section) || !ALL_SECTIONS.contains(&section.as_str())
             })
             .collect();
         builder = builder.add_source(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConfigError, Result};
+use crate::{Cidr, ConfigError, Result};
 
 fn addr(s: &str) -> SocketAddr {
     // Only called on literals below; a typo there fails every config test.
@@ -230,6 +230,15 @@ pub struct LogicConfig {
     /// Lifetime of a presence entry in the router without renewal.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// URL upstream client frames are POSTed to; empty = they are logged.
+    pub receive_webhook: String,
+    /// How long the upstream webhook may take.
+    #[serde(with = "humantime_serde")]
+    pub receive_timeout: Duration,
+    /// How client tokens are verified.
+    pub auth: AuthConfig,
+    /// Node selection for clients.
+    pub nodes: NodesConfig,
 }
 
 impl Default for LogicConfig {
@@ -239,6 +248,10 @@ impl Default for LogicConfig {
             heartbeat: Duration::from_secs(240),
             heartbeat_max: 2,
             lease: Duration::from_secs(1800),
+            receive_webhook: String::new(),
+            receive_timeout: Duration::from_secs(2),
+            auth: AuthConfig::default(),
+            nodes: NodesConfig::default(),
         }
     }
 }
@@ -253,6 +266,133 @@ impl LogicConfig {
                 "logic.lease",
                 "must be longer than logic.heartbeat, or idle sessions expire",
             ));
+        }
+        if !self.receive_webhook.is_empty() {
+            http_url("logic.receive_webhook", &self.receive_webhook)?;
+        }
+        positive("logic.receive_timeout", self.receive_timeout)?;
+        self.auth.validate()?;
+        self.nodes.validate()
+    }
+}
+
+fn http_url(key: &str, url: &str) -> Result<()> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| {
+            ConfigError::invalid(key, format!("{url:?} is not an http:// or https:// URL"))
+        })?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(ConfigError::invalid(key, format!("{url:?} has no host")));
+    }
+    Ok(())
+}
+
+/// How logic verifies the token in a client's Auth frame.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthPolicy {
+    /// Trusts the token JSON as goim does (insecure; logged at startup).
+    None,
+    /// The token is an HS256 JWT whose verified claims give mid, room and accepts.
+    Jwt,
+    /// The token is POSTed to a business URL that accepts or refuses it.
+    Webhook,
+}
+
+/// `[logic.auth]`: client token verification.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Which policy verifies tokens.
+    pub policy: AuthPolicy,
+    /// HS256 secret shared with the business that signs tokens (jwt; at least 32 bytes).
+    pub jwt_secret: String,
+    /// Required `iss` claim; empty = not checked.
+    pub jwt_issuer: String,
+    /// Required `aud` claim; empty = not checked.
+    pub jwt_audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
+    /// URL the token is POSTed to (webhook).
+    pub webhook_url: String,
+    /// How long the auth webhook may take.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            policy: AuthPolicy::None,
+            jwt_secret: String::new(),
+            jwt_issuer: String::new(),
+            jwt_audience: String::new(),
+            jwt_leeway: Duration::from_secs(30),
+            webhook_url: String::new(),
+            webhook_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl AuthConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        match self.policy {
+            AuthPolicy::None => {}
+            AuthPolicy::Jwt => {
+                if self.jwt_secret.len() < 32 {
+                    return Err(ConfigError::invalid(
+                        "logic.auth.jwt_secret",
+                        "must be set to at least 32 bytes when logic.auth.policy is jwt",
+                    ));
+                }
+            }
+            AuthPolicy::Webhook => http_url("logic.auth.webhook_url", &self.webhook_url)?,
+        }
+        positive("logic.auth.webhook_timeout", self.webhook_timeout)
+    }
+}
+
+/// One row of the client-IP → region table.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegionCidr {
+    /// Client network, e.g. `10.20.0.0/16`.
+    pub cidr: Cidr,
+    /// Region of the clients in it.
+    pub region: String,
+}
+
+/// `[logic.nodes]`: which comets clients are told to connect to.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodesConfig {
+    /// Domain returned to clients (goim's `domain` field).
+    pub domain: String,
+    /// Most comet addresses returned to one client.
+    pub max_nodes: usize,
+    /// Client network → region; the longest matching prefix wins.
+    #[serde(default)]
+    pub regions: Vec<RegionCidr>,
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        NodesConfig {
+            domain: String::new(),
+            max_nodes: 5,
+            regions: Vec::new(),
+        }
+    }
+}
+
+impl NodesConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        in_range("logic.nodes.max_nodes", self.max_nodes as u64, 1, 100)?;
+        for (i, row) in self.regions.iter().enumerate() {
+            not_blank(&format!("logic.nodes.regions[{i}].region"), &row.region)?;
         }
         Ok(())
     }

@@ -213,3 +213,37 @@ fn static_comets_load_from_the_file() {
     assert_eq!(config.discovery.comets.len(), 2);
     assert_eq!(config.discovery.comets[1].region, "default");
 }
+
+#[test]
+fn overrides_for_another_roles_sections_are_ignored_but_typos_are_not() {
+    let vars = [
+        ("RIM_LOGIC__AUTH__POLICY", "jwt"),
+        ("RIM_JOB__ROOM_BATCH", "5"),
+    ];
+    assert!(CometRoleConfig::load_from(None, env(&vars)).is_ok());
+    let err = load_err::<CometRoleConfig>(None, &[("RIM_COMMET__BUCKETS", "3")]);
+    assert!(err.contains("commet"), "{err}");
+}
+
+#[test]
+fn nested_tables_override_from_the_environment() {
+    let config = LogicRoleConfig::load_from(
+        None,
+        env(&[
+            ("RIM_LOGIC__AUTH__POLICY", "webhook"),
+            ("RIM_LOGIC__AUTH__WEBHOOK_URL", "http://127.0.0.1:9/auth"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.logic.auth.policy, AuthPolicy::Webhook);
+    let err = load_err::<LogicRoleConfig>(None, &[("RIM_LOGIC__AUTH__POLICY", "jwt")]);
+    assert!(
+        err.starts_with("invalid value for logic.auth.jwt_secret"),
+        "{err}"
+    );
+    let err = load_err::<LogicRoleConfig>(
+        Some("[[logic.nodes.regions]]\ncidr = \"10.0.0.0/33\"\nregion = \"eu\"\n"),
+        &[],
+    );
+    assert!(err.contains("prefix"), "{err}");
+}
