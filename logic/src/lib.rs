@@ -3,4 +3,3 @@
 //! counts, node selection for clients, and the logic gRPC service comets call.
 //!
 //! It does not store the online map (rim-router) nor serve HTTP (rim-api).
-//! Not built yet (issue #4): `rim logic` says so.
