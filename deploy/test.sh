@@ -3,14 +3,18 @@
 #
 # 1. Installs what is missing: Debian packages redis-server and zookeeperd,
 #    and the Kafka-protocol broker tansu (cargo install, ~10 min on 2 cores).
-# 2. Starts throwaway Redis, ZooKeeper and tansu servers on 127.0.0.1 with
-#    their data in a temp dir, and creates the topic rim-push.
+# 2. Starts throwaway Redis, a 3-master Redis Cluster, ZooKeeper and tansu
+#    servers on 127.0.0.1 with their data in a temp dir, and creates the
+#    topic rim-push.
 # 3. Runs `cargo test --workspace --all-targets -- --include-ignored` with
-#    RIM_TEST_REDIS, RIM_TEST_ZK and RIM_TEST_KAFKA pointing at them.
+#    RIM_TEST_REDIS, RIM_TEST_REDIS_CLUSTER (comma-separated seed URLs),
+#    RIM_TEST_ZK and RIM_TEST_KAFKA pointing at them.
 # 4. Stops the servers (by PID) and removes the temp dir on exit.
 #
 # Environment overrides:
 #   RIM_TEST_REDIS_PORT  (default 16379)
+#   RIM_TEST_REDIS_CLUSTER_PORT  (default 17000; the nodes use it and the next
+#                                 two ports, and each port + 10000 for the bus)
 #   RIM_TEST_ZK_PORT     (default 12181)
 #   RIM_TEST_KAFKA_PORT  (default 19092)
 #   RIM_TEST_KEEP_SERVICES=1  leave the servers and temp dir behind for debugging
@@ -19,6 +23,8 @@
 set -euo pipefail
 
 readonly REDIS_PORT="${RIM_TEST_REDIS_PORT:-16379}"
+readonly CLUSTER_PORT="${RIM_TEST_REDIS_CLUSTER_PORT:-17000}"
+readonly CLUSTER_NODES=3 # masters, no replicas
 readonly ZK_PORT="${RIM_TEST_ZK_PORT:-12181}"
 readonly KAFKA_PORT="${RIM_TEST_KAFKA_PORT:-19092}"
 readonly TANSU_VERSION="0.6.0"
@@ -146,6 +152,72 @@ stop_redis() {
     fi
 }
 
+# Ports of the Redis Cluster nodes, one per line.
+cluster_ports() {
+    seq "$CLUSTER_PORT" $((CLUSTER_PORT + CLUSTER_NODES - 1))
+}
+
+start_redis_cluster() {
+    local port addrs=()
+    for port in $(cluster_ports); do
+        require_free_port "Redis Cluster node" "$port" RIM_TEST_REDIS_CLUSTER_PORT
+        require_free_port "Redis Cluster bus" $((port + 10000)) RIM_TEST_REDIS_CLUSTER_PORT
+    done
+    for port in $(cluster_ports); do
+        local dir="$WORK/redis-cluster/$port"
+        mkdir -p "$dir"
+        log "starting Redis Cluster node on 127.0.0.1:$port"
+        redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+            --cluster-config-file "$dir/nodes-$port.conf" --save "" --appendonly no \
+            --daemonize yes --pidfile "$dir/redis.pid" --dir "$dir" \
+            --logfile "$dir/redis.log" </dev/null
+        wait_ready "Redis Cluster node $port" "$dir/redis.log" redis_node_ready "$port"
+        addrs+=("127.0.0.1:$port")
+    done
+    log "creating the Redis Cluster on ${addrs[*]}"
+    if ! timeout 60 redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes \
+        </dev/null >"$WORK/redis-cluster/create.log" 2>&1; then
+        show_log "$WORK/redis-cluster/create.log"
+        die "redis-cli --cluster create failed"
+    fi
+    wait_ready "Redis Cluster" "$WORK/redis-cluster/$CLUSTER_PORT/redis.log" redis_cluster_ready
+}
+
+redis_node_ready() {
+    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" == PONG ]]
+}
+
+# True when every node sees the cluster as ok (all slots covered and agreed).
+redis_cluster_ready() {
+    local port
+    for port in $(cluster_ports); do
+        [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" cluster info 2>/dev/null)" == *cluster_state:ok* ]] ||
+            return 1
+    done
+}
+
+stop_redis_cluster() {
+    local port pidfile
+    for port in $(cluster_ports); do
+        pidfile="$WORK/redis-cluster/$port/redis.pid"
+        if [[ -s "$pidfile" ]]; then
+            stop_pid "Redis Cluster node $port" "$(cat "$pidfile")"
+        fi
+    done
+}
+
+# Comma-separated seed URLs of the Redis Cluster.
+cluster_urls() {
+    local port urls=()
+    for port in $(cluster_ports); do
+        urls+=("redis://127.0.0.1:$port")
+    done
+    (
+        IFS=,
+        echo "${urls[*]}"
+    )
+}
+
 # Debian's zkEnv.sh hard-codes ZOO_LOG_DIR=/var/log/zookeeper, so the
 # server's stdout goes there whatever we set; its log4j logging is a no-op
 # (no slf4j binding on the classpath). Data and pid file live in $WORK.
@@ -228,10 +300,12 @@ cleanup() {
         echo "RIM_TEST_KEEP_SERVICES=1: leaving services running, data in $WORK" >&2
         echo "  redis pid $(cat "$WORK/redis/redis.pid" 2>/dev/null), zookeeper pid" \
             "$(cat "$WORK/zk/data/zookeeper_server.pid" 2>/dev/null), tansu pid ${TANSU_PID:-}" >&2
+        echo "  redis cluster pids" "$(cat "$WORK"/redis-cluster/*/redis.pid 2>/dev/null | tr '\n' ' ')" >&2
         exit "$rc"
     fi
     stop_tansu
     stop_zookeeper
+    stop_redis_cluster
     stop_redis
     rm -rf "$WORK"
     exit "$rc"
@@ -246,13 +320,17 @@ main() {
     install_tansu
 
     start_redis
+    start_redis_cluster
     start_zookeeper
     start_tansu
 
     export RIM_TEST_REDIS="redis://127.0.0.1:$REDIS_PORT"
+    RIM_TEST_REDIS_CLUSTER="$(cluster_urls)"
+    export RIM_TEST_REDIS_CLUSTER
     export RIM_TEST_ZK="127.0.0.1:$ZK_PORT"
     export RIM_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
-    log "RIM_TEST_REDIS=$RIM_TEST_REDIS RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA"
+    log "RIM_TEST_REDIS=$RIM_TEST_REDIS RIM_TEST_REDIS_CLUSTER=$RIM_TEST_REDIS_CLUSTER"
+    log "RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA"
     log "cargo test --workspace --all-targets -- --include-ignored"
     if ! cargo test --workspace --all-targets -- --include-ignored </dev/null; then
         echo "error: cargo test failed; tansu log:" >&2

@@ -79,8 +79,16 @@ fn main() -> ExitCode {
                 })
             },
         ),
-        Role::Logic(args) => load::<LogicRoleConfig>("logic", &args)
-            .map_or_else(|code| code, |_| not_built("logic", "#4")),
+        Role::Logic(args) => load::<LogicRoleConfig>("logic", &args).map_or_else(
+            |code| code,
+            |config| {
+                serve("logic", |shutdown| async move {
+                    let listeners = rim_api::Listeners::bind(&config).await?;
+                    rim_api::run(config, listeners, shutdown).await?;
+                    Ok(())
+                })
+            },
+        ),
         Role::Job(args) => {
             load::<JobRoleConfig>("job", &args).map_or_else(|code| code, |_| not_built("job", "#5"))
         }

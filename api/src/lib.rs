@@ -1,6 +1,21 @@
 //! rim-api owns the HTTP API on port 3111: the goim-compatible push and
-//! online endpoints, push planning (router lookup, keys grouped by comet, one
-//! queue message per comet), and the admin endpoints.
+//! online endpoints, push planning (router lookup, keys grouped by comet,
+//! one queue message per comet), the admin endpoints, and health checks.
+//!
+//! Responses keep goim's envelope `{"code", "message", "data"}` (code 0,
+//! -400 for bad requests, -500 for failures) and also use the matching HTTP
+//! status. Nothing is lost silently: a push that could not be fully enqueued
+//! answers 503 saying what was not enqueued.
 //!
 //! It does not deliver messages (rim-job) nor keep presence (rim-logic).
-//! Not built yet (issue #4).
+
+mod admin;
+mod error;
+mod params;
+mod push;
+mod role;
+mod server;
+
+pub use error::ApiError;
+pub use role::{Listeners, RunError, run};
+pub use server::{Api, router, serve};

@@ -590,6 +590,22 @@ pub struct StaticComet {
     pub region: String,
     /// The comet's gRPC address, `host:port`.
     pub grpc: String,
+    /// Client TCP address, `host:port`, given to clients; empty = none.
+    #[serde(default)]
+    pub tcp: String,
+    /// Client WebSocket address, `host:port`; empty = none.
+    #[serde(default)]
+    pub ws: String,
+    /// Client WSS address, `host:port`; empty = none.
+    #[serde(default)]
+    pub wss: String,
+    /// Relative weight in node selection.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    10
 }
 
 fn default_region() -> String {

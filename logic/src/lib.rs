@@ -3,3 +3,12 @@
 //! counts, node selection for clients, and the logic gRPC service comets call.
 //!
 //! It does not store the online map (rim-router) nor serve HTTP (rim-api).
+
+pub mod auth;
+pub mod comets;
+pub mod grpc;
+pub mod nodes;
+mod service;
+pub mod webhook;
+
+pub use service::Logic;

@@ -1,5 +1,102 @@
 //! rim-router owns the online map: user id (mid) -> connection key -> comet
-//! server id, the reverse key -> server, leases, and per-comet room counts,
-//! behind one trait with an in-memory and a Redis backend.
+//! server id, the reverse key -> server, the lease of every entry, and the
+//! room counts each comet reports, behind one [`Router`] trait with an
+//! in-memory backend ([`MemoryRouter`], one process) and a Redis backend
+//! ([`RedisRouter`], a single Redis or a Redis Cluster, shared by every
+//! logic).
 //!
-//! It does not decide who may connect (rim-logic). Not built yet (issue #4).
+//! It does not decide who may connect, assign keys or choose lease times:
+//! that is rim-logic's, which passes the lease with every call. It does not
+//! deliver anything either; the api uses it only to plan pushes.
+
+mod error;
+mod memory;
+mod redis_router;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rim_config::{RouterBackend, RouterConfig};
+
+pub use crate::error::{Error, Result};
+pub use crate::memory::MemoryRouter;
+pub use crate::redis_router::{RedisOptions, RedisRouter};
+
+/// The online map: sessions (mid -> key -> comet) under leases, and the room
+/// counts every comet reports.
+#[async_trait::async_trait]
+pub trait Router: Send + Sync + 'static {
+    /// Records that connection `key` of user `mid` is on comet `server`, leased for `lease`.
+    /// Re-adding an existing key moves it (to the new server) and refreshes the lease.
+    async fn add(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<()>;
+
+    /// Removes the session only if it still belongs to `server` (a stale comet must not
+    /// delete a newer session); returns whether it removed it.
+    async fn remove(&self, mid: i64, key: &str, server: &str) -> Result<bool>;
+
+    /// Renews the lease of the session if it still belongs to `server`; returns false when
+    /// it is gone or owned by another server.
+    async fn renew(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<bool>;
+
+    /// Returns the server of each key, in the order given (None = offline or expired).
+    async fn servers_of_keys(&self, keys: &[String]) -> Result<Vec<Option<String>>>;
+
+    /// Returns the live keys of the given users grouped by server: server -> keys.
+    async fn keys_by_server(&self, mids: &[i64]) -> Result<HashMap<String, Vec<String>>>;
+
+    /// Replaces comet `server`'s room counts (room -> members), stamped now.
+    async fn set_room_counts(&self, server: &str, counts: &HashMap<String, i32>) -> Result<()>;
+
+    /// Returns the cluster-wide count per room: the sum over servers whose last report is
+    /// younger than the max age.
+    async fn room_counts(&self) -> Result<HashMap<String, i64>>;
+
+    /// Returns each server's last report (room counts and when it was made, unix millis),
+    /// fresh ones only.
+    async fn server_reports(&self) -> Result<HashMap<String, ServerReport>>;
+
+    /// Checks the backend is reachable (for /readyz).
+    async fn ping(&self) -> Result<()>;
+}
+
+/// One comet's last room-count report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerReport {
+    /// Members per room on that comet.
+    pub rooms: HashMap<String, i32>,
+    /// When the report was stored, in unix milliseconds.
+    pub updated_unix_ms: i64,
+}
+
+/// Connects to the backend `config.backend` names and returns it as a shared [`Router`].
+///
+/// For Redis, one URL in `config.redis` means a single Redis and several mean
+/// the seed nodes of a Redis Cluster; the connection is made (and checked)
+/// before this returns, so an unreachable Redis is an [`Error::Unavailable`]
+/// here rather than on the first request.
+pub async fn connect(config: &RouterConfig) -> Result<Arc<dyn Router>> {
+    match config.backend {
+        RouterBackend::Memory => Ok(Arc::new(MemoryRouter::new(config.online_max_age))),
+        RouterBackend::Redis => {
+            let options = RedisOptions::new(config.online_max_age);
+            let router = RedisRouter::connect(&config.redis, options).await?;
+            Ok(Arc::new(router))
+        }
+    }
+}
+
+/// Milliseconds since the unix epoch by this host's clock (0 if the clock is before 1970).
+pub(crate) fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A duration in whole milliseconds, at least 1 (Redis rejects a zero TTL) and at most
+/// 100 years (so that adding it to a unix time cannot overflow).
+pub(crate) fn millis(d: Duration) -> i64 {
+    const MAX_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
+    // The clamp keeps the value far below i64::MAX, so the cast is lossless.
+    d.as_millis().clamp(1, MAX_MS) as i64
+}

@@ -1,0 +1,255 @@
+//! Admin endpoints, behind a bearer token when `api.admin_token` is set:
+//! rooms with counts, one room, broadcast to a room, kick, comets' stats.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{RawQuery, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::error::ok;
+use crate::params::Params;
+use crate::{Api, ApiError};
+
+/// How long an admin call to one comet may take.
+const COMET_CALL: Duration = Duration::from_secs(5);
+
+pub(crate) fn routes(api: Arc<Api>) -> Router<Arc<Api>> {
+    Router::new()
+        .route("/rooms", get(rooms))
+        .route("/room", get(room))
+        .route("/room/broadcast", post(broadcast_room))
+        .route("/kick", post(kick))
+        .route("/comets", get(comets))
+        .layer(middleware::from_fn_with_state(api, require_token))
+}
+
+/// Compares without an early exit, so the time taken does not reveal how
+/// much of a guessed token was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(
+    State(api): State<Arc<Api>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(expected) = &api.admin_token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if same(token.as_bytes(), expected.as_bytes()) => {}
+            Some(_) => return Err(ApiError::Unauthorized("admin token does not match".into())),
+            None => {
+                return Err(ApiError::Unauthorized(
+                    "admin endpoints need Authorization: Bearer <token>".into(),
+                ));
+            }
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+fn router_down(err: rim_router::Error) -> ApiError {
+    ApiError::Unavailable(format!("router: {err}"))
+}
+
+/// GET /admin/rooms?page=&size=&sort=count|room&order=desc|asc
+async fn rooms(
+    State(api): State<Arc<Api>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let page: usize = params.parse_or("page", "a page number from 1", 1)?;
+    let size: usize = params.parse_or("size", "a page size from 1 to 1000", 50)?;
+    if page == 0 {
+        return Err(ApiError::BadRequest(
+            "invalid parameter \"page\": pages start at 1".into(),
+        ));
+    }
+    if size == 0 || size > 1000 {
+        return Err(ApiError::BadRequest(format!(
+            "invalid parameter \"size\": {size} is not between 1 and 1000"
+        )));
+    }
+    let by_room = match params.opt("sort").unwrap_or("count") {
+        "count" => false,
+        "room" => true,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid parameter \"sort\": {other:?} is not count or room"
+            )));
+        }
+    };
+    let ascending = match params
+        .opt("order")
+        .unwrap_or(if by_room { "asc" } else { "desc" })
+    {
+        "asc" => true,
+        "desc" => false,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid parameter \"order\": {other:?} is not asc or desc"
+            )));
+        }
+    };
+    let mut rooms: Vec<(String, i64)> = api
+        .logic
+        .router()
+        .room_counts()
+        .await
+        .map_err(router_down)?
+        .into_iter()
+        .collect();
+    rooms.sort_by(|a, b| {
+        let order = if by_room {
+            a.0.cmp(&b.0)
+        } else {
+            a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0))
+        };
+        if ascending { order } else { order.reverse() }
+    });
+    let total = rooms.len();
+    let page_rooms: Vec<_> = rooms
+        .into_iter()
+        .skip((page - 1).saturating_mul(size))
+        .take(size)
+        .map(|(room_id, count)| json!({ "room_id": room_id, "count": count }))
+        .collect();
+    Ok(ok(
+        json!({ "total": total, "page": page, "size": size, "rooms": page_rooms }),
+    ))
+}
+
+/// GET /admin/room?room=type://id: the room's count per comet.
+async fn room(
+    State(api): State<Arc<Api>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let room = params.required("room")?;
+    let reports = api
+        .logic
+        .router()
+        .server_reports()
+        .await
+        .map_err(router_down)?;
+    let comets: BTreeMap<&String, i32> = reports
+        .iter()
+        .filter_map(|(server, report)| report.rooms.get(room).map(|n| (server, *n)))
+        .collect();
+    let count: i64 = comets.values().map(|n| i64::from(*n)).sum();
+    Ok(ok(
+        json!({ "room_id": room, "count": count, "comets": comets }),
+    ))
+}
+
+/// POST /admin/room/broadcast?room=type://id&operation=: push to a room.
+async fn broadcast_room(
+    State(api): State<Arc<Api>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let operation: i32 = params.parse_required("operation", "a 32-bit integer")?;
+    let room = params.required("room")?.to_owned();
+    if !room.contains("://") {
+        return Err(ApiError::BadRequest(format!(
+            "invalid parameter \"room\": {room:?} is not type://id"
+        )));
+    }
+    let msg = api.read_body(&headers, body).await?;
+    crate::push::push_room(&api, operation, room, &msg).await
+}
+
+/// POST /admin/kick?mid= | ?key=: closes every connection of a user, or one key.
+async fn kick(
+    State(api): State<Arc<Api>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let router = api.logic.router();
+    let by_server: BTreeMap<String, Vec<String>> = match (params.opt("mid"), params.opt("key")) {
+        (Some(_), None) => {
+            let mid: i64 = params.parse_required("mid", "an integer")?;
+            router
+                .keys_by_server(&[mid])
+                .await
+                .map_err(router_down)?
+                .into_iter()
+                .collect()
+        }
+        (None, Some(_)) => {
+            let key = params.required("key")?.to_owned();
+            let servers = router
+                .servers_of_keys(std::slice::from_ref(&key))
+                .await
+                .map_err(router_down)?;
+            servers
+                .into_iter()
+                .flatten()
+                .map(|server| (server, vec![key.clone()]))
+                .collect()
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of the parameters \"mid\" or \"key\"".into(),
+            ));
+        }
+    };
+    let mut kicked = 0;
+    let mut failed = Vec::new();
+    for (server, keys) in by_server {
+        let Some(comet) = api.logic.comets().api(&server) else {
+            failed.push(format!("comet {server} is not known"));
+            continue;
+        };
+        match tokio::time::timeout(COMET_CALL, comet.kick(keys)).await {
+            Ok(Ok(n)) => kicked += n,
+            Ok(Err(err)) => failed.push(format!("comet {server}: {err}")),
+            Err(_) => failed.push(format!("comet {server}: timed out")),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "kicked {kicked}; failed: {}",
+            failed.join("; ")
+        )));
+    }
+    Ok(ok(json!({ "kicked": kicked })))
+}
+
+/// GET /admin/comets: every comet with its live stats.
+async fn comets(State(api): State<Arc<Api>>) -> Response {
+    let mut out = Vec::new();
+    for (node, comet) in api.logic.comets().all() {
+        let stats = match tokio::time::timeout(COMET_CALL, comet.stats()).await {
+            Ok(Ok(s)) => json!({
+                "tcp_connections": s.tcp_connections,
+                "ws_connections": s.ws_connections,
+                "ip_count": s.ip_count,
+                "rooms": s.room_counts.len(),
+                "dropped_frames": s.dropped_frames,
+                "slow_consumer_closes": s.slow_consumer_closes,
+                "bad_frames": s.bad_frames,
+            }),
+            Ok(Err(err)) => json!({ "error": err.to_string() }),
+            Err(_) => json!({ "error": "timed out" }),
+        };
+        out.push(json!({ "node": node, "stats": stats }));
+    }
+    out.sort_by(|a, b| a["node"]["id"].as_str().cmp(&b["node"]["id"].as_str()));
+    ok(out)
+}

@@ -1,0 +1,132 @@
+//! The HTTP server: state, routes, body limits, health and readiness.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use rim_config::ApiConfig;
+use rim_logic::Logic;
+use rim_queue::Producer;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ok;
+use crate::{ApiError, admin, push};
+
+/// What the handlers share.
+pub struct Api {
+    pub(crate) logic: Arc<Logic>,
+    pub(crate) producer: Arc<dyn Producer>,
+    pub(crate) max_body: usize,
+    pub(crate) admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    /// Creates the API over logic and a queue producer.
+    pub fn new(config: &ApiConfig, logic: Arc<Logic>, producer: Arc<dyn Producer>) -> Arc<Api> {
+        Arc::new(Api {
+            logic,
+            producer,
+            max_body: config.max_body,
+            admin_token: config.admin_token.clone(),
+        })
+    }
+
+    /// Reads a push body, refusing one over `api.max_body` with 413.
+    pub(crate) async fn read_body(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Bytes, ApiError> {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body as u64) {
+            return Err(ApiError::TooLarge(self.max_body));
+        }
+        axum::body::to_bytes(body, self.max_body)
+            .await
+            .map_err(|_| ApiError::TooLarge(self.max_body))
+    }
+}
+
+/// Builds the routes.
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/goim/push/keys", post(push::keys))
+        .route("/goim/push/mids", post(push::mids))
+        .route("/goim/push/room", post(push::room))
+        .route("/goim/push/all", post(push::all))
+        .route("/goim/online/top", get(push::online_top))
+        .route("/goim/online/room", get(push::online_room))
+        .route("/goim/online/total", get(push::online_total))
+        .route("/goim/nodes/weighted", get(push::nodes_weighted))
+        .route("/goim/nodes/instances", get(push::nodes_instances))
+        .nest("/admin", admin::routes(Arc::clone(&api)))
+        .route("/healthz", get(|| async { ok("ok") }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            (StatusCode::NOT_FOUND, axum::Json(json!({ "code": -404, "message": "no such endpoint", "data": null })))
+        })
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                axum::Json(json!({ "code": -405, "message": "method not allowed on this endpoint", "data": null })),
+            )
+        })
+        .with_state(api)
+}
+
+/// Ready when the router and the queue answer.
+async fn readyz(State(api): State<Arc<Api>>) -> Response {
+    let router = api
+        .logic
+        .router()
+        .ping()
+        .await
+        .err()
+        .map(|e| format!("router: {e}"));
+    let queue = api
+        .producer
+        .ping()
+        .await
+        .err()
+        .map(|e| format!("queue: {e}"));
+    let problems: Vec<String> = router.into_iter().chain(queue).collect();
+    if problems.is_empty() {
+        ok("ready")
+    } else {
+        ApiError::Unavailable(problems.join("; ")).into_response()
+    }
+}
+
+/// Serves the API on `listener` until `stop` is cancelled.
+pub async fn serve(
+    api: Arc<Api>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "http api serving");
+    axum::serve(
+        listener,
+        router(api).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await
+}

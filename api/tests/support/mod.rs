@@ -1,0 +1,656 @@
+//! The test harness for rim-api's black-box HTTP tests: the real API served
+//! on 127.0.0.1:0 over a real in-memory router, a real in-memory queue (whose
+//! consumer the test keeps, to see what was enqueued), a real `Logic` and a
+//! comet directory of fakes that record kicks and return scripted stats.
+//!
+//! Every wait is bounded: HTTP calls by the client's timeout, queue reads
+//! and raw-socket reads by `tokio::time::timeout`.
+
+// Each test binary uses a different part of the harness.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rim_api::Api;
+use rim_config::{
+    ApiConfig, Cidr, LogicConfig, NodesConfig, RegionCidr, RouterBackend, RouterConfig,
+};
+use rim_logic::Logic;
+use rim_logic::comets::{CometNode, Comets};
+use rim_logic::webhook::HttpClient;
+use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
+use rim_proto::pb::comet::v1 as comet;
+use rim_proto::pb::logic::v1 as logic;
+use rim_queue::{MemoryConsumer, MemoryProducer, Producer, PushMsg};
+use rim_router::{Router, ServerReport};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound of any single wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// How long the queue must stay silent to count as drained. Messages are
+/// enqueued before the HTTP answer is sent, so by the time a test drains
+/// they are already in the channel; this only bounds the final empty read.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+/// The admin token of harnesses built with [`Setup::admin_token`] in tests.
+pub const TOKEN: &str = "s3cret-admin-token";
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------
+// Fake comet
+// ---------------------------------------------------------------------------
+
+/// A comet that records kick calls and answers scripted stats.
+pub struct FakeComet {
+    kicks: Mutex<Vec<Vec<String>>>,
+    stats: Mutex<ApiResult<comet::StatsReply>>,
+    kick_error: Mutex<Option<ApiError>>,
+}
+
+impl FakeComet {
+    /// A comet answering `stats`.
+    pub fn new(stats: comet::StatsReply) -> Arc<FakeComet> {
+        Arc::new(FakeComet {
+            kicks: Mutex::new(Vec::new()),
+            stats: Mutex::new(Ok(stats)),
+            kick_error: Mutex::new(None),
+        })
+    }
+
+    /// Makes `stats` fail from now on.
+    pub fn fail_stats(&self, reason: &str) {
+        *lock(&self.stats) = Err(ApiError::Unavailable(reason.to_owned()));
+    }
+
+    /// Makes `kick` fail from now on.
+    pub fn fail_kicks(&self, reason: &str) {
+        *lock(&self.kick_error) = Some(ApiError::Unavailable(reason.to_owned()));
+    }
+
+    /// Every kick call so far, each call's keys sorted.
+    pub fn kicks(&self) -> Vec<Vec<String>> {
+        lock(&self.kicks).clone()
+    }
+}
+
+#[async_trait]
+impl CometApi for FakeComet {
+    async fn push_msg(&self, _req: comet::PushMsgRequest) -> ApiResult<comet::Delivery> {
+        Err(ApiError::Internal(
+            "the api must not push to comets directly".into(),
+        ))
+    }
+
+    async fn broadcast(&self, _req: comet::BroadcastRequest) -> ApiResult<comet::Delivery> {
+        Err(ApiError::Internal(
+            "the api must not broadcast to comets directly".into(),
+        ))
+    }
+
+    async fn broadcast_room(
+        &self,
+        _req: comet::BroadcastRoomRequest,
+    ) -> ApiResult<comet::Delivery> {
+        Err(ApiError::Internal(
+            "the api must not push to rooms directly".into(),
+        ))
+    }
+
+    async fn rooms(&self) -> ApiResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn kick(&self, mut keys: Vec<String>) -> ApiResult<u64> {
+        if let Some(err) = lock(&self.kick_error).clone() {
+            return Err(err);
+        }
+        keys.sort();
+        let n = keys.len() as u64;
+        lock(&self.kicks).push(keys);
+        Ok(n)
+    }
+
+    async fn stats(&self) -> ApiResult<comet::StatsReply> {
+        lock(&self.stats).clone()
+    }
+}
+
+/// Stats with the given connection and IP counts.
+pub fn stats(id: &str, tcp: u64, ws: u64, ips: u64) -> comet::StatsReply {
+    comet::StatsReply {
+        server_id: id.into(),
+        tcp_connections: tcp,
+        ws_connections: ws,
+        ip_count: ips,
+        ..comet::StatsReply::default()
+    }
+}
+
+/// The two comets every harness has unless told otherwise:
+/// `comet-a` (region eu, weight 10, tcp+ws, no wss) and `comet-b` (region
+/// us, weight 30, tcp+ws+wss). With no region both are ranked by weight, so
+/// `comet-b` comes first; a client in eu must get `comet-a` first.
+pub fn default_comets() -> Vec<(CometNode, Arc<FakeComet>)> {
+    let mut a_stats = stats("comet-a", 3, 2, 4);
+    a_stats.room_counts = HashMap::from([("live://1".to_string(), 5), ("live://2".to_string(), 1)]);
+    a_stats.dropped_frames = 7;
+    a_stats.slow_consumer_closes = 1;
+    a_stats.bad_frames = 2;
+    vec![
+        (
+            CometNode {
+                id: "comet-a".into(),
+                region: "eu".into(),
+                weight: 10,
+                tcp: "a.example:3101".into(),
+                ws: "a.example:3102".into(),
+                wss: String::new(),
+                grpc: "10.0.0.1:3109".into(),
+                ..CometNode::default()
+            },
+            FakeComet::new(a_stats),
+        ),
+        (
+            CometNode {
+                id: "comet-b".into(),
+                region: "us".into(),
+                weight: 30,
+                tcp: "b.example:4101".into(),
+                ws: "b.example:4102".into(),
+                wss: "b.example:4103".into(),
+                grpc: "10.0.0.2:3109".into(),
+                ..CometNode::default()
+            },
+            FakeComet::new(stats("comet-b", 10, 0, 7)),
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// Failing router and producers
+// ---------------------------------------------------------------------------
+
+/// A router whose backend is down: every call fails as unavailable.
+pub struct DownRouter;
+
+fn down<T>() -> rim_router::Result<T> {
+    Err(rim_router::Error::Unavailable(
+        "redis is down (test)".into(),
+    ))
+}
+
+#[async_trait]
+impl Router for DownRouter {
+    async fn add(
+        &self,
+        _mid: i64,
+        _key: &str,
+        _server: &str,
+        _lease: Duration,
+    ) -> rim_router::Result<()> {
+        down()
+    }
+    async fn remove(&self, _mid: i64, _key: &str, _server: &str) -> rim_router::Result<bool> {
+        down()
+    }
+    async fn renew(
+        &self,
+        _mid: i64,
+        _key: &str,
+        _server: &str,
+        _lease: Duration,
+    ) -> rim_router::Result<bool> {
+        down()
+    }
+    async fn servers_of_keys(&self, _keys: &[String]) -> rim_router::Result<Vec<Option<String>>> {
+        down()
+    }
+    async fn keys_by_server(
+        &self,
+        _mids: &[i64],
+    ) -> rim_router::Result<HashMap<String, Vec<String>>> {
+        down()
+    }
+    async fn set_room_counts(
+        &self,
+        _server: &str,
+        _counts: &HashMap<String, i32>,
+    ) -> rim_router::Result<()> {
+        down()
+    }
+    async fn room_counts(&self) -> rim_router::Result<HashMap<String, i64>> {
+        down()
+    }
+    async fn server_reports(&self) -> rim_router::Result<HashMap<String, ServerReport>> {
+        down()
+    }
+    async fn ping(&self) -> rim_router::Result<()> {
+        down()
+    }
+}
+
+/// A producer that refuses every message for one comet and passes the
+/// others to the in-memory queue.
+pub struct FailFor {
+    pub inner: MemoryProducer,
+    pub server: String,
+}
+
+#[async_trait]
+impl Producer for FailFor {
+    async fn send(&self, msg: PushMsg) -> rim_queue::Result<()> {
+        if msg.server == self.server {
+            return Err(rim_queue::Error::Unavailable(format!(
+                "broker refused the message for {} (test)",
+                self.server
+            )));
+        }
+        self.inner.send(msg).await
+    }
+
+    async fn ping(&self) -> rim_queue::Result<()> {
+        self.inner.ping().await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Setup and harness
+// ---------------------------------------------------------------------------
+
+type WrapProducer = Box<dyn FnOnce(MemoryProducer) -> Arc<dyn Producer>>;
+
+/// How to build a harness.
+pub struct Setup {
+    max_body: usize,
+    admin_token: Option<String>,
+    regions: Vec<(String, String)>,
+    router: Option<Arc<dyn Router>>,
+    producer: Option<WrapProducer>,
+    comets: Vec<(CometNode, Arc<FakeComet>)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            max_body: 64 * 1024,
+            admin_token: None,
+            regions: Vec::new(),
+            router: None,
+            producer: None,
+            comets: default_comets(),
+        }
+    }
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        Setup::default()
+    }
+
+    /// Sets `api.max_body`.
+    pub fn max_body(mut self, max_body: usize) -> Setup {
+        self.max_body = max_body;
+        self
+    }
+
+    /// Sets `api.admin_token` to [`TOKEN`].
+    pub fn admin_token(mut self) -> Setup {
+        self.admin_token = Some(TOKEN.into());
+        self
+    }
+
+    /// Adds a `logic.nodes.regions` row.
+    pub fn region(mut self, cidr: &str, region: &str) -> Setup {
+        self.regions.push((cidr.into(), region.into()));
+        self
+    }
+
+    /// Uses this router instead of a fresh in-memory one.
+    pub fn router(mut self, router: Arc<dyn Router>) -> Setup {
+        self.router = Some(router);
+        self
+    }
+
+    /// Wraps the in-memory producer.
+    pub fn producer(
+        mut self,
+        wrap: impl FnOnce(MemoryProducer) -> Arc<dyn Producer> + 'static,
+    ) -> Setup {
+        self.producer = Some(Box::new(wrap));
+        self
+    }
+
+    /// Replaces the comet directory.
+    pub fn comets(mut self, comets: Vec<(CometNode, Arc<FakeComet>)>) -> Setup {
+        self.comets = comets;
+        self
+    }
+
+    /// Builds everything and serves the API on 127.0.0.1:0.
+    pub async fn start(self) -> Harness {
+        // Installs rustls' default crypto provider, which the reqwest client
+        // below also needs (rustls-no-provider).
+        let webhooks = HttpClient::new().expect("http client");
+        let router = match self.router {
+            Some(router) => router,
+            None => rim_router::connect(&RouterConfig {
+                backend: RouterBackend::Memory,
+                online_max_age: Duration::from_secs(60),
+                ..RouterConfig::default()
+            })
+            .await
+            .expect("memory router"),
+        };
+        let comets = Arc::new(Comets::new());
+        let mut fakes = BTreeMap::new();
+        for (node, fake) in self.comets {
+            fakes.insert(node.id.clone(), Arc::clone(&fake));
+            comets.insert(node, fake);
+        }
+        let config = LogicConfig {
+            nodes: NodesConfig {
+                domain: "im.example".into(),
+                max_nodes: 5,
+                regions: self
+                    .regions
+                    .iter()
+                    .map(|(cidr, region)| RegionCidr {
+                        cidr: cidr.parse::<Cidr>().expect("cidr"),
+                        region: region.clone(),
+                    })
+                    .collect(),
+            },
+            ..LogicConfig::default()
+        };
+        let logic = Arc::new(Logic::new(
+            &config,
+            Arc::clone(&router),
+            Arc::clone(&comets),
+            webhooks,
+        ));
+        let (memory, consumer) = rim_queue::memory_queue(64);
+        let producer: Arc<dyn Producer> = match self.producer {
+            Some(wrap) => wrap(memory),
+            None => Arc::new(memory),
+        };
+        let api_config = ApiConfig {
+            http_bind: "127.0.0.1:0".parse().expect("addr"),
+            max_body: self.max_body,
+            admin_token: self.admin_token,
+        };
+        let api = Api::new(&api_config, Arc::clone(&logic), producer);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(rim_api::serve(api, listener, stop.clone()));
+        let http = reqwest::Client::builder()
+            .timeout(WAIT)
+            .no_proxy()
+            .build()
+            .expect("reqwest client");
+        Harness {
+            addr,
+            http,
+            logic,
+            router,
+            comets,
+            fakes,
+            consumer: Some(consumer),
+            stop,
+            server: Some(server),
+        }
+    }
+}
+
+/// A served API and the components behind it.
+pub struct Harness {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub logic: Arc<Logic>,
+    pub router: Arc<dyn Router>,
+    pub comets: Arc<Comets>,
+    pub fakes: BTreeMap<String, Arc<FakeComet>>,
+    consumer: Option<MemoryConsumer>,
+    stop: CancellationToken,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// An HTTP answer: status and the JSON body (`Value::Null` if not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Value,
+    pub raw: String,
+}
+
+impl Answer {
+    /// Asserts a successful envelope and returns its data.
+    #[track_caller]
+    pub fn ok(&self) -> &Value {
+        assert_eq!(self.status, 200, "expected 200, got {self:?}");
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "{self:?}"
+        );
+        assert_eq!(self.body["code"], 0, "{self:?}");
+        assert_eq!(self.body["message"], "", "{self:?}");
+        &self.body["data"]
+    }
+
+    /// Asserts an error envelope with this HTTP status and code whose
+    /// message contains every one of `words`.
+    #[track_caller]
+    pub fn error(&self, status: u16, code: i64, words: &[&str]) {
+        assert_eq!(self.status, status, "expected HTTP {status}, got {self:?}");
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "{self:?}"
+        );
+        assert_eq!(self.body["code"], code, "{self:?}");
+        assert!(self.body["data"].is_null(), "{self:?}");
+        let message = self.body["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message in {self:?}"));
+        for word in words {
+            assert!(
+                message.contains(word),
+                "message {message:?} does not mention {word:?}"
+            );
+        }
+    }
+
+    /// Shorthand for a 400 naming `param`.
+    #[track_caller]
+    pub fn bad_param(&self, param: &str) {
+        self.error(400, -400, &[&format!("\"{param}\"")]);
+    }
+}
+
+impl Harness {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends a request and reads the answer.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
+        let response = request.send().await.expect("http request");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let raw = response.text().await.expect("http body");
+        let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
+        Answer {
+            status,
+            content_type,
+            body,
+            raw,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> Answer {
+        self.send(self.http.post(self.url(path)).body(body)).await
+    }
+
+    /// GET with `Authorization: Bearer <token>`.
+    pub async fn admin_get(&self, path: &str) -> Answer {
+        self.send(self.http.get(self.url(path)).bearer_auth(TOKEN))
+            .await
+    }
+
+    /// POST with `Authorization: Bearer <token>`.
+    pub async fn admin_post(&self, path: &str, body: impl Into<reqwest::Body>) -> Answer {
+        self.send(self.http.post(self.url(path)).bearer_auth(TOKEN).body(body))
+            .await
+    }
+
+    /// Connects a session through logic (auth policy `none`, goim's JSON token).
+    pub async fn connect(&self, server: &str, mid: i64, key: &str) {
+        let token = serde_json::json!({ "mid": mid, "key": key, "room_id": "", "platform": "web", "accepts": [1000] });
+        let reply = self
+            .logic
+            .connect(logic::ConnectRequest {
+                server: server.into(),
+                cookie: String::new(),
+                token: Bytes::from(token.to_string()),
+                client_ip: "192.0.2.10".into(),
+            })
+            .await
+            .expect("logic connect");
+        assert_eq!((reply.mid, reply.key.as_str()), (mid, key));
+    }
+
+    /// Reports a comet's room counts through logic.
+    pub async fn report_rooms(&self, server: &str, rooms: &[(&str, i32)]) {
+        self.logic
+            .renew_online(logic::RenewOnlineRequest {
+                server: server.into(),
+                room_count: rooms.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect(),
+            })
+            .await
+            .expect("logic renew_online");
+    }
+
+    /// Returns everything enqueued so far, in queue order.
+    pub async fn drain(&mut self) -> Vec<PushMsg> {
+        let consumer = self.consumer.as_mut().expect("the consumer was dropped");
+        let mut out = Vec::new();
+        while let Ok(Some(msg)) = tokio::time::timeout(DRAIN_QUIET, consumer.recv()).await {
+            out.push(msg);
+        }
+        out
+    }
+
+    /// Returns everything enqueued so far, sorted by target comet.
+    pub async fn drain_by_server(&mut self) -> Vec<PushMsg> {
+        let mut msgs = self.drain().await;
+        msgs.sort_by(|a, b| a.server.cmp(&b.server));
+        msgs
+    }
+
+    /// Drops the queue's consumer: the in-memory queue becomes unavailable.
+    pub fn drop_consumer(&mut self) {
+        self.consumer = None;
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(server) = self.server.take() {
+            let result = tokio::time::timeout(WAIT, server)
+                .await
+                .expect("server did not stop in time");
+            result.expect("server task").expect("server error");
+        }
+    }
+
+    /// Sends `request` as is over a fresh TCP connection (which it should
+    /// close: send `Connection: close`) and reads the whole answer.
+    pub async fn raw(&self, request: &[u8]) -> Answer {
+        let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(self.addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        // The server may answer (and stop reading) before the whole body is
+        // written; what matters is its answer.
+        let _ = tokio::time::timeout(WAIT, stream.write_all(request)).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+            .await
+            .expect("reading the answer timed out");
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {text:?}"));
+        let (head, body_text) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let content_type = head
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-type"))
+            .map(|(_, value)| value.trim().to_owned())
+            .unwrap_or_default();
+        let body = serde_json::from_str(body_text).unwrap_or(Value::Null);
+        Answer {
+            status,
+            content_type,
+            body,
+            raw: text,
+        }
+    }
+}
+
+/// A chunked HTTP/1.1 POST of `body` (in chunks of at most 16 bytes).
+pub fn chunked_post(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!("POST {path} HTTP/1.1\r\nHost: rim.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").into_bytes();
+    for chunk in body.chunks(16) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// Asserts that `msg` was accepted within the last minute.
+#[track_caller]
+pub fn assert_recent(msg: &PushMsg) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as i64;
+    let age = now - msg.accepted_unix_nanos;
+    assert!(
+        (0..60_000_000_000).contains(&age),
+        "accepted_unix_nanos {} is not recent (now {now})",
+        msg.accepted_unix_nanos
+    );
+}

@@ -1,0 +1,218 @@
+//! The logic service: the local `LogicApi` that comets call (directly in
+//! standalone, over gRPC otherwise).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use rim_config::LogicConfig;
+use rim_proto::api::{ApiError, ApiResult, LogicApi};
+use rim_proto::pb::logic::v1 as pb;
+use rim_router::Router;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::comets::Comets;
+use crate::nodes::NodeSelector;
+use crate::webhook::HttpClient;
+
+/// Auth, presence, online counts, upstream frames and node selection.
+pub struct Logic {
+    heartbeat: Duration,
+    heartbeat_max: u32,
+    lease: Duration,
+    router: Arc<dyn Router>,
+    auth: Authenticator,
+    http: HttpClient,
+    receive_webhook: Option<String>,
+    receive_timeout: Duration,
+    comets: Arc<Comets>,
+    selector: NodeSelector,
+}
+
+impl std::fmt::Debug for Logic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logic")
+            .field("comets", &self.comets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body POSTed to the upstream receive webhook.
+#[derive(serde::Serialize)]
+struct Upstream<'a> {
+    mid: i64,
+    key: &'a str,
+    op: i32,
+    seq: i32,
+    /// Base64 of the frame body.
+    body: String,
+}
+
+fn router_error(err: rim_router::Error) -> ApiError {
+    ApiError::Unavailable(format!("router: {err}"))
+}
+
+impl Logic {
+    /// Creates the service over a router and a comet directory.
+    pub fn new(
+        config: &LogicConfig,
+        router: Arc<dyn Router>,
+        comets: Arc<Comets>,
+        http: HttpClient,
+    ) -> Logic {
+        Logic {
+            heartbeat: config.heartbeat,
+            heartbeat_max: config.heartbeat_max,
+            lease: config.lease,
+            router,
+            auth: Authenticator::new(&config.auth, http.clone()),
+            http,
+            receive_webhook: (!config.receive_webhook.is_empty())
+                .then(|| config.receive_webhook.clone()),
+            receive_timeout: config.receive_timeout,
+            comets,
+            selector: NodeSelector::new(
+                config.nodes.clone(),
+                config.heartbeat,
+                config.heartbeat_max,
+            ),
+        }
+    }
+
+    /// Returns the online map.
+    pub fn router(&self) -> &Arc<dyn Router> {
+        &self.router
+    }
+
+    /// Returns the comet directory.
+    pub fn comets(&self) -> &Arc<Comets> {
+        &self.comets
+    }
+
+    /// Returns the node selector.
+    pub fn selector(&self) -> &NodeSelector {
+        &self.selector
+    }
+}
+
+fn require(field: &str, value: &str) -> ApiResult<()> {
+    if value.is_empty() {
+        return Err(ApiError::InvalidArgument(format!("{field} is empty")));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl LogicApi for Logic {
+    async fn connect(&self, req: pb::ConnectRequest) -> ApiResult<pb::ConnectReply> {
+        require("server", &req.server)?;
+        let identity = self
+            .auth
+            .authenticate(&req.token, &req.client_ip)
+            .await
+            .map_err(|e| match e {
+                AuthError::Refused(reason) => ApiError::Unauthenticated(reason),
+                AuthError::Unavailable(reason) => ApiError::Unavailable(format!("auth: {reason}")),
+            })?;
+        let key = if identity.key.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            identity.key
+        };
+        self.router
+            .add(identity.mid, &key, &req.server, self.lease)
+            .await
+            .map_err(router_error)?;
+        tracing::debug!(mid = identity.mid, %key, server = %req.server, "connected");
+        Ok(pb::ConnectReply {
+            mid: identity.mid,
+            key,
+            room_id: identity.room_id,
+            accepts: identity.accepts,
+            heartbeat_ms: self.heartbeat.as_millis() as u64,
+            heartbeat_max: self.heartbeat_max,
+        })
+    }
+
+    async fn disconnect(&self, req: pb::DisconnectRequest) -> ApiResult<bool> {
+        require("server", &req.server)?;
+        require("key", &req.key)?;
+        self.router
+            .remove(req.mid, &req.key, &req.server)
+            .await
+            .map_err(router_error)
+    }
+
+    async fn heartbeat(&self, req: pb::HeartbeatRequest) -> ApiResult<()> {
+        require("server", &req.server)?;
+        require("key", &req.key)?;
+        let renewed = self
+            .router
+            .renew(req.mid, &req.key, &req.server, self.lease)
+            .await
+            .map_err(router_error)?;
+        if !renewed {
+            // The entry expired (e.g. the router lost it): the connection is
+            // alive on this server, so record it again — unless the key has
+            // moved to another server meanwhile.
+            let owner = self
+                .router
+                .servers_of_keys(std::slice::from_ref(&req.key))
+                .await
+                .map_err(router_error)?;
+            if owner.first().is_none_or(Option::is_none) {
+                self.router
+                    .add(req.mid, &req.key, &req.server, self.lease)
+                    .await
+                    .map_err(router_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn renew_online(&self, req: pb::RenewOnlineRequest) -> ApiResult<pb::RenewOnlineReply> {
+        require("server", &req.server)?;
+        self.router
+            .set_room_counts(&req.server, &req.room_count)
+            .await
+            .map_err(router_error)?;
+        let all = self.router.room_counts().await.map_err(router_error)?;
+        Ok(pb::RenewOnlineReply {
+            all_room_count: all
+                .into_iter()
+                .map(|(room, n)| (room, i32::try_from(n).unwrap_or(i32::MAX)))
+                .collect(),
+        })
+    }
+
+    async fn receive(&self, req: pb::ReceiveRequest) -> ApiResult<()> {
+        let proto = req.proto.unwrap_or_default();
+        let Some(url) = &self.receive_webhook else {
+            tracing::info!(mid = req.mid, key = %req.key, op = proto.op, len = proto.body.len(), "upstream frame (no receive webhook configured)");
+            return Ok(());
+        };
+        let body = Upstream {
+            mid: req.mid,
+            key: &req.key,
+            op: proto.op,
+            seq: proto.seq,
+            body: base64::engine::general_purpose::STANDARD.encode(&proto.body),
+        };
+        match self.http.post_json(url, &body, self.receive_timeout).await {
+            Ok((status, _)) if (200..300).contains(&status) => Ok(()),
+            Ok((status, _)) => Err(ApiError::Unavailable(format!(
+                "receive webhook answered HTTP {status}"
+            ))),
+            Err(err) => Err(ApiError::Unavailable(format!("receive webhook: {err}"))),
+        }
+    }
+
+    async fn nodes(&self, req: pb::NodesRequest) -> ApiResult<pb::NodesReply> {
+        let ip = req.client_ip.parse::<IpAddr>().ok();
+        let region = self.selector.region_of(Some(&req.region), ip);
+        let choices = self.selector.rank(&self.comets.nodes(), region.as_deref());
+        Ok(self.selector.reply(&choices))
+    }
+}

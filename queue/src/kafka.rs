@@ -1,0 +1,79 @@
+//! The Kafka producer: acks from all in-sync replicas, idempotence on.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use prost::Message;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use crate::{Error, Producer, PushMsg, Result, partition_key};
+
+/// How long one message may take to be acknowledged before the push fails.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Produces push messages to a Kafka topic.
+pub struct KafkaProducer {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl std::fmt::Debug for KafkaProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaProducer")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaProducer {
+    /// Creates a producer for `topic` on the given bootstrap brokers.
+    pub fn new(brokers: &[String], topic: &str) -> Result<KafkaProducer> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers.join(","))
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set(
+                "message.timeout.ms",
+                DELIVERY_TIMEOUT.as_millis().to_string(),
+            )
+            .set("linger.ms", "2")
+            .create()
+            .map_err(|e| {
+                Error::Unavailable(format!("kafka producer for {}: {e}", brokers.join(",")))
+            })?;
+        Ok(KafkaProducer {
+            producer,
+            topic: topic.to_owned(),
+        })
+    }
+}
+
+#[async_trait]
+impl Producer for KafkaProducer {
+    async fn send(&self, msg: PushMsg) -> Result<()> {
+        let key = partition_key(&msg)?;
+        let payload = msg.encode_to_vec();
+        let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        self.producer
+            .send(record, Timeout::After(DELIVERY_TIMEOUT))
+            .await
+            .map(drop)
+            .map_err(|(e, _)| Error::Unavailable(format!("kafka topic {}: {e}", self.topic)))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let producer = self.producer.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Timeout::After(Duration::from_secs(3)))
+                .map(drop)
+                .map_err(|e| Error::Unavailable(format!("kafka metadata for {topic}: {e}")))
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("kafka metadata task: {e}")))?
+    }
+}

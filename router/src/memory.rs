@@ -1,0 +1,436 @@
+//! The in-memory router, for standalone and single-logic setups.
+//!
+//! Sessions live twice, in two sharded maps: key -> (mid, server, expiry) for
+//! lookups by key, and mid -> key -> (server, expiry) for lookups by user.
+//! Every writer locks the key's shard first and, while holding it, one user
+//! shard at a time; readers lock one shard at a time. That order keeps the
+//! two maps in agreement under concurrent writers of the same key and cannot
+//! deadlock. No lock is held across an `.await` (there is none inside).
+//!
+//! Expired entries are treated as absent by every read and dropped when met;
+//! a background sweep (one shard per tick) drops the ones nobody reads.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::{Result, Router, ServerReport, unix_ms};
+
+/// Number of shards of each map; a power of two well above the core count so
+/// that concurrent connects rarely meet on one lock.
+const SHARDS: usize = 64;
+
+/// Time between two sweep steps; each step sweeps one shard of each map, so a
+/// full pass takes `SHARDS * SWEEP_TICK` (6.4 s).
+const SWEEP_TICK: Duration = Duration::from_millis(100);
+
+/// The longest lease honoured; longer ones are cut to it so that
+/// `Instant + lease` cannot overflow.
+const MAX_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// One session as seen from its key.
+#[derive(Debug)]
+struct KeyEntry {
+    mid: i64,
+    server: Arc<str>,
+    expires: Instant,
+}
+
+/// One session as seen from its user.
+#[derive(Debug)]
+struct Device {
+    server: Arc<str>,
+    expires: Instant,
+}
+
+/// One comet's last room-count report.
+#[derive(Debug)]
+struct Report {
+    rooms: HashMap<String, i32>,
+    updated_unix_ms: i64,
+    at: Instant,
+}
+
+type KeyShard = HashMap<String, KeyEntry>;
+type UserShard = HashMap<i64, HashMap<String, Device>>;
+
+#[derive(Debug)]
+struct Inner {
+    hasher: RandomState,
+    keys: Box<[Mutex<KeyShard>]>,
+    users: Box<[Mutex<UserShard>]>,
+    reports: Mutex<HashMap<String, Report>>,
+    max_age: Duration,
+}
+
+/// The online map in this process's memory: sharded, leased, swept.
+#[derive(Clone, Debug)]
+pub struct MemoryRouter {
+    inner: Arc<Inner>,
+}
+
+impl MemoryRouter {
+    /// Creates an empty map whose room reports count for `online_max_age`.
+    ///
+    /// Spawns the background sweep on the current tokio runtime if there is
+    /// one (it ends when the last clone of the router is dropped); without a
+    /// runtime, expired entries are only dropped when read or overwritten.
+    pub fn new(online_max_age: Duration) -> Self {
+        let inner = Arc::new(Inner {
+            hasher: RandomState::new(),
+            keys: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            users: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            reports: Mutex::default(),
+            max_age: online_max_age,
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweep_forever(Arc::downgrade(&inner)));
+        }
+        MemoryRouter { inner }
+    }
+}
+
+/// Sweeps one shard per tick until the router is dropped.
+async fn sweep_forever(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    for shard in (0..SHARDS).cycle() {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.sweep(shard, Instant::now());
+    }
+}
+
+/// Locks a shard, ignoring poisoning: every critical section here is a few
+/// `HashMap` operations that leave the map valid even if one of them panics
+/// (allocation failure), so the data behind a poisoned lock is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn expiry(now: Instant, lease: Duration) -> Instant {
+    now + lease.min(MAX_LEASE)
+}
+
+impl Inner {
+    fn shard_of<T: Hash + ?Sized>(&self, value: &T) -> usize {
+        // The modulo keeps the index below SHARDS, so truncating the hash is fine.
+        (self.hasher.hash_one(value) % SHARDS as u64) as usize
+    }
+
+    fn key_shard(&self, key: &str) -> &Mutex<KeyShard> {
+        &self.keys[self.shard_of(key)]
+    }
+
+    fn user_shard(&self, mid: i64) -> &Mutex<UserShard> {
+        &self.users[self.shard_of(&mid)]
+    }
+
+    /// Sets the device entry of `key` under `mid`. Callers hold the key's shard.
+    fn put_device(&self, mid: i64, key: &str, server: Arc<str>, expires: Instant) {
+        let mut users = lock(self.user_shard(mid));
+        let devices = users.entry(mid).or_default();
+        match devices.get_mut(key) {
+            Some(device) => *device = Device { server, expires },
+            None => {
+                devices.insert(key.to_owned(), Device { server, expires });
+            }
+        }
+    }
+
+    /// Drops the device entry of `key` under `mid` if it is on `server` (any
+    /// server when None). Callers hold the key's shard.
+    fn drop_device(&self, mid: i64, key: &str, server: Option<&str>) {
+        let mut users = lock(self.user_shard(mid));
+        let Some(devices) = users.get_mut(&mid) else {
+            return;
+        };
+        let owned = devices
+            .get(key)
+            .is_some_and(|device| server.is_none_or(|s| *device.server == *s));
+        if owned {
+            devices.remove(key);
+            if devices.is_empty() {
+                users.remove(&mid);
+            }
+        }
+    }
+
+    fn is_fresh(&self, report: &Report, now: Instant) -> bool {
+        now.saturating_duration_since(report.at) < self.max_age
+    }
+
+    /// Drops the expired entries of one shard of each map (and stale reports with shard 0).
+    fn sweep(&self, shard: usize, now: Instant) {
+        lock(&self.keys[shard]).retain(|_, entry| entry.expires > now);
+        lock(&self.users[shard]).retain(|_, devices| {
+            devices.retain(|_, device| device.expires > now);
+            !devices.is_empty()
+        });
+        if shard == 0 {
+            lock(&self.reports).retain(|_, report| self.is_fresh(report, now));
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Router for MemoryRouter {
+    async fn add(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<()> {
+        let inner = &*self.inner;
+        let expires = expiry(Instant::now(), lease);
+        let server: Arc<str> = Arc::from(server);
+        let mut keys = lock(inner.key_shard(key));
+        let entry = KeyEntry {
+            mid,
+            server: server.clone(),
+            expires,
+        };
+        let previous = match keys.get_mut(key) {
+            Some(existing) => Some(std::mem::replace(existing, entry)),
+            None => {
+                keys.insert(key.to_owned(), entry);
+                None
+            }
+        };
+        if let Some(previous) = previous
+            && previous.mid != mid
+        {
+            // The key changed hands: the old user must no longer list it.
+            inner.drop_device(previous.mid, key, None);
+        }
+        inner.put_device(mid, key, server, expires);
+        Ok(())
+    }
+
+    async fn remove(&self, mid: i64, key: &str, server: &str) -> Result<bool> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let mut keys = lock(inner.key_shard(key));
+        let owned = keys
+            .get(key)
+            .filter(|entry| entry.mid == mid && *entry.server == *server)
+            .map(|entry| entry.expires > now);
+        let Some(live) = owned else {
+            return Ok(false);
+        };
+        keys.remove(key);
+        inner.drop_device(mid, key, Some(server));
+        Ok(live)
+    }
+
+    async fn renew(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<bool> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let mut keys = lock(inner.key_shard(key));
+        let Some(entry) = keys.get_mut(key) else {
+            return Ok(false);
+        };
+        if entry.expires <= now {
+            let stale_mid = entry.mid;
+            keys.remove(key);
+            inner.drop_device(stale_mid, key, None);
+            return Ok(false);
+        }
+        if entry.mid != mid || *entry.server != *server {
+            return Ok(false);
+        }
+        entry.expires = expiry(now, lease);
+        inner.put_device(mid, key, entry.server.clone(), entry.expires);
+        Ok(true)
+    }
+
+    async fn servers_of_keys(&self, keys: &[String]) -> Result<Vec<Option<String>>> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let servers = keys
+            .iter()
+            .map(|key| {
+                let mut shard = lock(inner.key_shard(key));
+                match shard.get(key) {
+                    Some(entry) if entry.expires > now => Some(entry.server.to_string()),
+                    Some(_) => {
+                        // Its device entry expired too; the sweep takes it.
+                        shard.remove(key);
+                        None
+                    }
+                    None => None,
+                }
+            })
+            .collect();
+        Ok(servers)
+    }
+
+    async fn keys_by_server(&self, mids: &[i64]) -> Result<HashMap<String, Vec<String>>> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let mut seen = HashSet::with_capacity(mids.len());
+        let mut by_server: HashMap<String, Vec<String>> = HashMap::new();
+        for &mid in mids {
+            if !seen.insert(mid) {
+                continue;
+            }
+            let mut users = lock(inner.user_shard(mid));
+            let Some(devices) = users.get_mut(&mid) else {
+                continue;
+            };
+            devices.retain(|_, device| device.expires > now);
+            if devices.is_empty() {
+                users.remove(&mid);
+                continue;
+            }
+            for (key, device) in devices.iter() {
+                match by_server.get_mut(&*device.server) {
+                    Some(keys) => keys.push(key.clone()),
+                    None => {
+                        by_server.insert(device.server.to_string(), vec![key.clone()]);
+                    }
+                }
+            }
+        }
+        Ok(by_server)
+    }
+
+    async fn set_room_counts(&self, server: &str, counts: &HashMap<String, i32>) -> Result<()> {
+        let report = Report {
+            rooms: counts.clone(),
+            updated_unix_ms: unix_ms(),
+            at: Instant::now(),
+        };
+        lock(&self.inner.reports).insert(server.to_owned(), report);
+        Ok(())
+    }
+
+    async fn room_counts(&self) -> Result<HashMap<String, i64>> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let mut totals: HashMap<String, i64> = HashMap::new();
+        let reports = lock(&inner.reports);
+        for report in reports.values().filter(|r| inner.is_fresh(r, now)) {
+            for (room, &count) in &report.rooms {
+                match totals.get_mut(room) {
+                    Some(total) => *total += i64::from(count),
+                    None => {
+                        totals.insert(room.clone(), i64::from(count));
+                    }
+                }
+            }
+        }
+        Ok(totals)
+    }
+
+    async fn server_reports(&self) -> Result<HashMap<String, ServerReport>> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let reports = lock(&inner.reports);
+        let fresh = reports
+            .iter()
+            .filter(|(_, report)| inner.is_fresh(report, now))
+            .map(|(server, report)| {
+                let report = ServerReport {
+                    rooms: report.rooms.clone(),
+                    updated_unix_ms: report.updated_unix_ms,
+                };
+                (server.clone(), report)
+            })
+            .collect();
+        Ok(fresh)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    fn stored(router: &MemoryRouter) -> (usize, usize) {
+        let keys = router.inner.keys.iter().map(|s| lock(s).len()).sum();
+        let users = router.inner.users.iter().map(|s| lock(s).len()).sum();
+        (keys, users)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_drops_expired_entries_nobody_reads() {
+        let router = MemoryRouter::new(Duration::from_secs(30));
+        for i in 0..200 {
+            router
+                .add(i, &format!("k{i}"), "c1", Duration::from_secs(1))
+                .await
+                .unwrap();
+        }
+        router.add(1000, "kept", "c1", LEASE).await.unwrap();
+        assert_eq!(stored(&router), (201, 201));
+
+        // One full pass of the sweep after the short leases ended.
+        tokio::time::sleep(Duration::from_secs(1) + SWEEP_TICK * (SHARDS as u32 + 1)).await;
+        assert_eq!(stored(&router), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_stops_when_the_router_is_dropped() {
+        let router = MemoryRouter::new(Duration::from_secs(30));
+        let weak = Arc::downgrade(&router.inner);
+        drop(router);
+        tokio::time::sleep(SWEEP_TICK * 2).await;
+        assert!(weak.upgrade().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_ends_exactly_at_expiry() {
+        let router = MemoryRouter::new(Duration::from_secs(30));
+        router
+            .add(1, "k", "c1", Duration::from_secs(10))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        let keys = vec!["k".to_string()];
+        assert_eq!(
+            router.servers_of_keys(&keys).await.unwrap(),
+            [Some("c1".into())]
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(router.servers_of_keys(&keys).await.unwrap(), [None]);
+        assert!(!router.renew(1, "k", "c1", LEASE).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn moving_a_key_to_another_user_drops_it_from_the_first() {
+        let router = MemoryRouter::new(Duration::from_secs(30));
+        router.add(1, "k", "c1", LEASE).await.unwrap();
+        router.add(2, "k", "c2", LEASE).await.unwrap();
+        assert!(router.keys_by_server(&[1]).await.unwrap().is_empty());
+        let by_server = router.keys_by_server(&[2]).await.unwrap();
+        assert_eq!(by_server, HashMap::from([("c2".into(), vec!["k".into()])]));
+        // The old user's stale comet cannot remove or renew it.
+        assert!(!router.remove(1, "k", "c1").await.unwrap());
+        assert!(!router.renew(1, "k", "c2", LEASE).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn works_without_a_runtime_sweeper() {
+        let router = std::thread::spawn(|| MemoryRouter::new(Duration::from_secs(30)))
+            .join()
+            .unwrap();
+        router.add(1, "k", "c1", LEASE).await.unwrap();
+        assert_eq!(stored(&router), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_reports_are_swept() {
+        let router = MemoryRouter::new(Duration::from_secs(1));
+        let counts = HashMap::from([("r".to_string(), 3)]);
+        router.set_room_counts("c1", &counts).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1) + SWEEP_TICK * (SHARDS as u32 + 1)).await;
+        assert!(lock(&router.inner.reports).is_empty());
+    }
+}

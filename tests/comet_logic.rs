@@ -1,0 +1,135 @@
+//! Comet and logic wired as in a cluster: the comet reaches logic over gRPC
+//! (RemoteLogic → LogicGrpc), logic keeps presence in the router.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rim_client::{AuthToken, Client};
+use rim_comet::{Comet, Listeners};
+use rim_config::{CometConfig, LogicConfig, NodeConfig, RouterBackend, RouterConfig};
+use rim_logic::Logic;
+use rim_logic::comets::Comets;
+use rim_logic::webhook::HttpClient;
+use rim_proto::api::RemoteLogic;
+use rim_router::Router;
+use rim_shutdown::Shutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+struct Cluster {
+    router: Arc<dyn Router>,
+    tcp: std::net::SocketAddr,
+    shutdown: Shutdown,
+    stop_logic: CancellationToken,
+}
+
+async fn cluster() -> Cluster {
+    let router = rim_router::connect(&RouterConfig {
+        backend: RouterBackend::Memory,
+        ..RouterConfig::default()
+    })
+    .await
+    .unwrap();
+    let logic = Arc::new(Logic::new(
+        &LogicConfig::default(),
+        Arc::clone(&router),
+        Arc::new(Comets::new()),
+        HttpClient::new().unwrap(),
+    ));
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let logic_addr = grpc.local_addr().unwrap();
+    let stop_logic = CancellationToken::new();
+    tokio::spawn(rim_logic::grpc::serve(logic, grpc, stop_logic.clone()));
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{logic_addr}"))
+        .unwrap()
+        .connect_lazy();
+    let config = CometConfig {
+        room_report_interval: Duration::from_millis(100),
+        drain_window: Duration::from_millis(50),
+        ..CometConfig::default()
+    };
+    let node = NodeConfig {
+        id: "comet-1".into(),
+        ..NodeConfig::default()
+    };
+    let comet = Comet::new(&node, config, Arc::new(RemoteLogic::new(channel)));
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    let listeners = Listeners {
+        tcp: vec![bind().await.unwrap()],
+        ws: vec![],
+        wss: vec![],
+        grpc: bind().await.unwrap(),
+    };
+    let tcp = listeners.tcp[0].local_addr().unwrap();
+    let shutdown = Shutdown::new();
+    tokio::spawn(comet.run(listeners, shutdown.clone()));
+    Cluster {
+        router,
+        tcp,
+        shutdown,
+        stop_logic,
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn presence_follows_the_connection_through_grpc() {
+    let cluster = cluster().await;
+    let mut client = Client::connect_tcp(cluster.tcp).await.unwrap();
+    let token = AuthToken {
+        mid: 77,
+        key: "dev-1".into(),
+        room_id: "live://9".into(),
+        ..AuthToken::default()
+    };
+    client.auth(&token).await.unwrap();
+    let router = Arc::clone(&cluster.router);
+    assert_eq!(
+        router.servers_of_keys(&["dev-1".into()]).await.unwrap(),
+        vec![Some("comet-1".to_string())]
+    );
+    // Room counts flow comet → logic → router, and back into heartbeats.
+    eventually("room report", || {
+        let router = Arc::clone(&router);
+        async move { router.room_counts().await.unwrap().get("live://9") == Some(&1) }
+    })
+    .await;
+    assert_eq!(client.heartbeat().await.unwrap(), 1);
+
+    drop(client);
+    eventually("disconnect", || {
+        let router = Arc::clone(&router);
+        async move { router.servers_of_keys(&["dev-1".into()]).await.unwrap() == vec![None] }
+    })
+    .await;
+    cluster.shutdown.trigger();
+    cluster.stop_logic.cancel();
+}
+
+#[tokio::test]
+async fn a_token_logic_refuses_closes_the_connection() {
+    let cluster = cluster().await;
+    let mut client = Client::connect_tcp(cluster.tcp).await.unwrap();
+    let err = client
+        .auth_raw(bytes::Bytes::from_static(b"{not json"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, rim_client::Error::Closed), "{err}");
+    cluster.shutdown.trigger();
+    cluster.stop_logic.cancel();
+}
