@@ -6,6 +6,7 @@
 //! SIGINT/SIGTERM.
 
 mod logging;
+mod standalone;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -67,8 +68,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match cli.role {
-        Role::Standalone(args) => load::<StandaloneConfig>("standalone", &args)
-            .map_or_else(|code| code, |_| not_built("standalone", "#6")),
+        Role::Standalone(args) => load::<StandaloneConfig>("standalone", &args).map_or_else(
+            |code| code,
+            |config| serve("standalone", |shutdown| standalone::run(config, shutdown)),
+        ),
         Role::Comet(args) => load::<CometRoleConfig>("comet", &args).map_or_else(
             |code| code,
             |config| {

@@ -17,5 +17,5 @@ mod role;
 mod server;
 
 pub use error::ApiError;
-pub use role::{Listeners, RunError, run};
+pub use role::{LOAD_REFRESH, Listeners, RunError, run};
 pub use server::{Api, router, serve};

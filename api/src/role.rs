@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{Api, serve};
 
 /// How often comets are asked for their load (node selection, online totals).
-const LOAD_REFRESH: Duration = Duration::from_secs(10);
+pub const LOAD_REFRESH: Duration = Duration::from_secs(10);
 
 /// The logic process's bound listeners.
 #[derive(Debug)]
@@ -83,18 +83,7 @@ pub async fn run(
     let logic = Arc::new(Logic::new(&config.logic, router, Arc::new(comets), http));
 
     let stop = CancellationToken::new();
-    let refresher = {
-        let (logic, stop) = (Arc::clone(&logic), stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LOAD_REFRESH);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = tick.tick() => logic.comets().refresh_load().await,
-                }
-            }
-        })
-    };
+    let refresher = Arc::clone(logic.comets()).refresh_every(LOAD_REFRESH, stop.clone());
     let grpc_task = tokio::spawn(grpc::serve(
         Arc::clone(&logic),
         listeners.grpc,

@@ -238,7 +238,12 @@ impl Comet {
         let step = window / buckets.len().max(1) as u32;
         let mut closed = 0usize;
         for bucket in buckets {
-            for session in bucket.sessions() {
+            let sessions = bucket.sessions();
+            if sessions.is_empty() {
+                // Pacing only matters between buckets that had clients.
+                continue;
+            }
+            for session in sessions {
                 session.close(session::CloseReason::Drain);
                 closed += 1;
             }

@@ -139,6 +139,23 @@ impl Comets {
             .collect()
     }
 
+    /// Refreshes the load every `period` until `stop` is cancelled.
+    pub fn refresh_every(
+        self: Arc<Self>,
+        period: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => self.refresh_load().await,
+                }
+            }
+        })
+    }
+
     /// Asks every comet for its stats and records its load; a comet that
     /// does not answer keeps its last figures (and is logged).
     pub async fn refresh_load(&self) {

@@ -1,0 +1,135 @@
+//! One worker per comet: calls are made in the order they were queued (so
+//! order holds per key and per room), retried with backoff while the comet
+//! fails transiently, and a breaker spaces attempts to a comet that keeps
+//! failing. A call completes when the comet accepted it, when it was refused
+//! as invalid, or when the comet is gone from discovery.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rim_proto::api::{ApiError, CometApi};
+use rim_proto::pb::comet::v1 as pb;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// Calls queued for one comet before dispatchers wait (backpressure up to the
+/// queue consumer).
+const QUEUE: usize = 1024;
+/// First retry delay; doubles up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest wait between two attempts (also the breaker's open period).
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Consecutive failures after which the breaker opens and logs it.
+const BREAKER_THRESHOLD: u32 = 5;
+
+/// A delivery call to a comet.
+#[derive(Clone, Debug)]
+pub(crate) enum Call {
+    Push(pb::PushMsgRequest),
+    Room(pb::BroadcastRoomRequest),
+    Broadcast(pb::BroadcastRequest),
+}
+
+/// How a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The comet took it.
+    Delivered,
+    /// The comet refused it as invalid; retrying cannot help.
+    Rejected,
+    /// The comet left discovery before taking it.
+    Gone,
+}
+
+struct Queued {
+    call: Call,
+    done: oneshot::Sender<Outcome>,
+}
+
+/// The handle to a comet's worker.
+pub(crate) struct Worker {
+    /// Full = the dispatcher waits (backpressure).
+    tx: mpsc::Sender<Queued>,
+    gone: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+}
+
+impl Worker {
+    /// Starts the worker task for one comet.
+    pub(crate) fn spawn(id: String, api: Arc<dyn CometApi>) -> Worker {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let gone = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(run(id, api, rx, Arc::clone(&gone), Arc::clone(&wake)));
+        Worker { tx, gone, wake }
+    }
+
+    /// Queues a call; the receiver completes with its outcome.
+    pub(crate) async fn call(&self, call: Call) -> oneshot::Receiver<Outcome> {
+        let (done, outcome) = oneshot::channel();
+        if let Err(mpsc::error::SendError(queued)) = self.tx.send(Queued { call, done }).await {
+            let _ = queued.done.send(Outcome::Gone);
+        }
+        outcome
+    }
+
+    /// Marks the comet gone: queued and future calls complete as `Gone`.
+    pub(crate) fn retire(&self) {
+        self.gone.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+}
+
+async fn attempt(api: &dyn CometApi, call: &Call) -> Result<(), ApiError> {
+    match call {
+        Call::Push(req) => api.push_msg(req.clone()).await.map(drop),
+        Call::Room(req) => api.broadcast_room(req.clone()).await.map(drop),
+        Call::Broadcast(req) => api.broadcast(req.clone()).await.map(drop),
+    }
+}
+
+async fn run(
+    id: String,
+    api: Arc<dyn CometApi>,
+    mut rx: mpsc::Receiver<Queued>,
+    gone: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+) {
+    let mut failures: u32 = 0;
+    while let Some(Queued { call, done }) = rx.recv().await {
+        let outcome = loop {
+            if gone.load(Ordering::Acquire) {
+                break Outcome::Gone;
+            }
+            match attempt(api.as_ref(), &call).await {
+                Ok(()) => {
+                    if failures >= BREAKER_THRESHOLD {
+                        tracing::info!(comet = %id, "comet answers again; breaker closed");
+                    }
+                    failures = 0;
+                    break Outcome::Delivered;
+                }
+                Err(err) if err.is_transient() => {
+                    failures += 1;
+                    if failures == BREAKER_THRESHOLD {
+                        tracing::warn!(comet = %id, reason = %err, "comet keeps failing; breaker open, retrying every {MAX_BACKOFF:?}");
+                    }
+                    let backoff = if failures >= BREAKER_THRESHOLD {
+                        MAX_BACKOFF
+                    } else {
+                        (FIRST_BACKOFF * 2u32.saturating_pow(failures - 1)).min(MAX_BACKOFF)
+                    };
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = wake.notified() => {}
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(comet = %id, reason = %err, "comet refused a delivery as invalid; dropped");
+                    break Outcome::Rejected;
+                }
+            }
+        };
+        let _ = done.send(outcome);
+    }
+}

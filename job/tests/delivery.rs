@@ -1,0 +1,274 @@
+//! The job's delivery against scripted comets: routing by type, room
+//! batching by count and by time, order, retries, and gone comets.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rim_config::JobConfig;
+use rim_job::{Job, Outcome};
+use rim_proto::api::{ApiError, ApiResult, CometApi};
+use rim_proto::pb::comet::v1 as pb;
+use rim_proto::{Frame, Op};
+use rim_queue::{PushMsg, PushType};
+
+/// Records every call; fails the first `fail_first` calls as unavailable.
+#[derive(Default)]
+struct FakeComet {
+    calls: Mutex<Vec<String>>,
+    fail_first: AtomicU32,
+}
+
+impl FakeComet {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn record(&self, call: String) -> ApiResult<pb::Delivery> {
+        if self.fail_first.load(Ordering::SeqCst) > 0 {
+            self.fail_first.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::Unavailable("scripted failure".into()));
+        }
+        self.calls.lock().unwrap().push(call);
+        Ok(pb::Delivery {
+            delivered: 1,
+            ..pb::Delivery::default()
+        })
+    }
+}
+
+fn bodies(proto: &rim_proto::pb::frame::v1::Proto) -> Vec<String> {
+    let frame = Frame::try_from(proto.clone()).unwrap();
+    if frame.is_batch() {
+        frame
+            .batch_frames()
+            .map(|f| String::from_utf8_lossy(&f.unwrap().body).into_owned())
+            .collect()
+    } else {
+        vec![String::from_utf8_lossy(&frame.body).into_owned()]
+    }
+}
+
+#[async_trait]
+impl CometApi for FakeComet {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> ApiResult<pb::Delivery> {
+        let proto = req.proto.unwrap();
+        self.record(format!(
+            "push {} op={} {}",
+            req.keys.join(","),
+            req.proto_op,
+            bodies(&proto).join("|")
+        ))
+    }
+    async fn broadcast(&self, req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+        let proto = req.proto.unwrap();
+        self.record(format!(
+            "all op={} speed={} {}",
+            req.proto_op,
+            req.speed,
+            bodies(&proto).join("|")
+        ))
+    }
+    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> ApiResult<pb::Delivery> {
+        let proto = req.proto.unwrap();
+        let batch = if proto.op == Op::RAW.0 {
+            "batch"
+        } else {
+            "single"
+        };
+        self.record(format!(
+            "room {} {batch} {}",
+            req.room_id,
+            bodies(&proto).join("|")
+        ))
+    }
+    async fn rooms(&self) -> ApiResult<Vec<String>> {
+        Ok(vec![])
+    }
+    async fn kick(&self, _keys: Vec<String>) -> ApiResult<u64> {
+        Ok(0)
+    }
+    async fn stats(&self) -> ApiResult<pb::StatsReply> {
+        Ok(pb::StatsReply::default())
+    }
+}
+
+fn push(server: &str, keys: &[&str], body: &str) -> PushMsg {
+    PushMsg {
+        r#type: PushType::Push as i32,
+        operation: 1000,
+        server: server.into(),
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        msg: Bytes::copy_from_slice(body.as_bytes()),
+        ..PushMsg::default()
+    }
+}
+
+fn room(room: &str, body: &str) -> PushMsg {
+    PushMsg {
+        r#type: PushType::Room as i32,
+        operation: 1000,
+        room: room.into(),
+        msg: Bytes::copy_from_slice(body.as_bytes()),
+        ..PushMsg::default()
+    }
+}
+
+fn job_with(batch: usize, flush: Duration, comets: &[(&str, Arc<FakeComet>)]) -> Job {
+    let job = Job::new(&JobConfig {
+        group: "g".into(),
+        room_batch: batch,
+        room_flush: flush,
+    });
+    job.set_comets(
+        comets
+            .iter()
+            .map(|(id, c)| (id.to_string(), Arc::clone(c) as Arc<dyn CometApi>))
+            .collect(),
+    );
+    job
+}
+
+async fn done(ticket: rim_job::Ticket) -> Outcome {
+    tokio::time::timeout(Duration::from_secs(10), ticket)
+        .await
+        .expect("ticket completes")
+}
+
+#[tokio::test]
+async fn a_push_goes_to_the_named_comet_only() {
+    let (a, b) = (
+        Arc::new(FakeComet::default()),
+        Arc::new(FakeComet::default()),
+    );
+    let job = job_with(
+        20,
+        Duration::from_millis(50),
+        &[("a", a.clone()), ("b", b.clone())],
+    );
+    assert_eq!(
+        done(job.deliver(push("a", &["k1", "k2"], "hi")).await).await,
+        Outcome::Delivered
+    );
+    assert_eq!(a.calls(), vec!["push k1,k2 op=1000 hi"]);
+    assert!(b.calls().is_empty());
+    // A comet of another region (or gone): nothing to deliver here.
+    assert_eq!(
+        done(job.deliver(push("elsewhere", &["k"], "x")).await).await,
+        Outcome::Gone
+    );
+}
+
+#[tokio::test]
+async fn room_messages_are_batched_by_count_in_order_on_every_comet() {
+    let (a, b) = (
+        Arc::new(FakeComet::default()),
+        Arc::new(FakeComet::default()),
+    );
+    let job = job_with(
+        3,
+        Duration::from_secs(60),
+        &[("a", a.clone()), ("b", b.clone())],
+    );
+    let mut tickets = Vec::new();
+    for i in 0..6 {
+        tickets.push(job.deliver(room("live://1", &format!("m{i}"))).await);
+    }
+    for ticket in tickets {
+        assert_eq!(done(ticket).await, Outcome::Delivered);
+    }
+    let expected = vec![
+        "room live://1 batch m0|m1|m2",
+        "room live://1 batch m3|m4|m5",
+    ];
+    assert_eq!(a.calls(), expected);
+    assert_eq!(b.calls(), expected);
+}
+
+#[tokio::test]
+async fn a_room_batch_is_flushed_after_the_wait_even_if_not_full_and_nothing_is_lost() {
+    let a = Arc::new(FakeComet::default());
+    let job = job_with(20, Duration::from_millis(50), &[("a", a.clone())]);
+    let one = job.deliver(room("live://quiet", "only")).await;
+    let two = job.deliver(room("live://busy", "x")).await;
+    let three = job.deliver(room("live://busy", "y")).await;
+    for ticket in [one, two, three] {
+        assert_eq!(done(ticket).await, Outcome::Delivered);
+    }
+    let mut calls = a.calls();
+    calls.sort();
+    assert_eq!(
+        calls,
+        vec![
+            "room live://busy batch x|y",
+            "room live://quiet single only"
+        ]
+    );
+    // The room was retired after its flush; a later message starts a new batch.
+    assert_eq!(
+        done(job.deliver(room("live://quiet", "again")).await).await,
+        Outcome::Delivered
+    );
+    assert!(
+        a.calls()
+            .contains(&"room live://quiet single again".to_string())
+    );
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_comet_with_the_speed_divided() {
+    let (a, b) = (
+        Arc::new(FakeComet::default()),
+        Arc::new(FakeComet::default()),
+    );
+    let job = job_with(
+        20,
+        Duration::from_millis(50),
+        &[("a", a.clone()), ("b", b.clone())],
+    );
+    let msg = PushMsg {
+        r#type: PushType::Broadcast as i32,
+        operation: 1001,
+        speed: 1001,
+        msg: Bytes::from("all"),
+        ..PushMsg::default()
+    };
+    assert_eq!(done(job.deliver(msg).await).await, Outcome::Delivered);
+    assert_eq!(a.calls(), vec!["all op=1001 speed=501 all"]);
+    assert_eq!(b.calls(), vec!["all op=1001 speed=501 all"]);
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_in_order() {
+    let a = Arc::new(FakeComet::default());
+    a.fail_first.store(3, Ordering::SeqCst);
+    let job = job_with(20, Duration::from_millis(50), &[("a", a.clone())]);
+    let first = job.deliver(push("a", &["k"], "1")).await;
+    let second = job.deliver(push("a", &["k"], "2")).await;
+    assert_eq!(done(first).await, Outcome::Delivered);
+    assert_eq!(done(second).await, Outcome::Delivered);
+    assert_eq!(a.calls(), vec!["push k op=1000 1", "push k op=1000 2"]);
+}
+
+#[tokio::test]
+async fn calls_to_a_retired_comet_end_as_gone() {
+    let a = Arc::new(FakeComet::default());
+    a.fail_first.store(u32::MAX, Ordering::SeqCst);
+    let job = job_with(20, Duration::from_millis(50), &[("a", a.clone())]);
+    let ticket = job.deliver(push("a", &["k"], "stuck")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    job.set_comets(vec![]);
+    assert_eq!(done(ticket).await, Outcome::Gone);
+    assert!(job.comet_ids().is_empty());
+}
+
+#[tokio::test]
+async fn a_message_without_a_type_is_rejected() {
+    let job = job_with(20, Duration::from_millis(50), &[]);
+    assert_eq!(
+        done(job.deliver(PushMsg::default()).await).await,
+        Outcome::Rejected
+    );
+}

@@ -1,0 +1,107 @@
+//! `rim standalone`: comet, logic, api and job in one process, talking
+//! through the local implementations of their traits (no loopback gRPC):
+//! the comet calls `Logic` directly, the api writes to an in-process queue,
+//! the job reads it and calls the `Comet` directly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rim_comet::{Comet, Listeners};
+use rim_config::{QueueBackend, StandaloneConfig};
+use rim_logic::Logic;
+use rim_logic::comets::{CometNode, Comets};
+use rim_logic::webhook::HttpClient;
+use rim_proto::api::CometApi;
+use rim_shutdown::Shutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// An address clients can use: a wildcard bind is advertised as loopback.
+fn advertised(addr: Option<SocketAddr>) -> String {
+    match addr {
+        Some(addr) if addr.ip().is_unspecified() => format!("127.0.0.1:{}", addr.port()),
+        Some(addr) => addr.to_string(),
+        None => String::new(),
+    }
+}
+
+/// Runs every role until `shutdown` triggers.
+pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.queue.backend == QueueBackend::Memory,
+        "standalone consumes its own in-process queue; queue.backend = \"kafka\" needs `rim job` (issue #5)"
+    );
+    // Bind everything first: a port in use fails before anything starts.
+    let listeners = Listeners::bind(&config.comet).await?;
+    let http = TcpListener::bind(config.api.http_bind)
+        .await
+        .with_context(|| format!("cannot bind {}", config.api.http_bind))?;
+    let first = |list: &[TcpListener]| advertised(list.first().and_then(|l| l.local_addr().ok()));
+    let node = CometNode {
+        id: config.node.id.clone(),
+        region: config.node.region.clone(),
+        weight: config.node.weight,
+        tcp: first(&listeners.tcp),
+        ws: first(&listeners.ws),
+        wss: first(&listeners.wss),
+        grpc: advertised(listeners.grpc.local_addr().ok()),
+        conn_count: 0,
+        ip_count: 0,
+    };
+    let http_addr = advertised(http.local_addr().ok());
+
+    let router = rim_router::connect(&config.router).await?;
+    let comets = Arc::new(Comets::new());
+    let logic = Arc::new(Logic::new(
+        &config.logic,
+        router,
+        Arc::clone(&comets),
+        HttpClient::new()?,
+    ));
+    let comet = Comet::new(
+        &config.node,
+        config.comet.clone(),
+        Arc::clone(&logic) as Arc<dyn rim_proto::api::LogicApi>,
+    );
+    let comet_api: Arc<dyn CometApi> = Arc::new(comet.clone());
+    comets.insert(node.clone(), Arc::clone(&comet_api));
+
+    let (producer, consumer) = rim_queue::memory_queue(config.queue.capacity);
+    let job = rim_job::Job::new(&config.job);
+    job.set_comets(vec![(node.id.clone(), comet_api)]);
+
+    let stop = CancellationToken::new();
+    let consuming = tokio::spawn(rim_job::consume_memory(job, consumer, stop.clone()));
+    let refresher = Arc::clone(&comets).refresh_every(rim_api::LOAD_REFRESH, stop.clone());
+    let api = rim_api::Api::new(&config.api, logic, Arc::new(producer));
+    let serving = tokio::spawn(rim_api::serve(api, http, stop.clone()));
+
+    println!(
+        "rim standalone is running (node {}, region {})",
+        node.id, node.region
+    );
+    if !node.tcp.is_empty() {
+        println!("  clients, TCP:        {}", node.tcp);
+    }
+    if !node.ws.is_empty() {
+        println!("  clients, WebSocket:  ws://{}/sub", node.ws);
+    }
+    if !node.wss.is_empty() {
+        println!("  clients, WSS:        wss://{}/sub", node.wss);
+    }
+    println!("  push API:            http://{http_addr}/goim/push/...");
+    println!(
+        "  try:  curl -X POST 'http://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
+    );
+
+    // The comet runs until shutdown, then drains its clients.
+    let result = comet.run(listeners, shutdown).await;
+    stop.cancel();
+    let _ = refresher.await;
+    let _ = consuming.await;
+    if let Ok(Err(err)) = serving.await {
+        tracing::warn!(reason = %err, "http api ended with an error");
+    }
+    result.context("comet")
+}

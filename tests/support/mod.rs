@@ -1,0 +1,112 @@
+//! Running `rim` processes in tests: start with an environment, read the
+//! addresses they log, stop them with SIGTERM.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run deploy/test.sh"))
+}
+
+/// A running `rim` process whose log lines are collected.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn start(args: &[&str], env: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rim"));
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("RIM_")) {
+            cmd.env_remove(name);
+        }
+        let mut child = cmd
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("rim starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `marker` and returns the first
+    /// 127.0.0.1:port in it.
+    pub fn addr_after(&mut self, marker: &str) -> SocketAddr {
+        let find = |line: &str| -> Option<SocketAddr> {
+            let at = line
+                .find(marker)
+                .and_then(|m| line[m..].find("127.0.0.1:").map(|a| m + a))?;
+            let digits: String = line[at + 10..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            format!("127.0.0.1:{digits}").parse().ok()
+        };
+        if let Some(addr) = self.seen.iter().find_map(|line| find(line)) {
+            return addr;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {marker:?} line; saw:\n{}", self.seen.join("\n")));
+            self.seen.push(line.clone());
+            if let Some(addr) = find(&line) {
+                return addr;
+            }
+        }
+    }
+
+    pub fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                assert!(
+                    exit.success(),
+                    "exit {exit:?}; log:\n{}",
+                    self.seen.join("\n")
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Only reached with the child still running when a test failed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
