@@ -22,8 +22,6 @@ use crate::logging::LogFormat;
 
 /// Exit code for a bad configuration (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
-/// Exit code for a role this build cannot run yet (sysexits EX_UNAVAILABLE).
-const EXIT_UNAVAILABLE: u8 = 69;
 
 /// How long tasks still running after a role returned may take to finish.
 const GRACE: Duration = Duration::from_secs(5);
@@ -92,9 +90,15 @@ fn main() -> ExitCode {
                 })
             },
         ),
-        Role::Job(args) => {
-            load::<JobRoleConfig>("job", &args).map_or_else(|code| code, |_| not_built("job", "#5"))
-        }
+        Role::Job(args) => load::<JobRoleConfig>("job", &args).map_or_else(
+            |code| code,
+            |config| {
+                serve("job", |shutdown| async move {
+                    rim_job::run(config, shutdown).await?;
+                    Ok(())
+                })
+            },
+        ),
     }
 }
 
@@ -121,14 +125,6 @@ fn load<C: Load + Serialize>(role: &str, args: &RoleArgs) -> Result<C, ExitCode>
         });
     }
     Ok(config)
-}
-
-fn not_built(role: &str, issue: &str) -> ExitCode {
-    eprintln!(
-        "rim {role}: the {role} role is not built yet (tracked in issue {issue}); \
-         its configuration is valid, but this build cannot run it"
-    );
-    ExitCode::from(EXIT_UNAVAILABLE)
 }
 
 /// Runs a role on a multi-threaded runtime until it returns, with

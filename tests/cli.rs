@@ -110,11 +110,17 @@ fn the_environment_overrides_the_file() {
 }
 
 #[test]
-fn an_unbuilt_role_exits_non_zero_saying_so() {
-    let output = rim(&["job", "--config", &shipped("job")], &[]);
-    assert_eq!(output.status.code(), Some(69));
+fn the_job_role_needs_kafka() {
+    let output = rim(
+        &["job", "--config", &shipped("job")],
+        &[
+            ("RIM_QUEUE__BACKEND", "memory"),
+            ("RIM_DISCOVERY__BACKEND", "static"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
     assert!(
-        stderr(&output).contains("not built yet"),
+        stderr(&output).contains("queue.backend"),
         "{}",
         stderr(&output)
     );

@@ -7,6 +7,8 @@
 //!
 //! It does not plan pushes (rim-api) and does not know sockets (rim-comet).
 
+mod kafka;
+mod role;
 mod room;
 mod worker;
 
@@ -24,6 +26,8 @@ use rim_queue::{MemoryConsumer, PushMsg, PushType};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::kafka::{ConsumeError, consume_kafka};
+pub use crate::role::{RunError, run};
 use crate::room::{Flush, RoomMessage};
 pub use crate::worker::Outcome;
 use crate::worker::{Call, Worker};
@@ -50,6 +54,9 @@ impl std::fmt::Debug for Job {
             .finish()
     }
 }
+
+/// A comet this job delivers to: its node id and its client.
+pub type CometHandle = (String, Arc<dyn CometApi>);
 
 /// Completes when a message is fully handled.
 pub type Ticket = futures::future::BoxFuture<'static, Outcome>;
@@ -96,7 +103,7 @@ impl Job {
 
     /// Replaces the set of comets this job delivers to: new ones get a
     /// worker, missing ones are retired (their pending calls end as Gone).
-    pub fn set_comets(&self, comets: Vec<(String, Arc<dyn CometApi>)>) {
+    pub fn set_comets(&self, comets: Vec<CometHandle>) {
         let mut workers = self
             .inner
             .workers

@@ -78,6 +78,28 @@ impl Proc {
         }
     }
 
+    /// Kills the process with SIGKILL (a crash) and reaps it.
+    pub fn crash(mut self) {
+        let status = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let _ = self.child.wait();
+    }
+
+    /// Reads every log line available now.
+    pub fn drain_log(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
+    /// Returns the log lines read so far.
+    pub fn log(&self) -> String {
+        self.seen.join("\n")
+    }
+
     pub fn stop(mut self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
