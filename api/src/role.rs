@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rim_config::{DiscoveryBackend, LogicRoleConfig};
-use rim_logic::comets::Comets;
+use rim_config::LogicRoleConfig;
+use rim_discovery::{Addrs, Kind, NodeInfo};
+use rim_logic::comets::{CometNode, Comets};
 use rim_logic::webhook::HttpClient;
 use rim_logic::{Logic, grpc};
 use rim_shutdown::Shutdown;
@@ -60,27 +61,80 @@ pub enum RunError {
     Serve(String),
 }
 
+/// The comet directory's view of discovered comets (their load comes with
+/// them; Stats refreshes it between registrations).
+fn comet_nodes(nodes: &[NodeInfo]) -> Vec<CometNode> {
+    nodes
+        .iter()
+        .map(|n| CometNode {
+            id: n.id.clone(),
+            region: n.region.clone(),
+            weight: n.weight,
+            tcp: n.addrs.tcp.clone(),
+            ws: n.addrs.ws.clone(),
+            wss: n.addrs.wss.clone(),
+            grpc: n.addrs.grpc.clone(),
+            conn_count: n.conn_count,
+            ip_count: n.ip_count,
+        })
+        .collect()
+}
+
 /// Runs `rim logic` until `shutdown` triggers.
 pub async fn run(
     config: LogicRoleConfig,
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
-    let comets = match config.discovery.backend {
-        DiscoveryBackend::Static => Comets::from_static(&config.discovery.comets)
-            .map_err(|e| RunError::Discovery(e.to_string()))?,
-        DiscoveryBackend::Zookeeper => {
-            return Err(RunError::Discovery(
-                "zookeeper discovery is not built yet (issue #5); set discovery.backend = \"static\" \
-                 and list the comets in [[discovery.comets]]"
-                    .into(),
-            ));
-        }
-    };
+    let discovery = rim_discovery::connect(&config.discovery)
+        .await
+        .map_err(|e| RunError::Discovery(e.to_string()))?;
+    let mut watched = discovery
+        .watch(Kind::Comet)
+        .await
+        .map_err(|e| RunError::Discovery(e.to_string()))?;
+    let comets = Comets::new();
+    comets
+        .replace(comet_nodes(&watched.borrow_and_update()))
+        .map_err(|e| RunError::Discovery(e.to_string()))?;
+    let grpc_addr = listeners
+        .grpc
+        .local_addr()
+        .map(rim_discovery::advertise)
+        .unwrap_or_default();
+    let registration = discovery
+        .register(
+            Kind::Logic,
+            NodeInfo {
+                id: config.node.id.clone(),
+                region: config.node.region.clone(),
+                zone: config.node.zone.clone(),
+                addrs: Addrs {
+                    grpc: grpc_addr,
+                    ..Addrs::default()
+                },
+                weight: config.node.weight,
+                ..NodeInfo::default()
+            },
+        )
+        .await
+        .map_err(|e| RunError::Discovery(format!("cannot register: {e}")))?;
     let router = rim_router::connect(&config.router).await?;
     let producer = rim_queue::kafka_producer(&config.queue)?;
     let http = HttpClient::new().map_err(|e| RunError::Http(e.to_string()))?;
     let logic = Arc::new(Logic::new(&config.logic, router, Arc::new(comets), http));
+    // Follow the comets discovery reports (node selection, admin, online totals).
+    let follow = {
+        let logic = Arc::clone(&logic);
+        tokio::spawn(async move {
+            while watched.changed().await.is_ok() {
+                let nodes = comet_nodes(&watched.borrow_and_update());
+                if let Err(err) = logic.comets().replace(nodes) {
+                    tracing::warn!(reason = %err, "comet directory not updated");
+                }
+            }
+        })
+    };
 
     let stop = CancellationToken::new();
     let refresher = Arc::clone(logic.comets()).refresh_every(LOAD_REFRESH, stop.clone());
@@ -96,6 +150,10 @@ pub async fn run(
     ));
 
     shutdown.triggered().await;
+    if let Err(err) = registration.deregister().await {
+        tracing::warn!(reason = %err, "deregistration failed; the node expires with the session");
+    }
+    follow.abort();
     stop.cancel();
     let _ = refresher.await;
     let grpc_result = grpc_task.await;

@@ -25,7 +25,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rim_config::{CometConfig, CometRoleConfig, DiscoveryBackend};
+use rim_config::{CometConfig, CometRoleConfig};
+use rim_discovery::{Addrs, Kind, NodeInfo, Registration};
 use rim_proto::api::{CometGrpc, RemoteLogic};
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -89,42 +90,94 @@ impl Listeners {
     }
 }
 
-/// Runs `rim comet`: a comet reporting to the logics named by discovery.
+/// How often the comet's registration is refreshed with its load.
+const REGISTRATION_REFRESH: Duration = Duration::from_secs(10);
+
+/// Runs `rim comet`: registers in discovery and reports to the logics it
+/// finds there.
 pub async fn run(config: CometRoleConfig, listeners: Listeners, shutdown: Shutdown) -> Result<()> {
-    let logic = match config.discovery.backend {
-        DiscoveryBackend::Static => remote_logic(&config.discovery.logics)?,
-        DiscoveryBackend::Zookeeper => {
-            return Err(Error::Logic(
-                "zookeeper discovery is not built yet (issue #5); set discovery.backend = \"static\" \
-                 and list the logics in discovery.logics"
-                    .into(),
-            ));
-        }
-    };
-    Comet::new(&config.node, config.comet, Arc::new(logic))
-        .run(listeners, shutdown)
+    let discovery = rim_discovery::connect(&config.discovery)
         .await
+        .map_err(|e| Error::Logic(e.to_string()))?;
+    let logics = discovery
+        .watch(Kind::Logic)
+        .await
+        .map_err(|e| Error::Logic(e.to_string()))?;
+    let logic = RemoteLogic::new(balanced_logics(logics));
+    let comet = Comet::new(&config.node, config.comet, Arc::new(logic));
+    let info = NodeInfo {
+        id: config.node.id.clone(),
+        region: config.node.region.clone(),
+        zone: config.node.zone.clone(),
+        addrs: Addrs {
+            tcp: advertised(listeners.tcp.first()),
+            ws: advertised(listeners.ws.first()),
+            wss: advertised(listeners.wss.first()),
+            grpc: advertised(Some(&listeners.grpc)),
+        },
+        weight: config.node.weight,
+        ..NodeInfo::default()
+    };
+    let registration = discovery
+        .register(Kind::Comet, info.clone())
+        .await
+        .map_err(|e| Error::Logic(format!("cannot register in discovery: {e}")))?;
+    let result = comet
+        .serve(listeners, shutdown, Some((registration, info)))
+        .await;
+    drop(discovery);
+    result
 }
 
-/// A gRPC client balanced over the given logic addresses (`host:port`).
-fn remote_logic(addrs: &[String]) -> Result<RemoteLogic> {
-    if addrs.is_empty() {
-        return Err(Error::Logic("discovery.logics is empty".into()));
-    }
-    let endpoints = addrs
-        .iter()
-        .map(|addr| {
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .map(|e| {
-                    e.connect_timeout(Duration::from_secs(3))
-                        .timeout(Duration::from_secs(10))
-                })
-                .map_err(|e| Error::Logic(format!("bad logic address {addr:?}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(RemoteLogic::new(tonic::transport::Channel::balance_list(
-        endpoints.into_iter(),
-    )))
+/// The advertised address of a listener (empty when there is none).
+fn advertised(listener: Option<&TcpListener>) -> String {
+    listener
+        .and_then(|l| l.local_addr().ok())
+        .map(rim_discovery::advertise)
+        .unwrap_or_default()
+}
+
+/// A gRPC channel balanced over the logics discovery reports, following it.
+fn balanced_logics(
+    mut logics: tokio::sync::watch::Receiver<Vec<NodeInfo>>,
+) -> tonic::transport::Channel {
+    use tonic::transport::channel::Change;
+    let (channel, changes) = tonic::transport::Channel::balance_channel::<String>(64);
+    tokio::spawn(async move {
+        let mut current: std::collections::HashSet<String> = std::collections::HashSet::new();
+        loop {
+            let wanted: std::collections::HashSet<String> = logics
+                .borrow_and_update()
+                .iter()
+                .map(|n| n.addrs.grpc.clone())
+                .filter(|a| !a.is_empty())
+                .collect();
+            for gone in current.difference(&wanted) {
+                let _ = changes.send(Change::Remove(gone.clone())).await;
+            }
+            for new in wanted.difference(&current) {
+                match tonic::transport::Endpoint::from_shared(format!("http://{new}")) {
+                    Ok(endpoint) => {
+                        let endpoint = endpoint
+                            .connect_timeout(Duration::from_secs(3))
+                            .timeout(Duration::from_secs(10));
+                        let _ = changes.send(Change::Insert(new.clone(), endpoint)).await;
+                    }
+                    Err(err) => {
+                        tracing::warn!(addr = %new, reason = %err, "bad logic address in discovery")
+                    }
+                }
+            }
+            if wanted != current {
+                tracing::info!(logics = ?wanted, "logics changed");
+            }
+            current = wanted;
+            if logics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    channel
 }
 
 impl Comet {
@@ -132,6 +185,15 @@ impl Comet {
     /// drains: stop accepting, close clients spread over the drain window,
     /// stop the gRPC service.
     pub async fn run(self, listeners: Listeners, shutdown: Shutdown) -> Result<()> {
+        self.serve(listeners, shutdown, None).await
+    }
+
+    async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: Shutdown,
+        registration: Option<(Registration, NodeInfo)>,
+    ) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         let tls = match (&inner.config.tls_cert, &inner.config.tls_key) {
             (Some(cert), Some(key)) if !listeners.wss.is_empty() => {
@@ -186,6 +248,16 @@ impl Comet {
         }
 
         let reporter = tokio::spawn(report_rooms(Arc::clone(&inner), stop_accepting.clone()));
+        let registration = registration.map(|(registration, info)| {
+            let registration = Arc::new(registration);
+            let refresher = tokio::spawn(refresh_registration(
+                self.clone(),
+                Arc::clone(&registration),
+                info,
+                stop_accepting.clone(),
+            ));
+            (registration, refresher)
+        });
 
         let grpc_stop = CancellationToken::new();
         let mut grpc = {
@@ -218,7 +290,18 @@ impl Comet {
             let _ = l.await;
         }
         let _ = reporter.await;
-        // 2. Deregister from discovery: static discovery has nothing to undo.
+        // 2. Deregister from discovery, so nobody sends clients or pushes here.
+        if let Some((registration, refresher)) = registration {
+            let _ = refresher.await;
+            match Arc::try_unwrap(registration) {
+                Ok(registration) => {
+                    if let Err(err) = registration.deregister().await {
+                        tracing::warn!(reason = %err, "deregistration failed; the node expires with the session");
+                    }
+                }
+                Err(_) => tracing::warn!("registration still shared; it expires with the session"),
+            }
+        }
         // 3. Close clients spread over the drain window.
         drain.cancel();
         self.drain_clients(inner.config.drain_window).await;
@@ -250,6 +333,30 @@ impl Comet {
             tokio::time::sleep(step).await;
         }
         tracing::info!(closed, window = ?window, "clients drained");
+    }
+}
+
+/// Refreshes the registration with the comet's load until `stop`.
+async fn refresh_registration(
+    comet: Comet,
+    registration: Arc<Registration>,
+    mut info: NodeInfo,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(REGISTRATION_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(stats) = rim_proto::api::CometApi::stats(&comet).await {
+            info.conn_count = stats.tcp_connections + stats.ws_connections;
+            info.ip_count = stats.ip_count;
+        }
+        if let Err(err) = registration.update(info.clone()).await {
+            tracing::warn!(reason = %err, "registration refresh failed");
+        }
     }
 }
 

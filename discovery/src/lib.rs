@@ -20,7 +20,7 @@ use rim_config::{DiscoveryBackend, DiscoveryConfig};
 use tokio::sync::watch;
 
 pub use crate::configured::StaticDiscovery;
-pub use crate::node::{Addrs, Kind, NodeInfo, in_region};
+pub use crate::node::{Addrs, Kind, NodeInfo, advertise, in_region};
 pub use crate::registration::Registration;
 pub use crate::zookeeper::ZkDiscovery;
 

@@ -115,6 +115,19 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The address other nodes and clients use for a listener bound at `addr`:
+/// a wildcard bind (0.0.0.0 / [::]) is advertised with the host name.
+pub fn advertise(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim();
+        if !host.is_empty() {
+            return format!("{host}:{}", addr.port());
+        }
+    }
+    addr.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +178,18 @@ mod tests {
             assert!(check_id(bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_id(&"x".repeat(MAX_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn wildcard_binds_are_advertised_by_host_name() {
+        let bound: std::net::SocketAddr = "127.0.0.1:3101".parse().unwrap();
+        assert_eq!(advertise(bound), "127.0.0.1:3101");
+        let wildcard: std::net::SocketAddr = "0.0.0.0:3101".parse().unwrap();
+        let advertised = advertise(wildcard);
+        assert!(
+            advertised.ends_with(":3101") && !advertised.starts_with("0.0.0.0"),
+            "{advertised}"
+        );
     }
 
     #[test]

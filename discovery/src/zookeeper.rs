@@ -1,12 +1,13 @@
-//! ZooKeeper discovery: ephemeral registrations under `{root}/{kind}s/{id}`,
-//! watched views of each kind, and a supervisor that replaces an ended
-//! session and restores every registration on it.
+//! ZooKeeper discovery: ephemeral registrations at `{root}/comets/{id}` and
+//! `{root}/logics/{id}`, watched views of each kind, and a supervisor that
+//! replaces an ended session and restores every registration on it.
 //!
 //! Three kinds of task share one [`Shared`]:
 //! - the supervisor (one per discovery) owns the session: it follows the
 //!   client's state, re-asserts the registrations after every reconnection
-//!   and every refresh interval, and on expiry opens a new session, publishes
-//!   it and restores the registrations;
+//!   and every refresh interval (the session timeout, 1 to 30 s), and on
+//!   expiry opens a new session (retrying with backoff), restores the
+//!   registrations on it, then hands it to the views;
 //! - a view task per watched kind re-reads the kind's directory (children
 //!   plus each child's data, all with one-shot watches) on every watch event
 //!   and on every new session;
@@ -103,7 +104,7 @@ impl ZkDiscovery {
             zk.session = %client.session_id(),
             "zookeeper session established"
         );
-        shared.publish(Some(client.clone()));
+        shared.publish(Some(client.clone()), true);
         tokio::spawn(supervise(Arc::clone(&shared), client));
         Ok(Arc::new(ZkDiscovery {
             shared,
@@ -115,51 +116,6 @@ impl ZkDiscovery {
     /// new one is being established.
     pub fn session_id(&self) -> Option<i64> {
         self.shared.current().map(|client| client.session_id().0)
-    }
-
-    /// Ends the current session on the server, as an expiry would, and
-    /// returns once this discovery has noticed (for tests and fault drills).
-    ///
-    /// It attaches a second connection to the same session and closes it,
-    /// which closes the session for both; the discovery then goes through
-    /// exactly the path of a real expiry.
-    pub async fn expire_session(&self) -> Result<()> {
-        let client = self
-            .shared
-            .current()
-            .ok_or_else(|| Error::Unavailable("no zookeeper session to expire".into()))?;
-        let mut state = client.state_watcher();
-        let intruder = zk::Client::connector()
-            .with_session(client.session().clone())
-            .with_session_timeout(self.shared.session_timeout)
-            .connect(&self.shared.connect);
-        match timeout(self.shared.connect_timeout(), intruder).await {
-            Ok(Ok(intruder)) => drop(intruder),
-            Ok(Err(e)) => {
-                return Err(Error::Unavailable(format!(
-                    "attaching to zookeeper session {}: {e}",
-                    client.session_id()
-                )));
-            }
-            Err(_) => {
-                return Err(Error::Unavailable(format!(
-                    "attaching to zookeeper session {}: timed out",
-                    client.session_id()
-                )));
-            }
-        }
-        let limit = self.shared.connect_timeout() * 2;
-        let ended = timeout(limit, async {
-            while !state.peek_state().is_terminated() {
-                state.changed().await;
-            }
-        });
-        ended.await.map_err(|_| {
-            Error::Unavailable(format!(
-                "zookeeper session {} did not end within {limit:?}",
-                client.session_id()
-            ))
-        })
     }
 }
 
@@ -270,6 +226,10 @@ struct Session {
     /// Bumped on every change, so a task can tell a new session from the one it used.
     generation: u64,
     client: Option<zk::Client>,
+    /// False while the registrations are being restored on a new session:
+    /// writers use it already, views wait, so that they do not show our own
+    /// nodes missing.
+    restored: bool,
 }
 
 struct View {
@@ -303,10 +263,11 @@ impl Shared {
         self.session_tx.borrow().client.clone()
     }
 
-    fn publish(&self, client: Option<zk::Client>) {
+    fn publish(&self, client: Option<zk::Client>, restored: bool) {
         self.session_tx.send_modify(|session| {
             session.generation += 1;
             session.client = client;
+            session.restored = restored;
         });
     }
 
@@ -497,29 +458,48 @@ async fn supervise(shared: Arc<Shared>, mut client: zk::Client) {
     let mut state = client.state_watcher();
     loop {
         let session = client.session_id();
-        tokio::select! {
+        let changed = tokio::select! {
             _ = shared.cancel.cancelled() => break,
-            _ = refresh.tick() => {}
-            changed = state.changed() => match changed {
-                zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
-                    info!(zk.session = %session, "reconnected to zookeeper");
+            _ = refresh.tick() => None,
+            changed = state.changed() => Some(changed),
+        };
+        match changed {
+            None => {}
+            Some(zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly) => {
+                info!(zk.session = %session, "reconnected to zookeeper");
+            }
+            Some(zk::SessionState::Disconnected) => {
+                warn!(
+                    zk.session = %session,
+                    "lost the zookeeper connection; reconnecting within the session"
+                );
+                continue;
+            }
+            Some(ended) => {
+                warn!(zk.session = %session, state = %ended, "zookeeper session ended; opening a new one");
+                shared.publish(None, false);
+                let Some(reopened) = shared.reopen_session().await else {
+                    break;
+                };
+                client = reopened;
+                state = client.state_watcher();
+                info!(zk.session = %client.session_id(), "new zookeeper session; restoring registrations");
+                shared.publish(Some(client.clone()), false);
+                tokio::select! {
+                    _ = shared.cancel.cancelled() => break,
+                    () = shared.refresh(&client) => {}
                 }
-                zk::SessionState::Disconnected => {
-                    warn!(zk.session = %session, "lost the zookeeper connection; reconnecting within the session");
-                    continue;
-                }
-                ended @ (zk::SessionState::Expired
-                | zk::SessionState::Closed
-                | zk::SessionState::AuthFailed) => {
-                    warn!(zk.session = %session, state = %ended, "zookeeper session ended; opening a new one");
-                    shared.publish(None);
-                    let Some(reopened) = shared.reopen_session().await else { break };
-                    client = reopened;
-                    state = client.state_watcher();
-                    info!(zk.session = %client.session_id(), "new zookeeper session; restoring registrations");
-                    shared.publish(Some(client.clone()));
-                }
-            },
+                shared.publish(Some(client.clone()), true);
+                continue;
+            }
+        }
+        if !matches!(
+            state.peek_state(),
+            zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+        ) {
+            // Requests would only queue until the connection is back, which
+            // triggers a refresh anyway.
+            continue;
         }
         tokio::select! {
             _ = shared.cancel.cancelled() => break,
@@ -527,7 +507,7 @@ async fn supervise(shared: Arc<Shared>, mut client: zk::Client) {
         }
     }
     // Dropping the last client closes the session, which removes our nodes.
-    shared.publish(None);
+    shared.publish(None, false);
     lock(&shared.views).clear();
     debug!("zookeeper discovery stopped");
 }
@@ -550,7 +530,7 @@ async fn follow_view(
     loop {
         let client = tokio::select! {
             _ = shared.cancel.cancelled() => return,
-            client = session_rx.wait_for(|session| session.client.is_some()) => match client {
+            client = session_rx.wait_for(|session| session.restored && session.client.is_some()) => match client {
                 Ok(session) => session.client.clone(),
                 Err(_) => return,
             },

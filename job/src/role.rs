@@ -2,9 +2,9 @@
 //! deliver to the region's comets.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use rim_config::{DiscoveryBackend, JobRoleConfig, QueueBackend};
+use rim_config::{JobRoleConfig, QueueBackend};
+use rim_discovery::{Kind, NodeInfo};
 use rim_proto::api::{CometApi, RemoteComet};
 use rim_shutdown::Shutdown;
 use tokio_util::sync::CancellationToken;
@@ -22,25 +22,16 @@ pub enum RunError {
     Consume(#[from] crate::ConsumeError),
 }
 
-/// The region's comets from static discovery, as lazily connected clients.
-fn static_comets(config: &JobRoleConfig) -> Result<Vec<CometHandle>, RunError> {
-    config
-        .discovery
-        .comets
-        .iter()
-        .filter(|c| c.region == config.node.region)
-        .map(|c| {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", c.grpc))
-                .map_err(|e| {
-                    RunError::Config(format!(
-                        "comet {}: bad grpc address {:?}: {e}",
-                        c.id, c.grpc
-                    ))
-                })?
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(Duration::from_secs(30));
-            let api: Arc<dyn CometApi> = Arc::new(RemoteComet::new(endpoint.connect_lazy()));
-            Ok((c.id.clone(), api))
+/// The comets of `region` among discovered nodes, as lazily connected clients.
+fn region_comets(nodes: &[NodeInfo], region: &str) -> Vec<CometHandle> {
+    rim_discovery::in_region(nodes, region)
+        .into_iter()
+        .filter_map(|node| match RemoteComet::connect_lazy(&node.addrs.grpc) {
+            Ok(client) => Some((node.id, Arc::new(client) as Arc<dyn CometApi>)),
+            Err(err) => {
+                tracing::warn!(comet = %node.id, reason = %err, "comet skipped");
+                None
+            }
         })
         .collect()
 }
@@ -52,19 +43,28 @@ pub async fn run(config: JobRoleConfig, shutdown: Shutdown) -> Result<(), RunErr
             "rim job consumes Kafka: set queue.backend = \"kafka\" (the in-process queue is standalone's)".into(),
         ));
     }
-    let comets = match config.discovery.backend {
-        DiscoveryBackend::Static => static_comets(&config)?,
-        DiscoveryBackend::Zookeeper => {
-            return Err(RunError::Config(
-                "zookeeper discovery is not built yet (issue #5); set discovery.backend = \"static\" \
-                 and list the region's comets in [[discovery.comets]]"
-                    .into(),
-            ));
-        }
-    };
-    tracing::info!(region = %config.node.region, comets = comets.len(), group = %config.job.group, "job starting");
+    let discovery = rim_discovery::connect(&config.discovery)
+        .await
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let mut comets = discovery
+        .watch(Kind::Comet)
+        .await
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let region = config.node.region.clone();
     let job = Job::new(&config.job);
-    job.set_comets(comets);
+    job.set_comets(region_comets(&comets.borrow_and_update(), &region));
+    tracing::info!(%region, comets = ?job.comet_ids(), group = %config.job.group, "job starting");
+    // Follow the region's comets: a comet that leaves discovery is retired
+    // (its pending calls end as Gone and their offsets can be committed).
+    let follow = {
+        let job = job.clone();
+        tokio::spawn(async move {
+            while comets.changed().await.is_ok() {
+                job.set_comets(region_comets(&comets.borrow_and_update(), &region));
+                tracing::info!(comets = ?job.comet_ids(), "region comets changed");
+            }
+        })
+    };
     let stop = CancellationToken::new();
     let consumer = consume_kafka(
         job,
@@ -80,7 +80,9 @@ pub async fn run(config: JobRoleConfig, shutdown: Shutdown) -> Result<(), RunErr
         () = shutdown.triggered() => {}
     }
     stop.cancel();
+    follow.abort();
     consumer.await?;
+    drop(discovery);
     tracing::info!("job stopped");
     Ok(())
 }

@@ -68,34 +68,58 @@ impl Comets {
         Comets::default()
     }
 
-    /// Creates a directory of remote comets from static discovery; gRPC
-    /// channels connect lazily, so a comet that is down does not stop logic.
+    /// Creates a directory of remote comets from static discovery.
     pub fn from_static(list: &[StaticComet]) -> Result<Comets, BadComet> {
         let comets = Comets::new();
-        for comet in list {
-            let endpoint =
-                tonic::transport::Endpoint::from_shared(format!("http://{}", comet.grpc))
-                    .map_err(|e| BadComet {
-                        id: comet.id.clone(),
-                        addr: comet.grpc.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .connect_timeout(Duration::from_secs(3))
-                    .timeout(Duration::from_secs(30));
-            let node = CometNode {
-                id: comet.id.clone(),
-                region: comet.region.clone(),
-                weight: comet.weight,
-                tcp: comet.tcp.clone(),
-                ws: comet.ws.clone(),
-                wss: comet.wss.clone(),
-                grpc: comet.grpc.clone(),
-                conn_count: 0,
-                ip_count: 0,
-            };
-            comets.insert(node, Arc::new(RemoteComet::new(endpoint.connect_lazy())));
-        }
+        comets.replace(
+            list.iter()
+                .map(|c| CometNode {
+                    id: c.id.clone(),
+                    region: c.region.clone(),
+                    weight: c.weight,
+                    tcp: c.tcp.clone(),
+                    ws: c.ws.clone(),
+                    wss: c.wss.clone(),
+                    grpc: c.grpc.clone(),
+                    conn_count: 0,
+                    ip_count: 0,
+                })
+                .collect(),
+        )?;
         Ok(comets)
+    }
+
+    /// Makes the directory hold exactly `nodes` (from discovery): clients of
+    /// comets whose gRPC address did not change are kept, new ones connect
+    /// lazily, missing ones are dropped.
+    pub fn replace(&self, nodes: Vec<CometNode>) -> Result<(), BadComet> {
+        let mut fresh = HashMap::with_capacity(nodes.len());
+        for node in nodes {
+            let kept = {
+                let entries = self
+                    .entries
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                entries
+                    .get(&node.id)
+                    .filter(|e| e.node.grpc == node.grpc)
+                    .map(|e| Arc::clone(&e.api))
+            };
+            let api = match kept {
+                Some(api) => api,
+                None => Arc::new(RemoteComet::connect_lazy(&node.grpc).map_err(|e| BadComet {
+                    id: node.id.clone(),
+                    addr: node.grpc.clone(),
+                    reason: e.to_string(),
+                })?) as Arc<dyn CometApi>,
+            };
+            fresh.insert(node.id.clone(), Entry { node, api });
+        }
+        *self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(())
     }
 
     /// Adds (or replaces) one comet.

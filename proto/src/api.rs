@@ -196,6 +196,16 @@ impl RemoteComet {
             client: comet::comet_client::CometClient::new(channel),
         }
     }
+
+    /// Creates a client for the comet at `addr` (`host:port`) that connects
+    /// on first use, so a comet that is down does not stop its caller.
+    pub fn connect_lazy(addr: &str) -> ApiResult<Self> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ApiError::InvalidArgument(format!("bad comet address {addr:?}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(std::time::Duration::from_secs(30));
+        Ok(RemoteComet::new(endpoint.connect_lazy()))
+    }
 }
 
 #[async_trait]

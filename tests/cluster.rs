@@ -1,0 +1,351 @@
+//! The distributed end-to-end suite: two regions of two comets each, two
+//! logics and one job per region, every role its own `rim` process, on the
+//! real ZooKeeper, Redis and Kafka-protocol broker deploy/test.sh starts.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rim_client::{AuthToken, Client};
+use rim_proto::Op;
+use support::{Proc, service};
+
+struct Cluster {
+    logics: Vec<(Proc, SocketAddr)>,
+    comets: Vec<(Proc, SocketAddr, SocketAddr)>,
+    jobs: Vec<Proc>,
+    http: reqwest::Client,
+}
+
+fn config(role: &str) -> String {
+    format!("{}/deploy/config/{role}.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn start_cluster(run: &str) -> Cluster {
+    let (zk, redis, kafka) = (
+        service("RIM_TEST_ZK"),
+        service("RIM_TEST_REDIS"),
+        service("RIM_TEST_KAFKA"),
+    );
+    let topic = format!("rim-e2e-{run}");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka)
+        .create()
+        .unwrap();
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let common = |id: String, region: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("RIM_NODE__ID", id),
+            ("RIM_NODE__REGION", region.to_string()),
+            ("RIM_DISCOVERY__BACKEND", "zookeeper".into()),
+            ("RIM_DISCOVERY__ZOOKEEPER", zk.clone()),
+            ("RIM_DISCOVERY__ROOT", format!("/rim-e2e-{run}")),
+            ("RIM_QUEUE__BROKERS", kafka.clone()),
+            ("RIM_QUEUE__TOPIC", topic.clone()),
+        ]
+    };
+    let mut logics = Vec::new();
+    for name in ["a", "b"] {
+        let mut env = common(format!("logic-{name}-{run}"), "r1");
+        env.extend([
+            ("RIM_LOGIC__GRPC_BIND", "127.0.0.1:0".to_string()),
+            ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
+            ("RIM_LOGIC__AUTH__POLICY", "none".into()),
+            ("RIM_ROUTER__REDIS", redis.clone()),
+        ]);
+        let mut logic = Proc::start(&["logic", "--config", &config("logic")], &env);
+        let http = logic.addr_after("http api serving");
+        logics.push((logic, http));
+    }
+    let mut comets = Vec::new();
+    for (name, region) in [("1", "r1"), ("2", "r1"), ("3", "r2"), ("4", "r2")] {
+        let mut env = common(format!("comet-{name}-{run}"), region);
+        env.extend([
+            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".to_string()),
+            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
+            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
+            ("RIM_COMET__ROOM_REPORT_INTERVAL", "300ms".into()),
+            ("RIM_COMET__DRAIN_WINDOW", "200ms".into()),
+        ]);
+        let mut comet = Proc::start(&["comet", "--config", &config("comet")], &env);
+        let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
+        let ws = comet.addr_after("accepting clients listener=\"ws\"");
+        comets.push((comet, tcp, ws));
+    }
+    let mut jobs = Vec::new();
+    for region in ["r1", "r2"] {
+        let mut env = common(format!("job-{region}-{run}"), region);
+        env.push(("RIM_JOB__GROUP", format!("rim-job-{region}-{run}")));
+        jobs.push(Proc::start(&["job", "--config", &config("job")], &env));
+    }
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let cluster = Cluster {
+        logics,
+        comets,
+        jobs,
+        http: reqwest::Client::new(),
+    };
+    // Every logic sees every comet through ZooKeeper.
+    for (_, http) in &cluster.logics {
+        let url = format!("http://{http}/goim/nodes/instances");
+        wait_until("logics to discover the 4 comets", || async {
+            let answer: serde_json::Value = cluster
+                .http
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["data"].as_array().is_some_and(|a| a.len() == 4)
+        })
+        .await;
+    }
+    cluster
+}
+
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Cluster {
+    async fn push(&self, logic: usize, path: &str, body: &str) -> serde_json::Value {
+        let (_, http) = &self.logics[logic];
+        let answer: serde_json::Value = self
+            .http
+            .post(format!("http://{http}{path}"))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["code"], 0, "{path}: {answer}");
+        answer
+    }
+
+    fn stop(self) {
+        // Jobs first (they commit), then comets (they drain), then logics.
+        for job in self.jobs {
+            job.stop();
+        }
+        for (comet, _, _) in self.comets {
+            comet.stop();
+        }
+        for (logic, _) in self.logics {
+            logic.stop();
+        }
+    }
+}
+
+async fn body(client: &mut Client) -> String {
+    let frame = tokio::time::timeout(Duration::from_secs(30), client.next_frame())
+        .await
+        .expect("a frame within 30 s")
+        .expect("read")
+        .expect("open");
+    assert_eq!(frame.op, Op(1000));
+    String::from_utf8_lossy(&frame.body).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs ZooKeeper, Redis and Kafka: run deploy/test.sh"]
+async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
+    let run = format!("{}", std::process::id());
+    let cluster = start_cluster(&run).await;
+    let room = format!("live://e2e-{run}");
+    let token = |mid: i64, key: &str, room: &str| AuthToken {
+        mid,
+        key: format!("{key}-{run}"),
+        room_id: room.into(),
+        platform: "test".into(),
+        accepts: vec![1000],
+    };
+    let (c1, c2, c3, c4) = (
+        &cluster.comets[0],
+        &cluster.comets[1],
+        &cluster.comets[2],
+        &cluster.comets[3],
+    );
+    // User 1: a TCP device on comet 1 (r1) and a WebSocket device on comet 3 (r2).
+    let mut u1_tcp = Client::connect_tcp(c1.1).await.unwrap();
+    u1_tcp.auth(&token(1, "u1-tcp", &room)).await.unwrap();
+    let mut u1_ws = Client::connect_ws(&format!("ws://{}/sub", c3.2))
+        .await
+        .unwrap();
+    u1_ws.auth(&token(1, "u1-ws", &room)).await.unwrap();
+    // User 2 on comet 2 (r1, WebSocket); user 3 on comet 4 (r2, TCP, another room).
+    let mut u2 = Client::connect_ws(&format!("ws://{}/sub", c2.2))
+        .await
+        .unwrap();
+    u2.auth(&token(2, "u2", &room)).await.unwrap();
+    let mut u3 = Client::connect_tcp(c4.1).await.unwrap();
+    u3.auth(&token(3, "u3", "live://elsewhere")).await.unwrap();
+
+    // Unicast by key, through either logic.
+    let answer = cluster
+        .push(
+            1,
+            &format!("/goim/push/keys?operation=1000&keys=u2-{run}"),
+            "to-u2",
+        )
+        .await;
+    assert_eq!(answer["data"]["connections"], 1);
+    assert_eq!(body(&mut u2).await, "to-u2");
+
+    // By user: both devices, in both regions.
+    let answer = cluster
+        .push(0, "/goim/push/mids?operation=1000&mids=1", "to-u1")
+        .await;
+    assert_eq!(
+        (
+            answer["data"]["connections"].as_u64(),
+            answer["data"]["comets"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+    assert_eq!(body(&mut u1_tcp).await, "to-u1");
+    assert_eq!(body(&mut u1_ws).await, "to-u1");
+
+    // A room spread over comets of both regions.
+    cluster
+        .push(
+            0,
+            &format!("/goim/push/room?operation=1000&type=live&room=e2e-{run}"),
+            "to-room",
+        )
+        .await;
+    for client in [&mut u1_tcp, &mut u1_ws, &mut u2] {
+        assert_eq!(body(client).await, "to-room");
+    }
+
+    // Everyone.
+    cluster
+        .push(1, "/goim/push/all?operation=1000", "to-all")
+        .await;
+    for client in [&mut u1_tcp, &mut u1_ws, &mut u2, &mut u3] {
+        assert_eq!(body(client).await, "to-all");
+    }
+
+    // Nothing else reached anyone: each client's next frame is the end marker.
+    cluster
+        .push(0, "/goim/push/all?operation=1000", "end")
+        .await;
+    for client in [&mut u1_tcp, &mut u1_ws, &mut u2, &mut u3] {
+        assert_eq!(body(client).await, "end");
+    }
+
+    // Cluster-wide room counts flow back through logic to heartbeats.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while u2.heartbeat().await.unwrap() != 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the room's cluster-wide count never reached 3"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((u1_tcp, u1_ws, u2, u3));
+    cluster.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs ZooKeeper, Redis and Kafka: run deploy/test.sh"]
+async fn clients_of_a_stopped_comet_reconnect_to_one_node_selection_picks() {
+    let run = format!("{}-b", std::process::id());
+    let mut cluster = start_cluster(&run).await;
+    let key = format!("mover-{run}");
+    let token = AuthToken {
+        mid: 5,
+        key: key.clone(),
+        room_id: String::new(),
+        platform: "test".into(),
+        accepts: vec![1000],
+    };
+    let mut client = Client::connect_tcp(cluster.comets[1].1).await.unwrap();
+    client.auth(&token).await.unwrap();
+    cluster
+        .push(
+            0,
+            &format!("/goim/push/keys?operation=1000&keys={key}"),
+            "before",
+        )
+        .await;
+    assert_eq!(body(&mut client).await, "before");
+
+    // Stop comet 2 (region r1): it deregisters and drains its clients.
+    let (comet2, _, _) = cluster.comets.remove(1);
+    comet2.stop();
+    client
+        .closed_within(Duration::from_secs(10))
+        .await
+        .expect("the drained client is closed");
+
+    // The client asks for nodes in its region and reconnects to the first.
+    let (_, http) = &cluster.logics[0];
+    let url = format!("http://{http}/goim/nodes/weighted?platform=test&region=r1");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let target = loop {
+        let answer: serde_json::Value = cluster
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let instances = answer["data"]["instances"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let first = instances.first().cloned().unwrap_or_default();
+        if instances.len() == 3
+            && first["region"] == "r1"
+            && first["id"] != format!("comet-2-{run}")
+        {
+            break first["tcp"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node selection still offers the stopped comet: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut client = Client::connect_tcp(target.parse().unwrap()).await.unwrap();
+    client.auth(&token).await.unwrap();
+    let answer = cluster
+        .push(
+            1,
+            &format!("/goim/push/keys?operation=1000&keys={key}"),
+            "after",
+        )
+        .await;
+    assert_eq!(answer["data"]["connections"], 1, "{answer}");
+    assert_eq!(body(&mut client).await, "after");
+    drop(client);
+    cluster.stop();
+}
