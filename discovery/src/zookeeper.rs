@@ -95,6 +95,7 @@ impl ZkDiscovery {
             session_timeout,
             session_tx: watch::Sender::new(Session::default()),
             registrations: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
             views: Mutex::new(HashMap::new()),
             cancel: cancel.clone(),
         });
@@ -215,6 +216,10 @@ struct Shared {
     session_tx: watch::Sender<Session>,
     /// Live registrations, by kind and id.
     registrations: Mutex<HashMap<Key, SlotRef>>,
+    /// Nodes whose deregistration failed (connection lost); every refresh
+    /// retries them, so they do not outlive their registration for the
+    /// whole session.
+    orphans: Mutex<Vec<(Key, String)>>,
     /// Watched kinds, each followed by one view task.
     views: Mutex<HashMap<Kind, View>>,
     /// Stops the supervisor and the view tasks.
@@ -322,7 +327,7 @@ impl Shared {
     async fn write(&self, slot: &Slot) -> Result<()> {
         let client = self.current().ok_or_else(|| {
             Error::Unavailable(format!(
-                "registering {}: no zookeeper session (reconnecting); it is written once one is open",
+                "registering {}: no zookeeper session; it is written once one is open",
                 slot.path
             ))
         })?;
@@ -336,6 +341,21 @@ impl Shared {
     /// Re-asserts every registration: re-creates missing nodes, replaces
     /// nodes of other sessions, rewrites stale data.
     async fn refresh(&self, client: &zk::Client) {
+        let orphans = std::mem::take(&mut *lock(&self.orphans));
+        for (key, path) in orphans {
+            if lock(&self.registrations).contains_key(&key) {
+                continue; // registered again: the node is the successor's
+            }
+            let deleted = bounded(
+                format!("deregistering {path}"),
+                delete_own_node(client, &path),
+            )
+            .await;
+            match deleted {
+                Ok(()) => info!(zk.path = %path, "deregistered"),
+                Err(_) => lock(&self.orphans).push((key, path)),
+            }
+        }
         let slots: Vec<_> = lock(&self.registrations).values().cloned().collect();
         for slot in slots {
             let slot = slot.lock().await;
@@ -366,13 +386,16 @@ impl Shared {
         let Some(client) = self.current() else {
             return Ok(());
         };
-        bounded(
+        let deleted = bounded(
             format!("deregistering {}", slot.path),
             delete_own_node(&client, &slot.path),
         )
-        .await?;
-        info!(zk.path = %slot.path, "deregistered");
-        Ok(())
+        .await;
+        match deleted {
+            Ok(()) => info!(zk.path = %slot.path, "deregistered"),
+            Err(_) => lock(&self.orphans).push((key.clone(), slot.path.clone())),
+        }
+        deleted
     }
 
     fn forget(&self, key: &Key, slot: &SlotRef) {
@@ -441,7 +464,7 @@ impl Drop for ZkRegistration {
         let slot = Arc::clone(&self.slot);
         runtime.spawn(async move {
             if let Err(e) = shared.remove(&key, &slot).await {
-                warn!(error = %e, "cannot deregister a dropped registration; it goes with the session");
+                warn!(error = %e, "cannot deregister a dropped registration yet; retrying on refresh");
             }
         });
     }

@@ -244,6 +244,56 @@ async fn an_expired_session_is_replaced_and_registrations_restored() {
     remove_tree(&raw, &root).await;
 }
 
+/// Writes that fail while the connection is down (the session living on)
+/// are not lost: the update is kept and written, the deregistration retried,
+/// once the connection is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs ZooKeeper: run deploy/test.sh"]
+async fn writes_during_an_outage_complete_after_it() {
+    let addr = shared_zk();
+    let root = unique_root();
+    let proxy = Proxy::start(&addr).await;
+    let this = discovery(&proxy.addr(), &root, Duration::from_secs(30)).await;
+    let other = discovery(&addr, &root, SESSION_TIMEOUT).await;
+    let a = comet("a", "sh");
+    let b = comet("b", "sh");
+    let reg_a = this.register(Kind::Comet, a.clone()).await.unwrap();
+    let reg_b = this.register(Kind::Comet, b.clone()).await.unwrap();
+    let mut other_view = other.watch(Kind::Comet).await.unwrap();
+    wait_view(&mut other_view, "comets a and b", |n| {
+        holds(n, &a) && holds(n, &b)
+    })
+    .await;
+    let before = this.session_id();
+
+    proxy.cut();
+    let loaded = rim_discovery::NodeInfo {
+        conn_count: 5,
+        ..a.clone()
+    };
+    let (updated, deregistered) = tokio::join!(reg_a.update(loaded.clone()), reg_b.deregister());
+    assert!(matches!(updated, Err(Error::Unavailable(_))), "{updated:?}");
+    assert!(
+        matches!(deregistered, Err(Error::Unavailable(_))),
+        "{deregistered:?}"
+    );
+    proxy.restore();
+
+    let seen = wait_view(&mut other_view, "the update and b's removal", |n| {
+        holds(n, &loaded) && !holds(n, &b)
+    })
+    .await;
+    assert_eq!(ids(&seen), ["a"]);
+    assert_eq!(
+        this.session_id(),
+        before,
+        "the session lived through the outage"
+    );
+
+    drop(this);
+    remove_tree(&raw_client(&addr).await, &root).await;
+}
+
 /// Stops a private ZooKeeper for `downtime`, starts it again on the same
 /// port and data dir, and checks that registrations come back and views
 /// still follow changes. Returns whether `this` kept its session.

@@ -1,0 +1,43 @@
+//! rim-testkit holds what rim's fault tests need and production code never
+//! does: private service instances (ZooKeeper, a Kafka-protocol broker with
+//! durable storage) on ports and data dirs of their own, so a test can stop
+//! and restart them without disturbing the shared services deploy/test.sh
+//! runs. Every instance is stopped by its own PID on drop.
+
+mod tansu;
+
+pub use tansu::TansuServer;
+
+use std::time::Duration;
+
+/// True while the process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (the caller's server
+/// binds it next; good enough for a private test instance).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_listening(port: u16, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
