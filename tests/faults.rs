@@ -1,6 +1,7 @@
-//! Faults the cluster must ride out without losing an accepted push: a
-//! Kafka broker restart. (Killing a job is in job_kafka.rs, stopping a comet
-//! in cluster.rs.) Each test runs private service instances it may restart.
+//! Faults the cluster must ride out without losing an accepted push or a
+//! registration: a Kafka broker restart and a ZooKeeper restart. (Killing a
+//! job is in job_kafka.rs, stopping a comet in cluster.rs.) Each test runs
+//! private service instances it may restart.
 
 mod support;
 
@@ -8,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use rim_client::{AuthToken, Client};
-use rim_testkit::TansuServer;
+use rim_testkit::{TansuServer, ZkServer};
 use support::{Proc, service};
 
 fn config(role: &str) -> String {
@@ -124,6 +125,121 @@ async fn a_kafka_broker_restart_loses_no_accepted_push() {
         "{} of 80 pushes accepted across the broker restart, all delivered",
         accepted.len()
     );
+    drop(client);
+    job.stop();
+    comet.stop();
+    logic.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Redis, ZooKeeper and tansu: run deploy/test.sh"]
+async fn a_zookeeper_restart_loses_no_registration() {
+    let redis = service("RIM_TEST_REDIS");
+    let zk = tokio::task::block_in_place(ZkServer::start_new);
+    let run = std::process::id();
+    let topic = format!("rim-zkfault-{run}");
+    let broker = rim_testkit::TansuServer::start_new();
+    broker.create_topic(&topic, 2);
+    let discovery = |id: String| -> Vec<(&'static str, String)> {
+        vec![
+            ("RIM_NODE__ID", id),
+            ("RIM_DISCOVERY__BACKEND", "zookeeper".into()),
+            ("RIM_DISCOVERY__ZOOKEEPER", zk.addr()),
+            ("RIM_DISCOVERY__ROOT", format!("/rim-zkfault-{run}")),
+            ("RIM_DISCOVERY__SESSION_TIMEOUT", "2s".into()),
+            ("RIM_QUEUE__BROKERS", broker.addr()),
+            ("RIM_QUEUE__TOPIC", topic.clone()),
+        ]
+    };
+    let mut env = discovery(format!("logic-z-{run}"));
+    env.extend([
+        ("RIM_LOGIC__GRPC_BIND", "127.0.0.1:0".to_string()),
+        ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
+        ("RIM_LOGIC__AUTH__POLICY", "none".into()),
+        ("RIM_ROUTER__REDIS", redis),
+    ]);
+    let mut logic = Proc::start(&["logic", "--config", &config("logic")], &env);
+    let api = logic.addr_after("http api serving");
+    let mut env = discovery(format!("comet-z-{run}"));
+    env.extend([
+        ("RIM_COMET__TCP_BIND", "127.0.0.1:0".to_string()),
+        ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
+        ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
+        ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
+    ]);
+    let mut comet = Proc::start(&["comet", "--config", &config("comet")], &env);
+    let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
+    let job = Proc::start(
+        &["job", "--config", &config("job")],
+        &discovery(format!("job-z-{run}")),
+    );
+
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let instances = async || -> usize {
+        let answer: serde_json::Value = match http
+            .get(format!("http://{api}/goim/nodes/instances"))
+            .send()
+            .await
+        {
+            Ok(answer) => answer.json().await.unwrap_or_default(),
+            Err(_) => return 0,
+        };
+        answer["data"].as_array().map_or(0, Vec::len)
+    };
+    let wait_registered = async |what: &str| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while instances().await != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: the comet is not registered"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    wait_registered("before the restart").await;
+
+    let key = format!("zk-{run}");
+    let token = AuthToken {
+        mid: 11,
+        key: key.clone(),
+        room_id: String::new(),
+        platform: "test".into(),
+        accepts: vec![1000],
+    };
+    let mut client = Client::connect_tcp(tcp).await.unwrap();
+    client.auth(&token).await.unwrap();
+    let push = async |body: &'static str| {
+        let url = format!("http://{api}/goim/push/keys?operation=1000&keys={key}");
+        let answer = http.post(url).body(body).send().await.unwrap();
+        assert!(
+            answer.status().is_success(),
+            "{}",
+            answer.text().await.unwrap_or_default()
+        );
+    };
+    let next = async |client: &mut Client| -> String {
+        let frame = tokio::time::timeout(Duration::from_secs(60), client.next_frame()).await;
+        let frame = frame
+            .expect("a frame within 60 s")
+            .expect("read")
+            .expect("open");
+        String::from_utf8_lossy(&frame.body).into_owned()
+    };
+    push("before").await;
+    assert_eq!(next(&mut client).await, "before");
+
+    // Down for longer than the session timeout: the sessions expire.
+    tokio::task::block_in_place(|| zk.stop());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::task::block_in_place(|| zk.start());
+
+    wait_registered("after the restart").await;
+    push("after").await;
+    assert_eq!(next(&mut client).await, "after");
     drop(client);
     job.stop();
     comet.stop();

@@ -7,8 +7,8 @@ mod support;
 use std::time::Duration;
 
 use rim_discovery::{Discovery, Error, Kind, ZkDiscovery, in_region};
+use rim_testkit::ZkServer;
 use support::proxy::Proxy;
-use support::zk_server::ZkServer;
 use support::{
     SESSION_TIMEOUT, WAIT, comet, discovery, holds, ids, logic, owner, raw_client, remove_tree,
     shared_zk, unique_root, wait_until, wait_view,

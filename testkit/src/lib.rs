@@ -5,8 +5,10 @@
 //! runs. Every instance is stopped by its own PID on drop.
 
 mod tansu;
+mod zookeeper;
 
 pub use tansu::TansuServer;
+pub use zookeeper::ZkServer;
 
 use std::time::Duration;
 

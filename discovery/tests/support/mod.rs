@@ -2,7 +2,6 @@
 //! private servers for restart tests, unique roots and bounded waits.
 
 pub mod proxy;
-pub mod zk_server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,7 +51,9 @@ pub async fn discovery(addr: &str, root: &str, session_timeout: Duration) -> Arc
     init_logs();
     ZkDiscovery::connect(addr, root, session_timeout)
         .await
-        .unwrap_or_else(|e| panic!("ZooKeeper at {addr} is set but unreachable: {e}"))
+        .unwrap_or_else(|e| {
+            panic!("ZooKeeper at {addr} (RIM_TEST_ZK or a private server) is unreachable: {e}")
+        })
 }
 
 /// A raw client for looking behind the discovery's back.
@@ -66,7 +67,9 @@ pub async fn raw_client(addr: &str) -> zk::Client {
     )
     .await
     .unwrap_or_else(|_| panic!("connecting to ZooKeeper at {addr} timed out"))
-    .unwrap_or_else(|e| panic!("ZooKeeper at {addr} is set but unreachable: {e}"))
+    .unwrap_or_else(|e| {
+        panic!("ZooKeeper at {addr} (RIM_TEST_ZK or a private server) is unreachable: {e}")
+    })
 }
 
 /// Deletes `root` and everything below it (best effort, for cleanup).

@@ -3,10 +3,12 @@
 //! `deploy/test.sh` does, and stopped by its pid file on drop.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::alive;
 
 const ZK_SERVER: &str = "/usr/share/zookeeper/bin/zkServer.sh";
 /// Where Debian's zkEnv.sh sends the server's stdout, whatever the caller sets.
@@ -30,14 +32,10 @@ impl ZkServer {
             "{ZK_SERVER} not found: install the zookeeperd package (deploy/test.sh does)"
         );
         let dir = tempfile::Builder::new()
-            .prefix("rim-discovery-zk")
+            .prefix("rim-zk")
             .tempdir()
             .expect("creating the ZooKeeper temp dir");
-        // The port is free now; the listener is closed just before the server binds it.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("binding 127.0.0.1:0")
-            .port();
+        let port = crate::free_port();
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("creating the ZooKeeper data dir");
         let config = format!(
@@ -68,7 +66,7 @@ impl ZkServer {
     /// zkServer.sh names its stdout file after `$USER`, so a per-port user
     /// keeps this server's output apart from others'.
     fn user(&self) -> String {
-        format!("rim-discovery-test-{}", self.port)
+        format!("rim-test-{}", self.port)
     }
 
     fn out_file(&self) -> PathBuf {
@@ -161,16 +159,5 @@ impl Drop for ZkServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_file(self.out_file());
-    }
-}
-
-/// True while the process exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
     }
 }
