@@ -11,8 +11,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rim_client::{AuthToken, Client};
-use rim_proto::Op;
-use support::{Proc, service};
+use support::{Proc, next_push, service};
 
 struct Cluster {
     logics: Vec<(Proc, SocketAddr)>,
@@ -162,16 +161,6 @@ impl Cluster {
     }
 }
 
-async fn body(client: &mut Client) -> String {
-    let frame = tokio::time::timeout(Duration::from_secs(30), client.next_frame())
-        .await
-        .expect("a frame within 30 s")
-        .expect("read")
-        .expect("open");
-    assert_eq!(frame.op, Op(1000));
-    String::from_utf8_lossy(&frame.body).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs ZooKeeper, Redis and Kafka: run deploy/test.sh"]
 async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
@@ -215,7 +204,7 @@ async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
         )
         .await;
     assert_eq!(answer["data"]["connections"], 1);
-    assert_eq!(body(&mut u2).await, "to-u2");
+    assert_eq!(next_push(&mut u2).await, "to-u2");
 
     // By user: both devices, in both regions.
     let answer = cluster
@@ -228,8 +217,8 @@ async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
         ),
         (Some(2), Some(2))
     );
-    assert_eq!(body(&mut u1_tcp).await, "to-u1");
-    assert_eq!(body(&mut u1_ws).await, "to-u1");
+    assert_eq!(next_push(&mut u1_tcp).await, "to-u1");
+    assert_eq!(next_push(&mut u1_ws).await, "to-u1");
 
     // A room spread over comets of both regions.
     cluster
@@ -240,7 +229,7 @@ async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
         )
         .await;
     for client in [&mut u1_tcp, &mut u1_ws, &mut u2] {
-        assert_eq!(body(client).await, "to-room");
+        assert_eq!(next_push(client).await, "to-room");
     }
 
     // Everyone.
@@ -248,7 +237,7 @@ async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
         .push(1, "/goim/push/all?operation=1000", "to-all")
         .await;
     for client in [&mut u1_tcp, &mut u1_ws, &mut u2, &mut u3] {
-        assert_eq!(body(client).await, "to-all");
+        assert_eq!(next_push(client).await, "to-all");
     }
 
     // Nothing else reached anyone: each client's next frame is the end marker.
@@ -256,7 +245,7 @@ async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
         .push(0, "/goim/push/all?operation=1000", "end")
         .await;
     for client in [&mut u1_tcp, &mut u1_ws, &mut u2, &mut u3] {
-        assert_eq!(body(client).await, "end");
+        assert_eq!(next_push(client).await, "end");
     }
 
     // Cluster-wide room counts flow back through logic to heartbeats.
@@ -294,7 +283,7 @@ async fn clients_of_a_stopped_comet_reconnect_to_one_node_selection_picks() {
             "before",
         )
         .await;
-    assert_eq!(body(&mut client).await, "before");
+    assert_eq!(next_push(&mut client).await, "before");
 
     // Stop comet 2 (region r1): it deregisters and drains its clients.
     let (comet2, _, _) = cluster.comets.remove(1);
@@ -345,7 +334,7 @@ async fn clients_of_a_stopped_comet_reconnect_to_one_node_selection_picks() {
         )
         .await;
     assert_eq!(answer["data"]["connections"], 1, "{answer}");
-    assert_eq!(body(&mut client).await, "after");
+    assert_eq!(next_push(&mut client).await, "after");
     drop(client);
     cluster.stop();
 }

@@ -8,19 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use rim_client::{AuthToken, Client};
 use rim_proto::Op;
-use support::Proc;
+use support::{Proc, next_push};
 
 const END: &str = "end-of-test";
-
-async fn next_body(client: &mut Client) -> String {
-    let frame = tokio::time::timeout(Duration::from_secs(10), client.next_frame())
-        .await
-        .expect("a frame within 10 s")
-        .expect("read")
-        .expect("open");
-    assert_eq!(frame.op, Op(1000));
-    String::from_utf8_lossy(&frame.body).into_owned()
-}
 
 async fn post(http: &reqwest::Client, url: String, body: &'static str) -> serde_json::Value {
     let answer: serde_json::Value = http
@@ -82,7 +72,7 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
     )
     .await;
     assert_eq!(answer["data"]["connections"], 1);
-    assert_eq!(next_body(&mut a).await, "to-a");
+    assert_eq!(next_push(&mut a).await, "to-a");
 
     let answer = post(
         &http,
@@ -91,8 +81,8 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
     )
     .await;
     assert_eq!(answer["data"]["connections"], 2);
-    assert_eq!(next_body(&mut a).await, "to-user-1");
-    assert_eq!(next_body(&mut c).await, "to-user-1");
+    assert_eq!(next_push(&mut a).await, "to-user-1");
+    assert_eq!(next_push(&mut c).await, "to-user-1");
 
     post(
         &http,
@@ -100,8 +90,8 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
         "to-room",
     )
     .await;
-    assert_eq!(next_body(&mut a).await, "to-room");
-    assert_eq!(next_body(&mut b).await, "to-room");
+    assert_eq!(next_push(&mut a).await, "to-room");
+    assert_eq!(next_push(&mut b).await, "to-room");
 
     post(
         &http,
@@ -110,7 +100,7 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
     )
     .await;
     for client in [&mut a, &mut b, &mut c] {
-        assert_eq!(next_body(client).await, "to-all");
+        assert_eq!(next_push(client).await, "to-all");
     }
 
     // Room counts reach the API and heartbeats.
@@ -145,7 +135,7 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
     )
     .await;
     for client in [&mut a, &mut b, &mut c] {
-        assert_eq!(next_body(client).await, END);
+        assert_eq!(next_push(client).await, END);
     }
     // An upstream frame is acknowledged (logged by logic without a webhook).
     a.send_upstream(Op(2000), Bytes::from("up")).await.unwrap();

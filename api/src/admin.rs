@@ -61,10 +61,6 @@ async fn require_token(
     Ok(next.run(request).await)
 }
 
-fn router_down(err: rim_router::Error) -> ApiError {
-    ApiError::Unavailable(format!("router: {err}"))
-}
-
 /// GET /admin/rooms?page=&size=&sort=count|room&order=desc|asc
 async fn rooms(
     State(api): State<Arc<Api>>,
@@ -108,8 +104,7 @@ async fn rooms(
         .logic
         .router()
         .room_counts()
-        .await
-        .map_err(router_down)?
+        .await?
         .into_iter()
         .collect();
     rooms.sort_by(|a, b| {
@@ -139,12 +134,7 @@ async fn room(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let room = params.required("room")?;
-    let reports = api
-        .logic
-        .router()
-        .server_reports()
-        .await
-        .map_err(router_down)?;
+    let reports = api.logic.router().server_reports().await?;
     let comets: BTreeMap<&String, i32> = reports
         .iter()
         .filter_map(|(server, report)| report.rooms.get(room).map(|n| (server, *n)))
@@ -184,19 +174,11 @@ async fn kick(
     let by_server: BTreeMap<String, Vec<String>> = match (params.opt("mid"), params.opt("key")) {
         (Some(_), None) => {
             let mid: i64 = params.parse_required("mid", "an integer")?;
-            router
-                .keys_by_server(&[mid])
-                .await
-                .map_err(router_down)?
-                .into_iter()
-                .collect()
+            router.keys_by_server(&[mid]).await?.into_iter().collect()
         }
         (None, Some(_)) => {
             let key = params.required("key")?.to_owned();
-            let servers = router
-                .servers_of_keys(std::slice::from_ref(&key))
-                .await
-                .map_err(router_down)?;
+            let servers = router.servers_of_keys(std::slice::from_ref(&key)).await?;
             servers
                 .into_iter()
                 .flatten()

@@ -47,6 +47,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<rim_router::Error> for ApiError {
+    fn from(err: rim_router::Error) -> Self {
+        ApiError::Unavailable(format!("router: {err}"))
+    }
+}
+
 /// A successful answer in goim's envelope.
 pub(crate) fn ok<T: serde::Serialize>(data: T) -> Response {
     Json(json!({ "code": 0, "message": "", "data": data })).into_response()

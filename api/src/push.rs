@@ -210,12 +210,7 @@ pub(crate) async fn online_top(
         ));
     }
     let prefix = format!("{kind}://");
-    let counts = api
-        .logic
-        .router()
-        .room_counts()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("router: {e}")))?;
+    let counts = api.logic.router().room_counts().await?;
     let mut top: Vec<(String, i64)> = counts
         .into_iter()
         .filter_map(|(room, n)| room.strip_prefix(&prefix).map(|id| (id.to_owned(), n)))
@@ -236,12 +231,7 @@ pub(crate) async fn online_room(
     let params = Params::parse(query.as_deref());
     let kind = params.required("type")?;
     let rooms = params.list("rooms")?;
-    let counts = api
-        .logic
-        .router()
-        .room_counts()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("router: {e}")))?;
+    let counts = api.logic.router().room_counts().await?;
     let answer: BTreeMap<String, i64> = rooms
         .into_iter()
         .map(|room| {

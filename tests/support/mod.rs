@@ -132,3 +132,15 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// Returns the body of the next pushed frame (business op 1000) a client
+/// receives, failing the test after 30 s.
+pub async fn next_push(client: &mut rim_client::Client) -> String {
+    let frame = tokio::time::timeout(Duration::from_secs(30), client.next_frame())
+        .await
+        .expect("a frame within 30 s")
+        .expect("read")
+        .expect("open");
+    assert_eq!(frame.op, rim_proto::Op(1000));
+    String::from_utf8_lossy(&frame.body).into_owned()
+}
