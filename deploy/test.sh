@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, including the tests that need real services.
 #
-# 1. Installs what is missing: Debian packages redis-server and zookeeperd,
-#    and the Kafka-protocol broker tansu (cargo install, ~10 min on 2 cores).
+# 1. Installs what is missing: Debian packages redis-server, zookeeperd and
+#    chromium, tests/browser's npm dependency (playwright-core, which drives
+#    Debian's Chromium), and the Kafka-protocol broker tansu (cargo install,
+#    ~10 min on 2 cores).
 # 2. Starts throwaway Redis, a 3-master Redis Cluster, ZooKeeper and tansu
 #    servers on 127.0.0.1 with their data in a temp dir, and creates the
 #    topic rim-push.
@@ -105,7 +107,8 @@ stop_pid() {
 
 install_packages() {
     local missing=() pkg
-    for pkg in redis-server zookeeperd; do
+    # chromium and nodejs/npm drive the browser demo test.
+    for pkg in redis-server zookeeperd chromium; do
         if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
             missing+=("$pkg")
         fi
@@ -114,6 +117,21 @@ install_packages() {
         log "installing ${missing[*]}"
         apt-get update -qq </dev/null
         apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
+    fi
+}
+
+# playwright-core (pinned in tests/browser/package-lock.json) drives Debian's
+# Chromium; it downloads no browser of its own.
+install_browser_deps() {
+    command -v node >/dev/null && command -v npm >/dev/null || {
+        log "installing nodejs and npm"
+        apt-get install -y -qq --no-install-recommends nodejs npm </dev/null >/dev/null
+    }
+    if [[ ! -d tests/browser/node_modules/playwright-core ]] \
+        || [[ tests/browser/package-lock.json -nt tests/browser/node_modules ]]; then
+        log "npm ci in tests/browser"
+        (cd tests/browser && npm ci --no-audit --no-fund --silent </dev/null) \
+            || die "npm ci in tests/browser failed"
     fi
 }
 
@@ -317,6 +335,7 @@ main() {
     trap 'exit 130' INT TERM
 
     install_packages
+    install_browser_deps
     install_tansu
 
     start_redis

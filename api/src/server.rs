@@ -79,6 +79,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/goim/nodes/weighted", get(push::nodes_weighted))
         .route("/goim/nodes/instances", get(push::nodes_instances))
         .nest("/admin", admin::routes(Arc::clone(&api)))
+        .route("/", get(demo))
         .route("/healthz", get(|| async { ok("ok") }))
         .route("/readyz", get(readyz))
         .fallback(|| async {
@@ -91,6 +92,11 @@ pub fn router(api: Arc<Api>) -> Router {
             )
         })
         .with_state(api)
+}
+
+/// The browser chat demo: a page with its own client of the binary protocol.
+async fn demo() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../static/demo.html"))
 }
 
 /// Ready when the router and the queue answer.
