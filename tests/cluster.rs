@@ -11,7 +11,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rim_client::{AuthToken, Client};
-use support::{Proc, next_push, service};
+use support::{Proc, get_json, next_push, post_ok, service};
 
 struct Cluster {
     logics: Vec<(Proc, SocketAddr)>,
@@ -99,15 +99,7 @@ async fn start_cluster(run: &str) -> Cluster {
     for (_, http) in &cluster.logics {
         let url = format!("http://{http}/goim/nodes/instances");
         wait_until("logics to discover the 4 comets", || async {
-            let answer: serde_json::Value = cluster
-                .http
-                .get(&url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let answer = get_json(&cluster.http, &url).await;
             answer["data"].as_array().is_some_and(|a| a.len() == 4)
         })
         .await;
@@ -133,18 +125,7 @@ where
 impl Cluster {
     async fn push(&self, logic: usize, path: &str, body: &str) -> serde_json::Value {
         let (_, http) = &self.logics[logic];
-        let answer: serde_json::Value = self
-            .http
-            .post(format!("http://{http}{path}"))
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(answer["code"], 0, "{path}: {answer}");
-        answer
+        post_ok(&self.http, &format!("http://{http}{path}"), body).await
     }
 
     fn stop(self) {
@@ -298,15 +279,7 @@ async fn clients_of_a_stopped_comet_reconnect_to_one_node_selection_picks() {
     let url = format!("http://{http}/goim/nodes/weighted?platform=test&region=r1");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let target = loop {
-        let answer: serde_json::Value = cluster
-            .http
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = get_json(&cluster.http, &url).await;
         let instances = answer["data"]["instances"]
             .as_array()
             .cloned()

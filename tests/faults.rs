@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rim_client::{AuthToken, Client};
 use rim_testkit::{TansuServer, ZkServer};
-use support::{Proc, service};
+use support::{Proc, get_json, service};
 
 fn config(role: &str) -> String {
     format!("{}/deploy/config/{role}.toml", env!("CARGO_MANIFEST_DIR"))
@@ -180,14 +180,7 @@ async fn a_zookeeper_restart_loses_no_registration() {
         .build()
         .unwrap();
     let instances = async || -> usize {
-        let answer: serde_json::Value = match http
-            .get(format!("http://{api}/goim/nodes/instances"))
-            .send()
-            .await
-        {
-            Ok(answer) => answer.json().await.unwrap_or_default(),
-            Err(_) => return 0,
-        };
+        let answer = get_json(&http, &format!("http://{api}/goim/nodes/instances")).await;
         answer["data"].as_array().map_or(0, Vec::len)
     };
     let wait_registered = async |what: &str| {

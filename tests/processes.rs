@@ -4,7 +4,7 @@
 mod support;
 
 use rim_client::{AuthToken, Client};
-use support::{Proc, service};
+use support::{Proc, post_ok, service};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Redis and Kafka: run deploy/test.sh"]
@@ -59,18 +59,8 @@ async fn a_client_of_a_comet_process_is_pushed_to_through_the_logic_process() {
     // reqwest is built without a default TLS provider (rim uses ring).
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let http_client = reqwest::Client::new();
-    let answer: serde_json::Value = http_client
-        .post(format!(
-            "http://{http}/goim/push/keys?operation=1000&keys={key}"
-        ))
-        .body("hello")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(answer["code"], 0, "{answer}");
+    let url = format!("http://{http}/goim/push/keys?operation=1000&keys={key}");
+    let answer = post_ok(&http_client, &url, "hello").await;
     assert_eq!(answer["data"]["connections"], 1, "{answer}");
     assert_eq!(answer["data"]["comets"], 1, "{answer}");
 

@@ -8,23 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use rim_client::{AuthToken, Client};
 use rim_proto::Op;
-use support::{Proc, next_push};
+use support::{Proc, get_json, next_push, post_ok};
 
 const END: &str = "end-of-test";
-
-async fn post(http: &reqwest::Client, url: String, body: &'static str) -> serde_json::Value {
-    let answer: serde_json::Value = http
-        .post(url)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(answer["code"], 0, "{answer}");
-    answer
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
@@ -65,18 +51,18 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
 
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
-    let answer = post(
+    let answer = post_ok(
         &http,
-        format!("http://{api}/goim/push/keys?operation=1000&keys=a"),
+        &format!("http://{api}/goim/push/keys?operation=1000&keys=a"),
         "to-a",
     )
     .await;
     assert_eq!(answer["data"]["connections"], 1);
     assert_eq!(next_push(&mut a).await, "to-a");
 
-    let answer = post(
+    let answer = post_ok(
         &http,
-        format!("http://{api}/goim/push/mids?operation=1000&mids=1"),
+        &format!("http://{api}/goim/push/mids?operation=1000&mids=1"),
         "to-user-1",
     )
     .await;
@@ -84,18 +70,18 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
     assert_eq!(next_push(&mut a).await, "to-user-1");
     assert_eq!(next_push(&mut c).await, "to-user-1");
 
-    post(
+    post_ok(
         &http,
-        format!("http://{api}/goim/push/room?operation=1000&type=live&room=1000"),
+        &format!("http://{api}/goim/push/room?operation=1000&type=live&room=1000"),
         "to-room",
     )
     .await;
     assert_eq!(next_push(&mut a).await, "to-room");
     assert_eq!(next_push(&mut b).await, "to-room");
 
-    post(
+    post_ok(
         &http,
-        format!("http://{api}/goim/push/all?operation=1000"),
+        &format!("http://{api}/goim/push/all?operation=1000"),
         "to-all",
     )
     .await;
@@ -106,14 +92,11 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
     // Room counts reach the API and heartbeats.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let top: serde_json::Value = http
-            .get(format!("http://{api}/goim/online/top?type=live&limit=5"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let top = get_json(
+            &http,
+            &format!("http://{api}/goim/online/top?type=live&limit=5"),
+        )
+        .await;
         if top["data"]
             == serde_json::json!([{"room_id": "1000", "count": 2}, {"room_id": "2000", "count": 1}])
         {
@@ -128,9 +111,9 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
     assert_eq!(a.heartbeat().await.unwrap(), 2);
 
     // Nothing else arrived anywhere: the next frame each client sees is the end marker.
-    post(
+    post_ok(
         &http,
-        format!("http://{api}/goim/push/all?operation=1000"),
+        &format!("http://{api}/goim/push/all?operation=1000"),
         END,
     )
     .await;

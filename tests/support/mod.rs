@@ -144,3 +144,26 @@ pub async fn next_push(client: &mut rim_client::Client) -> String {
     assert_eq!(frame.op, rim_proto::Op(1000));
     String::from_utf8_lossy(&frame.body).into_owned()
 }
+
+/// GETs a URL and returns its JSON answer (`Null` when it cannot be read).
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    match http.get(url).send().await {
+        Ok(answer) => answer.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// POSTs a body and returns the JSON answer, which must have code 0.
+pub async fn post_ok(http: &reqwest::Client, url: &str, body: &str) -> serde_json::Value {
+    let answer: serde_json::Value = http
+        .post(url)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: not JSON: {e}"));
+    assert_eq!(answer["code"], 0, "POST {url}: {answer}");
+    answer
+}
