@@ -15,10 +15,7 @@ fn two_browser_pages_chat_in_one_room() {
         std::path::Path::new(&format!("{dir}/node_modules/playwright-core")).exists(),
         "playwright-core is not installed in {dir}: run deploy/test.sh (it runs npm ci there)"
     );
-    let config = format!(
-        "{}/deploy/config/standalone.toml",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let config = support::shipped_config("standalone");
     let mut rim = Proc::start(
         &["standalone", "--config", &config],
         &[

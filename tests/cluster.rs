@@ -11,17 +11,13 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rim_client::{AuthToken, Client};
-use support::{Proc, get_json, next_push, post_ok, service};
+use support::{Proc, get_json, next_push, post_ok, service, shipped_config};
 
 struct Cluster {
     logics: Vec<(Proc, SocketAddr)>,
     comets: Vec<(Proc, SocketAddr, SocketAddr)>,
     jobs: Vec<Proc>,
     http: reqwest::Client,
-}
-
-fn config(role: &str) -> String {
-    format!("{}/deploy/config/{role}.toml", env!("CARGO_MANIFEST_DIR"))
 }
 
 async fn start_cluster(run: &str) -> Cluster {
@@ -63,7 +59,7 @@ async fn start_cluster(run: &str) -> Cluster {
             ("RIM_LOGIC__AUTH__POLICY", "none".into()),
             ("RIM_ROUTER__REDIS", redis.clone()),
         ]);
-        let mut logic = Proc::start(&["logic", "--config", &config("logic")], &env);
+        let mut logic = Proc::start(&["logic", "--config", &shipped_config("logic")], &env);
         let http = logic.addr_after("http api serving");
         logics.push((logic, http));
     }
@@ -77,7 +73,7 @@ async fn start_cluster(run: &str) -> Cluster {
             ("RIM_COMET__ROOM_REPORT_INTERVAL", "300ms".into()),
             ("RIM_COMET__DRAIN_WINDOW", "200ms".into()),
         ]);
-        let mut comet = Proc::start(&["comet", "--config", &config("comet")], &env);
+        let mut comet = Proc::start(&["comet", "--config", &shipped_config("comet")], &env);
         let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
         let ws = comet.addr_after("accepting clients listener=\"ws\"");
         comets.push((comet, tcp, ws));
@@ -86,7 +82,10 @@ async fn start_cluster(run: &str) -> Cluster {
     for region in ["r1", "r2"] {
         let mut env = common(format!("job-{region}-{run}"), region);
         env.push(("RIM_JOB__GROUP", format!("rim-job-{region}-{run}")));
-        jobs.push(Proc::start(&["job", "--config", &config("job")], &env));
+        jobs.push(Proc::start(
+            &["job", "--config", &shipped_config("job")],
+            &env,
+        ));
     }
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let cluster = Cluster {

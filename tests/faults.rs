@@ -10,11 +10,7 @@ use std::time::Duration;
 
 use rim_client::{AuthToken, Client};
 use rim_testkit::{TansuServer, ZkServer};
-use support::{Proc, get_json, service};
-
-fn config(role: &str) -> String {
-    format!("{}/deploy/config/{role}.toml", env!("CARGO_MANIFEST_DIR"))
-}
+use support::{Proc, get_json, service, shipped_config, start_static_comet};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Redis and tansu: run deploy/test.sh"]
@@ -38,22 +34,11 @@ async fn a_kafka_broker_restart_loses_no_accepted_push() {
         ("RIM_DISCOVERY__BACKEND", "static".into()),
     ];
     env.extend(queue.iter().cloned());
-    let mut logic = Proc::start(&["logic", "--config", &config("logic")], &env);
+    let mut logic = Proc::start(&["logic", "--config", &shipped_config("logic")], &env);
     let grpc = logic.addr_after("logic grpc serving");
     let api = logic.addr_after("http api serving");
     let comet_id = format!("comet-f-{run}");
-    let mut comet = Proc::start(
-        &["comet", "--config", &config("comet")],
-        &[
-            ("RIM_NODE__ID", comet_id.clone()),
-            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-            ("RIM_DISCOVERY__BACKEND", "static".into()),
-            ("RIM_DISCOVERY__LOGICS", grpc.to_string()),
-        ],
-    );
+    let mut comet = start_static_comet(&comet_id, grpc);
     let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
     let comet_grpc = comet.addr_after("grpc=Some(");
 
@@ -158,7 +143,7 @@ async fn a_zookeeper_restart_loses_no_registration() {
         ("RIM_LOGIC__AUTH__POLICY", "none".into()),
         ("RIM_ROUTER__REDIS", redis),
     ]);
-    let mut logic = Proc::start(&["logic", "--config", &config("logic")], &env);
+    let mut logic = Proc::start(&["logic", "--config", &shipped_config("logic")], &env);
     let api = logic.addr_after("http api serving");
     let mut env = discovery(format!("comet-z-{run}"));
     env.extend([
@@ -167,10 +152,10 @@ async fn a_zookeeper_restart_loses_no_registration() {
         ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
         ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
     ]);
-    let mut comet = Proc::start(&["comet", "--config", &config("comet")], &env);
+    let mut comet = Proc::start(&["comet", "--config", &shipped_config("comet")], &env);
     let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
     let job = Proc::start(
-        &["job", "--config", &config("job")],
+        &["job", "--config", &shipped_config("job")],
         &discovery(format!("job-z-{run}")),
     );
 

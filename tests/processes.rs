@@ -4,14 +4,14 @@
 mod support;
 
 use rim_client::{AuthToken, Client};
-use support::{Proc, post_ok, service};
+use support::{Proc, post_ok, service, shipped_config, start_static_comet};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Redis and Kafka: run deploy/test.sh"]
 async fn a_client_of_a_comet_process_is_pushed_to_through_the_logic_process() {
     let (redis, kafka) = (service("RIM_TEST_REDIS"), service("RIM_TEST_KAFKA"));
     let run = std::process::id();
-    let logic_config = format!("{}/deploy/config/logic.toml", env!("CARGO_MANIFEST_DIR"));
+    let logic_config = shipped_config("logic");
     let mut logic = Proc::start(
         &["logic", "--config", &logic_config],
         &[
@@ -27,20 +27,8 @@ async fn a_client_of_a_comet_process_is_pushed_to_through_the_logic_process() {
     let grpc = logic.addr_after("logic grpc serving");
     let http = logic.addr_after("http api serving");
 
-    let comet_config = format!("{}/deploy/config/comet.toml", env!("CARGO_MANIFEST_DIR"));
     let comet_id = format!("proc-comet-{run}");
-    let mut comet = Proc::start(
-        &["comet", "--config", &comet_config],
-        &[
-            ("RIM_NODE__ID", comet_id.clone()),
-            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-            ("RIM_DISCOVERY__BACKEND", "static".into()),
-            ("RIM_DISCOVERY__LOGICS", grpc.to_string()),
-        ],
-    );
+    let mut comet = start_static_comet(&comet_id, grpc);
     let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
 
     let key = format!("proc-key-{run}");

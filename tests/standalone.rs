@@ -8,16 +8,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use rim_client::{AuthToken, Client};
 use rim_proto::Op;
-use support::{Proc, get_json, next_push, post_ok};
+use support::{Proc, get_json, next_push, post_ok, shipped_config};
 
 const END: &str = "end-of-test";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
-    let config = format!(
-        "{}/deploy/config/standalone.toml",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let config = shipped_config("standalone");
     let mut rim = Proc::start(
         &["standalone", "--config", &config],
         &[

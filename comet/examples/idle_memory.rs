@@ -96,6 +96,18 @@ impl LogicApi for TrustingLogic {
     }
 }
 
+/// Completes when the orchestrator closes this process's stdin.
+async fn until_stdin_closes() -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+            line.clear();
+        }
+    })
+    .await?;
+    Ok(())
+}
+
 fn server() -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -124,17 +136,7 @@ fn server() -> anyhow::Result<()> {
         println!("READY {tcp} {ws}");
         std::io::stdout().flush()?;
         // Run until the orchestrator closes our stdin.
-        tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            while std::io::stdin()
-                .read_line(&mut line)
-                .map(|n| n > 0)
-                .unwrap_or(false)
-            {
-                line.clear();
-            }
-        })
-        .await?;
+        until_stdin_closes().await?;
         shutdown.trigger();
         let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
         Ok(())
@@ -218,17 +220,7 @@ fn clients(args: &[String]) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         // Hold the connections until the orchestrator closes our stdin.
-        tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            while std::io::stdin()
-                .read_line(&mut line)
-                .map(|n| n > 0)
-                .unwrap_or(false)
-            {
-                line.clear();
-            }
-        })
-        .await?;
+        until_stdin_closes().await?;
         Ok(())
     })
 }

@@ -167,3 +167,24 @@ pub async fn post_ok(http: &reqwest::Client, url: &str, body: &str) -> serde_jso
     assert_eq!(answer["code"], 0, "POST {url}: {answer}");
     answer
 }
+
+/// The path of a shipped config, deploy/config/<role>.toml.
+pub fn shipped_config(role: &str) -> String {
+    format!("{}/deploy/config/{role}.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts `rim comet` on loopback ports with static discovery of one logic.
+pub fn start_static_comet(id: &str, logic_grpc: SocketAddr) -> Proc {
+    Proc::start(
+        &["comet", "--config", &shipped_config("comet")],
+        &[
+            ("RIM_NODE__ID", id.to_owned()),
+            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
+            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
+            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
+            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
+            ("RIM_DISCOVERY__BACKEND", "static".into()),
+            ("RIM_DISCOVERY__LOGICS", logic_grpc.to_string()),
+        ],
+    )
+}
