@@ -21,8 +21,8 @@ pub use load::{ENV_PREFIX, Load};
 pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, StandaloneConfig};
 pub use sections::{
     ApiConfig, AuthConfig, AuthPolicy, CometConfig, DiscoveryBackend, DiscoveryConfig, JobConfig,
-    LogicConfig, NodeConfig, NodesConfig, QueueBackend, QueueConfig, RegionCidr, RouterBackend,
-    RouterConfig, StaticComet,
+    LogicConfig, MetricsConfig, NodeConfig, NodesConfig, QueueBackend, QueueConfig, RegionCidr,
+    RouterBackend, RouterConfig, StaticComet,
 };
 
 #[cfg(test)]

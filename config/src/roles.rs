@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ApiConfig, CometConfig, DiscoveryBackend, DiscoveryConfig, JobConfig, Load, LogicConfig,
-    NodeConfig, QueueBackend, QueueConfig, Result, RouterBackend, RouterConfig,
+    MetricsConfig, NodeConfig, QueueBackend, QueueConfig, Result, RouterBackend, RouterConfig,
 };
 
 /// `rim standalone`: every role in one process. Defaults need no external
@@ -52,6 +52,8 @@ pub struct CometRoleConfig {
     pub comet: CometConfig,
     /// How this comet finds logics and registers itself.
     pub discovery: DiscoveryConfig,
+    /// Where Prometheus metrics are served (default port 3108).
+    pub metrics: MetricsConfig,
 }
 
 impl Default for CometRoleConfig {
@@ -60,6 +62,7 @@ impl Default for CometRoleConfig {
             node: NodeConfig::default(),
             comet: CometConfig::default(),
             discovery: distributed_discovery(),
+            metrics: MetricsConfig::comet(),
         }
     }
 }
@@ -68,7 +71,8 @@ impl Load for CometRoleConfig {
     fn validate(&mut self) -> Result<()> {
         self.node.validate()?;
         self.comet.validate()?;
-        self.discovery.validate()
+        self.discovery.validate()?;
+        self.metrics.validate()
     }
 }
 
@@ -129,6 +133,8 @@ pub struct JobRoleConfig {
     pub queue: QueueConfig,
     /// How this job sees its region's comets.
     pub discovery: DiscoveryConfig,
+    /// Where Prometheus metrics are served (default port 3128).
+    pub metrics: MetricsConfig,
 }
 
 impl Default for JobRoleConfig {
@@ -138,6 +144,7 @@ impl Default for JobRoleConfig {
             job: JobConfig::default(),
             queue: kafka_queue(),
             discovery: distributed_discovery(),
+            metrics: MetricsConfig::job(),
         }
     }
 }
@@ -147,7 +154,8 @@ impl Load for JobRoleConfig {
         self.node.validate()?;
         self.job.validate(&self.node)?;
         self.queue.validate()?;
-        self.discovery.validate()
+        self.discovery.validate()?;
+        self.metrics.validate()
     }
 }
 

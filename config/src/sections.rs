@@ -569,6 +569,53 @@ impl JobConfig {
     }
 }
 
+/// `[metrics]`: where a role without an HTTP API serves Prometheus metrics
+/// (`rim comet`, `rim job`; logic and standalone serve `GET /metrics` on
+/// `api.http_bind`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listener for `GET /metrics`, `host:port`; empty = not served.
+    pub bind: String,
+}
+
+impl MetricsConfig {
+    /// The comet's default: port 3108, next to its gRPC port.
+    pub fn comet() -> MetricsConfig {
+        MetricsConfig {
+            bind: "0.0.0.0:3108".into(),
+        }
+    }
+
+    /// The job's default: port 3128.
+    pub fn job() -> MetricsConfig {
+        MetricsConfig {
+            bind: "0.0.0.0:3128".into(),
+        }
+    }
+
+    /// Returns the address to serve metrics on; `None` when disabled.
+    /// Only valid after `validate`, which checks that it parses.
+    pub fn bind_addr(&self) -> Option<SocketAddr> {
+        let bind = self.bind.trim();
+        if bind.is_empty() {
+            return None;
+        }
+        bind.parse().ok()
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bind = self.bind.trim();
+        if !bind.is_empty() && bind.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "metrics.bind",
+                format!("{bind:?} is not a socket address (host:port), nor \"\" to disable"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How roles find each other.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -247,3 +247,39 @@ fn nested_tables_override_from_the_environment() {
     );
     assert!(err.contains("prefix"), "{err}");
 }
+
+#[test]
+fn metrics_listen_by_default_on_comets_and_jobs_and_can_be_disabled() {
+    let comet = CometRoleConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(comet.metrics.bind_addr().map(|a| a.port()), Some(3108));
+    let job = JobRoleConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(job.metrics.bind_addr().map(|a| a.port()), Some(3128));
+
+    let moved =
+        JobRoleConfig::load_from(None, env(&[("RIM_METRICS__BIND", "127.0.0.1:9128")])).unwrap();
+    assert_eq!(
+        moved.metrics.bind_addr(),
+        Some("127.0.0.1:9128".parse().unwrap())
+    );
+    let file = toml("[metrics]\nbind = \"\"\n");
+    let off = CometRoleConfig::load_from(Some(file.path()), env(&[])).unwrap();
+    assert_eq!(off.metrics.bind_addr(), None);
+    let off = CometRoleConfig::load_from(None, env(&[("RIM_METRICS__BIND", "")])).unwrap();
+    assert_eq!(off.metrics.bind_addr(), None);
+    // Standalone and logic serve /metrics on the API listener: no section,
+    // and an override meant for a comet in the same environment is ignored.
+    assert!(StandaloneConfig::load_from(None, env(&[("RIM_METRICS__BIND", "x")])).is_ok());
+    assert!(
+        load_err::<StandaloneConfig>(Some("[metrics]\nbind = \"\"\n"), &[]).contains("metrics")
+    );
+}
+
+#[test]
+fn a_bad_metrics_address_names_the_key() {
+    for bad in ["3108", "localhost", "0.0.0.0:99999"] {
+        let err = load_err::<CometRoleConfig>(None, &[("RIM_METRICS__BIND", bad)]);
+        assert!(err.contains("metrics.bind"), "{bad}: {err}");
+        let err = load_err::<JobRoleConfig>(None, &[("RIM_METRICS__BIND", bad)]);
+        assert!(err.contains("metrics.bind"), "{bad}: {err}");
+    }
+}
