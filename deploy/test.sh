@@ -10,7 +10,8 @@
 #    topic rim-push.
 # 3. Runs `cargo test --workspace --all-targets -- --include-ignored` with
 #    RIM_TEST_REDIS, RIM_TEST_REDIS_CLUSTER (comma-separated seed URLs),
-#    RIM_TEST_ZK and RIM_TEST_KAFKA pointing at them.
+#    RIM_TEST_ZK and RIM_TEST_KAFKA pointing at them, and
+#    RIM_TEST_LOCAL_CLUSTER=1 (the deploy kit's local-cluster test).
 # 4. Stops the servers (by PID) and removes the temp dir on exit.
 #
 # Environment overrides:
@@ -348,6 +349,9 @@ main() {
     export RIM_TEST_REDIS_CLUSTER
     export RIM_TEST_ZK="127.0.0.1:$ZK_PORT"
     export RIM_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
+    # tests/deploy_kit.rs runs deploy/local-cluster.sh (its own Redis,
+    # ZooKeeper and tansu on ports 25001-25299, with the packages above).
+    export RIM_TEST_LOCAL_CLUSTER=1
     log "RIM_TEST_REDIS=$RIM_TEST_REDIS RIM_TEST_REDIS_CLUSTER=$RIM_TEST_REDIS_CLUSTER"
     log "RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA"
     log "cargo test --workspace --all-targets -- --include-ignored"
