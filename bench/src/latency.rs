@@ -71,6 +71,17 @@ impl Recorder {
         merged
     }
 
+    /// Forgets every sample.
+    pub fn reset(&self) {
+        for shard in &self.shards {
+            let mut shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shard.total.reset();
+            shard.interval.reset();
+        }
+    }
+
     /// The measured samples so far.
     pub fn total(&self) -> Histogram<u64> {
         let mut merged = histogram();
@@ -121,6 +132,43 @@ impl Percentiles {
     }
 }
 
+/// The recorded values of a histogram as (value µs, count) pairs, to carry
+/// a histogram between processes as JSON.
+pub fn to_pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Adds (value µs, count) pairs to a histogram; values beyond the bounds
+/// saturate.
+pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
+    for &(value, count) in pairs {
+        // Clamped into the bounds, so recording cannot fail.
+        let _ = h.record_n(value.clamp(1, MAX_US), count);
+    }
+}
+
+/// The cumulative distribution as (latency ms, percent of samples at or
+/// below it), at most about `max_points` points, for plotting.
+pub fn cdf_points(h: &Histogram<u64>, max_points: usize) -> Vec<(f64, f64)> {
+    let total = h.len();
+    if total == 0 {
+        return Vec::new();
+    }
+    let recorded: Vec<(u64, u64)> = to_pairs(h);
+    let step = recorded.len().div_ceil(max_points.max(1)).max(1);
+    let mut seen = 0u64;
+    let mut points = Vec::with_capacity(recorded.len() / step + 2);
+    for (i, (value, count)) in recorded.iter().enumerate() {
+        seen += count;
+        if i % step == 0 || i + 1 == recorded.len() {
+            points.push((*value as f64 / 1e3, seen as f64 * 100.0 / total as f64));
+        }
+    }
+    points
+}
+
 /// Formats microseconds for humans: `850µs`, `12.3ms`, `1.20s`.
 pub fn human(micros: u64) -> String {
     let us = micros as f64;
@@ -149,6 +197,37 @@ mod tests {
         assert_eq!(total.len(), 50);
         let p = Percentiles::of(&total);
         assert!((999..=1_001).contains(&p.p50), "{p:?}");
+    }
+
+    #[test]
+    fn histograms_travel_as_pairs() {
+        let mut h = histogram();
+        for v in [10, 10, 500, 20_000, 3_000_000] {
+            h.record(v).unwrap();
+        }
+        let pairs = to_pairs(&h);
+        assert_eq!(pairs.iter().map(|p| p.1).sum::<u64>(), 5);
+        let mut back = histogram();
+        add_pairs(&mut back, &pairs);
+        add_pairs(&mut back, &[(0, 1), (u64::MAX, 1)]);
+        assert_eq!(back.len(), 7);
+        assert_eq!(back.value_at_quantile(0.5), h.value_at_quantile(0.5));
+        assert!(back.max() >= MAX_US - MAX_US / 1000);
+    }
+
+    #[test]
+    fn cdf_rises_to_one_hundred_percent() {
+        assert!(cdf_points(&histogram(), 100).is_empty());
+        let mut h = histogram();
+        for v in 1..=10_000u64 {
+            h.record(v).unwrap();
+        }
+        let cdf = cdf_points(&h, 50);
+        assert!(cdf.len() <= 52, "{}", cdf.len());
+        assert!(cdf.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        let last = cdf.last().unwrap();
+        assert!((last.1 - 100.0).abs() < 1e-9);
+        assert!((last.0 - 10.0).abs() < 0.02, "{last:?}");
     }
 
     #[test]

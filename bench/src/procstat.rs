@@ -40,6 +40,34 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / TICKS_PER_SEC)
 }
 
+/// Resident set size (VmRSS) of a process in bytes; `None` when unreadable.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&status)
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The 1-minute load average of the host, from `/proc/loadavg`.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// CPU use of one process over the measured window.
 #[derive(Clone, Debug, Serialize)]
 pub struct CpuUse {
@@ -98,7 +126,14 @@ mod tests {
     }
 
     #[test]
-    fn reads_own_cpu_time() {
+    fn reads_own_cpu_time_and_memory() {
         assert!(cpu_seconds(std::process::id()).is_some());
+        assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
+        assert!(load_average().is_some());
+        assert_eq!(
+            parse_vm_rss("Name:\tx\nVmRSS:\t  1234 kB\n"),
+            Some(1234 * 1024)
+        );
+        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
     }
 }

@@ -129,6 +129,9 @@ pub struct Args {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write plots (latency CDF, deliveries/s over time) as SVG to this file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -145,6 +148,10 @@ fn now_nanos() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
+
+/// One progress line: (seconds since the pushes started, accepted pushes/s,
+/// deliveries/s, p50 ms, p99 ms).
+type SecondSample = (f64, f64, f64, f64, f64);
 
 /// Counters of the HTTP side, one set for the warmup and one measured.
 #[derive(Default)]
@@ -189,6 +196,9 @@ struct Shared {
     latency: Recorder,
     /// HTTP request → answer, measured pushes.
     http: std::sync::Mutex<Histogram<u64>>,
+    /// One entry per progress line: (seconds since the pushes started,
+    /// accepted pushes/s, deliveries/s, p50 ms, p99 ms).
+    series: std::sync::Mutex<Vec<SecondSample>>,
 }
 
 impl Shared {
@@ -281,13 +291,17 @@ struct Report {
     latency_us: Percentiles,
     http_us: Percentiles,
     cpu: Vec<CpuUse>,
+    /// Per second: (seconds, accepted pushes/s, deliveries/s, p50 ms, p99 ms).
+    series: Vec<SecondSample>,
+    #[serde(skip)]
+    cdf: Vec<(f64, f64)>,
 }
 
 /// Runs the benchmark.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let api = reqwest::Url::parse(&args.api).with_context(|| format!("--api {}", args.api))?;
     ensure!(
-        is_loopback(&api),
+        crate::addrs::is_loopback_url(&api),
         "--api {api}: load goes to 127.0.0.0/8 (or localhost) only"
     );
     ensure!(!args.comet.is_empty(), "--comet: give at least one address");
@@ -323,6 +337,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         lost_clients: AtomicU64::new(0),
         latency: Recorder::new(SHARDS),
         http: std::sync::Mutex::new(latency::histogram()),
+        series: std::sync::Mutex::new(Vec::new()),
     });
 
     // ---- clients
@@ -381,8 +396,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         pid,
     });
     let mut rng = XorShift(u64::from(pid) << 32 | (now_nanos() & 0xffff_ffff) | 1);
-    let tick = Duration::from_secs_f64((1.0 / args.rate).max(0.001));
-    let mut interval = tokio::time::interval(tick);
+    let pacer = crate::pacing::Pacer::new(args.rate, planned);
+    let mut interval = tokio::time::interval(pacer.tick());
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let push_started = Instant::now();
     let hard_stop = push_started + Duration::from_secs(total_secs + 5);
@@ -393,7 +408,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     while seq < planned && Instant::now() < hard_stop {
         interval.tick().await;
-        let due = ((push_started.elapsed().as_secs_f64() * args.rate) as u64 + 1).min(planned);
+        let due = pacer.due(push_started.elapsed().as_secs_f64());
         while seq < due {
             if seq == warm_count {
                 measure_started = Instant::now();
@@ -510,6 +525,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         latency_us: Percentiles::of(&shared.latency.total()),
         http_us: Percentiles::of(&http_hist),
         cpu,
+        series: shared
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone(),
+        cdf: latency::cdf_points(&shared.latency.total(), 300),
         args,
     };
     print_report(&report);
@@ -518,22 +539,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
         eprintln!("results written to {}", path.display());
     }
+    if let Some(path) = &report.args.svg {
+        std::fs::write(path, plot(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+    }
     if report.pushes_accepted == 0 {
         bail!("no push was accepted");
     }
     Ok(())
-}
-
-fn is_loopback(url: &reqwest::Url) -> bool {
-    match url.host_str() {
-        Some("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    }
 }
 
 /// Connects and authenticates every client, `CONNECT_CONCURRENCY` at a
@@ -735,8 +749,80 @@ async fn progress(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, deadline
             human(window.p99),
             human(window.max),
         );
+        shared
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((
+                (now - started).as_secs_f64(),
+                rate(accepted, last.1),
+                rate(delivered, last.2),
+                window.p50 as f64 / 1e3,
+                window.p99 as f64 / 1e3,
+            ));
         last = (sent, accepted, delivered, now);
     }
+}
+
+/// The run's plots: latency CDF of the measured deliveries, and per second
+/// the accepted pushes, deliveries and latency percentiles.
+fn plot(r: &Report) -> String {
+    use crate::plot::{Chart, Series, render};
+    let mode = match r.args.mode {
+        Mode::Unicast => "unicast",
+        Mode::Room => "room",
+    };
+    let title = format!(
+        "push-latency: {mode}, {} pushes/s asked, {} clients",
+        r.args.rate, r.clients_connected
+    );
+    let col = |f: fn(&SecondSample) -> (f64, f64)| -> Vec<(f64, f64)> {
+        r.series.iter().map(f).collect()
+    };
+    render(&[
+        Chart {
+            title: format!("{title}: latency CDF (measured window)"),
+            x_label: "HTTP push → client receipt, ms (log)".into(),
+            y_label: "% of deliveries".into(),
+            log_x: true,
+            series: vec![Series {
+                label: "latency".into(),
+                points: r.cdf.clone(),
+            }],
+        },
+        Chart {
+            title: format!("{title}: per second"),
+            x_label: "seconds since the first push (warmup included)".into(),
+            y_label: "per second".into(),
+            log_x: false,
+            series: vec![
+                Series {
+                    label: "pushes accepted/s".into(),
+                    points: col(|s| (s.0, s.1)),
+                },
+                Series {
+                    label: "deliveries/s".into(),
+                    points: col(|s| (s.0, s.2)),
+                },
+            ],
+        },
+        Chart {
+            title: format!("{title}: latency of each second's deliveries"),
+            x_label: "seconds since the first push (warmup included)".into(),
+            y_label: "ms".into(),
+            log_x: false,
+            series: vec![
+                Series {
+                    label: "p50".into(),
+                    points: col(|s| (s.0, s.3)),
+                },
+                Series {
+                    label: "p99".into(),
+                    points: col(|s| (s.0, s.4)),
+                },
+            ],
+        },
+    ])
 }
 
 fn print_report(r: &Report) {
@@ -811,17 +897,6 @@ mod tests {
         );
         assert_eq!(parse_body(b"hello"), None);
         assert_eq!(parse_body(b"1 x"), None);
-    }
-
-    #[test]
-    fn accepts_only_loopback_apis() {
-        let ok = |s: &str| is_loopback(&reqwest::Url::parse(s).unwrap());
-        assert!(ok("http://127.0.0.1:3111"));
-        assert!(ok("http://127.9.0.1:3111"));
-        assert!(ok("http://localhost:3111"));
-        assert!(ok("http://[::1]:3111"));
-        assert!(!ok("http://10.0.0.1:3111"));
-        assert!(!ok("http://example.invalid:3111"));
     }
 
     #[test]
