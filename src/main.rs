@@ -75,7 +75,8 @@ fn main() -> ExitCode {
             |config| {
                 serve("comet", |shutdown| async move {
                     let listeners = rim_comet::Listeners::bind(&config.comet).await?;
-                    rim_comet::run(config, listeners, shutdown).await?;
+                    let metrics = bind_metrics(config.metrics.bind_addr()).await?;
+                    rim_comet::run(config, listeners, metrics, shutdown).await?;
                     Ok(())
                 })
             },
@@ -94,11 +95,25 @@ fn main() -> ExitCode {
             |code| code,
             |config| {
                 serve("job", |shutdown| async move {
-                    rim_job::run(config, shutdown).await?;
+                    let metrics = bind_metrics(config.metrics.bind_addr()).await?;
+                    rim_job::run(config, metrics, shutdown).await?;
                     Ok(())
                 })
             },
         ),
+    }
+}
+
+/// Binds `metrics.bind` (comet, job); `None` when metrics are disabled.
+async fn bind_metrics(
+    addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(addr) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("cannot bind metrics.bind {addr}: {e}")),
     }
 }
 

@@ -70,12 +70,23 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let (producer, consumer) = rim_queue::memory_queue(config.queue.capacity);
     let job = rim_job::Job::new(&config.job);
     job.set_comets(vec![(node.id.clone(), comet_api)]);
+    // Every role's metrics, served on the API listener at /metrics.
+    let mut registry = rim_api::metrics_registry("standalone");
+    comet.register_metrics(&mut registry);
+    logic.register_metrics(&mut registry);
+    job.register_metrics(&mut registry);
 
     let stop = CancellationToken::new();
     let consuming = tokio::spawn(rim_job::consume_memory(job, consumer, stop.clone()));
     let refresher = Arc::clone(&comets).refresh_every(rim_api::LOAD_REFRESH, stop.clone());
-    let api = rim_api::Api::new(&config.api, logic, Arc::new(producer));
-    let serving = tokio::spawn(rim_api::serve(api, http, stop.clone()));
+    let api = rim_api::Api::new(&config.api, Arc::clone(&logic), Arc::new(producer));
+    api.register_metrics(&mut registry);
+    let serving = tokio::spawn(rim_api::serve_with_metrics(
+        api,
+        Arc::new(registry),
+        http,
+        stop.clone(),
+    ));
 
     println!(
         "rim standalone is running (node {}, region {})",
@@ -91,6 +102,7 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
         println!("  clients, WSS:        wss://{}/sub", node.wss);
     }
     println!("  push API:            http://{http_addr}/goim/push/...");
+    println!("  metrics:             http://{http_addr}/metrics");
     println!(
         "  try:  curl -X POST 'http://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
     );

@@ -110,12 +110,40 @@ fn the_environment_overrides_the_file() {
 }
 
 #[test]
+fn comet_and_job_show_their_metrics_listener_and_refuse_a_bad_one() {
+    for (role, bind) in [("comet", "0.0.0.0:3108"), ("job", "0.0.0.0:3128")] {
+        let output = rim(&[role, "--check", "--config", &shipped(role)], &[]);
+        assert!(output.status.success(), "{role}: {}", stderr(&output));
+        let effective: toml::Table = String::from_utf8_lossy(&output.stdout).parse().unwrap();
+        assert_eq!(effective["metrics"]["bind"].as_str(), Some(bind), "{role}");
+
+        for bad in ["3108", "metrics.example:x"] {
+            let output = rim(&[role, "--check"], &[("RIM_METRICS__BIND", bad)]);
+            assert_eq!(output.status.code(), Some(64), "{role} {bad}");
+            let err = stderr(&output);
+            assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+            assert!(err.contains("metrics.bind"), "{role} {bad}: {err}");
+        }
+    }
+    // Logic and standalone serve /metrics on the API listener: no section.
+    for role in ["logic", "standalone"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("role.toml");
+        std::fs::write(&path, "[metrics]\nbind = \"127.0.0.1:0\"\n").unwrap();
+        let output = rim(&[role, "--check", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(output.status.code(), Some(64), "{role}");
+        assert!(stderr(&output).contains("metrics"), "{}", stderr(&output));
+    }
+}
+
+#[test]
 fn the_job_role_needs_kafka() {
     let output = rim(
         &["job", "--config", &shipped("job")],
         &[
             ("RIM_QUEUE__BACKEND", "memory"),
             ("RIM_DISCOVERY__BACKEND", "static"),
+            ("RIM_METRICS__BIND", "127.0.0.1:0"),
         ],
     );
     assert_eq!(output.status.code(), Some(1));
@@ -145,6 +173,7 @@ fn the_comet_role_serves_until_sigterm_then_exits_cleanly() {
             ("RIM_COMET__WS_BIND", "127.0.0.1:0"),
             ("RIM_COMET__GRPC_BIND", "127.0.0.1:0"),
             ("RIM_COMET__DRAIN_WINDOW", "100ms"),
+            ("RIM_METRICS__BIND", "127.0.0.1:0"),
             ("RUST_LOG", "info"),
         ])
         .stderr(Stdio::piped())
@@ -189,6 +218,7 @@ fn an_unreachable_zookeeper_fails_startup_clearly() {
             ("RIM_COMET__GRPC_BIND", "127.0.0.1:0"),
             ("RIM_DISCOVERY__ZOOKEEPER", "127.0.0.1:1"),
             ("RIM_DISCOVERY__SESSION_TIMEOUT", "2s"),
+            ("RIM_METRICS__BIND", "127.0.0.1:0"),
         ],
     );
     assert_eq!(output.status.code(), Some(1));

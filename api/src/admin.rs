@@ -161,7 +161,12 @@ async fn broadcast_room(
         )));
     }
     let msg = api.read_body(&headers, body).await?;
-    crate::push::push_room(&api, operation, room, &msg).await
+    let push = crate::push::Push::new("room");
+    push.run(
+        &api,
+        crate::push::push_room(&api, push, operation, room, &msg),
+    )
+    .await
 }
 
 /// POST /admin/kick?mid= | ?key=: closes every connection of a user, or one key.

@@ -12,6 +12,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use rim_queue::{PushMsg, PushType};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::error::ok;
 use crate::params::Params;
@@ -25,39 +26,102 @@ fn now_nanos() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-fn message(kind: PushType, operation: i32, msg: &Bytes) -> PushMsg {
-    PushMsg {
-        r#type: kind as i32,
-        operation,
-        msg: msg.clone(),
-        accepted_unix_nanos: now_nanos(),
-        ..PushMsg::default()
+/// One push through the API: its kind, and its id — the accept time its
+/// queue messages carry (`accepted_unix_nanos`), which the job's spans and
+/// push latency use too.
+#[derive(Clone, Copy)]
+pub(crate) struct Push {
+    kind: &'static str,
+    accepted: i64,
+}
+
+impl Push {
+    /// Starts a push of `kind` (keys, mids, room, all) now.
+    pub(crate) fn new(kind: &'static str) -> Push {
+        Push {
+            kind,
+            accepted: now_nanos(),
+        }
+    }
+
+    /// The push's span; `op` and `targets` are recorded as they are known.
+    fn span(self) -> tracing::Span {
+        tracing::debug_span!(
+            "push",
+            kind = self.kind,
+            push.id = self.accepted,
+            op = tracing::field::Empty,
+            targets = tracing::field::Empty,
+        )
+    }
+
+    /// Runs the push's planning in its span and counts it once it is enqueued.
+    pub(crate) async fn run(
+        self,
+        api: &Api,
+        plan: impl std::future::Future<Output = Result<Response, ApiError>>,
+    ) -> Result<Response, ApiError> {
+        let answer = plan.instrument(self.span()).await;
+        if answer.is_ok() {
+            api.metrics.pushed(self.kind);
+        }
+        answer
+    }
+
+    fn message(self, kind: PushType, operation: i32, msg: &Bytes) -> PushMsg {
+        PushMsg {
+            r#type: kind as i32,
+            operation,
+            msg: msg.clone(),
+            accepted_unix_nanos: self.accepted,
+            ..PushMsg::default()
+        }
+    }
+
+    /// Writes one queue message, counting it.
+    async fn send(self, api: &Api, msg: PushMsg) -> rim_queue::Result<()> {
+        let sent = api.producer.send(msg).await;
+        match &sent {
+            Ok(()) => api.metrics.enqueued(self.kind),
+            Err(_) => api.metrics.queue_error(self.kind),
+        }
+        sent
     }
 }
 
-fn router_down(err: rim_router::Error) -> ApiError {
-    ApiError::Unavailable(format!("router: {err}; nothing was enqueued"))
+/// Records what the current push span learned.
+fn record(field: &str, value: i64) {
+    tracing::Span::current().record(field, value);
+}
+
+fn router_down(api: &Api) -> impl FnOnce(rim_router::Error) -> ApiError + '_ {
+    move |err| {
+        api.metrics.router_error();
+        ApiError::Unavailable(format!("router: {err}; nothing was enqueued"))
+    }
 }
 
 /// Enqueues one PUSH message per comet; fails naming every comet whose
 /// message was not enqueued.
 async fn enqueue_by_server(
     api: &Api,
+    push: Push,
     operation: i32,
     by_server: BTreeMap<String, Vec<String>>,
     msg: &Bytes,
 ) -> Result<Response, ApiError> {
     let connections: usize = by_server.values().map(Vec::len).sum();
     let comets = by_server.len();
+    record("targets", connections as i64);
     let mut failed = Vec::new();
     for (server, keys) in by_server {
         let count = keys.len();
-        let push = PushMsg {
+        let message = PushMsg {
             server: server.clone(),
             keys,
-            ..message(PushType::Push, operation, msg)
+            ..push.message(PushType::Push, operation, msg)
         };
-        if let Err(err) = api.producer.send(push).await {
+        if let Err(err) = push.send(api, message).await {
             failed.push(format!("comet {server} ({count} connections): {err}"));
         }
     }
@@ -78,8 +142,21 @@ pub(crate) async fn keys(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let push = Push::new("keys");
+    push.run(&api, plan_keys(&api, push, query, headers, body))
+        .await
+}
+
+async fn plan_keys(
+    api: &Api,
+    push: Push,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let operation: i32 = params.parse_required("operation", OP)?;
+    record("op", operation.into());
     let mut keys = params.list("keys")?;
     // A key listed twice is one connection: push it once.
     let mut seen = std::collections::HashSet::new();
@@ -90,14 +167,14 @@ pub(crate) async fn keys(
         .router()
         .servers_of_keys(&keys)
         .await
-        .map_err(router_down)?;
+        .map_err(router_down(api))?;
     let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (key, server) in keys.into_iter().zip(servers) {
         if let Some(server) = server {
             by_server.entry(server).or_default().push(key);
         }
     }
-    enqueue_by_server(&api, operation, by_server, &msg).await
+    enqueue_by_server(api, push, operation, by_server, &msg).await
 }
 
 /// POST /goim/push/mids?operation=&mids=…: push to every connection of each user.
@@ -107,8 +184,21 @@ pub(crate) async fn mids(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let push = Push::new("mids");
+    push.run(&api, plan_mids(&api, push, query, headers, body))
+        .await
+}
+
+async fn plan_mids(
+    api: &Api,
+    push: Push,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let operation: i32 = params.parse_required("operation", OP)?;
+    record("op", operation.into());
     let mids: Vec<i64> = params.parse_list("mids", "an integer")?;
     let msg = api.read_body(&headers, body).await?;
     let by_server = api
@@ -116,24 +206,25 @@ pub(crate) async fn mids(
         .router()
         .keys_by_server(&mids)
         .await
-        .map_err(router_down)?;
-    enqueue_by_server(&api, operation, by_server.into_iter().collect(), &msg).await
+        .map_err(router_down(api))?;
+    enqueue_by_server(api, push, operation, by_server.into_iter().collect(), &msg).await
 }
 
 /// Enqueues one ROOM message; the answer counts the room's members known
 /// to the router (best effort: the push does not depend on it).
 pub(crate) async fn push_room(
     api: &Api,
+    push: Push,
     operation: i32,
     room: String,
     msg: &Bytes,
 ) -> Result<Response, ApiError> {
-    let push = PushMsg {
+    record("op", operation.into());
+    let message = PushMsg {
         room: room.clone(),
-        ..message(PushType::Room, operation, msg)
+        ..push.message(PushType::Room, operation, msg)
     };
-    api.producer
-        .send(push)
+    push.send(api, message)
         .await
         .map_err(|e| ApiError::Unavailable(format!("room message for {room} not enqueued: {e}")))?;
     let (connections, comets) = match api.logic.router().server_reports().await {
@@ -145,6 +236,7 @@ pub(crate) async fn push_room(
             }),
         Err(_) => (0, 0),
     };
+    record("targets", connections);
     Ok(ok(
         json!({ "room": room, "connections": connections, "comets": comets }),
     ))
@@ -157,12 +249,16 @@ pub(crate) async fn room(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    let operation: i32 = params.parse_required("operation", OP)?;
-    let kind = params.required("type")?;
-    let room = params.required("room")?;
-    let msg = api.read_body(&headers, body).await?;
-    push_room(&api, operation, format!("{kind}://{room}"), &msg).await
+    let push = Push::new("room");
+    let plan = async {
+        let params = Params::parse(query.as_deref());
+        let operation: i32 = params.parse_required("operation", OP)?;
+        let kind = params.required("type")?;
+        let room = params.required("room")?;
+        let msg = api.read_body(&headers, body).await?;
+        push_room(&api, push, operation, format!("{kind}://{room}"), &msg).await
+    };
+    push.run(&api, plan).await
 }
 
 /// POST /goim/push/all?operation=&speed=: push to everyone, paced.
@@ -172,28 +268,33 @@ pub(crate) async fn all(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    let operation: i32 = params.parse_required("operation", OP)?;
-    let speed: i32 = params.parse_or("speed", "a non-negative 32-bit integer", 0)?;
-    if speed < 0 {
-        return Err(ApiError::BadRequest(format!(
-            "invalid parameter \"speed\": {speed} is negative"
-        )));
-    }
-    let msg = api.read_body(&headers, body).await?;
-    let push = PushMsg {
-        speed,
-        ..message(PushType::Broadcast, operation, &msg)
+    let push = Push::new("all");
+    let plan = async {
+        let params = Params::parse(query.as_deref());
+        let operation: i32 = params.parse_required("operation", OP)?;
+        record("op", operation.into());
+        let speed: i32 = params.parse_or("speed", "a non-negative 32-bit integer", 0)?;
+        if speed < 0 {
+            return Err(ApiError::BadRequest(format!(
+                "invalid parameter \"speed\": {speed} is negative"
+            )));
+        }
+        let msg = api.read_body(&headers, body).await?;
+        let message = PushMsg {
+            speed,
+            ..push.message(PushType::Broadcast, operation, &msg)
+        };
+        push.send(&api, message)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("broadcast not enqueued: {e}")))?;
+        let nodes = api.logic.comets().nodes();
+        let connections: u64 = nodes.iter().map(|n| n.conn_count).sum();
+        record("targets", i64::try_from(connections).unwrap_or(i64::MAX));
+        Ok(ok(
+            json!({ "connections": connections, "comets": nodes.len() }),
+        ))
     };
-    api.producer
-        .send(push)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("broadcast not enqueued: {e}")))?;
-    let nodes = api.logic.comets().nodes();
-    let connections: u64 = nodes.iter().map(|n| n.conn_count).sum();
-    Ok(ok(
-        json!({ "connections": connections, "comets": nodes.len() }),
-    ))
+    push.run(&api, plan).await
 }
 
 /// GET /goim/online/top?type=&limit=: the most populated rooms of a type.

@@ -12,7 +12,7 @@ use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Api, serve};
+use crate::{Api, serve_with_metrics};
 
 /// How often comets are asked for their load (node selection, online totals).
 pub const LOAD_REFRESH: Duration = Duration::from_secs(10);
@@ -143,8 +143,13 @@ pub async fn run(
         listeners.grpc,
         stop.clone(),
     ));
-    let http_task = tokio::spawn(serve(
-        Api::new(&config.api, logic, producer),
+    let api = Api::new(&config.api, Arc::clone(&logic), producer);
+    let mut registry = crate::metrics_registry("logic");
+    logic.register_metrics(&mut registry);
+    api.register_metrics(&mut registry);
+    let http_task = tokio::spawn(serve_with_metrics(
+        api,
+        Arc::new(registry),
         listeners.http,
         stop.clone(),
     ));

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ok;
+use crate::metrics::{ApiMetrics, track};
 use crate::{ApiError, admin, push};
 
 /// What the handlers share.
@@ -26,6 +27,7 @@ pub struct Api {
     pub(crate) producer: Arc<dyn Producer>,
     pub(crate) max_body: usize,
     pub(crate) admin_token: Option<String>,
+    pub(crate) metrics: ApiMetrics,
 }
 
 impl std::fmt::Debug for Api {
@@ -44,7 +46,13 @@ impl Api {
             producer,
             max_body: config.max_body,
             admin_token: config.admin_token.clone(),
+            metrics: ApiMetrics::default(),
         })
+    }
+
+    /// Registers the API's metrics (`rim_api_*`) in `registry`.
+    pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
+        self.metrics.register(registry);
     }
 
     /// Reads a push body, refusing one over `api.max_body` with 413.
@@ -68,6 +76,13 @@ impl Api {
 
 /// Builds the routes.
 pub fn router(api: Arc<Api>) -> Router {
+    routes(api, None)
+}
+
+/// Builds the routes, with `GET /metrics` answering `registry`'s exposition
+/// when given.
+fn routes(api: Arc<Api>, registry: Option<Arc<rim_metrics::Registry>>) -> Router {
+    let metrics = registry.map(rim_metrics::router).unwrap_or_default();
     Router::new()
         .route("/goim/push/keys", post(push::keys))
         .route("/goim/push/mids", post(push::mids))
@@ -91,7 +106,9 @@ pub fn router(api: Arc<Api>) -> Router {
                 axum::Json(json!({ "code": -405, "message": "method not allowed on this endpoint", "data": null })),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&api), track))
         .with_state(api)
+        .merge(metrics)
 }
 
 /// The browser chat demo: a page with its own client of the binary protocol.
@@ -128,10 +145,29 @@ pub async fn serve(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_routes(routes(api, None), listener, stop).await
+}
+
+/// Serves the API and `GET /metrics` (the registry's exposition) on
+/// `listener` until `stop` is cancelled.
+pub async fn serve_with_metrics(
+    api: Arc<Api>,
+    registry: Arc<rim_metrics::Registry>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    serve_routes(routes(api, Some(registry)), listener, stop).await
+}
+
+async fn serve_routes(
+    routes: Router,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "http api serving");
     axum::serve(
         listener,
-        router(api).into_make_service_with_connect_info::<SocketAddr>(),
+        routes.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move { stop.cancelled().await })
     .await

@@ -15,9 +15,11 @@ use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::pb::frame::v1::Proto;
 
+use tracing::Instrument;
+
 use crate::bucket::Bucket;
-use crate::session::{Queued, Session, TransportKind, lock};
-use crate::stats::{self, Stats};
+use crate::session::{Queued, Session, lock};
+use crate::stats::{self, Rpc, Stats, Wire};
 
 /// The comet: sessions in buckets, limits, counters and the logic it reports to.
 ///
@@ -121,11 +123,16 @@ impl Comet {
 
     /// Returns how many connections are open (authenticated or not).
     pub fn connections(&self) -> u64 {
-        self.inner.connections.load(Ordering::Acquire)
+        self.inner.sockets()
     }
 }
 
 impl Inner {
+    /// Returns how many sockets hold a connection slot.
+    pub(crate) fn sockets(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
+    }
+
     pub(crate) fn bucket(&self, key: &str) -> &Bucket {
         // buckets is never empty: config validation keeps it in 1..=4096.
         &self.buckets[(self.hasher.hash_one(key) % self.buckets.len() as u64) as usize]
@@ -208,9 +215,27 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = counts;
     }
 
-    fn count(&self, tally: &Tally) {
-        stats::add(&self.stats.dropped_frames, tally.delivery.dropped);
-        stats::add(&self.stats.slow_consumer_closes, tally.slow_closes);
+    /// Counts one push RPC: its recipients, drops and slow-consumer closes.
+    fn count(&self, rpc: Rpc, started: Instant, tally: &Tally) {
+        let s = &self.stats;
+        let d = &tally.delivery;
+        stats::add(&s.dropped_frames, d.dropped);
+        stats::add(&s.slow_consumer_closes, tally.slow_closes);
+        for (counter, n) in s
+            .recipients
+            .iter()
+            .zip([d.delivered, d.filtered, d.missing, d.dropped])
+        {
+            stats::add(counter, n);
+        }
+        s.rpc(rpc, started.elapsed());
+        tracing::debug!(
+            delivered = d.delivered,
+            filtered = d.filtered,
+            missing = d.missing,
+            dropped = d.dropped,
+            "push handled"
+        );
     }
 
     pub(crate) fn push_one(&self, session: &Session, frame: &Bytes) -> Queued {
@@ -218,33 +243,10 @@ impl Inner {
     }
 }
 
-/// Encodes a push once; every recipient shares the bytes.
-fn encode(proto: Option<Proto>) -> ApiResult<Bytes> {
-    let proto = proto.ok_or_else(|| ApiError::InvalidArgument("proto is missing".into()))?;
-    let frame = Frame::try_from(proto).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-    frame
-        .to_bytes()
-        .map_err(|e| ApiError::InvalidArgument(e.to_string()))
-}
-
-#[async_trait]
-impl CometApi for Comet {
-    async fn push_msg(&self, req: pb::PushMsgRequest) -> ApiResult<pb::Delivery> {
-        let frame = encode(req.proto)?;
-        let inner = &self.inner;
-        let mut tally = Tally::default();
-        for key in &req.keys {
-            match inner.bucket(key).get(key) {
-                None => tally.delivery.missing += 1,
-                Some(session) if !session.accepts(req.proto_op) => tally.delivery.filtered += 1,
-                Some(session) => tally.record(inner.push_one(&session, &frame)),
-            }
-        }
-        inner.count(&tally);
-        Ok(tally.delivery)
-    }
-
-    async fn broadcast(&self, req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+impl Comet {
+    /// Broadcasts to every session, one bucket at a time at `req.speed`.
+    async fn paced_broadcast(&self, req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+        let started = Instant::now();
         let frame = encode(req.proto)?;
         let inner = &self.inner;
         let speed = u64::try_from(req.speed).unwrap_or(0);
@@ -264,11 +266,60 @@ impl CometApi for Comet {
                 tokio::time::sleep(Duration::from_secs_f64(sent as f64 / speed as f64)).await;
             }
         }
-        inner.count(&tally);
+        inner.count(Rpc::Broadcast, started, &tally);
+        Ok(tally.delivery)
+    }
+}
+
+/// Encodes a push once; every recipient shares the bytes.
+fn encode(proto: Option<Proto>) -> ApiResult<Bytes> {
+    let proto = proto.ok_or_else(|| ApiError::InvalidArgument("proto is missing".into()))?;
+    let frame = Frame::try_from(proto).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    frame
+        .to_bytes()
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))
+}
+
+#[async_trait]
+impl CometApi for Comet {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> ApiResult<pb::Delivery> {
+        let started = Instant::now();
+        let span = tracing::debug_span!(
+            "push_rpc",
+            rpc = "push",
+            op = req.proto_op,
+            keys = req.keys.len()
+        );
+        let _entered = span.enter();
+        let frame = encode(req.proto)?;
+        let inner = &self.inner;
+        let mut tally = Tally::default();
+        for key in &req.keys {
+            match inner.bucket(key).get(key) {
+                None => tally.delivery.missing += 1,
+                Some(session) if !session.accepts(req.proto_op) => tally.delivery.filtered += 1,
+                Some(session) => tally.record(inner.push_one(&session, &frame)),
+            }
+        }
+        inner.count(Rpc::Push, started, &tally);
         Ok(tally.delivery)
     }
 
+    async fn broadcast(&self, req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+        let span = tracing::debug_span!(
+            "push_rpc",
+            rpc = "broadcast",
+            op = req.proto_op,
+            speed = req.speed
+        );
+        self.paced_broadcast(req).instrument(span).await
+    }
+
     async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> ApiResult<pb::Delivery> {
+        let started = Instant::now();
+        let op = req.proto.as_ref().map_or(0, |p| p.op);
+        let span = tracing::debug_span!("push_rpc", rpc = "room", op, room = %req.room_id);
+        let _entered = span.enter();
         if req.room_id.is_empty() {
             return Err(ApiError::InvalidArgument("room_id is empty".into()));
         }
@@ -281,7 +332,7 @@ impl CometApi for Comet {
                 tally.record(session.push(&frame, now, slow));
             });
         }
-        inner.count(&tally);
+        inner.count(Rpc::Room, started, &tally);
         Ok(tally.delivery)
     }
 
@@ -312,8 +363,10 @@ impl CometApi for Comet {
         Ok(pb::StatsReply {
             server_id: inner.id.clone(),
             region: inner.region.clone(),
-            tcp_connections: stats::get(&s.tcp_connections),
-            ws_connections: stats::get(&s.ws_connections),
+            tcp_connections: stats::get(s.connections(Wire::Tcp)),
+            // The Stats RPC has no WSS count: WSS is WebSocket.
+            ws_connections: stats::get(s.connections(Wire::Ws))
+                + stats::get(s.connections(Wire::Wss)),
             room_counts: inner.room_counts(),
             dropped_frames: stats::get(&s.dropped_frames),
             slow_consumer_closes: stats::get(&s.slow_consumer_closes),
@@ -324,19 +377,12 @@ impl CometApi for Comet {
 }
 
 impl Inner {
-    /// Counts a connection of `kind` as open; the gauge is lowered by `closed`.
-    pub(crate) fn opened(&self, kind: TransportKind) {
-        stats::incr(self.gauge(kind));
+    /// Counts a connection on `wire` as open; the gauge is lowered by `closed`.
+    pub(crate) fn opened(&self, wire: Wire) {
+        stats::incr(self.stats.connections(wire));
     }
 
-    pub(crate) fn closed(&self, kind: TransportKind) {
-        stats::decr(self.gauge(kind));
-    }
-
-    fn gauge(&self, kind: TransportKind) -> &AtomicU64 {
-        match kind {
-            TransportKind::Tcp => &self.stats.tcp_connections,
-            TransportKind::Ws => &self.stats.ws_connections,
-        }
+    pub(crate) fn closed(&self, wire: Wire) {
+        stats::decr(self.stats.connections(wire));
     }
 }

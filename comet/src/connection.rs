@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rim_proto::api::ApiError;
 use rim_proto::pb::logic::v1 as logic;
 use rim_proto::{Frame, Op};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::comet::{ConnSlot, Inner};
-use crate::session::{CloseReason, Session, TransportKind};
-use crate::stats;
+use crate::session::{CloseReason, Session};
+use crate::stats::{self, Wire};
 use crate::transport::{ReadError, Transport};
 
 /// Longest room id a client may ask to join, in bytes.
@@ -50,11 +51,11 @@ pub(crate) async fn serve<T: Transport>(
     mut transport: T,
     id: u64,
     peer: SocketAddr,
-    kind: TransportKind,
+    wire: Wire,
     slot: ConnSlot,
     drain: CancellationToken,
 ) {
-    let admitted = Box::pin(admit(&inner, &mut transport, id, peer, kind, &drain)).await;
+    let admitted = Box::pin(admit(&inner, &mut transport, id, peer, wire, &drain)).await;
     let Some(Admitted {
         session,
         idle_limit,
@@ -64,12 +65,20 @@ pub(crate) async fn serve<T: Transport>(
         close(&mut transport).await;
         return;
     };
-    let end = run(&inner, &mut transport, &session, idle_limit, auth_reply).await;
+    let end = run(
+        &inner,
+        &mut transport,
+        &session,
+        wire,
+        idle_limit,
+        auth_reply,
+    )
+    .await;
     Box::pin(finish(
         &inner,
         &mut transport,
         &session,
-        kind,
+        wire,
         end,
         idle_limit,
     ))
@@ -90,10 +99,10 @@ async fn admit<T: Transport>(
     transport: &mut T,
     id: u64,
     peer: SocketAddr,
-    kind: TransportKind,
+    wire: Wire,
     drain: &CancellationToken,
 ) -> Option<Admitted> {
-    let auth = handshake(inner, transport, drain).await?;
+    let auth = handshake(inner, transport, id, wire, drain).await?;
     let req = logic::ConnectRequest {
         server: inner.id.clone(),
         cookie: String::new(),
@@ -107,8 +116,13 @@ async fn admit<T: Transport>(
             stats::incr(&inner.stats.auth_failed);
             return None;
         }
-        Ok(Err(err)) => {
+        Ok(Err(err @ ApiError::Unauthenticated(_))) => {
             tracing::info!(reason = %err, "auth refused; closing");
+            stats::incr(&inner.stats.auth_refused);
+            return None;
+        }
+        Ok(Err(err)) => {
+            tracing::info!(reason = %err, "auth failed; closing");
             stats::incr(&inner.stats.auth_failed);
             return None;
         }
@@ -119,6 +133,10 @@ async fn admit<T: Transport>(
         }
     };
     stats::incr(&inner.stats.auth_ok);
+    // The connection task's span (see the listener) learns who it serves.
+    tracing::Span::current()
+        .record("mid", reply.mid)
+        .record("key", reply.key.as_str());
 
     let session = Arc::new(Session::new(
         id,
@@ -132,7 +150,7 @@ async fn admit<T: Transport>(
     if let Some(old) = inner.bucket(&session.key).put(&session, room) {
         old.close(CloseReason::Replaced);
     }
-    inner.opened(kind);
+    inner.opened(wire);
     if drain.is_cancelled() {
         // Registered after the drain sweep passed this bucket.
         session.close(CloseReason::Drain);
@@ -156,7 +174,7 @@ async fn finish<T: Transport>(
     inner: &Inner,
     transport: &mut T,
     session: &Session,
-    kind: TransportKind,
+    wire: Wire,
     end: End,
     idle_limit: Duration,
 ) {
@@ -178,7 +196,7 @@ async fn finish<T: Transport>(
     close(transport).await;
 
     let current = inner.bucket(&session.key).remove(session);
-    inner.closed(kind);
+    inner.closed(wire);
     // A replaced session's key lives on in its successor: reporting it
     // would take the successor offline.
     if current {
@@ -203,11 +221,17 @@ async fn finish<T: Transport>(
 async fn handshake<T: Transport>(
     inner: &Inner,
     transport: &mut T,
+    id: u64,
+    wire: Wire,
     drain: &CancellationToken,
 ) -> Option<Frame> {
     let wait = async {
         loop {
-            match transport.read_frame().await {
+            let read = transport.read_frame().await;
+            if let Ok(Some(frame)) = &read {
+                inner.stats.traffic.read(id, wire, frame_len(frame));
+            }
+            match read {
                 Ok(Some(frame)) if frame.op == Op::AUTH => return Some(frame),
                 Ok(Some(frame)) => tracing::debug!(op = %frame.op, "frame before auth skipped"),
                 Ok(None) => return None,
@@ -243,6 +267,7 @@ async fn run<T: Transport>(
     inner: &Inner,
     transport: &mut T,
     session: &Arc<Session>,
+    wire: Wire,
     idle_limit: Duration,
     auth_reply: Bytes,
 ) -> End {
@@ -258,7 +283,7 @@ async fn run<T: Transport>(
         let mut frames = std::mem::take(&mut replies);
         frames.extend(session.take_queued());
         if !frames.is_empty()
-            && let Some(end) = Box::pin(write(inner, transport, session, &frames)).await
+            && let Some(end) = Box::pin(write(inner, transport, session, wire, &frames)).await
         {
             return end;
         }
@@ -274,6 +299,10 @@ async fn run<T: Transport>(
                 Err(err) => return End::Read(err),
             },
         };
+        inner
+            .stats
+            .traffic
+            .read(session.id, wire, frame_len(&frame));
         match frame.op {
             Op::HEARTBEAT => {
                 deadline.as_mut().reset(Instant::now() + idle_limit);
@@ -332,6 +361,7 @@ async fn write<T: Transport>(
     inner: &Inner,
     transport: &mut T,
     session: &Session,
+    wire: Wire,
     frames: &[Bytes],
 ) -> Option<End> {
     let write = tokio::time::timeout(
@@ -342,7 +372,10 @@ async fn write<T: Transport>(
     loop {
         tokio::select! {
             written = &mut write => return match written {
-                Ok(Ok(())) => None,
+                Ok(Ok(bytes)) => {
+                    inner.stats.traffic.written(session.id, wire, frames.len(), bytes);
+                    None
+                }
                 Ok(Err(err)) => Some(End::Write(err)),
                 Err(_) => {
                     if session.close(CloseReason::SlowConsumer) {
@@ -385,6 +418,11 @@ async fn receive(inner: &Inner, session: &Session, frame: Frame) {
         Ok(Err(err)) => tracing::warn!(reason = %err, "upstream frame not accepted by logic"),
         Err(_) => tracing::warn!("logic did not take the upstream frame in time"),
     }
+}
+
+/// Returns a frame's size on the wire (header included).
+fn frame_len(frame: &Frame) -> usize {
+    rim_proto::HEADER_LEN + frame.body.len()
 }
 
 /// Encodes a reply; replies are built here with small bodies and cannot

@@ -15,6 +15,7 @@ mod bucket;
 mod comet;
 mod connection;
 mod listener;
+mod metrics;
 mod session;
 mod stats;
 mod transport;
@@ -93,9 +94,14 @@ impl Listeners {
 /// How often the comet's registration is refreshed with its load.
 const REGISTRATION_REFRESH: Duration = Duration::from_secs(10);
 
-/// Runs `rim comet`: registers in discovery and reports to the logics it
-/// finds there.
-pub async fn run(config: CometRoleConfig, listeners: Listeners, shutdown: Shutdown) -> Result<()> {
+/// Runs `rim comet`: registers in discovery, reports to the logics it
+/// finds there, and serves `GET /metrics` on `metrics` when given.
+pub async fn run(
+    config: CometRoleConfig,
+    listeners: Listeners,
+    metrics: Option<TcpListener>,
+    shutdown: Shutdown,
+) -> Result<()> {
     let discovery = rim_discovery::connect(&config.discovery)
         .await
         .map_err(|e| Error::Logic(e.to_string()))?;
@@ -105,6 +111,18 @@ pub async fn run(config: CometRoleConfig, listeners: Listeners, shutdown: Shutdo
         .map_err(|e| Error::Logic(e.to_string()))?;
     let logic = RemoteLogic::new(balanced_logics(logics));
     let comet = Comet::new(&config.node, config.comet, Arc::new(logic));
+    let metrics = metrics.map(|listener| {
+        let mut registry = rim_metrics::Registry::default();
+        rim_metrics::register_common(&mut registry, "comet");
+        comet.register_metrics(&mut registry);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(rim_metrics::serve(
+            listener,
+            Arc::new(registry),
+            stop.clone(),
+        ));
+        (task, stop)
+    });
     let info = NodeInfo {
         id: config.node.id.clone(),
         region: config.node.region.clone(),
@@ -126,6 +144,13 @@ pub async fn run(config: CometRoleConfig, listeners: Listeners, shutdown: Shutdo
         .serve(listeners, shutdown, Some((registration, info)))
         .await;
     drop(discovery);
+    // Metrics are served until the clients are drained.
+    if let Some((task, stop)) = metrics {
+        stop.cancel();
+        if let Ok(Err(err)) = task.await {
+            tracing::warn!(reason = %err, "metrics server ended with an error");
+        }
+    }
     result
 }
 

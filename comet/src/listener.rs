@@ -21,8 +21,7 @@ use tracing::Instrument;
 
 use crate::comet::{ConnSlot, Inner};
 use crate::connection;
-use crate::session::TransportKind;
-use crate::stats;
+use crate::stats::{self, Wire};
 use crate::transport::{TcpTransport, Transport, WsTransport};
 use crate::{Error, Result};
 
@@ -38,12 +37,16 @@ pub(crate) enum Protocol {
 }
 
 impl Protocol {
-    fn name(&self) -> &'static str {
+    fn wire(&self) -> Wire {
         match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Ws => "ws",
-            Protocol::Wss(_) => "wss",
+            Protocol::Tcp => Wire::Tcp,
+            Protocol::Ws => Wire::Ws,
+            Protocol::Wss(_) => Wire::Wss,
         }
+    }
+
+    fn name(&self) -> &'static str {
+        self.wire().as_str()
     }
 }
 
@@ -108,11 +111,20 @@ pub(crate) async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let id = inner.next_session_id();
-        let span = tracing::debug_span!("conn", conn.id = id, peer.addr = %peer, transport = protocol.name());
+        // One span per connection; mid and key are recorded once authenticated.
+        let span = tracing::debug_span!(
+            "conn",
+            conn.id = id,
+            peer.addr = %peer,
+            transport = protocol.name(),
+            mid = tracing::field::Empty,
+            key = tracing::field::Empty,
+        );
         let accepted = Accepted {
             inner: Arc::clone(&inner),
             peer,
             id,
+            wire: protocol.wire(),
             slot,
             drain: drain.clone(),
         };
@@ -126,6 +138,7 @@ struct Accepted {
     inner: Arc<Inner>,
     peer: std::net::SocketAddr,
     id: u64,
+    wire: Wire,
     slot: ConnSlot,
     drain: CancellationToken,
 }
@@ -133,13 +146,7 @@ struct Accepted {
 impl Accepted {
     async fn serve<T: Transport>(self, transport: T) {
         connection::serve(
-            self.inner,
-            transport,
-            self.id,
-            self.peer,
-            TransportKind::of::<T>(),
-            self.slot,
-            self.drain,
+            self.inner, transport, self.id, self.peer, self.wire, self.slot, self.drain,
         )
         .await;
     }
@@ -331,6 +338,7 @@ mod tests {
             inner,
             peer,
             id: 1,
+            wire: Wire::Tcp,
             slot,
             drain: CancellationToken::new(),
         };

@@ -21,13 +21,6 @@ pub enum TransportKind {
     Ws,
 }
 
-impl TransportKind {
-    /// Returns the kind a transport type carries.
-    pub(crate) fn of<T: crate::transport::Transport>() -> TransportKind {
-        T::KIND
-    }
-}
-
 /// Why the comet closes a connection on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

@@ -15,8 +15,6 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::codec::Decoder;
 
-use crate::session::TransportKind;
-
 /// Bytes requested from the socket per read; grows only while a frame is partial.
 const READ_CHUNK: usize = 512;
 
@@ -59,14 +57,12 @@ impl ReadError {
 
 /// A client connection that carries goim frames.
 pub(crate) trait Transport: Send + 'static {
-    /// How the client is connected (for per-transport counts).
-    const KIND: TransportKind;
-
     /// Reads the next frame; `None` when the client closed cleanly. Cancel-safe.
     fn read_frame(&mut self) -> impl Future<Output = Result<Option<Frame>, ReadError>> + Send;
 
-    /// Writes encoded frames (an op-9 batch as the transport wants it) and flushes.
-    fn write_frames(&mut self, frames: &[Bytes]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Writes encoded frames (an op-9 batch as the transport wants it) and
+    /// flushes; returns the frame bytes written (without WebSocket framing).
+    fn write_frames(&mut self, frames: &[Bytes]) -> impl Future<Output = io::Result<usize>> + Send;
 
     /// Closes the connection politely (WebSocket close frame, TCP FIN).
     fn close(&mut self) -> impl Future<Output = ()> + Send;
@@ -96,8 +92,6 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
-    const KIND: TransportKind = TransportKind::Tcp;
-
     async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
@@ -125,7 +119,7 @@ impl Transport for TcpTransport {
         }
     }
 
-    async fn write_frames(&mut self, frames: &[Bytes]) -> io::Result<()> {
+    async fn write_frames(&mut self, frames: &[Bytes]) -> io::Result<usize> {
         // An op-9 batch goes out as its inner frames: its body already is
         // those frames back to back.
         let parts: Vec<&[u8]> = frames
@@ -139,6 +133,7 @@ impl Transport for TcpTransport {
             })
             .filter(|p| !p.is_empty())
             .collect();
+        let total = parts.iter().map(|p| p.len()).sum();
         for chunk in parts.chunks(MAX_IOV) {
             let mut slices: Vec<IoSlice<'_>> = chunk.iter().map(|p| IoSlice::new(p)).collect();
             let mut slices = &mut slices[..];
@@ -150,7 +145,7 @@ impl Transport for TcpTransport {
                 IoSlice::advance_slices(&mut slices, n);
             }
         }
-        Ok(())
+        Ok(total)
     }
 
     async fn close(&mut self) {
@@ -177,8 +172,6 @@ impl<S> Transport for WsTransport<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    const KIND: TransportKind = TransportKind::Ws;
-
     async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             match self.ws.next().await {
@@ -198,14 +191,17 @@ where
         }
     }
 
-    async fn write_frames(&mut self, frames: &[Bytes]) -> io::Result<()> {
+    async fn write_frames(&mut self, frames: &[Bytes]) -> io::Result<usize> {
+        let mut total = 0;
         for frame in frames {
+            total += frame.len();
             self.ws
                 .feed(Message::Binary(frame.clone()))
                 .await
                 .map_err(ws_io_error)?;
         }
-        self.ws.flush().await.map_err(ws_io_error)
+        self.ws.flush().await.map_err(ws_io_error)?;
+        Ok(total)
     }
 
     async fn close(&mut self) {

@@ -23,10 +23,13 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use rim_queue::PushMsg;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use crate::metrics::{JobMetrics, kind_label};
 use crate::{Job, Outcome};
 
 /// How often handled offsets are committed.
@@ -35,6 +38,8 @@ const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const MAX_IN_FLIGHT: usize = 8192;
 /// How long shutdown waits for in-flight messages before the final commit.
 const FINAL_WAIT: Duration = Duration::from_secs(10);
+/// How often librdkafka reports statistics (the consumer lag gauge).
+const STATISTICS_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the consumer could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -117,13 +122,47 @@ impl Tracker {
     }
 }
 
-/// Commits what was handled before a partition is given up.
+/// Commits what was handled before a partition is given up, and keeps the
+/// consumer lag from librdkafka's statistics.
 struct Context {
     topic: String,
     tracker: Arc<Mutex<Tracker>>,
+    metrics: Arc<JobMetrics>,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        let lag = statistics
+            .topics
+            .get(&self.topic)
+            .map(|topic| {
+                topic
+                    .partitions
+                    .values()
+                    .filter(|p| p.partition >= 0 && p.desired)
+                    .filter_map(|p| {
+                        partition_lag(p.hi_offset, p.app_offset, p.consumer_lag)
+                            .map(|lag| (p.partition, lag))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.metrics.set_lag(lag);
+    }
+}
+
+/// A partition's lag: the high watermark minus the consumer's position
+/// (the next offset it hands out); before it has a position, librdkafka's
+/// lag behind the committed offset; `None` when neither is known yet.
+fn partition_lag(high_watermark: i64, position: i64, committed_lag: i64) -> Option<i64> {
+    if high_watermark >= 0 && position >= 0 {
+        Some((high_watermark - position).max(0))
+    } else if committed_lag >= 0 {
+        Some(committed_lag)
+    } else {
+        None
+    }
+}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -191,6 +230,7 @@ pub async fn consume_kafka(
     let context = Context {
         topic: topic.to_owned(),
         tracker: Arc::clone(&tracker),
+        metrics: Arc::clone(&job.inner.metrics),
     };
     let consumer: StreamConsumer<Context> = ClientConfig::new()
         .set("bootstrap.servers", brokers.join(","))
@@ -200,6 +240,10 @@ pub async fn consume_kafka(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
+        .set(
+            "statistics.interval.ms",
+            STATISTICS_EVERY.as_millis().to_string(),
+        )
         .create_with_context(context)
         .map_err(|e| ConsumeError(format!("create for {}: {e}", brokers.join(","))))?;
     consumer
@@ -243,7 +287,17 @@ pub async fn consume_kafka(
             .start(partition, offset);
         let decoded = message.payload().map(PushMsg::decode);
         let ticket = match decoded {
-            Some(Ok(msg)) => job.deliver(msg).await,
+            Some(Ok(msg)) => {
+                let span = tracing::debug_span!(
+                    "push",
+                    kind = kind_label(msg.r#type()),
+                    push.id = msg.accepted_unix_nanos,
+                    op = msg.operation,
+                    partition,
+                    offset,
+                );
+                job.deliver(msg).instrument(span).await
+            }
             Some(Err(err)) => {
                 tracing::warn!(partition, offset, reason = %err, "undecodable queue message skipped");
                 Box::pin(std::future::ready(Outcome::Rejected)) as crate::Ticket
@@ -298,6 +352,15 @@ mod tests {
             list.find_partition("t", 0).unwrap().offset(),
             Offset::Offset(13)
         );
+    }
+
+    #[test]
+    fn lag_is_the_high_watermark_minus_the_position() {
+        assert_eq!(partition_lag(120, 100, 30), Some(20));
+        assert_eq!(partition_lag(100, 100, 0), Some(0));
+        // No position yet: librdkafka's lag behind the committed offset.
+        assert_eq!(partition_lag(120, -1001, 30), Some(30));
+        assert_eq!(partition_lag(-1, -1001, -1), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! It does not plan pushes (rim-api) and does not know sockets (rim-comet).
 
 mod kafka;
+mod metrics;
 mod role;
 mod room;
 mod worker;
@@ -25,8 +26,10 @@ use rim_proto::{Frame, Op};
 use rim_queue::{MemoryConsumer, PushMsg, PushType};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use crate::kafka::{ConsumeError, consume_kafka};
+use crate::metrics::JobMetrics;
 pub use crate::role::{RunError, run};
 use crate::room::{Flush, RoomMessage};
 pub use crate::worker::Outcome;
@@ -45,6 +48,7 @@ pub struct Job {
 struct Inner {
     workers: RwLock<HashMap<String, Arc<Worker>>>,
     rooms: mpsc::Sender<RoomMessage>,
+    metrics: Arc<JobMetrics>,
 }
 
 impl std::fmt::Debug for Job {
@@ -95,6 +99,7 @@ impl Job {
             inner: Arc::new(Inner {
                 workers: RwLock::new(HashMap::new()),
                 rooms,
+                metrics: Arc::new(JobMetrics::default()),
             }),
         };
         tokio::spawn(broadcast_flushes(Arc::downgrade(&job.inner), flushes));
@@ -118,10 +123,15 @@ impl Job {
             stays
         });
         for (id, api) in keep {
-            workers
-                .entry(id.clone())
-                .or_insert_with(|| Arc::new(Worker::spawn(id, api)));
+            workers.entry(id.clone()).or_insert_with(|| {
+                Arc::new(Worker::spawn(id, api, Arc::clone(&self.inner.metrics)))
+            });
         }
+    }
+
+    /// Registers the job's metrics (`rim_job_*`) in `registry`.
+    pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
+        self.inner.metrics.register(registry);
     }
 
     /// Returns the ids of the comets this job delivers to.
@@ -145,8 +155,25 @@ impl Job {
 
     /// Hands one message to the comets. Calls are queued in the order
     /// messages are given, per comet; the ticket completes when the message
-    /// is fully handled (delivered, refused as invalid, or its comet gone).
+    /// is fully handled (delivered, refused as invalid, or its comet gone),
+    /// and is counted in the job's metrics then.
     pub async fn deliver(&self, msg: PushMsg) -> Ticket {
+        let (kind, accepted) = (msg.r#type(), msg.accepted_unix_nanos);
+        let metrics = Arc::clone(&self.inner.metrics);
+        metrics.started();
+        let ticket = self.dispatch(msg).await;
+        Box::pin(
+            async move {
+                let outcome = ticket.await;
+                metrics.finished(kind, outcome, accepted);
+                tracing::debug!(?outcome, "message handled");
+                outcome
+            }
+            .in_current_span(),
+        )
+    }
+
+    async fn dispatch(&self, msg: PushMsg) -> Ticket {
         let proto = Proto {
             ver: 1,
             op: msg.operation,
@@ -227,6 +254,7 @@ impl Job {
 async fn broadcast_flushes(inner: std::sync::Weak<Inner>, mut flushes: mpsc::Receiver<Flush>) {
     while let Some(Flush { room, frame, dones }) = flushes.recv().await {
         let Some(inner) = inner.upgrade() else { return };
+        inner.metrics.room_batch(dones.len());
         let workers: Vec<Arc<Worker>> = {
             let workers = inner
                 .workers
@@ -256,6 +284,7 @@ async fn broadcast_flushes(inner: std::sync::Weak<Inner>, mut flushes: mpsc::Rec
 /// Consumes the in-process queue until `stop` is cancelled or every
 /// producer is gone, keeping at most MAX_IN_FLIGHT messages unconfirmed.
 pub async fn consume_memory(job: Job, mut consumer: MemoryConsumer, stop: CancellationToken) {
+    job.inner.metrics.watch_memory_queue(consumer.depth());
     let mut in_flight: FuturesUnordered<Ticket> = FuturesUnordered::new();
     loop {
         let room = in_flight.len() < MAX_IN_FLIGHT;
@@ -268,7 +297,13 @@ pub async fn consume_memory(job: Job, mut consumer: MemoryConsumer, stop: Cancel
                 None => break,
             },
         };
-        let ticket = job.deliver(msg).await;
+        let span = tracing::debug_span!(
+            "push",
+            kind = metrics::kind_label(msg.r#type()),
+            push.id = msg.accepted_unix_nanos,
+            op = msg.operation,
+        );
+        let ticket = job.deliver(msg).instrument(span).await;
         in_flight.push(ticket);
     }
     // Let what was handed out finish (bounded by the caller's grace period).

@@ -7,6 +7,7 @@ use rim_config::{JobRoleConfig, QueueBackend};
 use rim_discovery::{Kind, NodeInfo};
 use rim_proto::api::{CometApi, RemoteComet};
 use rim_shutdown::Shutdown;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{CometHandle, Job, consume_kafka};
@@ -36,8 +37,13 @@ fn region_comets(nodes: &[NodeInfo], region: &str) -> Vec<CometHandle> {
         .collect()
 }
 
-/// Runs `rim job` until `shutdown` triggers.
-pub async fn run(config: JobRoleConfig, shutdown: Shutdown) -> Result<(), RunError> {
+/// Runs `rim job` until `shutdown` triggers, serving `GET /metrics` on
+/// `metrics` when given.
+pub async fn run(
+    config: JobRoleConfig,
+    metrics: Option<TcpListener>,
+    shutdown: Shutdown,
+) -> Result<(), RunError> {
     if config.queue.backend != QueueBackend::Kafka {
         return Err(RunError::Config(
             "rim job consumes Kafka: set queue.backend = \"kafka\" (the in-process queue is standalone's)".into(),
@@ -52,6 +58,17 @@ pub async fn run(config: JobRoleConfig, shutdown: Shutdown) -> Result<(), RunErr
         .map_err(|e| RunError::Config(e.to_string()))?;
     let region = config.node.region.clone();
     let job = Job::new(&config.job);
+    let metrics_stop = CancellationToken::new();
+    let metrics = metrics.map(|listener| {
+        let mut registry = rim_metrics::Registry::default();
+        rim_metrics::register_common(&mut registry, "job");
+        job.register_metrics(&mut registry);
+        tokio::spawn(rim_metrics::serve(
+            listener,
+            Arc::new(registry),
+            metrics_stop.clone(),
+        ))
+    });
     job.set_comets(region_comets(&comets.borrow_and_update(), &region));
     tracing::info!(%region, comets = ?job.comet_ids(), group = %config.job.group, "job starting");
     // Follow the region's comets: a comet that leaves discovery is retired
@@ -75,14 +92,23 @@ pub async fn run(config: JobRoleConfig, shutdown: Shutdown) -> Result<(), RunErr
         stop.clone(),
     );
     tokio::pin!(consumer);
-    tokio::select! {
-        result = &mut consumer => return result.map_err(Into::into),
-        () = shutdown.triggered() => {}
-    }
-    stop.cancel();
+    let result = tokio::select! {
+        result = &mut consumer => result,
+        () = shutdown.triggered() => {
+            stop.cancel();
+            consumer.await
+        }
+    };
     follow.abort();
-    consumer.await?;
     drop(discovery);
+    // Metrics are served until the consumer committed and stopped.
+    metrics_stop.cancel();
+    if let Some(task) = metrics
+        && let Ok(Err(err)) = task.await
+    {
+        tracing::warn!(reason = %err, "metrics server ended with an error");
+    }
+    result?;
     tracing::info!("job stopped");
     Ok(())
 }

@@ -6,11 +6,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rim_proto::api::{ApiError, CometApi};
 use rim_proto::pb::comet::v1 as pb;
 use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::metrics::JobMetrics;
 
 /// Calls queued for one comet before dispatchers wait (backpressure up to the
 /// queue consumer).
@@ -56,11 +58,12 @@ pub(crate) struct Worker {
 
 impl Worker {
     /// Starts the worker task for one comet.
-    pub(crate) fn spawn(id: String, api: Arc<dyn CometApi>) -> Worker {
+    pub(crate) fn spawn(id: String, api: Arc<dyn CometApi>, metrics: Arc<JobMetrics>) -> Worker {
         let (tx, rx) = mpsc::channel(QUEUE);
         let gone = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(Notify::new());
-        tokio::spawn(run(id, api, rx, Arc::clone(&gone), Arc::clone(&wake)));
+        let comet = Comet { id, api, metrics };
+        tokio::spawn(run(comet, rx, Arc::clone(&gone), Arc::clone(&wake)));
         Worker { tx, gone, wake }
     }
 
@@ -80,17 +83,39 @@ impl Worker {
     }
 }
 
-async fn attempt(api: &dyn CometApi, call: &Call) -> Result<(), ApiError> {
-    match call {
-        Call::Push(req) => api.push_msg(req.clone()).await.map(drop),
-        Call::Room(req) => api.broadcast_room(req.clone()).await.map(drop),
-        Call::Broadcast(req) => api.broadcast(req.clone()).await.map(drop),
+/// The comet a worker calls, and where its calls are counted.
+struct Comet {
+    id: String,
+    api: Arc<dyn CometApi>,
+    metrics: Arc<JobMetrics>,
+}
+
+impl Call {
+    fn name(&self) -> &'static str {
+        match self {
+            Call::Push(_) => "push",
+            Call::Room(_) => "room",
+            Call::Broadcast(_) => "broadcast",
+        }
     }
 }
 
+async fn attempt(comet: &Comet, call: &Call) -> Result<(), ApiError> {
+    let api = comet.api.as_ref();
+    let started = Instant::now();
+    let result = match call {
+        Call::Push(req) => api.push_msg(req.clone()).await.map(drop),
+        Call::Room(req) => api.broadcast_room(req.clone()).await.map(drop),
+        Call::Broadcast(req) => api.broadcast(req.clone()).await.map(drop),
+    };
+    comet
+        .metrics
+        .rpc(&comet.id, call.name(), started.elapsed(), result.is_err());
+    result
+}
+
 async fn run(
-    id: String,
-    api: Arc<dyn CometApi>,
+    comet: Comet,
     mut rx: mpsc::Receiver<Queued>,
     gone: Arc<AtomicBool>,
     wake: Arc<Notify>,
@@ -101,10 +126,10 @@ async fn run(
             if gone.load(Ordering::Acquire) {
                 break Outcome::Gone;
             }
-            match attempt(api.as_ref(), &call).await {
+            match attempt(&comet, &call).await {
                 Ok(()) => {
                     if failures >= BREAKER_THRESHOLD {
-                        tracing::info!(comet = %id, "comet answers again; breaker closed");
+                        tracing::info!(comet = %comet.id, "comet answers again; breaker closed");
                     }
                     failures = 0;
                     break Outcome::Delivered;
@@ -112,7 +137,7 @@ async fn run(
                 Err(err) if err.is_transient() => {
                     failures += 1;
                     if failures == BREAKER_THRESHOLD {
-                        tracing::warn!(comet = %id, reason = %err, "comet keeps failing; breaker open, retrying every {MAX_BACKOFF:?}");
+                        tracing::warn!(comet = %comet.id, reason = %err, "comet keeps failing; breaker open, retrying every {MAX_BACKOFF:?}");
                     }
                     let backoff = if failures >= BREAKER_THRESHOLD {
                         MAX_BACKOFF
@@ -125,7 +150,7 @@ async fn run(
                     }
                 }
                 Err(err) => {
-                    tracing::warn!(comet = %id, reason = %err, "comet refused a delivery as invalid; dropped");
+                    tracing::warn!(comet = %comet.id, reason = %err, "comet refused a delivery as invalid; dropped");
                     break Outcome::Rejected;
                 }
             }

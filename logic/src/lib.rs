@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod comets;
 pub mod grpc;
+mod metrics;
 pub mod nodes;
 mod service;
 pub mod webhook;

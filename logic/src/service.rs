@@ -14,6 +14,7 @@ use rim_router::Router;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::comets::Comets;
+use crate::metrics::LogicMetrics;
 use crate::nodes::NodeSelector;
 use crate::webhook::HttpClient;
 
@@ -29,6 +30,7 @@ pub struct Logic {
     receive_timeout: Duration,
     comets: Arc<Comets>,
     selector: NodeSelector,
+    metrics: LogicMetrics,
 }
 
 impl std::fmt::Debug for Logic {
@@ -55,6 +57,16 @@ fn router_error(err: rim_router::Error) -> ApiError {
 }
 
 impl Logic {
+    /// Counts a failed router call and maps it to "unavailable".
+    fn router_failed(&self, op: &'static str) -> impl FnOnce(rim_router::Error) -> ApiError + '_ {
+        move |err| {
+            self.metrics.router_error(op);
+            router_error(err)
+        }
+    }
+}
+
+impl Logic {
     /// Creates the service over a router and a comet directory.
     pub fn new(
         config: &LogicConfig,
@@ -78,7 +90,13 @@ impl Logic {
                 config.heartbeat,
                 config.heartbeat_max,
             ),
+            metrics: LogicMetrics::default(),
         }
+    }
+
+    /// Registers logic's metrics (`rim_logic_*`) in `registry`.
+    pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
+        self.metrics.register(registry, Arc::clone(&self.comets));
     }
 
     /// Returns the online map.
@@ -113,8 +131,14 @@ impl LogicApi for Logic {
             .authenticate(&req.token, &req.client_ip)
             .await
             .map_err(|e| match e {
-                AuthError::Refused(reason) => ApiError::Unauthenticated(reason),
-                AuthError::Unavailable(reason) => ApiError::Unavailable(format!("auth: {reason}")),
+                AuthError::Refused(reason) => {
+                    self.metrics.connect("refused");
+                    ApiError::Unauthenticated(reason)
+                }
+                AuthError::Unavailable(reason) => {
+                    self.metrics.connect("failed");
+                    ApiError::Unavailable(format!("auth: {reason}"))
+                }
             })?;
         let key = if identity.key.is_empty() {
             uuid::Uuid::new_v4().to_string()
@@ -124,7 +148,11 @@ impl LogicApi for Logic {
         self.router
             .add(identity.mid, &key, &req.server, self.lease)
             .await
-            .map_err(router_error)?;
+            .map_err(|err| {
+                self.metrics.connect("failed");
+                self.router_failed("add")(err)
+            })?;
+        self.metrics.connect("ok");
         tracing::debug!(mid = identity.mid, %key, server = %req.server, "connected");
         Ok(pb::ConnectReply {
             mid: identity.mid,
@@ -139,20 +167,22 @@ impl LogicApi for Logic {
     async fn disconnect(&self, req: pb::DisconnectRequest) -> ApiResult<bool> {
         require("server", &req.server)?;
         require("key", &req.key)?;
+        self.metrics.disconnects.inc();
         self.router
             .remove(req.mid, &req.key, &req.server)
             .await
-            .map_err(router_error)
+            .map_err(self.router_failed("remove"))
     }
 
     async fn heartbeat(&self, req: pb::HeartbeatRequest) -> ApiResult<()> {
         require("server", &req.server)?;
         require("key", &req.key)?;
+        self.metrics.renewals.inc();
         let renewed = self
             .router
             .renew(req.mid, &req.key, &req.server, self.lease)
             .await
-            .map_err(router_error)?;
+            .map_err(self.router_failed("renew"))?;
         if !renewed {
             // The entry expired (e.g. the router lost it): the connection is
             // alive on this server, so record it again — unless the key has
@@ -161,12 +191,12 @@ impl LogicApi for Logic {
                 .router
                 .servers_of_keys(std::slice::from_ref(&req.key))
                 .await
-                .map_err(router_error)?;
+                .map_err(self.router_failed("lookup"))?;
             if owner.first().is_none_or(Option::is_none) {
                 self.router
                     .add(req.mid, &req.key, &req.server, self.lease)
                     .await
-                    .map_err(router_error)?;
+                    .map_err(self.router_failed("add"))?;
             }
         }
         Ok(())
@@ -177,8 +207,12 @@ impl LogicApi for Logic {
         self.router
             .set_room_counts(&req.server, &req.room_count)
             .await
-            .map_err(router_error)?;
-        let all = self.router.room_counts().await.map_err(router_error)?;
+            .map_err(self.router_failed("set_room_counts"))?;
+        let all = self
+            .router
+            .room_counts()
+            .await
+            .map_err(self.router_failed("room_counts"))?;
         Ok(pb::RenewOnlineReply {
             all_room_count: all
                 .into_iter()

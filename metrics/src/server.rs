@@ -12,19 +12,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exposition::{CONTENT_TYPE, encode};
 
-/// Returns a router answering `GET /metrics` with the registry's exposition.
+/// Returns a router answering `GET /metrics` with the registry's
+/// exposition, without a fallback, so that it merges into another router.
 pub fn router(registry: Arc<Registry>) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = Arc::clone(&registry);
-                async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], encode(&registry)) }
-            }),
-        )
-        .fallback(|| async {
-            (StatusCode::NOT_FOUND, "only /metrics is served here\n").into_response()
-        })
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = Arc::clone(&registry);
+            async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], encode(&registry)) }
+        }),
+    )
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` is cancelled.
@@ -34,7 +31,10 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "metrics serving");
-    axum::serve(listener, router(registry))
+    let routes = router(registry).fallback(|| async {
+        (StatusCode::NOT_FOUND, "only /metrics is served here\n").into_response()
+    });
+    axum::serve(listener, routes)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }

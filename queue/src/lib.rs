@@ -19,7 +19,7 @@ pub use rim_proto::pb::queue::v1::PushMsg;
 pub use rim_proto::pb::queue::v1::push_msg::Type as PushType;
 
 pub use crate::kafka::KafkaProducer;
-pub use crate::memory::{MemoryConsumer, MemoryProducer, memory_queue};
+pub use crate::memory::{MemoryConsumer, MemoryProducer, QueueDepth, memory_queue};
 
 /// Why a message could not be enqueued.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -14,7 +14,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Creates a queue holding at most `capacity` messages.
 pub fn memory_queue(capacity: usize) -> (MemoryProducer, MemoryConsumer) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    (MemoryProducer { tx }, MemoryConsumer { rx })
+    let depth = QueueDepth(tx.downgrade());
+    (MemoryProducer { tx }, MemoryConsumer { rx, depth })
 }
 
 /// The sending side; cheap to clone.
@@ -28,9 +29,29 @@ pub struct MemoryProducer {
 #[derive(Debug)]
 pub struct MemoryConsumer {
     rx: mpsc::Receiver<PushMsg>,
+    depth: QueueDepth,
+}
+
+/// Reads how many messages wait in an in-process queue (for metrics); it
+/// does not keep the queue open.
+#[derive(Clone, Debug)]
+pub struct QueueDepth(mpsc::WeakSender<PushMsg>);
+
+impl QueueDepth {
+    /// Returns the number of queued messages; 0 once every producer is gone.
+    pub fn get(&self) -> usize {
+        self.0
+            .upgrade()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+    }
 }
 
 impl MemoryConsumer {
+    /// Returns a handle reading this queue's depth.
+    pub fn depth(&self) -> QueueDepth {
+        self.depth.clone()
+    }
+
     /// Returns the next message; `None` once every producer is gone.
     pub async fn recv(&mut self) -> Option<PushMsg> {
         self.rx.recv().await
@@ -94,6 +115,20 @@ mod tests {
             producer.send(push("b")).await,
             Err(Error::Full(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_depth_counts_queued_messages() {
+        let (producer, mut consumer) = memory_queue(8);
+        let depth = consumer.depth();
+        assert_eq!(depth.get(), 0);
+        producer.send(push("a")).await.unwrap();
+        producer.send(push("b")).await.unwrap();
+        assert_eq!(depth.get(), 2);
+        consumer.recv().await.unwrap();
+        assert_eq!(depth.get(), 1);
+        drop(producer);
+        assert_eq!(depth.get(), 0);
     }
 
     #[tokio::test]

@@ -27,6 +27,9 @@ impl Proc {
         }
         let mut child = cmd
             .args(args)
+            // Comets and jobs serve metrics on a port of their own: pick a
+            // free one unless the test names it.
+            .env("RIM_METRICS__BIND", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())

@@ -1,0 +1,245 @@
+//! The job's Prometheus metrics: messages by kind and result, push latency
+//! from the api's accept to the comets' answer, comet RPC errors and
+//! durations, room batch sizes, messages in flight and consumer lag.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rim_metrics::{Counter, DescriptorEncoder, Family, Gauge, Histogram, Registry, gauge_family};
+use rim_queue::{PushType, QueueDepth};
+
+use crate::Outcome;
+
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+type HistogramFamily = Family<Labels1, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(rim_metrics::latency_buckets())
+}
+
+/// The job's metrics; shared by the consumers, the workers and the aggregator.
+#[derive(Debug)]
+pub(crate) struct JobMetrics {
+    messages: Family<Labels2, Counter>,
+    push_latency: HistogramFamily,
+    rpc_errors: Family<[(&'static str, String); 1], Counter>,
+    rpc_seconds: HistogramFamily,
+    room_batch: Histogram,
+    in_flight: Gauge,
+    /// Kafka consumer lag by partition, from librdkafka's statistics.
+    lag: Mutex<BTreeMap<i32, i64>>,
+    /// The in-process queue's depth (standalone), its "lag".
+    memory: OnceLock<QueueDepth>,
+}
+
+impl Default for JobMetrics {
+    fn default() -> Self {
+        JobMetrics {
+            messages: Family::default(),
+            push_latency: Family::new_with_constructor(latency_histogram),
+            rpc_errors: Family::default(),
+            rpc_seconds: Family::new_with_constructor(latency_histogram),
+            room_batch: Histogram::new(rim_metrics::size_buckets()),
+            in_flight: Gauge::default(),
+            lag: Mutex::new(BTreeMap::new()),
+            memory: OnceLock::new(),
+        }
+    }
+}
+
+/// The `kind` label of a queue message.
+pub(crate) fn kind_label(kind: PushType) -> &'static str {
+    match kind {
+        PushType::Push => "push",
+        PushType::Room => "room",
+        PushType::Broadcast => "broadcast",
+        PushType::Unspecified => "unspecified",
+    }
+}
+
+fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Rejected => "rejected",
+        Outcome::Gone => "gone",
+    }
+}
+
+/// Time since `accepted_unix_nanos`; `None` when the message carries no
+/// (or a future) accept time.
+fn since(accepted_unix_nanos: i64) -> Option<Duration> {
+    let accepted = u64::try_from(accepted_unix_nanos).ok().filter(|&n| n > 0)?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    now.checked_sub(Duration::from_nanos(accepted))
+}
+
+impl JobMetrics {
+    /// Counts a message handed out; `finished` must follow.
+    pub(crate) fn started(&self) {
+        self.in_flight.inc();
+    }
+
+    /// Counts a fully handled message and its latency since the api accepted it.
+    pub(crate) fn finished(&self, kind: PushType, outcome: Outcome, accepted_unix_nanos: i64) {
+        self.in_flight.dec();
+        let kind = kind_label(kind);
+        self.messages
+            .get_or_create(&[("kind", kind), ("result", outcome_label(outcome))])
+            .inc();
+        if outcome == Outcome::Delivered
+            && let Some(latency) = since(accepted_unix_nanos)
+        {
+            self.push_latency
+                .get_or_create(&[("kind", kind)])
+                .observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Records one comet RPC attempt.
+    pub(crate) fn rpc(&self, comet: &str, rpc: &'static str, took: Duration, failed: bool) {
+        self.rpc_seconds
+            .get_or_create(&[("rpc", rpc)])
+            .observe(took.as_secs_f64());
+        if failed {
+            self.rpc_errors
+                .get_or_create(&[("comet", comet.to_owned())])
+                .inc();
+        }
+    }
+
+    /// Records the number of messages merged into one room batch.
+    pub(crate) fn room_batch(&self, messages: usize) {
+        self.room_batch.observe(messages as f64);
+    }
+
+    /// Replaces the Kafka lag of the assigned partitions.
+    pub(crate) fn set_lag(&self, lag: BTreeMap<i32, i64>) {
+        *self
+            .lag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = lag;
+    }
+
+    /// Reports the in-process queue's depth as the consumer lag.
+    pub(crate) fn watch_memory_queue(&self, depth: QueueDepth) {
+        let _ = self.memory.set(depth);
+    }
+
+    /// Registers the job's metrics (`rim_job_*`).
+    pub(crate) fn register(self: &std::sync::Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "rim_job_messages",
+            "Queue messages fully handled, by kind (push, room, broadcast) and result (delivered, rejected as invalid, gone: the comet left).",
+            self.messages.clone(),
+        );
+        registry.register(
+            "rim_job_push_latency_seconds",
+            "Time from the api accepting a push (the queue message's accept time) to the comets answering its delivery, by kind.",
+            self.push_latency.clone(),
+        );
+        registry.register(
+            "rim_job_comet_rpc_errors",
+            "Failed delivery RPC attempts (each retry counts), by comet.",
+            self.rpc_errors.clone(),
+        );
+        registry.register(
+            "rim_job_comet_rpc_duration_seconds",
+            "Duration of delivery RPC attempts to comets, by RPC (push, room, broadcast).",
+            self.rpc_seconds.clone(),
+        );
+        registry.register(
+            "rim_job_room_batch_messages",
+            "Messages merged into one room batch (op 9) per flush.",
+            self.room_batch.clone(),
+        );
+        registry.register(
+            "rim_job_in_flight",
+            "Messages handed to comets but not yet fully handled.",
+            self.in_flight.clone(),
+        );
+        registry.register_collector(Box::new(LagCollector(std::sync::Arc::clone(self))));
+    }
+}
+
+#[derive(Debug)]
+struct LagCollector(std::sync::Arc<JobMetrics>);
+
+impl rim_metrics::Collector for LagCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let metrics = &self.0;
+        let mut samples: Vec<(String, i64)> = metrics
+            .lag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(partition, lag)| (partition.to_string(), *lag))
+            .collect();
+        if let Some(depth) = metrics.memory.get() {
+            samples.push((
+                "memory".into(),
+                i64::try_from(depth.get()).unwrap_or(i64::MAX),
+            ));
+        }
+        gauge_family(
+            &mut e,
+            "rim_job_consumer_lag",
+            "Messages not yet consumed, by partition: Kafka high watermark minus the consumer's position (from librdkafka statistics, every 5 s); partition=\"memory\" is the in-process queue's depth.",
+            "partition",
+            samples,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_is_measured_from_the_accept_time() {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let accepted = (now - Duration::from_millis(250)).as_nanos() as i64;
+        let latency = since(accepted).unwrap();
+        assert!(latency >= Duration::from_millis(250), "{latency:?}");
+        assert_eq!(since(0), None);
+        assert_eq!(since(-5), None);
+        let future = (now + Duration::from_secs(60)).as_nanos() as i64;
+        assert_eq!(since(future), None);
+    }
+
+    #[test]
+    fn finished_messages_are_counted_by_kind_and_result() {
+        let metrics = std::sync::Arc::new(JobMetrics::default());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        metrics.set_lag(BTreeMap::from([(0, 3), (2, 0)]));
+        let accepted = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        for _ in 0..2 {
+            metrics.started();
+        }
+        metrics.finished(PushType::Room, Outcome::Delivered, accepted);
+        metrics.finished(PushType::Push, Outcome::Gone, accepted);
+        metrics.rpc("comet-1", "push", Duration::from_millis(2), true);
+        let text = rim_metrics::encode(&registry);
+        for line in [
+            "rim_job_messages_total{kind=\"room\",result=\"delivered\"} 1",
+            "rim_job_messages_total{kind=\"push\",result=\"gone\"} 1",
+            "rim_job_push_latency_seconds_count{kind=\"room\"} 1",
+            "rim_job_comet_rpc_errors_total{comet=\"comet-1\"} 1",
+            "rim_job_in_flight 0",
+            "rim_job_consumer_lag{partition=\"0\"} 3",
+            "rim_job_consumer_lag{partition=\"2\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+        // Only delivered messages have a push latency.
+        assert!(!text.contains("rim_job_push_latency_seconds_count{kind=\"push\"}"));
+    }
+}
