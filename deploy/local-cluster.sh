@@ -31,7 +31,8 @@
 #
 # Environment:
 #   RIM_BIN                the rim binary (default target/release/rim)
-#   RIM_CLUSTER_DIR        state dir (default: a temp dir, see above)
+#   RIM_CLUSTER_DIR        state dir, new or empty (default: a temp dir, see
+#                          above); `stop` removes it
 #   RIM_CLUSTER_PORT_BASE  first port (default 23000); the cluster uses
 #                          BASE+1..3 for Redis, ZooKeeper and Kafka and
 #                          BASE+100..199 (region a), BASE+200..299 (region b)
@@ -87,6 +88,17 @@ tcp_open() {
     timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
 }
 
+# True when something listens on TCP port $1. Asks the kernel (ss) rather
+# than connecting: a comet counts a connection that hangs up before Auth as a
+# bad frame.
+listening() {
+    if command -v ss >/dev/null; then
+        [[ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]]
+    else
+        tcp_open "$1"
+    fi
+}
+
 http_ok() {
     curl -fsS -m 2 -o /dev/null "$1" 2>/dev/null
 }
@@ -140,11 +152,23 @@ wait_for() {
         if "$@"; then
             return 0
         fi
+        all_alive
         sleep 0.5
     done
     echo "error: $what not ready within $READY_SECONDS s" >&2
     show_log "$logfile"
     return 1
+}
+
+# Fails, with its log, when a process recorded so far has exited.
+all_alive() {
+    local name role region pid start ports logfile
+    while IFS=$'\t' read -r name role region pid start ports logfile; do
+        if ! same_process "$pid" "$start"; then
+            show_log "$logfile"
+            die "$name (pid $pid) exited"
+        fi
+    done <"$STATE/procs.tsv"
 }
 
 # The state dir of a running (or stale) cluster, or nothing.
@@ -337,7 +361,7 @@ logic_ready() {
 comet_ready() {
     local region="$1" n="$2" b
     b="$(region_base "$region")"
-    tcp_open $((b + n * 10 + 11)) && tcp_open $((b + n * 10 + 12)) && tcp_open $((b + n * 10 + 19))
+    listening $((b + n * 10 + 11)) && listening $((b + n * 10 + 12)) && listening $((b + n * 10 + 19))
 }
 
 job_ready() {
@@ -360,7 +384,7 @@ check_ports() {
             echo $((b + 11)) $((b + 19)) $((b + 21)) $((b + 22)) $((b + 29)) $((b + 31)) $((b + 32)) $((b + 39))
             ((METRICS)) && echo $((b + 28)) $((b + 38)) $((b + 48))
         done); do
-        if tcp_open "$port"; then
+        if listening "$port"; then
             die "port $port is already in use on 127.0.0.1 (set RIM_CLUSTER_PORT_BASE to move the cluster)"
         fi
     done
@@ -396,6 +420,10 @@ cmd_start() {
     check_ports
 
     if [[ -n "${RIM_CLUSTER_DIR:-}" ]]; then
+        # stop removes the state dir: never take over a directory with files.
+        if [[ -e "$RIM_CLUSTER_DIR" ]] && [[ -n "$(ls -A "$RIM_CLUSTER_DIR")" ]]; then
+            die "RIM_CLUSTER_DIR=$RIM_CLUSTER_DIR exists and is not empty; name a new or empty directory"
+        fi
         STATE="$RIM_CLUSTER_DIR"
         mkdir -p "$STATE"
     else
@@ -484,10 +512,10 @@ EOF
 
 print_table() {
     local name role region pid start ports logfile state
-    printf '%-10s %-8s %-6s %-8s %-6s %-38s %s\n' NAME ROLE REGION PID STATE PORTS LOG
+    printf '%-10s %-8s %-6s %-8s %-6s %-48s %s\n' NAME ROLE REGION PID STATE PORTS LOG
     while IFS=$'\t' read -r name role region pid start ports logfile; do
         if same_process "$pid" "$start"; then state=alive; else state=dead; fi
-        printf '%-10s %-8s %-6s %-8s %-6s %-38s %s\n' "$name" "$role" "$region" "$pid" "$state" "$ports" "$logfile"
+        printf '%-10s %-8s %-6s %-8s %-6s %-48s %s\n' "$name" "$role" "$region" "$pid" "$state" "$ports" "$logfile"
     done <"$STATE/procs.tsv"
 }
 
