@@ -40,6 +40,11 @@ pub fn comet_ports(base: u16, i: u16) -> (u16, u16, u16) {
     (p, p + 1, p + 9)
 }
 
+/// Metrics (Prometheus) port of comet `i`.
+pub fn comet_metrics_port(base: u16, i: u16) -> u16 {
+    base + 10 + 10 * i + 8
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -90,7 +95,7 @@ impl Cluster {
         let mut ports = vec![base, base + 1];
         for i in 0..comets {
             let (tcp, ws, grpc) = comet_ports(base, i);
-            ports.extend([tcp, ws, grpc]);
+            ports.extend([tcp, ws, grpc, comet_metrics_port(base, i)]);
         }
         for port in ports {
             if std::net::TcpListener::bind(addr(port)).is_err() {
@@ -135,6 +140,10 @@ impl Cluster {
                 .env("RIM_COMET__TCP_BIND", addr(tcp).to_string())
                 .env("RIM_COMET__WS_BIND", addr(ws).to_string())
                 .env("RIM_COMET__GRPC_BIND", addr(grpc).to_string())
+                .env(
+                    "RIM_METRICS__BIND",
+                    addr(comet_metrics_port(base, i)).to_string(),
+                )
                 .env("RIM_COMET__MAX_CONNECTIONS_PER_IP", "1000000")
                 .env("RIM_DISCOVERY__BACKEND", "static")
                 .env("RIM_DISCOVERY__LOGICS", logic_grpc.to_string());
@@ -189,7 +198,7 @@ mod tests {
         let mut seen = vec![base, base + 1];
         for i in 0..100 {
             let (t, w, g) = comet_ports(base, i);
-            for p in [t, w, g] {
+            for p in [t, w, g, comet_metrics_port(base, i)] {
                 assert!(!seen.contains(&p), "port {p} reused");
                 seen.push(p);
             }

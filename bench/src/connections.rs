@@ -58,7 +58,7 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub idle: u64,
     /// First port: the logic takes it and the next; comet i takes
-    /// base+10+10i (TCP), +1 (WebSocket), +9 (gRPC).
+    /// base+10+10i (TCP), +1 (WebSocket), +8 (metrics), +9 (gRPC).
     #[arg(long, default_value_t = 31_000)]
     pub port_base: u16,
     /// Directory for the rim processes' logs (default: a temp directory).
