@@ -31,16 +31,31 @@ pub(crate) struct ApiMetrics {
     router_errors: Counter,
 }
 
+/// The push kinds, one per push endpoint.
+const KINDS: [&str; 4] = ["keys", "mids", "room", "all"];
+
 impl Default for ApiMetrics {
     fn default() -> Self {
-        ApiMetrics {
+        let metrics = ApiMetrics {
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram),
             pushes: Family::default(),
             messages: Family::default(),
             queue_errors: Family::default(),
             router_errors: Counter::default(),
+        };
+        // Series that exist from the start, so that dashboards and alerts
+        // see zeros rather than nothing (an empty family is not exposed).
+        for kind in KINDS {
+            let labels = [("kind", kind)];
+            let _ = metrics.pushes.get_or_create(&labels);
+            let _ = metrics.messages.get_or_create(&labels);
+            let _ = metrics.queue_errors.get_or_create(&labels);
+            let _ = metrics
+                .request_seconds
+                .get_or_create(&[("endpoint", format!("/goim/push/{kind}"))]);
         }
+        metrics
     }
 }
 

@@ -89,7 +89,7 @@ pub(crate) struct Stats {
 
 impl Default for Stats {
     fn default() -> Self {
-        Stats {
+        let stats = Stats {
             connections: Default::default(),
             auth_ok: AtomicU64::new(0),
             auth_refused: AtomicU64::new(0),
@@ -103,7 +103,12 @@ impl Default for Stats {
             recipients: Default::default(),
             rpc_seconds: Family::new_with_constructor(rpc_histogram),
             traffic: Traffic::default(),
+        };
+        // Histograms exposed from the start (an empty family is not).
+        for rpc in Rpc::ALL {
+            let _ = stats.rpc_seconds.get_or_create(&[("rpc", rpc.as_str())]);
         }
+        stats
     }
 }
 

@@ -36,7 +36,7 @@ pub(crate) struct JobMetrics {
 
 impl Default for JobMetrics {
     fn default() -> Self {
-        JobMetrics {
+        let metrics = JobMetrics {
             messages: Family::default(),
             push_latency: Family::new_with_constructor(latency_histogram),
             rpc_errors: Family::default(),
@@ -45,7 +45,20 @@ impl Default for JobMetrics {
             in_flight: Gauge::default(),
             lag: Mutex::new(BTreeMap::new()),
             memory: OnceLock::new(),
+        };
+        // Series that exist from the start, so that dashboards and alerts
+        // see zeros rather than nothing (an empty family is not exposed).
+        for kind in [PushType::Push, PushType::Room, PushType::Broadcast] {
+            let kind = kind_label(kind);
+            for outcome in [Outcome::Delivered, Outcome::Rejected, Outcome::Gone] {
+                let _ = metrics
+                    .messages
+                    .get_or_create(&[("kind", kind), ("result", outcome_label(outcome))]);
+            }
+            let _ = metrics.push_latency.get_or_create(&[("kind", kind)]);
+            let _ = metrics.rpc_seconds.get_or_create(&[("rpc", kind)]);
         }
+        metrics
     }
 }
 
@@ -95,6 +108,13 @@ impl JobMetrics {
                 .get_or_create(&[("kind", kind)])
                 .observe(latency.as_secs_f64());
         }
+    }
+
+    /// Starts the error series of a comet the job now delivers to.
+    pub(crate) fn comet_added(&self, comet: &str) {
+        let _ = self
+            .rpc_errors
+            .get_or_create(&[("comet", comet.to_owned())]);
     }
 
     /// Records one comet RPC attempt.
@@ -240,6 +260,10 @@ mod tests {
             );
         }
         // Only delivered messages have a push latency.
-        assert!(!text.contains("rim_job_push_latency_seconds_count{kind=\"push\"}"));
+        assert!(
+            text.lines()
+                .any(|l| l == "rim_job_push_latency_seconds_count{kind=\"push\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -62,6 +62,7 @@ impl Worker {
         let (tx, rx) = mpsc::channel(QUEUE);
         let gone = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(Notify::new());
+        metrics.comet_added(&id);
         let comet = Comet { id, api, metrics };
         tokio::spawn(run(comet, rx, Arc::clone(&gone), Arc::clone(&wake)));
         Worker { tx, gone, wake }

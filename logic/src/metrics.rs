@@ -10,12 +10,38 @@ use crate::comets::Comets;
 type Labels = [(&'static str, &'static str); 1];
 
 /// Counters updated by the logic service.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct LogicMetrics {
     pub(crate) connects: Family<Labels, Counter>,
     pub(crate) disconnects: Counter,
     pub(crate) renewals: Counter,
     pub(crate) router_errors: Family<Labels, Counter>,
+}
+
+impl Default for LogicMetrics {
+    fn default() -> Self {
+        let metrics = LogicMetrics {
+            connects: Family::default(),
+            disconnects: Counter::default(),
+            renewals: Counter::default(),
+            router_errors: Family::default(),
+        };
+        // Series that exist from the start (an empty family is not exposed).
+        for result in ["ok", "refused", "failed"] {
+            let _ = metrics.connects.get_or_create(&[("result", result)]);
+        }
+        for op in [
+            "add",
+            "remove",
+            "renew",
+            "lookup",
+            "set_room_counts",
+            "room_counts",
+        ] {
+            let _ = metrics.router_errors.get_or_create(&[("op", op)]);
+        }
+        metrics
+    }
 }
 
 impl LogicMetrics {
