@@ -11,12 +11,16 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rim_client::{AuthToken, Client};
+use support::exposition::scrape;
 use support::{Proc, get_json, next_push, post_ok, service, shipped_config};
 
 struct Cluster {
     logics: Vec<(Proc, SocketAddr)>,
     comets: Vec<(Proc, SocketAddr, SocketAddr)>,
     jobs: Vec<Proc>,
+    /// Where each comet and each job serves /metrics, in start order.
+    comet_metrics: Vec<SocketAddr>,
+    job_metrics: Vec<SocketAddr>,
     http: reqwest::Client,
 }
 
@@ -64,6 +68,7 @@ async fn start_cluster(run: &str) -> Cluster {
         logics.push((logic, http));
     }
     let mut comets = Vec::new();
+    let mut comet_metrics = Vec::new();
     for (name, region) in [("1", "r1"), ("2", "r1"), ("3", "r2"), ("4", "r2")] {
         let mut env = common(format!("comet-{name}-{run}"), region);
         env.extend([
@@ -76,22 +81,25 @@ async fn start_cluster(run: &str) -> Cluster {
         let mut comet = Proc::start(&["comet", "--config", &shipped_config("comet")], &env);
         let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
         let ws = comet.addr_after("accepting clients listener=\"ws\"");
+        comet_metrics.push(comet.addr_after("metrics serving"));
         comets.push((comet, tcp, ws));
     }
     let mut jobs = Vec::new();
+    let mut job_metrics = Vec::new();
     for region in ["r1", "r2"] {
         let mut env = common(format!("job-{region}-{run}"), region);
         env.push(("RIM_JOB__GROUP", format!("rim-job-{region}-{run}")));
-        jobs.push(Proc::start(
-            &["job", "--config", &shipped_config("job")],
-            &env,
-        ));
+        let mut job = Proc::start(&["job", "--config", &shipped_config("job")], &env);
+        job_metrics.push(job.addr_after("metrics serving"));
+        jobs.push(job);
     }
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let cluster = Cluster {
         logics,
         comets,
         jobs,
+        comet_metrics,
+        job_metrics,
         http: reqwest::Client::new(),
     };
     // Every logic sees every comet through ZooKeeper.
@@ -236,6 +244,62 @@ async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
             "the room's cluster-wide count never reached 3"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Every comet's connection gauge counts its clients: u1-tcp (TCP) on
+    // comet 1, u2 (WebSocket) on 2, u1-ws (WebSocket) on 3, u3 (TCP) on 4.
+    for (i, (tcp, ws)) in [(1.0, 0.0), (0.0, 1.0), (0.0, 1.0), (1.0, 0.0)]
+        .into_iter()
+        .enumerate()
+    {
+        let metrics = scrape(&cluster.http, cluster.comet_metrics[i]).await;
+        assert_eq!(
+            metrics.get("rim_build_info", &[("role", "comet")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            metrics.get("rim_comet_connections", &[("transport", "tcp")]),
+            Some(tcp),
+            "comet {}",
+            i + 1
+        );
+        assert_eq!(
+            metrics.get("rim_comet_connections", &[("transport", "ws")]),
+            Some(ws),
+            "comet {}",
+            i + 1
+        );
+        assert!(metrics.sum("rim_comet_frames_out_total") >= 3.0);
+    }
+    // Each region's job delivered the room push and both broadcasts, and
+    // reports its consumer lag per partition (librdkafka statistics come
+    // every 5 s).
+    for (i, addr) in cluster.job_metrics.iter().enumerate() {
+        let mut metrics = scrape(&cluster.http, *addr).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !metrics
+            .samples
+            .iter()
+            .any(|s| s.name == "rim_job_consumer_lag")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {i} reports no consumer lag: {:?}",
+                metrics.samples
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            metrics = scrape(&cluster.http, *addr).await;
+        }
+        assert_eq!(metrics.families["rim_job_consumer_lag"], "gauge");
+        assert!(
+            metrics.get(
+                "rim_job_messages_total",
+                &[("kind", "broadcast"), ("result", "delivered")]
+            ) >= Some(2.0),
+            "job {i}: {:?}",
+            metrics.samples
+        );
+        assert!(metrics.sum("rim_job_push_latency_seconds_count") >= 3.0);
     }
     drop((u1_tcp, u1_ws, u2, u3));
     cluster.stop();

@@ -4,6 +4,7 @@
 mod support;
 
 use rim_client::{AuthToken, Client};
+use support::exposition::scrape;
 use support::{Proc, post_ok, service, shipped_config, start_static_comet};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -30,6 +31,7 @@ async fn a_client_of_a_comet_process_is_pushed_to_through_the_logic_process() {
     let comet_id = format!("proc-comet-{run}");
     let mut comet = start_static_comet(&comet_id, grpc);
     let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
+    let comet_metrics = comet.addr_after("metrics serving");
 
     let key = format!("proc-key-{run}");
     let mut client = Client::connect_tcp(tcp).await.unwrap();
@@ -58,6 +60,38 @@ async fn a_client_of_a_comet_process_is_pushed_to_through_the_logic_process() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
+
+    // The comet serves its metrics on metrics.bind, logic on the API listener.
+    let metrics = scrape(&http_client, comet_metrics).await;
+    assert_eq!(
+        metrics.get("rim_build_info", &[("role", "comet")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metrics.get("rim_comet_connections", &[("transport", "tcp")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metrics.get("rim_comet_auth_total", &[("result", "ok")]),
+        Some(1.0)
+    );
+    let metrics = scrape(&http_client, http).await;
+    assert_eq!(
+        metrics.get("rim_build_info", &[("role", "logic")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metrics.get("rim_logic_connects_total", &[("result", "ok")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metrics.get("rim_api_pushes_total", &[("kind", "keys")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metrics.get("rim_api_push_messages_total", &[("kind", "keys")]),
+        Some(1.0)
+    );
 
     drop(client);
     comet.stop();

@@ -2,6 +2,8 @@
 //! addresses they log, stop them with SIGTERM.
 #![allow(dead_code)]
 
+pub mod exposition;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
