@@ -83,32 +83,32 @@ impl ApiMetrics {
     pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
             "rim_api_requests",
-            "HTTP requests answered, by endpoint (route pattern) and status code.",
+            "HTTP requests answered, by endpoint (route pattern) and status code",
             self.requests.clone(),
         );
         registry.register(
             "rim_api_request_duration_seconds",
-            "Time to answer an HTTP request, by endpoint (push endpoints: until the queue accepted every message).",
+            "Time to answer an HTTP request, by endpoint (push endpoints: until the queue accepted every message)",
             self.request_seconds.clone(),
         );
         registry.register(
             "rim_api_pushes",
-            "Pushes fully enqueued, by kind (keys, mids, room, all; room includes the admin room broadcast).",
+            "Pushes fully enqueued, by kind (keys, mids, room, all; room includes the admin room broadcast)",
             self.pushes.clone(),
         );
         registry.register(
             "rim_api_push_messages",
-            "Queue messages written for pushes (one per comet for keys and mids), by kind.",
+            "Queue messages written for pushes (one per comet for keys and mids), by kind",
             self.messages.clone(),
         );
         registry.register(
             "rim_api_queue_errors",
-            "Queue messages that could not be written (the push answered 503), by kind.",
+            "Queue messages that could not be written (the push answered 503), by kind",
             self.queue_errors.clone(),
         );
         registry.register(
             "rim_api_router_errors",
-            "Router lookups that failed while planning a push (the push answered 503).",
+            "Router lookups that failed while planning a push (the push answered 503)",
             self.router_errors.clone(),
         );
     }

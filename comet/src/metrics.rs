@@ -15,7 +15,7 @@ impl Comet {
         registry.register_collector(Box::new(Collector(Arc::clone(&self.inner))));
         registry.register(
             "rim_comet_push_rpc_duration_seconds",
-            "Time a push RPC (push, room, broadcast) took to queue its frame for every recipient, pacing included.",
+            "Time a push RPC (push, room, broadcast) took to queue its frame for every recipient, pacing included",
             self.inner.stats.rpc_seconds.clone(),
         );
     }

@@ -151,32 +151,32 @@ impl JobMetrics {
     pub(crate) fn register(self: &std::sync::Arc<Self>, registry: &mut Registry) {
         registry.register(
             "rim_job_messages",
-            "Queue messages fully handled, by kind (push, room, broadcast) and result (delivered, rejected as invalid, gone: the comet left).",
+            "Queue messages fully handled, by kind (push, room, broadcast) and result (delivered, rejected as invalid, gone: the comet left)",
             self.messages.clone(),
         );
         registry.register(
             "rim_job_push_latency_seconds",
-            "Time from the api accepting a push (the queue message's accept time) to the comets answering its delivery, by kind.",
+            "Time from the api accepting a push (the queue message's accept time) to the comets answering its delivery, by kind",
             self.push_latency.clone(),
         );
         registry.register(
             "rim_job_comet_rpc_errors",
-            "Failed delivery RPC attempts (each retry counts), by comet.",
+            "Failed delivery RPC attempts (each retry counts), by comet",
             self.rpc_errors.clone(),
         );
         registry.register(
             "rim_job_comet_rpc_duration_seconds",
-            "Duration of delivery RPC attempts to comets, by RPC (push, room, broadcast).",
+            "Duration of delivery RPC attempts to comets, by RPC (push, room, broadcast)",
             self.rpc_seconds.clone(),
         );
         registry.register(
             "rim_job_room_batch_messages",
-            "Messages merged into one room batch (op 9) per flush.",
+            "Messages merged into one room batch (op 9) per flush",
             self.room_batch.clone(),
         );
         registry.register(
             "rim_job_in_flight",
-            "Messages handed to comets but not yet fully handled.",
+            "Messages handed to comets but not yet fully handled",
             self.in_flight.clone(),
         );
         registry.register_collector(Box::new(LagCollector(std::sync::Arc::clone(self))));

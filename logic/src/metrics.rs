@@ -58,22 +58,22 @@ impl LogicMetrics {
     pub(crate) fn register(&self, registry: &mut Registry, comets: Arc<Comets>) {
         registry.register(
             "rim_logic_connects",
-            "Connect calls from comets, by result: ok, refused (token refused), failed (auth or router unavailable).",
+            "Connect calls from comets, by result: ok, refused (token refused), failed (auth or router unavailable)",
             self.connects.clone(),
         );
         registry.register(
             "rim_logic_disconnects",
-            "Disconnect calls from comets.",
+            "Disconnect calls from comets",
             self.disconnects.clone(),
         );
         registry.register(
             "rim_logic_renewals",
-            "Presence lease renewals (heartbeats forwarded by comets).",
+            "Presence lease renewals (heartbeats forwarded by comets)",
             self.renewals.clone(),
         );
         registry.register(
             "rim_logic_router_errors",
-            "Failed router (Redis) calls made by the logic service, by operation.",
+            "Failed router (Redis) calls made by the logic service, by operation",
             self.router_errors.clone(),
         );
         registry.register_collector(Box::new(CometsCollector(comets)));

@@ -16,7 +16,7 @@ pub fn register_common(registry: &mut Registry, role: &'static str) {
         .set(1);
     registry.register(
         "rim_build_info",
-        "Always 1; the labels say which rim version runs which role.",
+        "Always 1; the labels say which rim version runs which role",
         info,
     );
     registry.register_collector(Box::new(ProcessCollector));
