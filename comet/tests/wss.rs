@@ -150,6 +150,22 @@ async fn wss_client_authenticates_receives_a_push_and_heartbeats() {
     let reply = recv(&mut ws).await;
     assert_eq!((reply.op, reply.seq), (Op::HEARTBEAT_REPLY, 42));
 
+    // /metrics tells WSS apart from plain WebSocket.
+    let mut registry = rim_metrics::Registry::default();
+    comet.comet.register_metrics(&mut registry);
+    let text = rim_metrics::encode(&registry);
+    for line in [
+        "rim_comet_connections{transport=\"wss\"} 1",
+        "rim_comet_connections{transport=\"ws\"} 0",
+        "rim_comet_frames_in_total{transport=\"wss\"} 2",
+        "rim_comet_frames_in_total{transport=\"ws\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing in\n{text}"
+        );
+    }
+
     within(WAIT, ws.close(None)).await.unwrap();
     eventually(WAIT, || comet.logic.disconnects_of("wss-key") == 1).await;
     comet.stop().await;
