@@ -269,37 +269,39 @@ async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
             "comet {}",
             i + 1
         );
-        assert!(metrics.sum("rim_comet_frames_out_total") >= 3.0);
+        // At least the auth reply and the first broadcast were written.
+        assert!(metrics.sum("rim_comet_frames_out_total") >= 2.0);
     }
-    // Each region's job delivered the room push and both broadcasts, and
-    // reports its consumer lag per partition (librdkafka statistics come
-    // every 5 s).
+    // Each region's job delivered both broadcasts (and r1's the room push
+    // and unicasts) and reports its consumer lag per partition: librdkafka
+    // statistics come every 5 s, and a message is counted once every comet
+    // answered, which may be just after its client saw it.
     for (i, addr) in cluster.job_metrics.iter().enumerate() {
-        let mut metrics = scrape(&cluster.http, *addr).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !metrics
-            .samples
-            .iter()
-            .any(|s| s.name == "rim_job_consumer_lag")
-        {
+        loop {
+            let metrics = scrape(&cluster.http, *addr).await;
+            assert_eq!(metrics.families["rim_job_consumer_lag"], "gauge");
+            let lag = metrics
+                .samples
+                .iter()
+                .any(|s| s.name == "rim_job_consumer_lag");
+            let broadcasts = metrics.get(
+                "rim_job_messages_total",
+                &[("kind", "broadcast"), ("result", "delivered")],
+            );
+            if lag
+                && broadcasts >= Some(2.0)
+                && metrics.sum("rim_job_push_latency_seconds_count") >= 2.0
+            {
+                break;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "job {i} reports no consumer lag: {:?}",
+                "job {i}: no lag or not every delivery counted: {:?}",
                 metrics.samples
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
-            metrics = scrape(&cluster.http, *addr).await;
         }
-        assert_eq!(metrics.families["rim_job_consumer_lag"], "gauge");
-        assert!(
-            metrics.get(
-                "rim_job_messages_total",
-                &[("kind", "broadcast"), ("result", "delivered")]
-            ) >= Some(2.0),
-            "job {i}: {:?}",
-            metrics.samples
-        );
-        assert!(metrics.sum("rim_job_push_latency_seconds_count") >= 3.0);
     }
     drop((u1_tcp, u1_ws, u2, u3));
     cluster.stop();
