@@ -14,6 +14,7 @@
 mod bucket;
 mod comet;
 mod connection;
+mod detached;
 mod listener;
 mod metrics;
 mod session;
@@ -34,6 +35,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::comet::Comet;
+#[doc(hidden)]
+pub use crate::detached::DetachedSession;
 pub use crate::listener::WS_PATH;
 pub use crate::session::TransportKind;
 

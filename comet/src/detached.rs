@@ -1,0 +1,65 @@
+//! Sessions without a socket, for benchmarks of the delivery path.
+//!
+//! A [`DetachedSession`] sits in its bucket and room like a connected one,
+//! so `push_msg`, `broadcast_room` and `broadcast` queue frames for it; the
+//! caller drains its outbox in place of a connection's write task. Not part
+//! of the comet's API: nothing in rim uses it.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use crate::Comet;
+use crate::session::Session;
+
+/// A session in the comet's buckets with no connection behind it.
+#[derive(Debug)]
+pub struct DetachedSession {
+    comet: Comet,
+    session: Arc<Session>,
+}
+
+impl Comet {
+    /// Adds a session with no socket under `key` for user `mid`, in `room`
+    /// if given, accepting pushes of the ops in `accepts`; it stays until
+    /// the returned handle is dropped. For benchmarks only.
+    #[doc(hidden)]
+    pub fn attach_detached(
+        &self,
+        key: &str,
+        mid: i64,
+        room: Option<&str>,
+        accepts: &[i32],
+    ) -> DetachedSession {
+        let inner = &self.inner;
+        let session = Arc::new(Session::new(
+            inner.next_session_id(),
+            key,
+            mid,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            accepts,
+            inner.config.write_queue,
+        ));
+        inner.bucket(key).put(&session, room.map(Into::into));
+        DetachedSession {
+            comet: self.clone(),
+            session,
+        }
+    }
+}
+
+impl DetachedSession {
+    /// Takes every frame queued for this session and returns how many there
+    /// were (an op-9 batch counts as one).
+    pub fn drain(&self) -> usize {
+        self.session.take_queued().len()
+    }
+}
+
+impl Drop for DetachedSession {
+    fn drop(&mut self) {
+        self.comet
+            .inner
+            .bucket(&self.session.key)
+            .remove(&self.session);
+    }
+}
