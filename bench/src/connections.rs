@@ -106,6 +106,8 @@ struct Report {
     lost_during_idle: u64,
     connect_secs: f64,
     connect_us: Percentiles,
+    /// CPU of every process while the clients connected and authenticated.
+    connect_cpu: Vec<CpuUse>,
     comets: Vec<CometFigures>,
     total_rss_delta: u64,
     bytes_per_connection: f64,
@@ -191,6 +193,26 @@ async fn measure(
         args.transport.name(),
         targets.len()
     );
+    let mut watched: Vec<Watched> = cluster
+        .comets
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Watched {
+            name: format!("comet-{i}"),
+            pid: c.pid,
+        })
+        .collect();
+    watched.push(Watched {
+        name: "logic".into(),
+        pid: cluster.logic_pid,
+    });
+    for (i, pid) in fleet.pids().into_iter().enumerate() {
+        watched.push(Watched {
+            name: format!("client-proc-{i}"),
+            pid,
+        });
+    }
+    let connect_before = Snapshot::take(&watched);
     let t0 = Instant::now();
     let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     // Sampled once a second while connecting and idling.
@@ -234,6 +256,7 @@ async fn measure(
         }
     };
     let connect_secs = t0.elapsed().as_secs_f64();
+    let connect_cpu = connect_before.used_until(&Snapshot::take(&watched), connect_secs);
     eprintln!(
         "{} connected, {} failed in {connect_secs:.1}s; settling 3s",
         connected.ok, connected.failed
@@ -244,25 +267,6 @@ async fn measure(
         .iter()
         .map(|c| procstat::rss_bytes(c.pid).unwrap_or(0))
         .collect();
-    let mut watched: Vec<Watched> = cluster
-        .comets
-        .iter()
-        .enumerate()
-        .map(|(i, c)| Watched {
-            name: format!("comet-{i}"),
-            pid: c.pid,
-        })
-        .collect();
-    watched.push(Watched {
-        name: "logic".into(),
-        pid: cluster.logic_pid,
-    });
-    for (i, pid) in fleet.pids().into_iter().enumerate() {
-        watched.push(Watched {
-            name: format!("client-proc-{i}"),
-            pid,
-        });
-    }
     let lost_before = fleet.totals().lost;
     eprintln!(
         "measuring idle CPU for {}s (each client heartbeats every {}s)",
@@ -337,6 +341,7 @@ async fn measure(
         lost_during_idle,
         connect_secs,
         connect_us: Percentiles::of(&hist),
+        connect_cpu,
         comets,
         total_rss_delta,
         bytes_per_connection: total_rss_delta as f64 / total_conns.max(1) as f64,
@@ -432,6 +437,21 @@ fn print_report(r: &Report) {
         r.total_rss_delta as f64 / 1048576.0,
         r.bytes_per_connection,
         r.lost_during_idle
+    );
+    let per_connect = |prefix: &str| {
+        r.connect_cpu
+            .iter()
+            .filter(|c| c.name.starts_with(prefix))
+            .map(|c| c.cpu_seconds)
+            .sum::<f64>()
+            / r.connected.max(1) as f64
+            * 1e6
+    };
+    println!(
+        "  connect cpu:   comets {:.0} µs, logic {:.0} µs, load generator {:.0} µs per connection",
+        per_connect("comet-"),
+        per_connect("logic"),
+        per_connect("client-proc-")
     );
     for c in &r.idle_cpu {
         println!(
