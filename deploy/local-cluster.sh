@@ -246,7 +246,7 @@ EOF
 # shellcheck disable=SC2016 # $1 expands in the inner shell
 zk_ready() {
     [[ -s "$STATE/zk/data/zookeeper_server.pid" ]] &&
-        [[ "$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf ruok >&3 && cat <&3' _ "$ZK_PORT" 2>/dev/null)" == imok ]]
+        [[ "$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf srvr >&3 && cat <&3' _ "$ZK_PORT" 2>/dev/null)" == *"Mode: "* ]]
 }
 
 start_tansu() {

@@ -269,7 +269,7 @@ EOF
 }
 
 zk_ready() {
-    [[ "$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf ruok >&3 && cat <&3' _ "$ZK_PORT" 2>/dev/null)" == imok ]]
+    [[ "$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf srvr >&3 && cat <&3' _ "$ZK_PORT" 2>/dev/null)" == *"Mode: "* ]]
 }
 
 stop_zookeeper() {

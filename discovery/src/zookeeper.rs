@@ -99,7 +99,7 @@ impl ZkDiscovery {
             views: Mutex::new(HashMap::new()),
             cancel: cancel.clone(),
         });
-        let client = shared.open_session().await?;
+        let client = shared.first_session().await?;
         info!(
             zk.connect = %shared.connect,
             zk.session = %client.session_id(),
@@ -303,6 +303,28 @@ impl Shared {
             bounded(format!("creating {dir}"), client.mkdir(&dir, &PERSISTENT)).await?;
         }
         Ok(client)
+    }
+
+    /// Opens the first session, retrying with backoff for up to the connect
+    /// timeout: a node started together with its ZooKeeper ensemble (compose,
+    /// Kubernetes, a restart of both) waits for it instead of exiting at the
+    /// first refused connection.
+    async fn first_session(&self) -> Result<zk::Client> {
+        let deadline = Instant::now() + self.connect_timeout();
+        let mut backoff = Backoff::new();
+        loop {
+            match self.open_session().await {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    if Instant::now() + delay >= deadline {
+                        return Err(e);
+                    }
+                    warn!(error = %e, retry_in = ?delay, "cannot open a zookeeper session yet; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
     }
 
     /// Opens a new session, retrying with backoff; `None` once cancelled.

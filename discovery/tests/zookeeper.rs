@@ -378,3 +378,39 @@ async fn an_unreachable_zookeeper_is_unavailable() {
         "connect must be bounded"
     );
 }
+
+/// A node started while its ZooKeeper is not up yet (compose, Kubernetes,
+/// both restarted together) waits for it within the connect timeout instead
+/// of failing at the first refused connection; past the timeout it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs ZooKeeper: run deploy/test.sh"]
+async fn the_first_session_waits_for_a_zookeeper_that_comes_up() {
+    let addr = shared_zk();
+    let root = unique_root();
+    let proxy = Proxy::start(&addr).await;
+    proxy.cut();
+    let connecting = tokio::spawn({
+        let (addr, root) = (proxy.addr(), root.clone());
+        async move { ZkDiscovery::connect(&addr, &root, SESSION_TIMEOUT).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !connecting.is_finished(),
+        "connect gave up while ZooKeeper was down"
+    );
+    proxy.restore();
+    let this = connecting
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("no session once ZooKeeper came up: {e}"));
+    this.register(Kind::Comet, comet("a", "sh")).await.unwrap();
+    drop(this);
+
+    // Never up: the error comes once the connect timeout has passed.
+    proxy.cut();
+    let err = ZkDiscovery::connect(&proxy.addr(), &root, Duration::from_secs(1))
+        .await
+        .expect_err("connected through a cut proxy");
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    remove_tree(&raw_client(&addr).await, &root).await;
+}

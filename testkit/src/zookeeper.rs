@@ -13,7 +13,7 @@ use crate::alive;
 const ZK_SERVER: &str = "/usr/share/zookeeper/bin/zkServer.sh";
 /// Where Debian's zkEnv.sh sends the server's stdout, whatever the caller sets.
 const ZK_LOG_DIR: &str = "/var/log/zookeeper";
-/// Bound for the server to answer `ruok` after a start.
+/// Bound for the server to take sessions (answer `srvr` with its mode) after a start.
 const START_LIMIT: Duration = Duration::from_secs(30);
 /// Bound for the process to exit after SIGTERM before it is killed.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
@@ -135,16 +135,18 @@ impl ZkServer {
             .and_then(|pid| pid.trim().parse().ok())
     }
 
-    /// True when the server answers the `ruok` four-letter command.
+    /// True when the server takes sessions (its `srvr` answer names its mode).
     fn answers(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         let mut answer = String::new();
-        stream.write_all(b"ruok").is_ok()
+        // `ruok` says imok as soon as the process runs; `srvr` names the
+        // mode only once the server takes sessions.
+        stream.write_all(b"srvr").is_ok()
             && stream.read_to_string(&mut answer).is_ok()
-            && answer == "imok"
+            && answer.contains("Mode: ")
     }
 
     fn log_tail(&self) -> String {
