@@ -453,6 +453,10 @@ pub struct RouterConfig {
     /// Room counts a comet reported longer ago than this are ignored.
     #[serde(with = "humantime_serde")]
     pub online_max_age: Duration,
+    /// PEM file of the CA certificates that sign the Redis servers'
+    /// certificates, for `rediss://` URLs; unset = the system's roots.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for RouterConfig {
@@ -461,6 +465,7 @@ impl Default for RouterConfig {
             backend: RouterBackend::Memory,
             redis: vec!["redis://127.0.0.1:6379".into()],
             online_max_age: Duration::from_secs(30),
+            tls_ca: None,
         }
     }
 }
@@ -479,6 +484,31 @@ impl RouterConfig {
                     return Err(ConfigError::invalid(
                         "router.redis",
                         format!("{url:?} is not a redis:// or rediss:// URL"),
+                    ));
+                }
+            }
+            let tls_urls = self
+                .redis
+                .iter()
+                .filter(|url| url.starts_with("rediss://"))
+                .count();
+            if tls_urls != 0 && tls_urls != self.redis.len() {
+                return Err(ConfigError::invalid(
+                    "router.redis",
+                    "mixes redis:// and rediss:// URLs: the nodes of one Redis Cluster all use TLS or none does",
+                ));
+            }
+            if let Some(ca) = &self.tls_ca {
+                if tls_urls == 0 {
+                    return Err(ConfigError::invalid(
+                        "router.tls_ca",
+                        "is set but no URL in router.redis is rediss://",
+                    ));
+                }
+                if !ca.is_file() {
+                    return Err(ConfigError::invalid(
+                        "router.tls_ca",
+                        format!("{} is not a readable file", ca.display()),
                     ));
                 }
             }

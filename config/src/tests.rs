@@ -159,6 +159,49 @@ fn half_a_tls_pair_is_rejected() {
 }
 
 #[test]
+fn redis_tls_settings_are_checked() {
+    let tls = "[router]\nbackend = \"redis\"\n";
+    let err = load_err::<LogicRoleConfig>(
+        Some(&format!(
+            "{tls}redis = [\"rediss://a:6379\", \"redis://b:6379\"]\n"
+        )),
+        &[],
+    );
+    assert!(
+        err.starts_with("invalid value for router.redis") && err.contains("mixes"),
+        "{err}"
+    );
+    let err = load_err::<LogicRoleConfig>(
+        Some(&format!(
+            "{tls}redis = [\"redis://a:6379\"]\ntls_ca = \"/etc/hosts\"\n"
+        )),
+        &[],
+    );
+    assert!(
+        err.starts_with("invalid value for router.tls_ca") && err.contains("rediss://"),
+        "{err}"
+    );
+    let err = load_err::<LogicRoleConfig>(
+        Some(&format!(
+            "{tls}redis = [\"rediss://a:6379\"]\ntls_ca = \"/nonexistent/ca.pem\"\n"
+        )),
+        &[],
+    );
+    assert!(
+        err.starts_with("invalid value for router.tls_ca") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+    let ca = toml("-----BEGIN CERTIFICATE-----\n");
+    let file = toml(&format!(
+        "{tls}redis = [\"rediss://a:6379\", \"rediss://b:6379\"]\ntls_ca = {:?}\n",
+        ca.path()
+    ));
+    let config =
+        LogicRoleConfig::load_from(Some(file.path()), Vec::new()).expect("valid TLS settings");
+    assert_eq!(config.router.tls_ca.as_deref(), Some(ca.path()));
+}
+
+#[test]
 fn a_comet_without_any_client_listener_is_rejected() {
     let err = load_err::<CometRoleConfig>(Some("[comet]\ntcp_bind = []\nws_bind = []\n"), &[]);
     assert!(err.starts_with("invalid value for comet.tcp_bind"), "{err}");

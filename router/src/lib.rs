@@ -79,7 +79,16 @@ pub async fn connect(config: &RouterConfig) -> Result<Arc<dyn Router>> {
     match config.backend {
         RouterBackend::Memory => Ok(Arc::new(MemoryRouter::new(config.online_max_age))),
         RouterBackend::Redis => {
-            let options = RedisOptions::new(config.online_max_age);
+            let mut options = RedisOptions::new(config.online_max_age);
+            if let Some(path) = &config.tls_ca {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::Config(format!(
+                        "router.tls_ca: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                options = options.with_tls_ca(pem);
+            }
             let router = RedisRouter::connect(&config.redis, options).await?;
             Ok(Arc::new(router))
         }

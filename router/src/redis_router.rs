@@ -76,6 +76,9 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// Bound on connecting.
     pub connect_timeout: Duration,
+    /// PEM CA certificates that sign the servers' certificates, for
+    /// `rediss://` URLs; `None` = the system's roots.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl RedisOptions {
@@ -86,7 +89,14 @@ impl RedisOptions {
             online_max_age,
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls_ca: None,
         }
+    }
+
+    /// Returns these options trusting the CA certificates in `pem` for `rediss://` URLs.
+    pub fn with_tls_ca(mut self, pem: Vec<u8>) -> Self {
+        self.tls_ca = Some(pem);
+        self
     }
 
     /// Returns these options with another key prefix (tests use one per run).
@@ -162,7 +172,12 @@ impl RedisRouter {
         if urls.is_empty() {
             return Err(Error::Config("no redis url given".into()));
         }
-        let opening = Connection::open(urls, options.timeout);
+        if urls.iter().any(|url| url.starts_with("rediss://")) {
+            // TLS to Redis uses rustls with ring, like every TLS client in rim;
+            // a provider installed earlier in the process is kept.
+            let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        }
+        let opening = Connection::open(urls, options.timeout, options.tls_ca.as_deref());
         let connection = match tokio::time::timeout(options.connect_timeout, opening).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(e)) if e.kind() == ErrorKind::InvalidClientConfig => {

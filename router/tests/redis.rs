@@ -35,6 +35,7 @@ async fn connect_builds_the_redis_backend() {
         backend: RouterBackend::Redis,
         redis: vec![redis_url()],
         online_max_age: Duration::from_secs(30),
+        tls_ca: None,
     };
     let router = rim_router::connect(&config)
         .await

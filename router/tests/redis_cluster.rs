@@ -46,6 +46,7 @@ async fn connect_builds_the_cluster_backend() {
         backend: RouterBackend::Redis,
         redis: cluster_urls(),
         online_max_age: Duration::from_secs(30),
+        tls_ca: None,
     };
     let router = rim_router::connect(&config)
         .await

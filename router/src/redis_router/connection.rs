@@ -18,7 +18,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
-use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, TlsCertificates, Value};
 
 /// Most commands in one pipeline; bigger batches are split.
 const PIPELINE_MAX: usize = 512;
@@ -48,11 +48,24 @@ impl Connection {
     /// Connects to one Redis (one URL) or to the cluster these seed URLs belong to.
     ///
     /// `timeout` bounds each connection attempt and each response.
-    pub(crate) async fn open(urls: &[String], timeout: Duration) -> RedisResult<Connection> {
+    /// `tls_ca` (PEM) replaces the system's roots for `rediss://` URLs.
+    pub(crate) async fn open(
+        urls: &[String],
+        timeout: Duration,
+        tls_ca: Option<&[u8]>,
+    ) -> RedisResult<Connection> {
+        let certs = || TlsCertificates {
+            client_tls: None,
+            root_cert: tls_ca.map(<[u8]>::to_vec),
+        };
         match urls {
             [] => Err((ErrorKind::InvalidClientConfig, "no redis url").into()),
             [url] => {
-                let client = redis::Client::open(url.as_str())?;
+                let client = if tls_ca.is_some() {
+                    redis::Client::build_with_tls(url.as_str(), certs())?
+                } else {
+                    redis::Client::open(url.as_str())?
+                };
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
@@ -62,11 +75,14 @@ impl Connection {
                 Ok(Connection::Single(manager))
             }
             seeds => {
-                let client = ClusterClient::builder(seeds.iter().map(String::as_str))
+                let mut builder = ClusterClient::builder(seeds.iter().map(String::as_str))
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
-                    .retries(CLUSTER_RETRIES)
-                    .build()?;
+                    .retries(CLUSTER_RETRIES);
+                if tls_ca.is_some() {
+                    builder = builder.certs(certs());
+                }
+                let client = builder.build()?;
                 Ok(Connection::Cluster(client.get_async_connection().await?))
             }
         }
