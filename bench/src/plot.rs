@@ -68,6 +68,26 @@ pub fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     ticks
 }
 
+/// Tick values for a log axis spanning `[10^lo, 10^hi]`: the decades, or
+/// round linear steps when fewer than two decades fall inside.
+pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo.is_finite() && hi.is_finite()) || hi < lo {
+        return Vec::new();
+    }
+    let inside = |v: f64| v.log10() >= lo - 1e-9 && v.log10() <= hi + 1e-9;
+    let decades: Vec<f64> = (lo.floor() as i32..=hi.ceil() as i32)
+        .map(|d| 10f64.powi(d))
+        .filter(|v| inside(*v))
+        .collect();
+    if decades.len() >= 2 {
+        return decades;
+    }
+    nice_ticks(10f64.powf(lo), 10f64.powf(hi), 5)
+        .into_iter()
+        .filter(|v| *v > 0.0 && inside(*v))
+        .collect()
+}
+
 /// Formats an axis value compactly: 1.5k, 2M, 0.25.
 pub fn compact(v: f64) -> String {
     let a = v.abs();
@@ -174,10 +194,9 @@ fn panel(svg: &mut String, chart: &Chart, top: f64) {
     let sy = |y: f64| y_bottom - (y - y0) / (y1 - y0) * (y_bottom - y_top);
     // Grid and tick labels.
     let x_ticks: Vec<(f64, String)> = if chart.log_x {
-        (x0.floor() as i32..=x1.ceil() as i32)
-            .map(f64::from)
-            .filter(|d| *d >= x0 - 1e-9 && *d <= x1 + 1e-9)
-            .map(|d| (d, compact(10f64.powf(d))))
+        log_ticks(x0, x1)
+            .into_iter()
+            .map(|v| (v.log10(), compact(v)))
             .collect()
     } else {
         nice_ticks(x0, x1, 8)
@@ -308,6 +327,16 @@ mod tests {
             true,
         )]);
         assert!(svg.contains(">0.1<") && svg.contains(">1<") && svg.contains(">100<"));
+    }
+
+    #[test]
+    fn log_ticks_use_decades_or_round_steps() {
+        assert_eq!(log_ticks(-1.0, 2.0), vec![0.1, 1.0, 10.0, 100.0]);
+        let narrow = log_ticks(250f64.log10(), 850f64.log10());
+        assert_eq!(narrow, vec![400.0, 600.0, 800.0]);
+        let t = log_ticks(150f64.log10(), 2500f64.log10());
+        assert_eq!(t, vec![500.0, 1000.0, 1500.0, 2000.0, 2500.0]);
+        assert!(log_ticks(2.0, 1.0).is_empty());
     }
 
     #[test]
