@@ -163,6 +163,10 @@ pub struct ChildReport {
     pub lost: u64,
     /// Clients connected now.
     pub connected: u64,
+    /// Fewest push frames one client received since the reset.
+    pub per_client_min: u64,
+    /// Most push frames one client received since the reset.
+    pub per_client_max: u64,
     /// Send → receipt latency since the reset, (µs, count) pairs.
     pub latency: Vec<(u64, u64)>,
 }
@@ -177,16 +181,31 @@ struct Stats {
     connecting: AtomicU64,
     failed: AtomicU64,
     latency: Recorder,
+    /// Push frames per client since the reset, one counter per client of
+    /// the current `connect` (cleared on `close`).
+    per_client: std::sync::Mutex<Vec<Arc<AtomicU64>>>,
 }
 
 impl Stats {
-    fn on_frame(&self, who: usize, frame: &rim_proto::Frame) {
+    /// (fewest, most) push frames one client received since the reset.
+    fn per_client_range(&self) -> (u64, u64) {
+        let counters = self
+            .per_client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let counts = counters.iter().map(|c| c.load(Ordering::Relaxed));
+        let min = counts.clone().min().unwrap_or(0);
+        (min, counts.max().unwrap_or(0))
+    }
+
+    fn on_frame(&self, who: usize, frame: &rim_proto::Frame, mine: &AtomicU64) {
         if i64::from(frame.op.0) != self.op.load(Ordering::Relaxed) as i64 {
             self.other_frames.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let received = wire::now_nanos();
         self.deliveries.fetch_add(1, Ordering::Relaxed);
+        mine.fetch_add(1, Ordering::Relaxed);
         match wire::parse_body(&frame.body) {
             Some((sent, _)) => {
                 self.latency
@@ -214,6 +233,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connecting: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         latency: Recorder::new(SHARDS),
+        per_client: std::sync::Mutex::new(Vec::new()),
     });
     let deadline = Instant::now() + Duration::from_secs(args.max_secs);
     let ticker = tokio::spawn(tick(Arc::clone(&stats), deadline));
@@ -243,10 +263,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     c.store(0, Ordering::Relaxed);
                 }
                 stats.latency.reset();
+                for c in stats
+                    .per_client
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                {
+                    c.store(0, Ordering::Relaxed);
+                }
                 println!("reset");
             }
             Some("report") => {
+                let (per_client_min, per_client_max) = stats.per_client_range();
                 let report = ChildReport {
+                    per_client_min,
+                    per_client_max,
                     deliveries: stats.deliveries.load(Ordering::Relaxed),
                     other_frames: stats.other_frames.load(Ordering::Relaxed),
                     bad_bodies: stats.bad_bodies.load(Ordering::Relaxed),
@@ -265,6 +296,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 clients.abort_all();
                 while clients.join_next().await.is_some() {}
                 stats.connected.store(0, Ordering::Relaxed);
+                stats
+                    .per_client
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
                 stats.failed.store(0, Ordering::Relaxed);
                 stop_tx = watch::channel(false).0;
                 println!("closed");
@@ -349,8 +385,15 @@ async fn connect(
             Ok((index, took, Ok(conn))) => {
                 hist.saturating_record(took.as_micros().max(1) as u64);
                 stats.connected.fetch_add(1, Ordering::Relaxed);
+                let mine = Arc::new(AtomicU64::new(0));
+                stats
+                    .per_client
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Arc::clone(&mine));
                 clients.spawn(hold(
                     conn,
+                    mine,
                     index,
                     Arc::clone(stats),
                     stop_tx.subscribe(),
@@ -378,6 +421,7 @@ async fn connect(
 /// pushed frames, ends on stop, at the deadline or when the server closes.
 async fn hold(
     mut conn: Conn,
+    mine: Arc<AtomicU64>,
     index: u64,
     stats: Arc<Stats>,
     mut stop: watch::Receiver<bool>,
@@ -399,7 +443,7 @@ async fn hold(
                 }
             }
             frame = conn.next_frame() => match frame {
-                Ok(Some(frame)) => stats.on_frame(who, &frame),
+                Ok(Some(frame)) => stats.on_frame(who, &frame, &mine),
                 Ok(None) | Err(_) => break true,
             },
         }

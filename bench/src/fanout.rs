@@ -155,11 +155,14 @@ struct Step {
     deliveries_per_server_cpu_sec: f64,
     client_cpu_seconds: f64,
     lost_clients: u64,
+    /// Fewest and most messages one client received in the step.
+    per_client_min: u64,
+    per_client_max: u64,
     latency_us: Percentiles,
     cpu: Vec<CpuUse>,
     /// (seconds since the step start, deliveries/s) every 500 ms.
     series: Vec<(f64, f64)>,
-    #[serde(skip)]
+    /// Latency CDF: (ms, % of deliveries at or below).
     cdf: Vec<(f64, f64)>,
 }
 
@@ -394,10 +397,13 @@ async fn sweep(
         for &rate in &args.rates {
             let step = step(args, fleet, servers, mode, rate).await?;
             eprintln!(
-                "{:?} at {rate}/s: {} of {} deliveries, {:.0}/s, server CPU {:.2}s -> {:.0} deliveries per CPU-second, p50 {} p99 {}",
+                "{:?} at {rate}/s: {} of {} deliveries (each client {}..={} of {} messages), {:.0}/s, server CPU {:.2}s -> {:.0} deliveries per CPU-second, p50 {} p99 {}",
                 mode,
                 step.deliveries,
                 step.deliveries_expected,
+                step.per_client_min,
+                step.per_client_max,
+                step.messages_sent,
                 step.deliveries_per_sec,
                 step.server_cpu_seconds,
                 step.deliveries_per_server_cpu_sec,
@@ -637,6 +643,8 @@ async fn step(
         },
         client_cpu_seconds: client_cpu,
         lost_clients: fleet.totals().lost - lost_before,
+        per_client_min: reports.iter().map(|r| r.per_client_min).min().unwrap_or(0),
+        per_client_max: reports.iter().map(|r| r.per_client_max).max().unwrap_or(0),
         latency_us: Percentiles::of(&hist),
         cpu,
         series,

@@ -358,7 +358,7 @@ mod tests {
         }
         assert!(matches!(parse_answer("closed"), Some(Answer::Closed)));
         assert!(matches!(
-            parse_answer(r#"report {"deliveries":3,"other_frames":0,"bad_bodies":0,"lost":0,"connected":1,"latency":[]}"#),
+            parse_answer(r#"report {"deliveries":3,"other_frames":0,"bad_bodies":0,"lost":0,"connected":1,"per_client_min":3,"per_client_max":3,"latency":[]}"#),
             Some(Answer::Report(r)) if r.deliveries == 3
         ));
         assert!(parse_answer("report {").is_none());

@@ -293,7 +293,7 @@ struct Report {
     cpu: Vec<CpuUse>,
     /// Per second: (seconds, accepted pushes/s, deliveries/s, p50 ms, p99 ms).
     series: Vec<SecondSample>,
-    #[serde(skip)]
+    /// Latency CDF of the measured window: (ms, % at or below).
     cdf: Vec<(f64, f64)>,
 }
 
