@@ -252,6 +252,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn serves_real_clients_over_loopback() {
+        use crate::wire::{self, Conn, Transport};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _) = broadcast::channel(CHANNEL);
+        let b = Arc::new(Baseline {
+            tx,
+            members: AtomicU64::new(0),
+            lagged: AtomicU64::new(0),
+        });
+        let accepting = tokio::spawn(accept(listener, Arc::clone(&b)));
+        let mut clients = Vec::new();
+        for i in 0..3 {
+            let mut c = Conn::connect(Transport::Tcp, addr, None).await.unwrap();
+            let token = wire::token(i + 1, &format!("k{i}"), "live://bench-0", 1000);
+            c.auth(token, Duration::from_secs(5)).await.unwrap();
+            clients.push(c);
+        }
+        // Every member is subscribed once its task runs: wait until it is.
+        for _ in 0..100 {
+            if b.members.load(Ordering::Relaxed) == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut batch = rim_proto::BatchBuilder::new();
+        for seq in 0..2 {
+            batch
+                .push(&Frame::new(Op(1000), 0, wire::body(1, seq, 32)))
+                .unwrap();
+        }
+        let d = b
+            .broadcast_room(pb::BroadcastRoomRequest {
+                room_id: "live://bench-0".into(),
+                proto: Some(batch.finish().into()),
+            })
+            .await
+            .unwrap();
+        assert_eq!(d.delivered, 3);
+        for c in &mut clients {
+            for seq in 0..2 {
+                let f = tokio::time::timeout(Duration::from_secs(5), c.next_frame())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(f.op, Op(1000));
+                assert_eq!(wire::parse_body(&f.body), Some((1, seq)));
+            }
+            c.heartbeat().await.unwrap();
+            let reply = c.next_frame().await.unwrap().unwrap();
+            assert_eq!(reply.op, Op::HEARTBEAT_REPLY);
+        }
+        accepting.abort();
+    }
+
+    #[tokio::test]
     async fn writes_frames_and_batch_bodies_to_every_member() {
         let (tx, mut rx1) = broadcast::channel(16);
         let mut rx2 = tx.subscribe();
