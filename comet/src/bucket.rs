@@ -2,7 +2,9 @@
 //! of those sessions. Rooms are split across buckets like sessions are, so a
 //! room broadcast takes each bucket's lock for that bucket's members only.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use crate::session::{Session, lock};
@@ -15,18 +17,46 @@ pub(crate) struct Bucket {
 
 #[derive(Debug, Default)]
 struct Inner {
-    sessions: HashMap<Box<str>, Arc<Session>>,
-    /// room → session id → session.
-    rooms: HashMap<Box<str>, HashMap<u64, Arc<Session>>>,
+    /// Sessions by connection key; the key is the session's own (no copy).
+    sessions: HashSet<ByKey>,
+    /// room → session id → session. Members share the room name with this
+    /// map's key.
+    rooms: HashMap<Arc<str>, HashMap<u64, Arc<Session>>>,
+}
+
+/// A session hashed and compared by its connection key, so the set needs no
+/// second copy of every key (one allocation less per connection).
+#[derive(Debug)]
+struct ByKey(Arc<Session>);
+
+impl Hash for ByKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Same hash as the `str` it borrows as (Borrow's contract).
+        self.0.key.hash(state);
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl Borrow<str> for ByKey {
+    fn borrow(&self) -> &str {
+        &self.0.key
+    }
 }
 
 impl Inner {
     fn leave_room(&mut self, session: &Session) {
         if let Some(room) = session.room() {
-            if let Some(members) = self.rooms.get_mut(&room) {
+            if let Some(members) = self.rooms.get_mut(&*room) {
                 members.remove(&session.id);
                 if members.is_empty() {
-                    self.rooms.remove(&room);
+                    self.rooms.remove(&*room);
                 }
             }
             session.set_room(None);
@@ -34,8 +64,13 @@ impl Inner {
     }
 
     fn join_room(&mut self, session: &Arc<Session>, room: Box<str>) {
+        // Members of a room share one copy of its name.
+        let room = match self.rooms.get_key_value(&*room) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(room),
+        };
         self.rooms
-            .entry(room.clone())
+            .entry(Arc::clone(&room))
             .or_default()
             .insert(session.id, Arc::clone(session));
         session.set_room(Some(room));
@@ -43,8 +78,8 @@ impl Inner {
 
     fn is_current(&self, session: &Session) -> bool {
         self.sessions
-            .get(&session.key)
-            .is_some_and(|current| current.id == session.id)
+            .get(&*session.key)
+            .is_some_and(|current| current.0.id == session.id)
     }
 }
 
@@ -59,7 +94,8 @@ impl Bucket {
         let mut inner = lock(&self.inner);
         let replaced = inner
             .sessions
-            .insert(session.key.clone(), Arc::clone(session));
+            .replace(ByKey(Arc::clone(session)))
+            .map(|old| old.0);
         if let Some(old) = &replaced {
             inner.leave_room(old);
         }
@@ -76,7 +112,7 @@ impl Bucket {
         if !inner.is_current(session) {
             return false;
         }
-        inner.sessions.remove(&session.key);
+        inner.sessions.remove(&*session.key);
         inner.leave_room(session);
         true
     }
@@ -97,7 +133,10 @@ impl Bucket {
 
     /// Returns the session connected with `key`.
     pub(crate) fn get(&self, key: &str) -> Option<Arc<Session>> {
-        lock(&self.inner).sessions.get(key).cloned()
+        lock(&self.inner)
+            .sessions
+            .get(key)
+            .map(|found| Arc::clone(&found.0))
     }
 
     /// Calls `f` for every member of `room` in this bucket, under the lock:
@@ -125,7 +164,11 @@ impl Bucket {
     /// Returns the sessions, so that long work (paced broadcast, drain) runs
     /// without the lock.
     pub(crate) fn sessions(&self) -> Vec<Arc<Session>> {
-        lock(&self.inner).sessions.values().cloned().collect()
+        lock(&self.inner)
+            .sessions
+            .iter()
+            .map(|found| Arc::clone(&found.0))
+            .collect()
     }
 }
 
@@ -182,5 +225,23 @@ mod tests {
         counts.clear();
         bucket.add_room_counts(&mut counts);
         assert!(counts.is_empty());
+    }
+
+    #[test]
+    fn members_share_one_copy_of_the_room_name() {
+        let bucket = Bucket::default();
+        let (a, b) = (session(1, "a"), session(2, "b"));
+        bucket.put(&a, Some("live://1".into()));
+        bucket.put(&b, None);
+        assert!(bucket.change_room(&b, Some("live://1".into())));
+        let (room_a, room_b) = (a.room().unwrap(), b.room().unwrap());
+        assert!(Arc::ptr_eq(&room_a, &room_b));
+        let mut members = Vec::new();
+        bucket.for_each_member("live://1", |s| members.push(s.id));
+        members.sort_unstable();
+        assert_eq!(members, [1, 2]);
+        // Keys are found by value, not by the session that holds them.
+        assert_eq!(bucket.get(&String::from("b")).unwrap().id, 2);
+        assert_eq!(bucket.sessions().len(), 2);
     }
 }

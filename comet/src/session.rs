@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -80,7 +80,7 @@ pub(crate) struct Session {
     pub(crate) ip: IpAddr,
     /// Sorted, deduplicated.
     accepts: Mutex<Vec<i32>>,
-    room: Mutex<Option<Box<str>>>,
+    room: Mutex<Option<Arc<str>>>,
     outbox: Outbox,
 }
 
@@ -153,12 +153,12 @@ impl Session {
     }
 
     /// Returns the room the connection is in.
-    pub(crate) fn room(&self) -> Option<Box<str>> {
+    pub(crate) fn room(&self) -> Option<Arc<str>> {
         lock(&self.room).clone()
     }
 
     /// Records the room; only the bucket calls this, under its own lock.
-    pub(crate) fn set_room(&self, room: Option<Box<str>>) {
+    pub(crate) fn set_room(&self, room: Option<Arc<str>>) {
         *lock(&self.room) = room;
     }
 
