@@ -964,22 +964,6 @@ fn systemd_units_run_a_shipped_config_hardened() {
 
 // ------------------------------------------------------------ docs
 
-/// Dotted paths of every key of a TOML table (tables recurse).
-fn key_paths(table: &toml::Table, prefix: &str, out: &mut BTreeSet<String>) {
-    for (key, value) in table {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            toml::Value::Table(inner) => key_paths(inner, &path, out),
-            _ => {
-                out.insert(path);
-            }
-        }
-    }
-}
 
 #[test]
 fn the_operations_doc_documents_every_config_key_and_port() {
@@ -988,7 +972,7 @@ fn the_operations_doc_documents_every_config_key_and_port() {
     let mut ports = BTreeSet::new();
     for role in ROLES {
         let effective = every_key(role);
-        key_paths(&effective.config, "", &mut keys);
+        support::key_paths(&effective.config, "", &mut keys);
         ports.extend(effective.bind_ports().into_keys());
         if let Some(wss) = effective.str_at("comet.wss_bind") {
             ports.extend(wss.split(',').map(Effective::port_of));

@@ -1,11 +1,14 @@
 //! The configs shipped in deploy/config/ load, and document every key the
 //! role knows (as a setting, or as a commented-out example for optional keys).
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use rim_config::{CometRoleConfig, JobRoleConfig, Load, LogicRoleConfig, StandaloneConfig};
 use serde::Serialize;
+use support::key_paths;
 
 fn path(role: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -13,22 +16,6 @@ fn path(role: &str) -> PathBuf {
         .join(format!("{role}.toml"))
 }
 
-/// Dotted paths of every scalar or list key in a TOML table.
-fn key_paths(table: &toml::Table, prefix: &str, out: &mut BTreeSet<String>) {
-    for (key, value) in table {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            toml::Value::Table(inner) => key_paths(inner, &path, out),
-            _ => {
-                out.insert(path);
-            }
-        }
-    }
-}
 
 /// Dotted paths of keys shown commented out (`# key = ...`) under a
 /// `[section]`, and of commented array-of-tables examples (`# [[a.b]]`).

@@ -14,14 +14,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rim_comet::{Comet, DetachedSession};
+use rim_comet::{Comet, DetachedSession, NoLogic};
 use rim_config::{CometConfig, NodeConfig};
-use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
+use rim_proto::api::CometApi;
 use rim_proto::pb::comet::v1 as pb;
-use rim_proto::pb::logic::v1 as logic;
 use rim_proto::{BatchBuilder, Frame, Op};
 
 /// Room sizes, as in the fan-out benchmark of issue #7.
@@ -31,34 +29,6 @@ const BATCH: usize = 20;
 /// The op business pushes use in the examples.
 const PUSH_OP: i32 = 1000;
 const ROOM: &str = "live://bench";
-
-/// The comet never calls logic here: sessions are attached directly.
-struct NoLogic;
-
-#[async_trait]
-impl LogicApi for NoLogic {
-    async fn connect(&self, _: logic::ConnectRequest) -> ApiResult<logic::ConnectReply> {
-        Err(ApiError::Unavailable("no logic in this benchmark".into()))
-    }
-    async fn disconnect(&self, _: logic::DisconnectRequest) -> ApiResult<bool> {
-        Ok(false)
-    }
-    async fn heartbeat(&self, _: logic::HeartbeatRequest) -> ApiResult<()> {
-        Ok(())
-    }
-    async fn renew_online(
-        &self,
-        _: logic::RenewOnlineRequest,
-    ) -> ApiResult<logic::RenewOnlineReply> {
-        Ok(logic::RenewOnlineReply::default())
-    }
-    async fn receive(&self, _: logic::ReceiveRequest) -> ApiResult<()> {
-        Ok(())
-    }
-    async fn nodes(&self, _: logic::NodesRequest) -> ApiResult<logic::NodesReply> {
-        Err(ApiError::Unavailable("no logic in this benchmark".into()))
-    }
-}
 
 fn message(seq: i32) -> Frame {
     Frame::new(Op(PUSH_OP), seq, Bytes::from(vec![b'm'; 128]))

@@ -8,8 +8,43 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use async_trait::async_trait;
+use rim_proto::api::{ApiError, ApiResult, LogicApi};
+use rim_proto::pb::logic::v1 as logic;
+
 use crate::Comet;
 use crate::session::Session;
+
+/// A logic for comets whose sessions are attached directly: it refuses
+/// every connect and node request and accepts the rest without effect.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct NoLogic;
+
+#[async_trait]
+impl LogicApi for NoLogic {
+    async fn connect(&self, _: logic::ConnectRequest) -> ApiResult<logic::ConnectReply> {
+        Err(ApiError::Unavailable("no logic behind this comet".into()))
+    }
+    async fn disconnect(&self, _: logic::DisconnectRequest) -> ApiResult<bool> {
+        Ok(false)
+    }
+    async fn heartbeat(&self, _: logic::HeartbeatRequest) -> ApiResult<()> {
+        Ok(())
+    }
+    async fn renew_online(
+        &self,
+        _: logic::RenewOnlineRequest,
+    ) -> ApiResult<logic::RenewOnlineReply> {
+        Ok(logic::RenewOnlineReply::default())
+    }
+    async fn receive(&self, _: logic::ReceiveRequest) -> ApiResult<()> {
+        Ok(())
+    }
+    async fn nodes(&self, _: logic::NodesRequest) -> ApiResult<logic::NodesReply> {
+        Err(ApiError::Unavailable("no logic behind this comet".into()))
+    }
+}
 
 /// A session in the comet's buckets with no connection behind it.
 #[derive(Debug)]

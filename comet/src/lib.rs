@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::comet::Comet;
 #[doc(hidden)]
-pub use crate::detached::DetachedSession;
+pub use crate::detached::{DetachedSession, NoLogic};
 pub use crate::listener::WS_PATH;
 pub use crate::session::TransportKind;
 

@@ -285,38 +285,8 @@ pub(crate) async fn bind_all(addrs: &[std::net::SocketAddr]) -> io::Result<Vec<T
 mod tests {
     use std::sync::Arc;
 
-    use async_trait::async_trait;
-    use rim_proto::api::{ApiError, ApiResult, LogicApi};
-    use rim_proto::pb::logic::v1 as logic;
-
     use super::*;
-
-    struct NoLogic;
-
-    #[async_trait]
-    impl LogicApi for NoLogic {
-        async fn connect(&self, _: logic::ConnectRequest) -> ApiResult<logic::ConnectReply> {
-            Err(ApiError::Unavailable("none".into()))
-        }
-        async fn disconnect(&self, _: logic::DisconnectRequest) -> ApiResult<bool> {
-            Ok(false)
-        }
-        async fn heartbeat(&self, _: logic::HeartbeatRequest) -> ApiResult<()> {
-            Ok(())
-        }
-        async fn renew_online(
-            &self,
-            _: logic::RenewOnlineRequest,
-        ) -> ApiResult<logic::RenewOnlineReply> {
-            Ok(logic::RenewOnlineReply::default())
-        }
-        async fn receive(&self, _: logic::ReceiveRequest) -> ApiResult<()> {
-            Ok(())
-        }
-        async fn nodes(&self, _: logic::NodesRequest) -> ApiResult<logic::NodesReply> {
-            Err(ApiError::Unavailable("none".into()))
-        }
-    }
+    use crate::NoLogic;
 
     /// Every idle connection pays for its task's future: one-off phases are
     /// boxed so that it stays small (it was 10 KB before they were).

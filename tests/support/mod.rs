@@ -193,3 +193,20 @@ pub fn start_static_comet(id: &str, logic_grpc: SocketAddr) -> Proc {
         ],
     )
 }
+
+/// Dotted paths of every scalar or list key in a TOML table.
+pub fn key_paths(table: &toml::Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => key_paths(inner, &path, out),
+            _ => {
+                out.insert(path);
+            }
+        }
+    }
+}
