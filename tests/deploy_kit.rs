@@ -964,7 +964,6 @@ fn systemd_units_run_a_shipped_config_hardened() {
 
 // ------------------------------------------------------------ docs
 
-
 #[test]
 fn the_operations_doc_documents_every_config_key_and_port() {
     let doc = read(&root().join("docs/operations.md"));

@@ -16,7 +16,6 @@ fn path(role: &str) -> PathBuf {
         .join(format!("{role}.toml"))
 }
 
-
 /// Dotted paths of keys shown commented out (`# key = ...`) under a
 /// `[section]`, and of commented array-of-tables examples (`# [[a.b]]`).
 fn commented_keys(text: &str) -> BTreeSet<String> {
