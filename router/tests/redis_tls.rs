@@ -20,7 +20,8 @@ struct TlsRedis {
     child: Child,
     port: u16,
     ca: PathBuf,
-    dir: tempfile::TempDir,
+    /// Holds the certificate and data files until the server is dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl TlsRedis {
@@ -67,7 +68,7 @@ impl TlsRedis {
             child,
             port,
             ca: cert,
-            dir,
+            _dir: dir,
         };
         assert!(
             rim_testkit::wait_listening(port, Duration::from_secs(10)),
@@ -85,7 +86,6 @@ impl Drop for TlsRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = &self.dir;
     }
 }
 
