@@ -3,10 +3,10 @@
 //! Each subcommand loads its role's config (defaults < `--config` TOML <
 //! `RIM_<SECTION>__<KEY>` environment), validates it before binding anything
 //! (exit 64 on a bad config), binds its listeners, then runs the role until
-//! SIGINT/SIGTERM.
+//! SIGINT/SIGTERM. Roles are wired in [`roles`], one module per subcommand.
 
 mod logging;
-mod standalone;
+mod roles;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -68,16 +68,18 @@ fn main() -> ExitCode {
     match cli.role {
         Role::Standalone(args) => load::<StandaloneConfig>("standalone", &args).map_or_else(
             |code| code,
-            |config| serve("standalone", |shutdown| standalone::run(config, shutdown)),
+            |config| {
+                serve("standalone", |shutdown| {
+                    roles::standalone::run(config, shutdown)
+                })
+            },
         ),
         Role::Comet(args) => load::<CometRoleConfig>("comet", &args).map_or_else(
             |code| code,
             |config| {
                 serve("comet", |shutdown| async move {
-                    let listeners = rim_comet::Listeners::bind(&config.comet).await?;
-                    let metrics = bind_metrics(config.metrics.bind_addr()).await?;
-                    rim_comet::run(config, listeners, metrics, shutdown).await?;
-                    Ok(())
+                    let (listeners, metrics) = roles::comet::bind(&config).await?;
+                    roles::comet::run(config, listeners, metrics, shutdown).await
                 })
             },
         ),
@@ -85,9 +87,8 @@ fn main() -> ExitCode {
             |code| code,
             |config| {
                 serve("logic", |shutdown| async move {
-                    let listeners = rim_api::Listeners::bind(&config).await?;
-                    rim_api::run(config, listeners, shutdown).await?;
-                    Ok(())
+                    let listeners = roles::logic::Listeners::bind(&config).await?;
+                    roles::logic::run(config, listeners, shutdown).await
                 })
             },
         ),
@@ -95,25 +96,11 @@ fn main() -> ExitCode {
             |code| code,
             |config| {
                 serve("job", |shutdown| async move {
-                    let metrics = bind_metrics(config.metrics.bind_addr()).await?;
-                    rim_job::run(config, metrics, shutdown).await?;
-                    Ok(())
+                    let metrics = roles::job::bind(&config).await?;
+                    roles::job::run(config, metrics, shutdown).await
                 })
             },
         ),
-    }
-}
-
-/// Binds `metrics.bind` (comet, job); `None` when metrics are disabled.
-async fn bind_metrics(
-    addr: Option<std::net::SocketAddr>,
-) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    match addr {
-        None => Ok(None),
-        Some(addr) => tokio::net::TcpListener::bind(addr)
-            .await
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("cannot bind metrics.bind {addr}: {e}")),
     }
 }
 

@@ -14,18 +14,7 @@ mod error;
 mod metrics;
 mod params;
 mod push;
-mod role;
 mod server;
 
 pub use error::ApiError;
-pub use role::{LOAD_REFRESH, Listeners, RunError, run};
 pub use server::{Api, router, serve, serve_with_metrics};
-
-/// Returns a metrics registry holding what every role exposes
-/// (`rim_build_info` for `role`, `rim_process_*`); each role's crate then
-/// registers its own metrics in it.
-pub fn metrics_registry(role: &'static str) -> rim_metrics::Registry {
-    let mut registry = rim_metrics::Registry::default();
-    rim_metrics::register_common(&mut registry, role);
-    registry
-}

@@ -27,9 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rim_config::{CometConfig, CometRoleConfig};
-use rim_discovery::{Addrs, Kind, NodeInfo, Registration};
-use rim_proto::api::{CometGrpc, RemoteLogic};
+use rim_config::CometConfig;
+use rim_proto::api::CometGrpc;
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -94,133 +93,22 @@ impl Listeners {
     }
 }
 
-/// How often the comet's registration is refreshed with its load.
-const REGISTRATION_REFRESH: Duration = Duration::from_secs(10);
-
-/// Runs `rim comet`: registers in discovery, reports to the logics it
-/// finds there, and serves `GET /metrics` on `metrics` when given.
-pub async fn run(
-    config: CometRoleConfig,
-    listeners: Listeners,
-    metrics: Option<TcpListener>,
-    shutdown: Shutdown,
-) -> Result<()> {
-    let discovery = rim_discovery::connect(&config.discovery)
-        .await
-        .map_err(|e| Error::Logic(e.to_string()))?;
-    let logics = discovery
-        .watch(Kind::Logic)
-        .await
-        .map_err(|e| Error::Logic(e.to_string()))?;
-    let logic = RemoteLogic::new(balanced_logics(logics));
-    let comet = Comet::new(&config.node, config.comet, Arc::new(logic));
-    let metrics = metrics.map(|listener| {
-        let mut registry = rim_metrics::Registry::default();
-        rim_metrics::register_common(&mut registry, "comet");
-        comet.register_metrics(&mut registry);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(rim_metrics::serve(
-            listener,
-            Arc::new(registry),
-            stop.clone(),
-        ));
-        (task, stop)
-    });
-    let info = NodeInfo {
-        id: config.node.id.clone(),
-        region: config.node.region.clone(),
-        zone: config.node.zone.clone(),
-        addrs: Addrs {
-            tcp: advertised(listeners.tcp.first()),
-            ws: advertised(listeners.ws.first()),
-            wss: advertised(listeners.wss.first()),
-            grpc: advertised(Some(&listeners.grpc)),
-        },
-        weight: config.node.weight,
-        ..NodeInfo::default()
-    };
-    let registration = discovery
-        .register(Kind::Comet, info.clone())
-        .await
-        .map_err(|e| Error::Logic(format!("cannot register in discovery: {e}")))?;
-    let result = comet
-        .serve(listeners, shutdown, Some((registration, info)))
-        .await;
-    drop(discovery);
-    // Metrics are served until the clients are drained.
-    if let Some((task, stop)) = metrics {
-        stop.cancel();
-        if let Ok(Err(err)) = task.await {
-            tracing::warn!(reason = %err, "metrics server ended with an error");
-        }
-    }
-    result
-}
-
-/// The advertised address of a listener (empty when there is none).
-fn advertised(listener: Option<&TcpListener>) -> String {
-    listener
-        .and_then(|l| l.local_addr().ok())
-        .map(rim_discovery::advertise)
-        .unwrap_or_default()
-}
-
-/// A gRPC channel balanced over the logics discovery reports, following it.
-fn balanced_logics(
-    mut logics: tokio::sync::watch::Receiver<Vec<NodeInfo>>,
-) -> tonic::transport::Channel {
-    use tonic::transport::channel::Change;
-    let (channel, changes) = tonic::transport::Channel::balance_channel::<String>(64);
-    tokio::spawn(async move {
-        let mut current: std::collections::HashSet<String> = std::collections::HashSet::new();
-        loop {
-            let wanted: std::collections::HashSet<String> = logics
-                .borrow_and_update()
-                .iter()
-                .map(|n| n.addrs.grpc.clone())
-                .filter(|a| !a.is_empty())
-                .collect();
-            for gone in current.difference(&wanted) {
-                let _ = changes.send(Change::Remove(gone.clone())).await;
-            }
-            for new in wanted.difference(&current) {
-                match tonic::transport::Endpoint::from_shared(format!("http://{new}")) {
-                    Ok(endpoint) => {
-                        let endpoint = endpoint
-                            .connect_timeout(Duration::from_secs(3))
-                            .timeout(Duration::from_secs(10));
-                        let _ = changes.send(Change::Insert(new.clone(), endpoint)).await;
-                    }
-                    Err(err) => {
-                        tracing::warn!(addr = %new, reason = %err, "bad logic address in discovery")
-                    }
-                }
-            }
-            if wanted != current {
-                tracing::info!(logics = ?wanted, "logics changed");
-            }
-            current = wanted;
-            if logics.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    channel
-}
-
 impl Comet {
     /// Serves clients and the gRPC service until `shutdown` triggers, then
     /// drains: stop accepting, close clients spread over the drain window,
     /// stop the gRPC service.
     pub async fn run(self, listeners: Listeners, shutdown: Shutdown) -> Result<()> {
-        self.serve(listeners, shutdown, None).await
+        self.serve(listeners, shutdown, async {}).await
     }
 
-    async fn serve(
+    /// Like [`Comet::run`], and awaits `accepting_stopped` between "stop
+    /// accepting" and "drain clients" — where a role deregisters from
+    /// discovery, so nobody sends clients or pushes here while it drains.
+    pub async fn serve(
         self,
         listeners: Listeners,
         shutdown: Shutdown,
-        registration: Option<(Registration, NodeInfo)>,
+        accepting_stopped: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         let tls = match (&inner.config.tls_cert, &inner.config.tls_key) {
@@ -276,16 +164,6 @@ impl Comet {
         }
 
         let reporter = tokio::spawn(report_rooms(Arc::clone(&inner), stop_accepting.clone()));
-        let registration = registration.map(|(registration, info)| {
-            let registration = Arc::new(registration);
-            let refresher = tokio::spawn(refresh_registration(
-                self.clone(),
-                Arc::clone(&registration),
-                info,
-                stop_accepting.clone(),
-            ));
-            (registration, refresher)
-        });
 
         let grpc_stop = CancellationToken::new();
         let mut grpc = {
@@ -318,18 +196,9 @@ impl Comet {
             let _ = l.await;
         }
         let _ = reporter.await;
-        // 2. Deregister from discovery, so nobody sends clients or pushes here.
-        if let Some((registration, refresher)) = registration {
-            let _ = refresher.await;
-            match Arc::try_unwrap(registration) {
-                Ok(registration) => {
-                    if let Err(err) = registration.deregister().await {
-                        tracing::warn!(reason = %err, "deregistration failed; the node expires with the session");
-                    }
-                }
-                Err(_) => tracing::warn!("registration still shared; it expires with the session"),
-            }
-        }
+        // 2. Deregister from discovery (the role's hook), so nobody sends
+        //    clients or pushes here.
+        accepting_stopped.await;
         // 3. Close clients spread over the drain window.
         drain.cancel();
         self.drain_clients(inner.config.drain_window).await;
@@ -361,30 +230,6 @@ impl Comet {
             tokio::time::sleep(step).await;
         }
         tracing::info!(closed, window = ?window, "clients drained");
-    }
-}
-
-/// Refreshes the registration with the comet's load until `stop`.
-async fn refresh_registration(
-    comet: Comet,
-    registration: Arc<Registration>,
-    mut info: NodeInfo,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(REGISTRATION_REFRESH);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if let Ok(stats) = rim_proto::api::CometApi::stats(&comet).await {
-            info.conn_count = stats.tcp_connections + stats.ws_connections;
-            info.ip_count = stats.ip_count;
-        }
-        if let Err(err) = registration.update(info.clone()).await {
-            tracing::warn!(reason = %err, "registration refresh failed");
-        }
     }
 }
 

@@ -9,7 +9,6 @@
 
 mod kafka;
 mod metrics;
-mod role;
 mod room;
 mod worker;
 
@@ -30,7 +29,6 @@ use tracing::Instrument;
 
 pub use crate::kafka::{ConsumeError, consume_kafka};
 use crate::metrics::JobMetrics;
-pub use crate::role::{RunError, run};
 use crate::room::{Flush, RoomMessage};
 pub use crate::worker::Outcome;
 use crate::worker::{Call, Worker};

@@ -3,16 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rim_config::LogicRoleConfig;
+use anyhow::Context;
+use rim_api::{Api, serve_with_metrics};
+use rim_config::{LogicConfig, LogicRoleConfig, RouterConfig};
 use rim_discovery::{Addrs, Kind, NodeInfo};
 use rim_logic::comets::{CometNode, Comets};
 use rim_logic::webhook::HttpClient;
 use rim_logic::{Logic, grpc};
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-use crate::{Api, serve_with_metrics};
 
 /// How often comets are asked for their load (node selection, online totals).
 pub const LOAD_REFRESH: Duration = Duration::from_secs(10);
@@ -41,26 +42,6 @@ impl Listeners {
     }
 }
 
-/// Why the logic process could not start or run.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The router backend could not be reached.
-    #[error("router: {0}")]
-    Router(#[from] rim_router::Error),
-    /// The queue could not be set up.
-    #[error("queue: {0}")]
-    Queue(#[from] rim_queue::Error),
-    /// Discovery is not usable.
-    #[error("discovery: {0}")]
-    Discovery(String),
-    /// The webhook HTTP client could not be built.
-    #[error("http client: {0}")]
-    Http(String),
-    /// A server failed.
-    #[error("{0}")]
-    Serve(String),
-}
-
 /// The comet directory's view of discovered comets (their load comes with
 /// them; Stats refreshes it between registrations).
 fn comet_nodes(nodes: &[NodeInfo]) -> Vec<CometNode> {
@@ -85,18 +66,18 @@ pub async fn run(
     config: LogicRoleConfig,
     listeners: Listeners,
     shutdown: Shutdown,
-) -> Result<(), RunError> {
+) -> anyhow::Result<()> {
     let discovery = rim_discovery::connect(&config.discovery)
         .await
-        .map_err(|e| RunError::Discovery(e.to_string()))?;
+        .context("discovery")?;
     let mut watched = discovery
         .watch(Kind::Comet)
         .await
-        .map_err(|e| RunError::Discovery(e.to_string()))?;
+        .context("discovery: cannot watch the comets")?;
     let comets = Comets::new();
     comets
         .replace(comet_nodes(&watched.borrow_and_update()))
-        .map_err(|e| RunError::Discovery(e.to_string()))?;
+        .context("discovery")?;
     let grpc_addr = listeners
         .grpc
         .local_addr()
@@ -118,11 +99,9 @@ pub async fn run(
             },
         )
         .await
-        .map_err(|e| RunError::Discovery(format!("cannot register: {e}")))?;
-    let router = rim_router::connect(&config.router).await?;
-    let producer = rim_queue::kafka_producer(&config.queue)?;
-    let http = HttpClient::new().map_err(|e| RunError::Http(e.to_string()))?;
-    let logic = Arc::new(Logic::new(&config.logic, router, Arc::new(comets), http));
+        .context("discovery: cannot register")?;
+    let producer = rim_queue::kafka_producer(&config.queue).context("queue")?;
+    let logic = build_logic(&config.logic, &config.router, Arc::new(comets)).await?;
     // Follow the comets discovery reports (node selection, admin, online totals).
     let follow = {
         let logic = Arc::clone(&logic);
@@ -144,15 +123,9 @@ pub async fn run(
         stop.clone(),
     ));
     let api = Api::new(&config.api, Arc::clone(&logic), producer);
-    let mut registry = crate::metrics_registry("logic");
+    let mut registry = super::metrics_registry("logic");
     logic.register_metrics(&mut registry);
-    api.register_metrics(&mut registry);
-    let http_task = tokio::spawn(serve_with_metrics(
-        api,
-        Arc::new(registry),
-        listeners.http,
-        stop.clone(),
-    ));
+    let http_task = spawn_http(api, registry, listeners.http, stop.clone());
 
     shutdown.triggered().await;
     if let Err(err) = registration.deregister().await {
@@ -164,10 +137,34 @@ pub async fn run(
     let grpc_result = grpc_task.await;
     let http_result = http_task.await;
     tracing::info!("logic stopped");
-    match (grpc_result, http_result) {
-        (Ok(Ok(())), Ok(Ok(()))) => Ok(()),
-        (Ok(Err(e)), _) => Err(RunError::Serve(format!("grpc: {e}"))),
-        (_, Ok(Err(e))) => Err(RunError::Serve(format!("http: {e}"))),
-        (Err(e), _) | (_, Err(e)) => Err(RunError::Serve(e.to_string())),
-    }
+    grpc_result
+        .context("logic grpc task")?
+        .context("logic grpc")?;
+    http_result.context("http api task")?.context("http api")?;
+    Ok(())
+}
+
+/// Builds logic over the router the config names and a comet directory
+/// (shared by `rim logic` and `rim standalone`).
+pub(super) async fn build_logic(
+    logic: &LogicConfig,
+    router: &RouterConfig,
+    comets: Arc<Comets>,
+) -> anyhow::Result<Arc<Logic>> {
+    let router = rim_router::connect(router).await.context("router")?;
+    let http = HttpClient::new().context("webhook http client")?;
+    Ok(Arc::new(Logic::new(logic, router, comets, http)))
+}
+
+/// Serves the HTTP API on `listener`, with `registry` (plus the API's own
+/// metrics) at `/metrics`, until `stop` (shared by `rim logic` and
+/// `rim standalone`).
+pub(super) fn spawn_http(
+    api: Arc<Api>,
+    mut registry: rim_metrics::Registry,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    api.register_metrics(&mut registry);
+    tokio::spawn(serve_with_metrics(api, Arc::new(registry), listener, stop))
 }

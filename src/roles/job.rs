@@ -3,24 +3,20 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use rim_config::{JobRoleConfig, QueueBackend};
 use rim_discovery::{Kind, NodeInfo};
+use rim_job::{CometHandle, Job, consume_kafka};
 use rim_proto::api::{CometApi, RemoteComet};
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CometHandle, Job, consume_kafka};
+use super::MetricsServer;
 
-/// Why the job could not start or run.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The configuration cannot work for a job process.
-    #[error("{0}")]
-    Config(String),
-    /// The consumer failed.
-    #[error(transparent)]
-    Consume(#[from] crate::ConsumeError),
+/// Binds the job's metrics listener.
+pub async fn bind(config: &JobRoleConfig) -> anyhow::Result<Option<TcpListener>> {
+    super::bind_metrics(config.metrics.bind_addr()).await
 }
 
 /// The comets of `region` among discovered nodes, as lazily connected clients.
@@ -43,31 +39,24 @@ pub async fn run(
     config: JobRoleConfig,
     metrics: Option<TcpListener>,
     shutdown: Shutdown,
-) -> Result<(), RunError> {
-    if config.queue.backend != QueueBackend::Kafka {
-        return Err(RunError::Config(
-            "rim job consumes Kafka: set queue.backend = \"kafka\" (the in-process queue is standalone's)".into(),
-        ));
-    }
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.queue.backend == QueueBackend::Kafka,
+        "rim job consumes Kafka: set queue.backend = \"kafka\" (the in-process queue is standalone's)"
+    );
     let discovery = rim_discovery::connect(&config.discovery)
         .await
-        .map_err(|e| RunError::Config(e.to_string()))?;
+        .context("discovery")?;
     let mut comets = discovery
         .watch(Kind::Comet)
         .await
-        .map_err(|e| RunError::Config(e.to_string()))?;
+        .context("discovery: cannot watch the comets")?;
     let region = config.node.region.clone();
     let job = Job::new(&config.job);
-    let metrics_stop = CancellationToken::new();
     let metrics = metrics.map(|listener| {
-        let mut registry = rim_metrics::Registry::default();
-        rim_metrics::register_common(&mut registry, "job");
+        let mut registry = super::metrics_registry("job");
         job.register_metrics(&mut registry);
-        tokio::spawn(rim_metrics::serve(
-            listener,
-            Arc::new(registry),
-            metrics_stop.clone(),
-        ))
+        MetricsServer::spawn(listener, registry)
     });
     job.set_comets(region_comets(&comets.borrow_and_update(), &region));
     tracing::info!(%region, comets = ?job.comet_ids(), group = %config.job.group, "job starting");
@@ -102,13 +91,10 @@ pub async fn run(
     follow.abort();
     drop(discovery);
     // Metrics are served until the consumer committed and stopped.
-    metrics_stop.cancel();
-    if let Some(task) = metrics
-        && let Ok(Err(err)) = task.await
-    {
-        tracing::warn!(reason = %err, "metrics server ended with an error");
+    if let Some(metrics) = metrics {
+        metrics.stop().await;
     }
-    result?;
+    result.context("queue consumer")?;
     tracing::info!("job stopped");
     Ok(())
 }

@@ -9,16 +9,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use rim_comet::{Comet, Listeners};
 use rim_config::{QueueBackend, StandaloneConfig};
-use rim_logic::Logic;
 use rim_logic::comets::{CometNode, Comets};
-use rim_logic::webhook::HttpClient;
 use rim_proto::api::CometApi;
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// An address clients can use: a wildcard bind is advertised as loopback.
-fn advertised(addr: Option<SocketAddr>) -> String {
+fn loopback_advertised(addr: Option<SocketAddr>) -> String {
     match addr {
         Some(addr) if addr.ip().is_unspecified() => format!("127.0.0.1:{}", addr.port()),
         Some(addr) => addr.to_string(),
@@ -37,7 +35,8 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let http = TcpListener::bind(config.api.http_bind)
         .await
         .with_context(|| format!("cannot bind {}", config.api.http_bind))?;
-    let first = |list: &[TcpListener]| advertised(list.first().and_then(|l| l.local_addr().ok()));
+    let first =
+        |list: &[TcpListener]| loopback_advertised(list.first().and_then(|l| l.local_addr().ok()));
     let node = CometNode {
         id: config.node.id.clone(),
         region: config.node.region.clone(),
@@ -45,20 +44,15 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
         tcp: first(&listeners.tcp),
         ws: first(&listeners.ws),
         wss: first(&listeners.wss),
-        grpc: advertised(listeners.grpc.local_addr().ok()),
+        grpc: loopback_advertised(listeners.grpc.local_addr().ok()),
         conn_count: 0,
         ip_count: 0,
     };
-    let http_addr = advertised(http.local_addr().ok());
+    let http_addr = loopback_advertised(http.local_addr().ok());
 
-    let router = rim_router::connect(&config.router).await?;
     let comets = Arc::new(Comets::new());
-    let logic = Arc::new(Logic::new(
-        &config.logic,
-        router,
-        Arc::clone(&comets),
-        HttpClient::new()?,
-    ));
+    let logic =
+        super::logic::build_logic(&config.logic, &config.router, Arc::clone(&comets)).await?;
     let comet = Comet::new(
         &config.node,
         config.comet.clone(),
@@ -71,22 +65,16 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let job = rim_job::Job::new(&config.job);
     job.set_comets(vec![(node.id.clone(), comet_api)]);
     // Every role's metrics, served on the API listener at /metrics.
-    let mut registry = rim_api::metrics_registry("standalone");
+    let mut registry = super::metrics_registry("standalone");
     comet.register_metrics(&mut registry);
     logic.register_metrics(&mut registry);
     job.register_metrics(&mut registry);
 
     let stop = CancellationToken::new();
     let consuming = tokio::spawn(rim_job::consume_memory(job, consumer, stop.clone()));
-    let refresher = Arc::clone(&comets).refresh_every(rim_api::LOAD_REFRESH, stop.clone());
+    let refresher = Arc::clone(&comets).refresh_every(super::logic::LOAD_REFRESH, stop.clone());
     let api = rim_api::Api::new(&config.api, Arc::clone(&logic), Arc::new(producer));
-    api.register_metrics(&mut registry);
-    let serving = tokio::spawn(rim_api::serve_with_metrics(
-        api,
-        Arc::new(registry),
-        http,
-        stop.clone(),
-    ));
+    let serving = super::logic::spawn_http(api, registry, http, stop.clone());
 
     println!(
         "rim standalone is running (node {}, region {})",
