@@ -17,13 +17,14 @@
 //! All of them stop when the [`ZkDiscovery`] is dropped.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
+use parking_lot::Mutex;
 use tokio::sync::{Mutex as AsyncMutex, watch};
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -132,7 +133,7 @@ impl Discovery for ZkDiscovery {
             removed: false,
         }));
         {
-            let mut registrations = lock(&self.shared.registrations);
+            let mut registrations = self.shared.registrations.lock();
             if registrations.contains_key(&key) {
                 return Err(Error::Invalid(format!(
                     "{kind} {:?} is already registered by this discovery",
@@ -166,7 +167,7 @@ impl Discovery for ZkDiscovery {
 
     async fn watch(&self, kind: Kind) -> Result<watch::Receiver<Vec<NodeInfo>>> {
         let (nodes_rx, mut ready_rx) = {
-            let mut views = lock(&self.shared.views);
+            let mut views = self.shared.views.lock();
             let view = views.entry(kind).or_insert_with(|| {
                 let nodes_tx = watch::Sender::new(Vec::new());
                 let (ready_tx, ready_rx) = watch::channel(false);
@@ -363,9 +364,9 @@ impl Shared {
     /// Re-asserts every registration: re-creates missing nodes, replaces
     /// nodes of other sessions, rewrites stale data.
     async fn refresh(&self, client: &zk::Client) {
-        let orphans = std::mem::take(&mut *lock(&self.orphans));
+        let orphans = std::mem::take(&mut *self.orphans.lock());
         for (key, path) in orphans {
-            if lock(&self.registrations).contains_key(&key) {
+            if self.registrations.lock().contains_key(&key) {
                 continue; // registered again: the node is the successor's
             }
             let deleted = bounded(
@@ -375,10 +376,10 @@ impl Shared {
             .await;
             match deleted {
                 Ok(()) => info!(zk.path = %path, "deregistered"),
-                Err(_) => lock(&self.orphans).push((key, path)),
+                Err(_) => self.orphans.lock().push((key, path)),
             }
         }
-        let slots: Vec<_> = lock(&self.registrations).values().cloned().collect();
+        let slots: Vec<_> = self.registrations.lock().values().cloned().collect();
         for slot in slots {
             let slot = slot.lock().await;
             if slot.removed {
@@ -400,7 +401,7 @@ impl Shared {
     async fn remove(&self, key: &Key, slot: &AsyncMutex<Slot>) -> Result<()> {
         let mut slot = slot.lock().await;
         slot.removed = true;
-        if lock(&self.registrations).contains_key(key) {
+        if self.registrations.lock().contains_key(key) {
             // Registered again since: the successor rewrites the node in place.
             return Ok(());
         }
@@ -415,13 +416,13 @@ impl Shared {
         .await;
         match deleted {
             Ok(()) => info!(zk.path = %slot.path, "deregistered"),
-            Err(_) => lock(&self.orphans).push((key.clone(), slot.path.clone())),
+            Err(_) => self.orphans.lock().push((key.clone(), slot.path.clone())),
         }
         deleted
     }
 
     fn forget(&self, key: &Key, slot: &SlotRef) {
-        let mut registrations = lock(&self.registrations);
+        let mut registrations = self.registrations.lock();
         if registrations
             .get(key)
             .is_some_and(|current| Arc::ptr_eq(current, slot))
@@ -553,7 +554,7 @@ async fn supervise(shared: Arc<Shared>, mut client: zk::Client) {
     }
     // Dropping the last client closes the session, which removes our nodes.
     shared.publish(None, false);
-    lock(&shared.views).clear();
+    shared.views.lock().clear();
     debug!("zookeeper discovery stopped");
 }
 
@@ -769,12 +770,6 @@ async fn bounded<T>(
 
 fn to_json(info: &NodeInfo) -> Result<Vec<u8>> {
     serde_json::to_vec(info).map_err(|e| Error::Invalid(format!("node {:?}: {e}", info.id)))
-}
-
-/// Locks a std mutex; a poisoned map is still consistent (every critical
-/// section is one insert, remove or clone).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Exponential retry delays with jitter, so that many nodes reconnecting

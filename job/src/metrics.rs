@@ -2,12 +2,11 @@
 //! from the api's accept to the comets' answer, comet RPC errors and
 //! durations, room batch sizes, messages in flight and consumer lag.
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rim_metrics::{Counter, DescriptorEncoder, Family, Gauge, Histogram, Registry, gauge_family};
-use rim_queue::{PushType, QueueDepth};
+use rim_queue::{Lag, PushType};
 
 use crate::Outcome;
 
@@ -28,10 +27,8 @@ pub(crate) struct JobMetrics {
     rpc_seconds: HistogramFamily,
     room_batch: Histogram,
     in_flight: Gauge,
-    /// Kafka consumer lag by partition, from librdkafka's statistics.
-    lag: Mutex<BTreeMap<i32, i64>>,
-    /// The in-process queue's depth (standalone), its "lag".
-    memory: OnceLock<QueueDepth>,
+    /// The consumer's lag by partition, read on each scrape.
+    lag: OnceLock<Lag>,
 }
 
 impl Default for JobMetrics {
@@ -43,8 +40,7 @@ impl Default for JobMetrics {
             rpc_seconds: Family::new_with_constructor(latency_histogram),
             room_batch: Histogram::new(rim_metrics::size_buckets()),
             in_flight: Gauge::default(),
-            lag: Mutex::new(BTreeMap::new()),
-            memory: OnceLock::new(),
+            lag: OnceLock::new(),
         };
         // Series that exist from the start, so that dashboards and alerts
         // see zeros rather than nothing (an empty family is not exposed).
@@ -134,17 +130,9 @@ impl JobMetrics {
         self.room_batch.observe(messages as f64);
     }
 
-    /// Replaces the Kafka lag of the assigned partitions.
-    pub(crate) fn set_lag(&self, lag: BTreeMap<i32, i64>) {
-        *self
-            .lag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = lag;
-    }
-
-    /// Reports the in-process queue's depth as the consumer lag.
-    pub(crate) fn watch_memory_queue(&self, depth: QueueDepth) {
-        let _ = self.memory.set(depth);
+    /// Reports the lag of the queue consumer the job reads.
+    pub(crate) fn watch_lag(&self, lag: Lag) {
+        let _ = self.lag.set(lag);
     }
 
     /// Registers the job's metrics (`rim_job_*`).
@@ -188,20 +176,7 @@ struct LagCollector(std::sync::Arc<JobMetrics>);
 
 impl rim_metrics::Collector for LagCollector {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let metrics = &self.0;
-        let mut samples: Vec<(String, i64)> = metrics
-            .lag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|(partition, lag)| (partition.to_string(), *lag))
-            .collect();
-        if let Some(depth) = metrics.memory.get() {
-            samples.push((
-                "memory".into(),
-                i64::try_from(depth.get()).unwrap_or(i64::MAX),
-            ));
-        }
+        let samples = self.0.lag.get().map(Lag::read).unwrap_or_default();
         gauge_family(
             &mut e,
             "rim_job_consumer_lag",
@@ -233,7 +208,7 @@ mod tests {
         let metrics = std::sync::Arc::new(JobMetrics::default());
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        metrics.set_lag(BTreeMap::from([(0, 3), (2, 0)]));
+        metrics.watch_lag(Lag::new(|| vec![("0".into(), 3), ("2".into(), 0)]));
         let accepted = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()

@@ -2,14 +2,22 @@
 //! flushed when it holds `room_batch` messages or its oldest message has
 //! waited `room_flush`, whichever comes first. A flushed room is retired
 //! (forgotten) — only after its batch was handed to the comets, so retiring
-//! an idle room loses nothing.
+//! an idle room loses nothing. Flushed batches go to every comet, in flush
+//! order, and each batch's messages are told when all comets handled it.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use rim_proto::pb::comet::v1 as pb;
 use rim_proto::{BatchBuilder, Frame};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+use crate::comet_client::Call;
+use crate::comets::Comets;
+use crate::metrics::JobMetrics;
+use crate::ticket::wait_all;
 
 /// Messages queued to the aggregator before dispatchers wait.
 const QUEUE: usize = 4096;
@@ -22,10 +30,10 @@ pub(crate) struct RoomMessage {
 }
 
 /// A batch ready to broadcast, with the messages it carries.
-pub(crate) struct Flush {
-    pub(crate) room: String,
-    pub(crate) frame: Frame,
-    pub(crate) dones: Vec<oneshot::Sender<crate::Outcome>>,
+struct Flush {
+    room: String,
+    frame: Frame,
+    dones: Vec<oneshot::Sender<crate::Outcome>>,
 }
 
 struct Pending {
@@ -51,16 +59,49 @@ impl Pending {
     }
 }
 
-/// Starts the aggregator; flushed batches come out of the returned receiver
-/// in order per room.
+/// Starts the aggregator and the task that delivers its flushed batches to
+/// `comets` (in order per room) until the comet set is gone.
 pub(crate) fn spawn(
     batch_size: usize,
     max_wait: Duration,
-) -> (mpsc::Sender<RoomMessage>, mpsc::Receiver<Flush>) {
+    comets: Weak<Comets>,
+    metrics: Arc<JobMetrics>,
+) -> mpsc::Sender<RoomMessage> {
     let (in_tx, in_rx) = mpsc::channel(QUEUE);
     let (out_tx, out_rx) = mpsc::channel(QUEUE);
     tokio::spawn(run(batch_size.max(1), max_wait, in_rx, out_tx));
-    (in_tx, out_rx)
+    tokio::spawn(deliver_flushes(comets, metrics, out_rx));
+    in_tx
+}
+
+/// Sends each flushed batch to every comet, in flush order, and tells the
+/// batch's messages when all comets have handled it.
+async fn deliver_flushes(
+    comets: Weak<Comets>,
+    metrics: Arc<JobMetrics>,
+    mut flushes: mpsc::Receiver<Flush>,
+) {
+    while let Some(Flush { room, frame, dones }) = flushes.recv().await {
+        let Some(clients) = comets.upgrade().map(|c| c.all()) else {
+            return;
+        };
+        metrics.room_batch(dones.len());
+        let mut rxs = Vec::with_capacity(clients.len());
+        for (_, client) in clients {
+            let call = Call::Room(pb::BroadcastRoomRequest {
+                room_id: room.clone(),
+                proto: Some(frame.clone().into()),
+            });
+            rxs.push(client.call(call).await);
+        }
+        let ticket = wait_all(rxs);
+        tokio::spawn(async move {
+            let outcome = ticket.await;
+            for done in dones {
+                let _ = done.send(outcome);
+            }
+        });
+    }
 }
 
 async fn run(

@@ -12,7 +12,7 @@ use rim_job::{Job, Outcome};
 use rim_proto::api::{ApiError, ApiResult, CometApi};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::{Frame, Op};
-use rim_queue::{PushMsg, PushType};
+use rim_queue::{Consumer, Producer, PushMsg, PushType};
 
 /// Records every call; fails the first `fail_first` calls as unavailable.
 #[derive(Default)]
@@ -271,4 +271,85 @@ async fn a_message_without_a_type_is_rejected() {
         done(job.deliver(PushMsg::default()).await).await,
         Outcome::Rejected
     );
+}
+
+/// The one consume loop over the in-process queue: every message is
+/// delivered, then committed, so a later consumer of the queue gets nothing.
+#[tokio::test]
+async fn the_consume_loop_delivers_then_commits() {
+    let comet = Arc::new(FakeComet::default());
+    let job = job_with(20, Duration::from_millis(5), &[("c1", Arc::clone(&comet))]);
+    let (producer, queue) = rim_queue::memory_queue(64);
+    for i in 0..5 {
+        producer
+            .send(push("c1", &["k1"], &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let consumer = queue.consumer(8).unwrap();
+    let consuming = tokio::spawn(rim_job::consume(job, consumer, stop.clone()));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while comet.calls().len() < 5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("all five delivered");
+    stop.cancel();
+    consuming.await.unwrap().unwrap();
+    let expected: Vec<String> = (0..5).map(|i| format!("push k1 op=1000 m{i}")).collect();
+    assert_eq!(comet.calls(), expected);
+
+    let mut next = queue.consumer(8).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), next.recv())
+            .await
+            .is_err(),
+        "a delivered message was handed out again"
+    );
+}
+
+/// A consume loop that dies while its comet keeps failing (nothing was
+/// delivered) leaves every message to the next consumer, in order.
+#[tokio::test]
+async fn a_consume_loop_killed_before_delivery_loses_nothing() {
+    let comet = Arc::new(FakeComet::default());
+    comet.fail_first.store(u32::MAX, Ordering::SeqCst);
+    let job = job_with(20, Duration::from_millis(5), &[("c1", Arc::clone(&comet))]);
+    let (producer, queue) = rim_queue::memory_queue(64);
+    for i in 0..3 {
+        producer
+            .send(push("c1", &["k1"], &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let consumer = queue.consumer(8).unwrap();
+    let lag = consumer.lag();
+    let consuming = tokio::spawn(rim_job::consume(
+        job,
+        consumer,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while lag.read() != vec![("memory".to_owned(), 0)] {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the loop took the messages");
+    consuming.abort();
+    let _ = consuming.await;
+
+    let mut next = queue.consumer(8).unwrap();
+    for i in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), next.recv())
+            .await
+            .expect("redelivered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.msg.msg, Bytes::from(format!("m{i}")));
+        delivery.receipt.handled();
+    }
+    assert!(comet.calls().is_empty());
 }

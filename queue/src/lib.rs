@@ -1,6 +1,9 @@
-//! rim-queue owns the push queue between the api (producer) and the job
-//! (consumer): the `Producer` trait, a Kafka producer (rdkafka) and a bounded
-//! in-process queue for standalone.
+//! rim-queue owns both halves of the push queue between the api (producer)
+//! and the job (consumer): the [`Producer`] and [`Consumer`] traits, their
+//! Kafka implementations (rdkafka) and a bounded in-process queue for
+//! standalone, and commit-after-delivery tracking — a message's position is
+//! committed only once it and every message before it in its partition were
+//! handled, so a consumer that crashes loses nothing (at-least-once).
 //!
 //! Partitioning keeps order where it matters: a message is keyed by its first
 //! connection key (PUSH), its room (ROOM) or its op (BROADCAST), so messages
@@ -8,31 +11,57 @@
 //!
 //! It does not interpret messages: planning is the api's, delivery the job's.
 
-mod kafka;
+mod consumer;
+mod kafka_consumer;
+mod kafka_producer;
 mod memory;
+mod tracker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rim_config::{QueueBackend, QueueConfig};
 pub use rim_proto::pb::queue::v1::PushMsg;
 pub use rim_proto::pb::queue::v1::push_msg::Type as PushType;
 
-pub use crate::kafka::KafkaProducer;
-pub use crate::memory::{MemoryConsumer, MemoryProducer, QueueDepth, memory_queue};
+pub use crate::consumer::{Consumer, Delivery, Lag, Receipt};
+pub use crate::kafka_consumer::{KafkaConsumer, KafkaConsumerOptions};
+pub use crate::kafka_producer::KafkaProducer;
+pub use crate::memory::{MemoryConsumer, MemoryProducer, MemoryQueue, memory_queue};
 
-/// Why a message could not be enqueued.
+/// Messages a consumer hands out before it waits for some to be handled
+/// (bounds the job's memory when comets are slow).
+pub const MAX_IN_FLIGHT: usize = 8192;
+
+/// Why a queue operation failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// The queue is full and did not drain in time (in-process queue).
-    #[error("queue full: {0}")]
-    Full(String),
-    /// The broker is unreachable or refused the message.
-    #[error("queue unavailable: {0}")]
-    Unavailable(String),
+    /// The in-process queue stayed full for this long (HTTP 503 to the pusher).
+    #[error("queue full: the in-process queue stayed full for {0:?}")]
+    Full(Duration),
+    /// The in-process queue's other half is gone.
+    #[error("in-process queue is closed: {0}")]
+    Closed(&'static str),
+    /// The broker is unreachable or refused the operation.
+    #[error("kafka: {what}")]
+    Kafka {
+        /// What was attempted, e.g. `produce to topic rim-push`.
+        what: String,
+        /// librdkafka's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
     /// The message is not a valid push.
     #[error("invalid push message: {0}")]
-    Invalid(String),
+    Invalid(&'static str),
+}
+
+impl Error {
+    fn kafka(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+        let what = what.into();
+        move |source| Error::Kafka { what, source }
+    }
 }
 
 /// Result of a queue operation.
@@ -57,17 +86,17 @@ pub fn partition_key(msg: &PushMsg) -> Result<String> {
             .keys
             .first()
             .cloned()
-            .ok_or_else(|| Error::Invalid("a PUSH message has no key".into())),
+            .ok_or(Error::Invalid("a PUSH message has no key")),
         PushType::Room if !msg.room.is_empty() => Ok(msg.room.clone()),
-        PushType::Room => Err(Error::Invalid("a ROOM message has no room".into())),
+        PushType::Room => Err(Error::Invalid("a ROOM message has no room")),
         PushType::Broadcast => Ok(msg.operation.to_string()),
-        PushType::Unspecified => Err(Error::Invalid("message type is unspecified".into())),
+        PushType::Unspecified => Err(Error::Invalid("message type is unspecified")),
     }
 }
 
 /// Connects the producer the config names. The in-process queue is not
-/// built here: its consumer must be handed to the job of the same process
-/// (see [`memory_queue`]).
+/// built here: both its halves come from [`memory_queue`], in the process
+/// that runs the job.
 pub fn kafka_producer(config: &QueueConfig) -> Result<Arc<dyn Producer>> {
     match config.backend {
         QueueBackend::Kafka => Ok(Arc::new(KafkaProducer::new(
@@ -75,7 +104,7 @@ pub fn kafka_producer(config: &QueueConfig) -> Result<Arc<dyn Producer>> {
             &config.topic,
         )?)),
         QueueBackend::Memory => Err(Error::Invalid(
-            "queue.backend is memory: use memory_queue() and give the consumer to the job".into(),
+            "queue.backend is memory: use memory_queue() and give the consumer to the job",
         )),
     }
 }

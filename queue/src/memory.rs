@@ -1,21 +1,42 @@
-//! The bounded in-process queue of standalone mode.
+//! The bounded in-process queue of standalone mode, both halves.
+//!
+//! Like a Kafka consumer group with one member, the queue keeps what its
+//! consumer took until it was handled: a consumer dropped without handling
+//! its messages (a job task that died) leaves them to the next consumer of
+//! the same queue, in order, ahead of newer messages. Nothing survives the
+//! process itself.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, mpsc};
 
+use crate::consumer::{Consumer, Delivery, Lag, Receipt};
+use crate::tracker::Tracker;
 use crate::{Error, Producer, PushMsg, Result, partition_key};
 
 /// How long a producer waits for room in a full queue before it reports the
 /// queue full (HTTP 503 to the pusher) rather than block forever.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Creates a queue holding at most `capacity` messages.
-pub fn memory_queue(capacity: usize) -> (MemoryProducer, MemoryConsumer) {
+/// The in-process queue has one partition.
+const PARTITION: i32 = 0;
+
+/// Creates a queue holding at most `capacity` messages not yet taken by its
+/// consumer.
+pub fn memory_queue(capacity: usize) -> (MemoryProducer, MemoryQueue) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let depth = QueueDepth(tx.downgrade());
-    (MemoryProducer { tx }, MemoryConsumer { rx, depth })
+    let queue = MemoryQueue {
+        shared: Arc::new(Mutex::new(Shared {
+            rx: Some(rx),
+            redeliver: VecDeque::new(),
+        })),
+        depth: tx.downgrade(),
+    };
+    (MemoryProducer { tx }, queue)
 }
 
 /// The sending side; cheap to clone.
@@ -25,61 +46,162 @@ pub struct MemoryProducer {
     tx: mpsc::Sender<PushMsg>,
 }
 
-/// The receiving side, for the job of the same process.
-#[derive(Debug)]
-pub struct MemoryConsumer {
-    rx: mpsc::Receiver<PushMsg>,
-    depth: QueueDepth,
-}
-
-/// Reads how many messages wait in an in-process queue (for metrics); it
-/// does not keep the queue open.
-#[derive(Clone, Debug)]
-pub struct QueueDepth(mpsc::WeakSender<PushMsg>);
-
-impl QueueDepth {
-    /// Returns the number of queued messages; 0 once every producer is gone.
-    pub fn get(&self) -> usize {
-        self.0
-            .upgrade()
-            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
-    }
-}
-
-impl MemoryConsumer {
-    /// Returns a handle reading this queue's depth.
-    pub fn depth(&self) -> QueueDepth {
-        self.depth.clone()
-    }
-
-    /// Returns the next message; `None` once every producer is gone.
-    pub async fn recv(&mut self) -> Option<PushMsg> {
-        self.rx.recv().await
-    }
-}
-
 #[async_trait]
 impl Producer for MemoryProducer {
     async fn send(&self, msg: PushMsg) -> Result<()> {
         partition_key(&msg)?;
         match self.tx.send_timeout(msg, SEND_TIMEOUT).await {
             Ok(()) => Ok(()),
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Error::Full(format!(
-                "in-process queue stayed full for {SEND_TIMEOUT:?}"
-            ))),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Error::Unavailable(
-                "in-process queue has no consumer".into(),
-            )),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Error::Full(SEND_TIMEOUT)),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                Err(Error::Closed("the in-process queue has no consumer"))
+            }
         }
     }
 
     async fn ping(&self) -> Result<()> {
         if self.tx.is_closed() {
-            return Err(Error::Unavailable(
-                "in-process queue has no consumer".into(),
-            ));
+            return Err(Error::Closed("the in-process queue has no consumer"));
         }
         Ok(())
+    }
+}
+
+/// The receiving side of an in-process queue, from which one consumer at a
+/// time reads.
+#[derive(Debug)]
+pub struct MemoryQueue {
+    shared: Arc<Mutex<Shared>>,
+    depth: mpsc::WeakSender<PushMsg>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Taken by the current consumer, given back when it is dropped.
+    rx: Option<mpsc::Receiver<PushMsg>>,
+    /// What a dropped consumer took and did not get handled, oldest first.
+    redeliver: VecDeque<PushMsg>,
+}
+
+impl MemoryQueue {
+    /// Starts the queue's consumer, with at most `max_in_flight` messages
+    /// out at once; fails while another consumer of this queue exists.
+    pub fn consumer(&self, max_in_flight: usize) -> Result<MemoryConsumer> {
+        let mut shared = self.shared.lock();
+        let rx = shared
+            .rx
+            .take()
+            .ok_or(Error::Closed("the in-process queue already has a consumer"))?;
+        Ok(MemoryConsumer {
+            rx: Some(rx),
+            redeliver: std::mem::take(&mut shared.redeliver),
+            shared: Arc::clone(&self.shared),
+            depth: self.depth.clone(),
+            tracker: Arc::new(Mutex::new(Tracker::default())),
+            retained: BTreeMap::new(),
+            next_offset: 0,
+            slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            max_in_flight: max_in_flight.max(1),
+        })
+    }
+}
+
+/// The consumer of an in-process queue.
+#[derive(Debug)]
+pub struct MemoryConsumer {
+    rx: Option<mpsc::Receiver<PushMsg>>,
+    /// Left by a previous consumer; handed out before `rx`.
+    redeliver: VecDeque<PushMsg>,
+    shared: Arc<Mutex<Shared>>,
+    depth: mpsc::WeakSender<PushMsg>,
+    tracker: Arc<Mutex<Tracker>>,
+    /// Messages handed out and not yet committed, by offset.
+    retained: BTreeMap<i64, PushMsg>,
+    next_offset: i64,
+    slots: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+impl MemoryConsumer {
+    /// Forgets the messages whose handling is committed.
+    fn commit(&mut self) {
+        for (_, next) in self.tracker.lock().committable(None) {
+            self.retained = self.retained.split_off(&next);
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    async fn recv(&mut self) -> Result<Option<Delivery>> {
+        let slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Closed("the consumer's in-flight slots are closed"))?;
+        self.commit();
+        let msg = match self.redeliver.pop_front() {
+            Some(msg) => msg,
+            None => match self.rx.as_mut() {
+                Some(rx) => match rx.recv().await {
+                    Some(msg) => msg,
+                    None => return Ok(None),
+                },
+                None => return Ok(None),
+            },
+        };
+        let offset = self.next_offset;
+        self.next_offset += 1;
+        let at = self.tracker.lock().start(PARTITION, offset);
+        self.retained.insert(offset, msg.clone());
+        Ok(Some(Delivery {
+            msg,
+            receipt: Receipt::new(Arc::clone(&self.tracker), at, slot),
+        }))
+    }
+
+    fn lag(&self) -> Lag {
+        let depth = self.depth.clone();
+        let shared = Arc::clone(&self.shared);
+        Lag::new(move || {
+            let queued = depth
+                .upgrade()
+                .map_or(0, |tx| tx.max_capacity() - tx.capacity());
+            let left = shared.lock().redeliver.len();
+            vec![(
+                "memory".to_owned(),
+                i64::try_from(queued + left).unwrap_or(i64::MAX),
+            )]
+        })
+    }
+
+    async fn close(mut self, grace: Duration) -> Result<()> {
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        if tokio::time::timeout(grace, self.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.tracker.lock().outstanding(),
+                "in-process queue closed with messages still in flight; they go to the next consumer"
+            );
+        }
+        self.commit();
+        Ok(())
+    }
+}
+
+impl Drop for MemoryConsumer {
+    fn drop(&mut self) {
+        self.commit();
+        let mut shared = self.shared.lock();
+        // What was taken and not committed goes back first, in order: like a
+        // Kafka partition read again from its committed offset.
+        let mut back: VecDeque<PushMsg> =
+            std::mem::take(&mut self.retained).into_values().collect();
+        back.extend(self.redeliver.drain(..));
+        back.extend(shared.redeliver.drain(..));
+        shared.redeliver = back;
+        shared.rx = self.rx.take();
     }
 }
 
@@ -96,58 +218,66 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn messages_arrive_in_order() {
-        let (producer, mut consumer) = memory_queue(8);
-        for i in 0..5 {
-            producer.send(push(&format!("k{i}"))).await.unwrap();
-        }
-        for i in 0..5 {
-            assert_eq!(consumer.recv().await.unwrap().keys, vec![format!("k{i}")]);
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_reports_full_instead_of_blocking_forever() {
-        let (producer, _consumer) = memory_queue(1);
+        let (producer, _queue) = memory_queue(1);
         producer.send(push("a")).await.unwrap();
-        assert!(matches!(
+        assert_eq!(
             producer.send(push("b")).await,
-            Err(Error::Full(_))
-        ));
+            Err(Error::Full(SEND_TIMEOUT))
+        );
     }
 
     #[tokio::test]
-    async fn the_depth_counts_queued_messages() {
-        let (producer, mut consumer) = memory_queue(8);
-        let depth = consumer.depth();
-        assert_eq!(depth.get(), 0);
+    async fn the_lag_counts_queued_and_left_messages() {
+        let (producer, queue) = memory_queue(8);
+        let consumer = queue.consumer(4).unwrap();
+        let lag = consumer.lag();
+        assert_eq!(lag.read(), vec![("memory".to_owned(), 0)]);
         producer.send(push("a")).await.unwrap();
         producer.send(push("b")).await.unwrap();
-        assert_eq!(depth.get(), 2);
-        consumer.recv().await.unwrap();
-        assert_eq!(depth.get(), 1);
-        drop(producer);
-        assert_eq!(depth.get(), 0);
+        assert_eq!(lag.read(), vec![("memory".to_owned(), 2)]);
+        let mut consumer = consumer;
+        consumer.recv().await.unwrap().unwrap().receipt.handled();
+        assert_eq!(lag.read(), vec![("memory".to_owned(), 1)]);
     }
 
     #[tokio::test]
     async fn without_a_consumer_the_queue_is_unavailable() {
-        let (producer, consumer) = memory_queue(1);
-        drop(consumer);
-        assert!(matches!(producer.ping().await, Err(Error::Unavailable(_))));
+        let (producer, queue) = memory_queue(1);
+        drop(queue);
+        assert!(matches!(producer.ping().await, Err(Error::Closed(_))));
         assert!(matches!(
             producer.send(push("a")).await,
-            Err(Error::Unavailable(_))
+            Err(Error::Closed(_))
         ));
     }
 
     #[tokio::test]
+    async fn one_consumer_at_a_time() {
+        let (_producer, queue) = memory_queue(1);
+        let first = queue.consumer(1).unwrap();
+        assert!(matches!(queue.consumer(1), Err(Error::Closed(_))));
+        drop(first);
+        assert!(queue.consumer(1).is_ok());
+    }
+
+    #[tokio::test]
     async fn invalid_messages_are_refused() {
-        let (producer, _consumer) = memory_queue(1);
+        let (producer, _queue) = memory_queue(1);
         assert!(matches!(
             producer.send(PushMsg::default()).await,
             Err(Error::Invalid(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_queue_ends_when_every_producer_is_gone() {
+        let (producer, queue) = memory_queue(4);
+        producer.send(push("a")).await.unwrap();
+        drop(producer);
+        let mut consumer = queue.consumer(4).unwrap();
+        consumer.recv().await.unwrap().unwrap().receipt.handled();
+        assert!(consumer.recv().await.unwrap().is_none());
     }
 }

@@ -1,16 +1,113 @@
-//! The Kafka producer against the broker deploy/test.sh starts.
+//! Both Kafka halves against the broker deploy/test.sh starts: the producer
+//! read back by a plain consumer, and the behaviour suite (each test on a
+//! topic and group of its own).
 
+mod suite;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use futures::StreamExt;
 use prost::Message as _;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rim_queue::{KafkaProducer, Producer, PushMsg, PushType};
+use rim_queue::{KafkaConsumer, KafkaConsumerOptions, KafkaProducer, Producer, PushMsg, PushType};
+use suite::Backend;
 
 fn brokers() -> String {
     std::env::var("RIM_TEST_KAFKA").expect("RIM_TEST_KAFKA is not set: run deploy/test.sh")
+}
+
+/// A fresh topic (3 partitions) and consumer group on the test broker.
+struct Kafka {
+    brokers: String,
+    topic: String,
+    producer: Arc<KafkaProducer>,
+}
+
+impl Kafka {
+    async fn new(test: &str) -> Kafka {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let brokers = brokers();
+        let topic = format!(
+            "rim-queue-{test}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("admin client");
+        let created = tokio::time::timeout(
+            Duration::from_secs(30),
+            admin.create_topics(
+                &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("RIM_TEST_KAFKA={brokers} set but not answering"))
+        .unwrap_or_else(|e| panic!("RIM_TEST_KAFKA={brokers}: cannot create a topic: {e}"));
+        assert!(created.iter().all(Result::is_ok), "{created:?}");
+        let producer =
+            Arc::new(KafkaProducer::new(std::slice::from_ref(&brokers), &topic).expect("producer"));
+        Kafka {
+            brokers,
+            topic,
+            producer,
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Kafka {
+    type Consumer = KafkaConsumer;
+
+    fn producer(&self) -> Arc<dyn Producer> {
+        Arc::clone(&self.producer) as Arc<dyn Producer>
+    }
+
+    async fn consumer(&self, max_in_flight: usize) -> KafkaConsumer {
+        KafkaConsumer::new(&KafkaConsumerOptions {
+            brokers: vec![self.brokers.clone()],
+            topic: self.topic.clone(),
+            group: format!("{}-group", self.topic),
+            // The same member every time: a restart after a crash takes the
+            // partitions back at once.
+            instance: format!("{}-member", self.topic),
+            max_in_flight,
+        })
+        .expect("consumer")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Kafka: run deploy/test.sh"]
+async fn order_holds_per_key() {
+    suite::order_holds_per_key(&Kafka::new("order").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Kafka: run deploy/test.sh"]
+async fn a_crash_before_commit_redelivers() {
+    suite::a_crash_before_commit_redelivers(&Kafka::new("crash").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Kafka: run deploy/test.sh"]
+async fn a_clean_close_resumes_after_the_handled_prefix() {
+    suite::a_clean_close_resumes_after_the_handled_prefix(&Kafka::new("close").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Kafka: run deploy/test.sh"]
+async fn in_flight_is_bounded() {
+    suite::in_flight_is_bounded(&Kafka::new("bound").await).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

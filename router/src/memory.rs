@@ -13,9 +13,10 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{Result, Router, ServerReport, unix_ms};
@@ -107,13 +108,6 @@ async fn sweep_forever(inner: Weak<Inner>) {
     }
 }
 
-/// Locks a shard, ignoring poisoning: every critical section here is a few
-/// `HashMap` operations that leave the map valid even if one of them panics
-/// (allocation failure), so the data behind a poisoned lock is still usable.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn expiry(now: Instant, lease: Duration) -> Instant {
     now + lease.min(MAX_LEASE)
 }
@@ -134,7 +128,7 @@ impl Inner {
 
     /// Sets the device entry of `key` under `mid`. Callers hold the key's shard.
     fn put_device(&self, mid: i64, key: &str, server: Arc<str>, expires: Instant) {
-        let mut users = lock(self.user_shard(mid));
+        let mut users = self.user_shard(mid).lock();
         let devices = users.entry(mid).or_default();
         match devices.get_mut(key) {
             Some(device) => *device = Device { server, expires },
@@ -147,7 +141,7 @@ impl Inner {
     /// Drops the device entry of `key` under `mid` if it is on `server` (any
     /// server when None). Callers hold the key's shard.
     fn drop_device(&self, mid: i64, key: &str, server: Option<&str>) {
-        let mut users = lock(self.user_shard(mid));
+        let mut users = self.user_shard(mid).lock();
         let Some(devices) = users.get_mut(&mid) else {
             return;
         };
@@ -168,13 +162,17 @@ impl Inner {
 
     /// Drops the expired entries of one shard of each map (and stale reports with shard 0).
     fn sweep(&self, shard: usize, now: Instant) {
-        lock(&self.keys[shard]).retain(|_, entry| entry.expires > now);
-        lock(&self.users[shard]).retain(|_, devices| {
+        self.keys[shard]
+            .lock()
+            .retain(|_, entry| entry.expires > now);
+        self.users[shard].lock().retain(|_, devices| {
             devices.retain(|_, device| device.expires > now);
             !devices.is_empty()
         });
         if shard == 0 {
-            lock(&self.reports).retain(|_, report| self.is_fresh(report, now));
+            self.reports
+                .lock()
+                .retain(|_, report| self.is_fresh(report, now));
         }
     }
 }
@@ -185,7 +183,7 @@ impl Router for MemoryRouter {
         let inner = &*self.inner;
         let expires = expiry(Instant::now(), lease);
         let server: Arc<str> = Arc::from(server);
-        let mut keys = lock(inner.key_shard(key));
+        let mut keys = inner.key_shard(key).lock();
         let entry = KeyEntry {
             mid,
             server: server.clone(),
@@ -211,7 +209,7 @@ impl Router for MemoryRouter {
     async fn remove(&self, mid: i64, key: &str, server: &str) -> Result<bool> {
         let inner = &*self.inner;
         let now = Instant::now();
-        let mut keys = lock(inner.key_shard(key));
+        let mut keys = inner.key_shard(key).lock();
         let owned = keys
             .get(key)
             .filter(|entry| entry.mid == mid && *entry.server == *server)
@@ -227,7 +225,7 @@ impl Router for MemoryRouter {
     async fn renew(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<bool> {
         let inner = &*self.inner;
         let now = Instant::now();
-        let mut keys = lock(inner.key_shard(key));
+        let mut keys = inner.key_shard(key).lock();
         let Some(entry) = keys.get_mut(key) else {
             return Ok(false);
         };
@@ -251,7 +249,7 @@ impl Router for MemoryRouter {
         let servers = keys
             .iter()
             .map(|key| {
-                let mut shard = lock(inner.key_shard(key));
+                let mut shard = inner.key_shard(key).lock();
                 match shard.get(key) {
                     Some(entry) if entry.expires > now => Some(entry.server.to_string()),
                     Some(_) => {
@@ -275,7 +273,7 @@ impl Router for MemoryRouter {
             if !seen.insert(mid) {
                 continue;
             }
-            let mut users = lock(inner.user_shard(mid));
+            let mut users = inner.user_shard(mid).lock();
             let Some(devices) = users.get_mut(&mid) else {
                 continue;
             };
@@ -302,7 +300,7 @@ impl Router for MemoryRouter {
             updated_unix_ms: unix_ms(),
             at: Instant::now(),
         };
-        lock(&self.inner.reports).insert(server.to_owned(), report);
+        self.inner.reports.lock().insert(server.to_owned(), report);
         Ok(())
     }
 
@@ -310,7 +308,7 @@ impl Router for MemoryRouter {
         let inner = &*self.inner;
         let now = Instant::now();
         let mut totals: HashMap<String, i64> = HashMap::new();
-        let reports = lock(&inner.reports);
+        let reports = inner.reports.lock();
         for report in reports.values().filter(|r| inner.is_fresh(r, now)) {
             for (room, &count) in &report.rooms {
                 match totals.get_mut(room) {
@@ -327,7 +325,7 @@ impl Router for MemoryRouter {
     async fn server_reports(&self) -> Result<HashMap<String, ServerReport>> {
         let inner = &*self.inner;
         let now = Instant::now();
-        let reports = lock(&inner.reports);
+        let reports = inner.reports.lock();
         let fresh = reports
             .iter()
             .filter(|(_, report)| inner.is_fresh(report, now))
@@ -354,8 +352,8 @@ mod tests {
     const LEASE: Duration = Duration::from_secs(60);
 
     fn stored(router: &MemoryRouter) -> (usize, usize) {
-        let keys = router.inner.keys.iter().map(|s| lock(s).len()).sum();
-        let users = router.inner.users.iter().map(|s| lock(s).len()).sum();
+        let keys = router.inner.keys.iter().map(|s| s.lock().len()).sum();
+        let users = router.inner.users.iter().map(|s| s.lock().len()).sum();
         (keys, users)
     }
 
@@ -431,6 +429,6 @@ mod tests {
         let counts = HashMap::from([("r".to_string(), 3)]);
         router.set_room_counts("c1", &counts).await.unwrap();
         tokio::time::sleep(Duration::from_secs(1) + SWEEP_TICK * (SHARDS as u32 + 1)).await;
-        assert!(lock(&router.inner.reports).is_empty());
+        assert!(router.inner.reports.lock().is_empty());
     }
 }

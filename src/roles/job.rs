@@ -6,8 +6,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use rim_config::{JobRoleConfig, QueueBackend};
 use rim_discovery::{Kind, NodeInfo};
-use rim_job::{CometHandle, Job, consume_kafka};
+use rim_job::{CometHandle, Job};
 use rim_proto::api::{CometApi, RemoteComet};
+use rim_queue::{KafkaConsumer, KafkaConsumerOptions};
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -71,15 +72,16 @@ pub async fn run(
             }
         })
     };
+    let consumer = KafkaConsumer::new(&KafkaConsumerOptions {
+        brokers: config.queue.brokers.clone(),
+        topic: config.queue.topic.clone(),
+        group: config.job.group.clone(),
+        instance: config.node.id.clone(),
+        max_in_flight: rim_queue::MAX_IN_FLIGHT,
+    })
+    .context("queue consumer")?;
     let stop = CancellationToken::new();
-    let consumer = consume_kafka(
-        job,
-        &config.queue.brokers,
-        &config.queue.topic,
-        &config.job.group,
-        &config.node.id,
-        stop.clone(),
-    );
+    let consumer = rim_job::consume(job, consumer, stop.clone());
     tokio::pin!(consumer);
     let result = tokio::select! {
         result = &mut consumer => result,

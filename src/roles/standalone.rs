@@ -61,7 +61,10 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let comet_api: Arc<dyn CometApi> = Arc::new(comet.clone());
     comets.insert(node.clone(), Arc::clone(&comet_api));
 
-    let (producer, consumer) = rim_queue::memory_queue(config.queue.capacity);
+    let (producer, queue) = rim_queue::memory_queue(config.queue.capacity);
+    let consumer = queue
+        .consumer(rim_queue::MAX_IN_FLIGHT)
+        .context("queue consumer")?;
     let job = rim_job::Job::new(&config.job);
     job.set_comets(vec![(node.id.clone(), comet_api)]);
     // Every role's metrics, served on the API listener at /metrics.
@@ -71,7 +74,7 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     job.register_metrics(&mut registry);
 
     let stop = CancellationToken::new();
-    let consuming = tokio::spawn(rim_job::consume_memory(job, consumer, stop.clone()));
+    let consuming = tokio::spawn(rim_job::consume(job, consumer, stop.clone()));
     let refresher = Arc::clone(&comets).refresh_every(super::logic::LOAD_REFRESH, stop.clone());
     let api = rim_api::Api::new(&config.api, Arc::clone(&logic), Arc::new(producer));
     let serving = super::logic::spawn_http(api, registry, http, stop.clone());
@@ -99,7 +102,9 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let result = comet.run(listeners, shutdown).await;
     stop.cancel();
     let _ = refresher.await;
-    let _ = consuming.await;
+    if let Ok(Err(err)) = consuming.await {
+        tracing::warn!(reason = %err, "queue consumer ended with an error");
+    }
     if let Ok(Err(err)) = serving.await {
         tracing::warn!(reason = %err, "http api ended with an error");
     }

@@ -26,7 +26,7 @@ use rim_logic::webhook::HttpClient;
 use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
 use rim_proto::pb::comet::v1 as comet;
 use rim_proto::pb::logic::v1 as logic;
-use rim_queue::{MemoryConsumer, MemoryProducer, Producer, PushMsg};
+use rim_queue::{Consumer, MemoryConsumer, MemoryProducer, Producer, PushMsg};
 use rim_router::{Router, ServerReport};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -253,10 +253,9 @@ pub struct FailFor {
 impl Producer for FailFor {
     async fn send(&self, msg: PushMsg) -> rim_queue::Result<()> {
         if msg.server == self.server {
-            return Err(rim_queue::Error::Unavailable(format!(
-                "broker refused the message for {} (test)",
-                self.server
-            )));
+            return Err(rim_queue::Error::Closed(
+                "the broker refused the message (test)",
+            ));
         }
         self.inner.send(msg).await
     }
@@ -381,7 +380,9 @@ impl Setup {
             Arc::clone(&comets),
             webhooks,
         ));
-        let (memory, consumer) = rim_queue::memory_queue(64);
+        let (memory, queue) = rim_queue::memory_queue(64);
+        // The queue itself is not kept: dropping the consumer closes it.
+        let consumer = queue.consumer(64).expect("the queue's consumer");
         let producer: Arc<dyn Producer> = match self.producer {
             Some(wrap) => wrap(memory),
             None => Arc::new(memory),
@@ -562,8 +563,12 @@ impl Harness {
     pub async fn drain(&mut self) -> Vec<PushMsg> {
         let consumer = self.consumer.as_mut().expect("the consumer was dropped");
         let mut out = Vec::new();
-        while let Ok(Some(msg)) = tokio::time::timeout(DRAIN_QUIET, consumer.recv()).await {
-            out.push(msg);
+        while let Ok(received) = tokio::time::timeout(DRAIN_QUIET, consumer.recv()).await {
+            let Some(delivery) = received.expect("the in-process queue") else {
+                break;
+            };
+            delivery.receipt.handled();
+            out.push(delivery.msg);
         }
         out
     }

@@ -1,4 +1,4 @@
-//! One worker per comet: calls are made in the order they were queued (so
+//! The per-comet delivery client: one task per comet; calls are made in the order they were queued (so
 //! order holds per key and per room), retried with backoff while the comet
 //! fails transiently, and a breaker spaces attempts to a comet that keeps
 //! failing. A call completes when the comet accepted it, when it was refused
@@ -48,24 +48,28 @@ struct Queued {
     done: oneshot::Sender<Outcome>,
 }
 
-/// The handle to a comet's worker.
-pub(crate) struct Worker {
+/// The handle to a comet's delivery task.
+pub(crate) struct CometClient {
     /// Full = the dispatcher waits (backpressure).
     tx: mpsc::Sender<Queued>,
     gone: Arc<AtomicBool>,
     wake: Arc<Notify>,
 }
 
-impl Worker {
-    /// Starts the worker task for one comet.
-    pub(crate) fn spawn(id: String, api: Arc<dyn CometApi>, metrics: Arc<JobMetrics>) -> Worker {
+impl CometClient {
+    /// Starts the delivery task for one comet.
+    pub(crate) fn spawn(
+        id: String,
+        api: Arc<dyn CometApi>,
+        metrics: Arc<JobMetrics>,
+    ) -> CometClient {
         let (tx, rx) = mpsc::channel(QUEUE);
         let gone = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(Notify::new());
         metrics.comet_added(&id);
         let comet = Comet { id, api, metrics };
         tokio::spawn(run(comet, rx, Arc::clone(&gone), Arc::clone(&wake)));
-        Worker { tx, gone, wake }
+        CometClient { tx, gone, wake }
     }
 
     /// Queues a call; the receiver completes with its outcome.
@@ -84,7 +88,7 @@ impl Worker {
     }
 }
 
-/// The comet a worker calls, and where its calls are counted.
+/// The comet a client calls, and where its calls are counted.
 struct Comet {
     id: String,
     api: Arc<dyn CometApi>,

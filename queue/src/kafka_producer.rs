@@ -40,9 +40,10 @@ impl KafkaProducer {
             )
             .set("linger.ms", "2")
             .create()
-            .map_err(|e| {
-                Error::Unavailable(format!("kafka producer for {}: {e}", brokers.join(",")))
-            })?;
+            .map_err(Error::kafka(format!(
+                "create a producer for {}",
+                brokers.join(",")
+            )))?;
         Ok(KafkaProducer {
             producer,
             topic: topic.to_owned(),
@@ -60,7 +61,7 @@ impl Producer for KafkaProducer {
             .send(record, Timeout::After(DELIVERY_TIMEOUT))
             .await
             .map(drop)
-            .map_err(|(e, _)| Error::Unavailable(format!("kafka topic {}: {e}", self.topic)))
+            .map_err(|(e, _)| Error::kafka(format!("produce to topic {}", self.topic))(e))
     }
 
     async fn ping(&self) -> Result<()> {
@@ -71,9 +72,9 @@ impl Producer for KafkaProducer {
                 .client()
                 .fetch_metadata(Some(&topic), Timeout::After(Duration::from_secs(3)))
                 .map(drop)
-                .map_err(|e| Error::Unavailable(format!("kafka metadata for {topic}: {e}")))
+                .map_err(Error::kafka(format!("read the metadata of topic {topic}")))
         })
         .await
-        .map_err(|e| Error::Unavailable(format!("kafka metadata task: {e}")))?
+        .map_err(|_| Error::Closed("the kafka metadata task ended without an answer"))?
     }
 }

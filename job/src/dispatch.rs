@@ -1,0 +1,173 @@
+//! The dispatcher: plans each queue message by its type — PUSH to the named
+//! comet, ROOM through the room aggregator, BROADCAST to every comet with
+//! the pace divided among them — and queues the calls on the comets'
+//! delivery clients, in the order messages are given.
+
+use std::sync::Arc;
+
+use rim_config::JobConfig;
+use rim_proto::pb::comet::v1 as pb;
+use rim_proto::pb::frame::v1::Proto;
+use rim_proto::{Frame, Op};
+use rim_queue::{PushMsg, PushType};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::Outcome;
+use crate::comet_client::Call;
+use crate::comets::{CometHandle, Comets};
+use crate::metrics::JobMetrics;
+use crate::room::{self, RoomMessage};
+use crate::ticket::{Ticket, ready, wait, wait_all};
+
+/// Delivers push messages to one region's comets.
+#[derive(Clone)]
+pub struct Job {
+    comets: Arc<Comets>,
+    rooms: mpsc::Sender<RoomMessage>,
+    pub(crate) metrics: Arc<JobMetrics>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("comets", &self.comet_ids())
+            .finish()
+    }
+}
+
+impl Job {
+    /// Creates a job with no comets yet (see [`Job::set_comets`]).
+    pub fn new(config: &JobConfig) -> Job {
+        let comets = Arc::new(Comets::default());
+        let metrics = Arc::new(JobMetrics::default());
+        let rooms = room::spawn(
+            config.room_batch,
+            config.room_flush,
+            Arc::downgrade(&comets),
+            Arc::clone(&metrics),
+        );
+        Job {
+            comets,
+            rooms,
+            metrics,
+        }
+    }
+
+    /// Replaces the set of comets this job delivers to: new ones get a
+    /// delivery client, missing ones are retired (their pending calls end as
+    /// Gone).
+    pub fn set_comets(&self, comets: Vec<CometHandle>) {
+        self.comets.replace(comets, &self.metrics);
+    }
+
+    /// Registers the job's metrics (`rim_job_*`) in `registry`.
+    pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
+        self.metrics.register(registry);
+    }
+
+    /// Returns the ids of the comets this job delivers to.
+    pub fn comet_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.comets.all().into_iter().map(|(id, _)| id).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Hands one message to the comets. Calls are queued in the order
+    /// messages are given, per comet; the ticket completes when the message
+    /// is fully handled (delivered, refused as invalid, or its comet gone),
+    /// and is counted in the job's metrics then.
+    pub async fn deliver(&self, msg: PushMsg) -> Ticket {
+        let (kind, accepted) = (msg.r#type(), msg.accepted_unix_nanos);
+        let metrics = Arc::clone(&self.metrics);
+        metrics.started();
+        let ticket = self.dispatch(msg).await;
+        Box::pin(
+            async move {
+                let outcome = ticket.await;
+                metrics.finished(kind, outcome, accepted);
+                tracing::debug!(?outcome, "message handled");
+                outcome
+            }
+            .in_current_span(),
+        )
+    }
+
+    async fn dispatch(&self, msg: PushMsg) -> Ticket {
+        match msg.r#type() {
+            PushType::Push => self.push(msg).await,
+            PushType::Room => self.room(msg).await,
+            PushType::Broadcast => self.broadcast(msg).await,
+            PushType::Unspecified => {
+                tracing::warn!("push message without a type dropped");
+                ready(Outcome::Rejected)
+            }
+        }
+    }
+
+    /// PUSH: the keys on the one comet the api planned them for.
+    async fn push(&self, msg: PushMsg) -> Ticket {
+        // Not one of this region's comets, or gone: nothing to do here.
+        let Some(client) = self.comets.get(&msg.server) else {
+            return ready(Outcome::Gone);
+        };
+        let call = Call::Push(pb::PushMsgRequest {
+            proto_op: msg.operation,
+            proto: Some(proto(&msg)),
+            keys: msg.keys,
+        });
+        wait(client.call(call).await)
+    }
+
+    /// ROOM: merged with the room's other messages by the aggregator, which
+    /// completes the ticket once the batch reached the comets.
+    async fn room(&self, msg: PushMsg) -> Ticket {
+        let (done, rx) = oneshot::channel();
+        let frame = Frame::new(Op(msg.operation), 0, msg.msg);
+        let message = RoomMessage {
+            room: msg.room,
+            frame,
+            done,
+        };
+        if self.rooms.send(message).await.is_err() {
+            return ready(Outcome::Gone);
+        }
+        wait(rx)
+    }
+
+    /// BROADCAST: every comet, the requested pace divided among them.
+    async fn broadcast(&self, msg: PushMsg) -> Ticket {
+        let clients = self.comets.all();
+        if clients.is_empty() {
+            return ready(Outcome::Gone);
+        }
+        // The requested pace is for the whole region.
+        let n = i32::try_from(clients.len()).unwrap_or(i32::MAX);
+        let speed = if msg.speed > 0 {
+            (msg.speed + n - 1) / n
+        } else {
+            0
+        };
+        let proto = proto(&msg);
+        let mut rxs = Vec::with_capacity(clients.len());
+        for (_, client) in clients {
+            let call = Call::Broadcast(pb::BroadcastRequest {
+                proto_op: msg.operation,
+                proto: Some(proto.clone()),
+                speed,
+            });
+            rxs.push(client.call(call).await);
+        }
+        wait_all(rxs)
+    }
+}
+
+/// The client frame a message carries.
+fn proto(msg: &PushMsg) -> Proto {
+    Proto {
+        ver: 1,
+        op: msg.operation,
+        seq: 0,
+        body: msg.msg.clone(),
+    }
+}

@@ -1,0 +1,108 @@
+//! The consuming half: messages handed out with a receipt, at most a bounded
+//! number at a time, committed once handled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::tracker::{Position, Tracker};
+use crate::{PushMsg, Result};
+
+/// Reads push messages from the queue.
+///
+/// Every message comes with a [`Receipt`]. A message's position is committed
+/// once its receipt, and the receipt of every earlier message of its
+/// partition, is [handled](Receipt::handled); a consumer that stops without
+/// committing (a crash) leaves the rest to be delivered again to the next
+/// consumer (at-least-once). At most `max_in_flight` receipts are out at
+/// once: [`Consumer::recv`] waits for one to be handled before handing out
+/// another.
+#[async_trait]
+pub trait Consumer: Send + 'static {
+    /// Returns the next message; `Ok(None)` when the queue is closed for good
+    /// (the in-process queue lost every producer).
+    ///
+    /// Cancel-safe: a message whose `recv` is dropped is never lost; it is
+    /// handed out again after a restart.
+    async fn recv(&mut self) -> Result<Option<Delivery>>;
+
+    /// Returns a handle that reads how far behind this consumer is.
+    fn lag(&self) -> Lag;
+
+    /// Stops consuming: waits up to `grace` for the receipts still out to be
+    /// handled, then commits what was handled.
+    async fn close(self, grace: Duration) -> Result<()>
+    where
+        Self: Sized;
+}
+
+/// A message taken from the queue and the receipt that acknowledges it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The push message.
+    pub msg: PushMsg,
+    /// Acknowledges the message once handled.
+    pub receipt: Receipt,
+}
+
+/// Acknowledges one message. [`Receipt::handled`] lets its position be
+/// committed; dropping a receipt unhandled keeps the message (and every later
+/// one of its partition) uncommitted, so it is delivered again after a
+/// restart. Holding a receipt holds one of the consumer's in-flight slots.
+#[derive(Debug)]
+pub struct Receipt {
+    tracker: Arc<Mutex<Tracker>>,
+    at: Position,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Receipt {
+    pub(crate) fn new(
+        tracker: Arc<Mutex<Tracker>>,
+        at: Position,
+        slot: OwnedSemaphorePermit,
+    ) -> Receipt {
+        Receipt {
+            tracker,
+            at,
+            _slot: slot,
+        }
+    }
+
+    /// Returns the message's partition and offset (for logs).
+    pub fn position(&self) -> (i32, i64) {
+        (self.at.partition, self.at.offset)
+    }
+
+    /// Marks the message handled: delivered, refused as invalid, or its
+    /// destination gone — anything that must not be retried.
+    pub fn handled(self) {
+        self.tracker.lock().done(self.at);
+    }
+}
+
+/// Reads a consumer's lag: messages not yet consumed, by partition label
+/// (Kafka partition numbers; `memory` for the in-process queue).
+#[derive(Clone)]
+pub struct Lag(Arc<dyn Fn() -> Vec<(String, i64)> + Send + Sync>);
+
+impl std::fmt::Debug for Lag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Lag").field(&self.read()).finish()
+    }
+}
+
+impl Lag {
+    /// Creates a lag handle that calls `read` on each read.
+    pub fn new(read: impl Fn() -> Vec<(String, i64)> + Send + Sync + 'static) -> Lag {
+        Lag(Arc::new(read))
+    }
+
+    /// Returns the lag of each partition known so far.
+    pub fn read(&self) -> Vec<(String, i64)> {
+        (self.0)()
+    }
+}

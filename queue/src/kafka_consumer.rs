@@ -1,0 +1,320 @@
+//! The Kafka consumer: at-least-once delivery in a consumer group.
+//!
+//! goim commits an offset before processing and loses messages on a crash.
+//! Here an offset is committed only once the message at it, and every
+//! message before it in the partition, is handled (its [`Receipt`] says so).
+//! Commits go out once a second, when a partition is revoked (what was
+//! handled is committed before the partition is given up), and at close.
+//!
+//! **Duplicate window.** A crash (or a SIGKILL) loses no accepted message:
+//! what was handed out but not yet committed — at most the last commit
+//! interval (1 s) plus the messages in flight — is consumed again by the
+//! next owner of the partition and handled a second time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use prost::Message as _;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::consumer::{Consumer, Delivery, Lag, Receipt};
+use crate::tracker::Tracker;
+use crate::{Error, PushMsg, Result};
+
+/// How often handled offsets are committed.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// How often librdkafka reports statistics (the lag).
+const STATISTICS_EVERY: Duration = Duration::from_secs(5);
+/// Pause after a failed fetch before the next one.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// Where and as whom a [`KafkaConsumer`] consumes.
+#[derive(Clone, Debug)]
+pub struct KafkaConsumerOptions {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// The topic.
+    pub topic: String,
+    /// The consumer group.
+    pub group: String,
+    /// Static group membership id (the job's node id): a consumer restarted
+    /// after a crash takes its partitions back at once instead of waiting for
+    /// the dead member's session to expire.
+    pub instance: String,
+    /// Messages handed out and not yet handled before `recv` waits.
+    pub max_in_flight: usize,
+}
+
+/// Consumes a topic in a consumer group, committing only handled offsets.
+pub struct KafkaConsumer {
+    consumer: Arc<StreamConsumer<Context>>,
+    topic: String,
+    tracker: Arc<Mutex<Tracker>>,
+    lag: Arc<Mutex<BTreeMap<i32, i64>>>,
+    slots: Arc<Semaphore>,
+    max_in_flight: usize,
+    committer: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("topic", &self.topic)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaConsumer {
+    /// Joins the group and subscribes to the topic; commits start at once.
+    pub fn new(options: &KafkaConsumerOptions) -> Result<KafkaConsumer> {
+        let brokers = options.brokers.join(",");
+        let topic = options.topic.clone();
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let lag = Arc::new(Mutex::new(BTreeMap::new()));
+        let context = Context {
+            topic: topic.clone(),
+            tracker: Arc::clone(&tracker),
+            lag: Arc::clone(&lag),
+        };
+        let consumer: StreamConsumer<Context> = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &options.group)
+            .set("group.instance.id", &options.instance)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set(
+                "statistics.interval.ms",
+                STATISTICS_EVERY.as_millis().to_string(),
+            )
+            .create_with_context(context)
+            .map_err(Error::kafka(format!("create a consumer for {brokers}")))?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(Error::kafka(format!("subscribe to {topic}")))?;
+        tracing::info!(%topic, group = %options.group, "consuming");
+        let consumer = Arc::new(consumer);
+        let committer = tokio::spawn(commit_every(
+            Arc::clone(&consumer),
+            Arc::clone(&tracker),
+            topic.clone(),
+        ));
+        let max_in_flight = options.max_in_flight.max(1);
+        Ok(KafkaConsumer {
+            consumer,
+            topic,
+            tracker,
+            lag,
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            committer,
+        })
+    }
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    async fn recv(&mut self) -> Result<Option<Delivery>> {
+        let slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Closed("the consumer's in-flight slots are closed"))?;
+        loop {
+            let message = match self.consumer.recv().await {
+                Ok(message) => message,
+                Err(err) => {
+                    tracing::warn!(reason = %err, "kafka receive failed");
+                    tokio::time::sleep(RETRY_AFTER).await;
+                    continue;
+                }
+            };
+            let (partition, offset) = (message.partition(), message.offset());
+            let at = self.tracker.lock().start(partition, offset);
+            match message.payload().map(PushMsg::decode) {
+                Some(Ok(msg)) => {
+                    return Ok(Some(Delivery {
+                        msg,
+                        receipt: Receipt::new(Arc::clone(&self.tracker), at, slot),
+                    }));
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(partition, offset, reason = %err, "undecodable queue message skipped");
+                }
+                None => tracing::warn!(partition, offset, "empty queue message skipped"),
+            }
+            // Nothing to deliver: handled as it is.
+            self.tracker.lock().done(at);
+        }
+    }
+
+    fn lag(&self) -> Lag {
+        let lag = Arc::clone(&self.lag);
+        Lag::new(move || {
+            lag.lock()
+                .iter()
+                .map(|(partition, lag)| (partition.to_string(), *lag))
+                .collect()
+        })
+    }
+
+    async fn close(self, grace: Duration) -> Result<()> {
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        if tokio::time::timeout(grace, self.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.tracker.lock().outstanding(),
+                "closing with messages still in flight; they will be delivered again"
+            );
+        }
+        self.committer.abort();
+        let result = commit(&self.consumer, &self.tracker, &self.topic, CommitMode::Sync)
+            .map_err(Error::kafka(format!("commit offsets of {}", self.topic)));
+        tracing::info!("consumer stopped");
+        result
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        self.committer.abort();
+    }
+}
+
+/// Commits handled offsets every COMMIT_EVERY.
+async fn commit_every(
+    consumer: Arc<StreamConsumer<Context>>,
+    tracker: Arc<Mutex<Tracker>>,
+    topic: String,
+) {
+    let mut tick = tokio::time::interval(COMMIT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(err) = commit(&consumer, &tracker, &topic, CommitMode::Async) {
+            tracing::warn!(reason = %err, "offset commit failed; will retry");
+        }
+    }
+}
+
+/// The tracker's committable offsets as a Kafka list (`None` when nothing moved).
+fn offsets(tracker: &mut Tracker, topic: &str, only: Option<&[i32]>) -> Option<TopicPartitionList> {
+    let mut list = TopicPartitionList::new();
+    for (partition, next) in tracker.committable(only) {
+        if let Err(err) = list.add_partition_offset(topic, partition, Offset::Offset(next)) {
+            tracing::warn!(partition, reason = %err, "offset not committed");
+        }
+    }
+    (list.count() > 0).then_some(list)
+}
+
+fn commit(
+    consumer: &StreamConsumer<Context>,
+    tracker: &Mutex<Tracker>,
+    topic: &str,
+    mode: CommitMode,
+) -> KafkaResult<()> {
+    let offsets = offsets(&mut tracker.lock(), topic, None);
+    match offsets {
+        Some(offsets) => consumer.commit(&offsets, mode),
+        None => Ok(()),
+    }
+}
+
+/// Commits what was handled before a partition is given up, and keeps the
+/// lag from librdkafka's statistics.
+struct Context {
+    topic: String,
+    tracker: Arc<Mutex<Tracker>>,
+    lag: Arc<Mutex<BTreeMap<i32, i64>>>,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        let lag = statistics
+            .topics
+            .get(&self.topic)
+            .map(|topic| {
+                topic
+                    .partitions
+                    .values()
+                    .filter(|p| p.partition >= 0 && p.desired)
+                    .filter_map(|p| {
+                        partition_lag(p.hi_offset, p.app_offset, p.consumer_lag)
+                            .map(|lag| (p.partition, lag))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        *self.lag.lock() = lag;
+    }
+}
+
+/// A partition's lag: the high watermark minus the consumer's position
+/// (the next offset it hands out); before it has a position, librdkafka's
+/// lag behind the committed offset; `None` when neither is known yet.
+fn partition_lag(high_watermark: i64, position: i64, committed_lag: i64) -> Option<i64> {
+    if high_watermark >= 0 && position >= 0 {
+        Some((high_watermark - position).max(0))
+    } else if committed_lag >= 0 {
+        Some(committed_lag)
+    } else {
+        None
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked: Vec<i32> = list
+                .elements()
+                .iter()
+                .filter(|e| e.topic() == self.topic)
+                .map(|e| e.partition())
+                .collect();
+            let mut tracker = self.tracker.lock();
+            if let Some(offsets) = offsets(&mut tracker, &self.topic, Some(&revoked))
+                && let Err(err) = consumer.commit(&offsets, CommitMode::Sync)
+            {
+                tracing::warn!(reason = %err, "commit before giving partitions up failed; their messages may be delivered twice");
+            }
+            for partition in revoked {
+                tracker.revoke(partition);
+            }
+            tracing::info!(partitions = ?list.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            tracing::info!(partitions = ?list.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions assigned");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_the_high_watermark_minus_the_position() {
+        assert_eq!(partition_lag(120, 100, 30), Some(20));
+        assert_eq!(partition_lag(100, 100, 0), Some(0));
+        // No position yet: librdkafka's lag behind the committed offset.
+        assert_eq!(partition_lag(120, -1001, 30), Some(30));
+        assert_eq!(partition_lag(-1, -1001, -1), None);
+    }
+}
