@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::tracker::{Position, Tracker};
-use crate::{PushMsg, Result};
+use crate::{Error, PushMsg, Result};
 
 /// Reads push messages from the queue.
 ///
@@ -104,5 +104,47 @@ impl Lag {
     /// Returns the lag of each partition known so far.
     pub fn read(&self) -> Vec<(String, i64)> {
         (self.0)()
+    }
+}
+
+/// A consumer's in-flight slots: one per receipt out.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    semaphore: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Slots {
+    /// Creates `max` slots (at least one).
+    pub(crate) fn new(max: usize) -> Slots {
+        let max = max.max(1);
+        Slots {
+            semaphore: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Waits for a free slot; it is freed when the permit (held by a
+    /// receipt) is dropped.
+    pub(crate) async fn acquire(&self) -> Result<OwnedSemaphorePermit> {
+        Arc::clone(&self.semaphore)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Closed("the consumer's in-flight slots are closed"))
+    }
+
+    /// Waits up to `grace` for every slot to be free (every receipt handled
+    /// or dropped); logs how many messages are still out otherwise.
+    pub(crate) async fn drain(&self, grace: Duration, tracker: &Mutex<Tracker>) {
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        if tokio::time::timeout(grace, self.semaphore.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = tracker.lock().outstanding(),
+                "consumer closed with messages still in flight; they will be delivered again"
+            );
+        }
     }
 }

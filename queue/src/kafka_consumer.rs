@@ -24,10 +24,9 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::consumer::{Consumer, Delivery, Lag, Receipt};
+use crate::consumer::{Consumer, Delivery, Lag, Receipt, Slots};
 use crate::tracker::Tracker;
 use crate::{Error, PushMsg, Result};
 
@@ -61,8 +60,7 @@ pub struct KafkaConsumer {
     topic: String,
     tracker: Arc<Mutex<Tracker>>,
     lag: Arc<Mutex<BTreeMap<i32, i64>>>,
-    slots: Arc<Semaphore>,
-    max_in_flight: usize,
+    slots: Slots,
     committer: JoinHandle<()>,
 }
 
@@ -70,7 +68,7 @@ impl std::fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaConsumer")
             .field("topic", &self.topic)
-            .field("max_in_flight", &self.max_in_flight)
+            .field("slots", &self.slots)
             .finish_non_exhaustive()
     }
 }
@@ -111,14 +109,12 @@ impl KafkaConsumer {
             Arc::clone(&tracker),
             topic.clone(),
         ));
-        let max_in_flight = options.max_in_flight.max(1);
         Ok(KafkaConsumer {
             consumer,
             topic,
             tracker,
             lag,
-            slots: Arc::new(Semaphore::new(max_in_flight)),
-            max_in_flight,
+            slots: Slots::new(options.max_in_flight),
             committer,
         })
     }
@@ -127,10 +123,7 @@ impl KafkaConsumer {
 #[async_trait]
 impl Consumer for KafkaConsumer {
     async fn recv(&mut self) -> Result<Option<Delivery>> {
-        let slot = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Closed("the consumer's in-flight slots are closed"))?;
+        let slot = self.slots.acquire().await?;
         loop {
             let message = match self.consumer.recv().await {
                 Ok(message) => message,
@@ -170,16 +163,7 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn close(self, grace: Duration) -> Result<()> {
-        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
-        if tokio::time::timeout(grace, self.slots.acquire_many(all))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                in_flight = self.tracker.lock().outstanding(),
-                "closing with messages still in flight; they will be delivered again"
-            );
-        }
+        self.slots.drain(grace, &self.tracker).await;
         self.committer.abort();
         let result = commit(&self.consumer, &self.tracker, &self.topic, CommitMode::Sync)
             .map_err(Error::kafka(format!("commit offsets of {}", self.topic)));

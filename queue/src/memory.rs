@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
-use crate::consumer::{Consumer, Delivery, Lag, Receipt};
+use crate::consumer::{Consumer, Delivery, Lag, Receipt, Slots};
 use crate::tracker::Tracker;
 use crate::{Error, Producer, PushMsg, Result, partition_key};
 
@@ -100,8 +100,7 @@ impl MemoryQueue {
             tracker: Arc::new(Mutex::new(Tracker::default())),
             retained: BTreeMap::new(),
             next_offset: 0,
-            slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
-            max_in_flight: max_in_flight.max(1),
+            slots: Slots::new(max_in_flight),
         })
     }
 }
@@ -118,8 +117,7 @@ pub struct MemoryConsumer {
     /// Messages handed out and not yet committed, by offset.
     retained: BTreeMap<i64, PushMsg>,
     next_offset: i64,
-    slots: Arc<Semaphore>,
-    max_in_flight: usize,
+    slots: Slots,
 }
 
 impl MemoryConsumer {
@@ -134,10 +132,7 @@ impl MemoryConsumer {
 #[async_trait]
 impl Consumer for MemoryConsumer {
     async fn recv(&mut self) -> Result<Option<Delivery>> {
-        let slot = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Closed("the consumer's in-flight slots are closed"))?;
+        let slot = self.slots.acquire().await?;
         self.commit();
         let msg = match self.redeliver.pop_front() {
             Some(msg) => msg,
@@ -175,16 +170,7 @@ impl Consumer for MemoryConsumer {
     }
 
     async fn close(mut self, grace: Duration) -> Result<()> {
-        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
-        if tokio::time::timeout(grace, self.slots.acquire_many(all))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                in_flight = self.tracker.lock().outstanding(),
-                "in-process queue closed with messages still in flight; they go to the next consumer"
-            );
-        }
+        self.slots.drain(grace, &self.tracker).await;
         self.commit();
         Ok(())
     }
