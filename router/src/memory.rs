@@ -1,7 +1,10 @@
 //! The in-memory router, for standalone and single-logic setups.
 //!
 //! Sessions live twice, in two sharded maps: key -> (mid, server, expiry) for
-//! lookups by key, and mid -> key -> (server, expiry) for lookups by user.
+//! lookups by key, and mid -> [(key, server, expiry)] for lookups by user.
+//! Both share one allocation of the key and of the server id, and a user's
+//! devices are a short vector (users have a handful), not a map: an idle
+//! connection costs the router a few dozen bytes beyond its key.
 //! Every writer locks the key's shard first and, while holding it, one user
 //! shard at a time; readers lock one shard at a time. That order keeps the
 //! two maps in agreement under concurrent writers of the same key and cannot
@@ -44,6 +47,7 @@ struct KeyEntry {
 /// One session as seen from its user.
 #[derive(Debug)]
 struct Device {
+    key: Arc<str>,
     server: Arc<str>,
     expires: Instant,
 }
@@ -56,8 +60,8 @@ struct Report {
     at: Instant,
 }
 
-type KeyShard = HashMap<String, KeyEntry>;
-type UserShard = HashMap<i64, HashMap<String, Device>>;
+type KeyShard = HashMap<Arc<str>, KeyEntry>;
+type UserShard = HashMap<i64, Vec<Device>>;
 
 #[derive(Debug)]
 struct Inner {
@@ -127,14 +131,19 @@ impl Inner {
     }
 
     /// Sets the device entry of `key` under `mid`. Callers hold the key's shard.
-    fn put_device(&self, mid: i64, key: &str, server: Arc<str>, expires: Instant) {
+    fn put_device(&self, mid: i64, key: &Arc<str>, server: Arc<str>, expires: Instant) {
         let mut users = self.user_shard(mid).lock();
-        let devices = users.entry(mid).or_default();
-        match devices.get_mut(key) {
-            Some(device) => *device = Device { server, expires },
-            None => {
-                devices.insert(key.to_owned(), Device { server, expires });
+        let devices = users.entry(mid).or_insert_with(|| Vec::with_capacity(1));
+        match devices.iter_mut().find(|d| *d.key == **key) {
+            Some(device) => {
+                device.server = server;
+                device.expires = expires;
             }
+            None => devices.push(Device {
+                key: Arc::clone(key),
+                server,
+                expires,
+            }),
         }
     }
 
@@ -146,10 +155,10 @@ impl Inner {
             return;
         };
         let owned = devices
-            .get(key)
-            .is_some_and(|device| server.is_none_or(|s| *device.server == *s));
-        if owned {
-            devices.remove(key);
+            .iter()
+            .position(|d| *d.key == *key && server.is_none_or(|s| *d.server == *s));
+        if let Some(at) = owned {
+            devices.swap_remove(at);
             if devices.is_empty() {
                 users.remove(&mid);
             }
@@ -166,7 +175,7 @@ impl Inner {
             .lock()
             .retain(|_, entry| entry.expires > now);
         self.users[shard].lock().retain(|_, devices| {
-            devices.retain(|_, device| device.expires > now);
+            devices.retain(|device| device.expires > now);
             !devices.is_empty()
         });
         if shard == 0 {
@@ -189,11 +198,15 @@ impl Router for MemoryRouter {
             server: server.clone(),
             expires,
         };
-        let previous = match keys.get_mut(key) {
-            Some(existing) => Some(std::mem::replace(existing, entry)),
+        let (shared_key, previous) = match keys.get_key_value(key).map(|(k, _)| Arc::clone(k)) {
+            Some(shared_key) => {
+                let previous = keys.insert(Arc::clone(&shared_key), entry);
+                (shared_key, previous)
+            }
             None => {
-                keys.insert(key.to_owned(), entry);
-                None
+                let shared_key: Arc<str> = Arc::from(key);
+                keys.insert(Arc::clone(&shared_key), entry);
+                (shared_key, None)
             }
         };
         if let Some(previous) = previous
@@ -202,7 +215,7 @@ impl Router for MemoryRouter {
             // The key changed hands: the old user must no longer list it.
             inner.drop_device(previous.mid, key, None);
         }
-        inner.put_device(mid, key, server, expires);
+        inner.put_device(mid, &shared_key, server, expires);
         Ok(())
     }
 
@@ -226,7 +239,7 @@ impl Router for MemoryRouter {
         let inner = &*self.inner;
         let now = Instant::now();
         let mut keys = inner.key_shard(key).lock();
-        let Some(entry) = keys.get_mut(key) else {
+        let Some((shared_key, entry)) = keys.get_key_value(key) else {
             return Ok(false);
         };
         if entry.expires <= now {
@@ -238,8 +251,12 @@ impl Router for MemoryRouter {
         if entry.mid != mid || *entry.server != *server {
             return Ok(false);
         }
-        entry.expires = expiry(now, lease);
-        inner.put_device(mid, key, entry.server.clone(), entry.expires);
+        let (shared_key, server) = (Arc::clone(shared_key), entry.server.clone());
+        let expires = expiry(now, lease);
+        if let Some(entry) = keys.get_mut(key) {
+            entry.expires = expires;
+        }
+        inner.put_device(mid, &shared_key, server, expires);
         Ok(true)
     }
 
@@ -250,11 +267,11 @@ impl Router for MemoryRouter {
             .iter()
             .map(|key| {
                 let mut shard = inner.key_shard(key).lock();
-                match shard.get(key) {
+                match shard.get(key.as_str()) {
                     Some(entry) if entry.expires > now => Some(entry.server.to_string()),
                     Some(_) => {
                         // Its device entry expired too; the sweep takes it.
-                        shard.remove(key);
+                        shard.remove(key.as_str());
                         None
                     }
                     None => None,
@@ -277,16 +294,16 @@ impl Router for MemoryRouter {
             let Some(devices) = users.get_mut(&mid) else {
                 continue;
             };
-            devices.retain(|_, device| device.expires > now);
+            devices.retain(|device| device.expires > now);
             if devices.is_empty() {
                 users.remove(&mid);
                 continue;
             }
-            for (key, device) in devices.iter() {
+            for device in devices.iter() {
                 match by_server.get_mut(&*device.server) {
-                    Some(keys) => keys.push(key.clone()),
+                    Some(keys) => keys.push(device.key.to_string()),
                     None => {
-                        by_server.insert(device.server.to_string(), vec![key.clone()]);
+                        by_server.insert(device.server.to_string(), vec![device.key.to_string()]);
                     }
                 }
             }
