@@ -4,8 +4,8 @@
 //! within a grace period.
 //!
 //! It does not decide the order in which a role winds down (stop accepting,
-//! deregister, drain, commit): each role does that in its `run`, watching
-//! the token.
+//! deregister, drain, commit): each role's wiring in the binary
+//! (`src/roles/`) does that, watching the token.
 
 use std::future::Future;
 use std::time::Duration;
