@@ -244,8 +244,8 @@ async fn a_cert_file_without_a_certificate_fails_to_start() {
             .await
             .expect("run task not panicked");
         match ended {
-            Err(rim_comet::Error::Tls(reason)) => {
-                assert!(reason.contains("no certificate"), "{cert:?}: {reason}")
+            Err(rim_comet::Error::Tls(rim_comet::TlsError::NoCertificate { path })) => {
+                assert_eq!(path, cert, "the error names the certificate file")
             }
             other => panic!("{cert:?}: expected a TLS error, got {other:?}"),
         }
