@@ -79,7 +79,7 @@ fn main() -> ExitCode {
             |config| {
                 serve("comet", |shutdown| async move {
                     let (listeners, metrics) = roles::comet::bind(&config).await?;
-                    roles::comet::run(config, listeners, metrics, shutdown).await
+                    Ok(roles::comet::run(config, listeners, metrics, shutdown).await?)
                 })
             },
         ),

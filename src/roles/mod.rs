@@ -11,6 +11,7 @@
 //! | `rim job` | [`job`] | the Kafka consumer, the region's comets from discovery, the job, metrics |
 //! | `rim standalone` | [`standalone`] | all of the above in one process, in-memory router and queue |
 
+pub mod balanced_channel;
 pub mod comet;
 pub mod job;
 pub mod logic;
