@@ -143,8 +143,15 @@ async fn wss_client_authenticates_receives_a_push_and_heartbeats() {
 
     let delivery = comet.push_keys(&["wss-key"], 1000, "over tls").await;
     assert_eq!((delivery.delivered, delivery.missing), (1, 0));
+    // Every WebSocket push is an op-9 frame, as goim sends it.
     let pushed = recv(&mut ws).await;
-    assert_eq!((pushed.op, &pushed.body[..]), (Op(1000), &b"over tls"[..]));
+    assert_eq!(pushed.op, Op::RAW);
+    let inner: Vec<Frame> = pushed.batch_frames().map(Result::unwrap).collect();
+    assert_eq!(inner.len(), 1);
+    assert_eq!(
+        (inner[0].op, &inner[0].body[..]),
+        (Op(1000), &b"over tls"[..])
+    );
 
     send(&mut ws, Frame::new(Op::HEARTBEAT, 42, Bytes::new())).await;
     let reply = recv(&mut ws).await;
