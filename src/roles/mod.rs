@@ -62,13 +62,12 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Serves `registry` on `listener` until [`MetricsServer::stop`].
-    pub fn spawn(listener: TcpListener, registry: rim_metrics::Registry) -> MetricsServer {
+    pub fn spawn(
+        listener: TcpListener,
+        registry: impl Into<Arc<rim_metrics::Registry>>,
+    ) -> MetricsServer {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(rim_metrics::serve(
-            listener,
-            Arc::new(registry),
-            stop.clone(),
-        ));
+        let task = tokio::spawn(rim_metrics::serve(listener, registry.into(), stop.clone()));
         MetricsServer { task, stop }
     }
 
