@@ -10,6 +10,9 @@
 //! | `rim logic` | [`logic`] | router, queue producer, comet directory from discovery, logic gRPC, the HTTP API |
 //! | `rim job` | [`job`] | the Kafka consumer, the region's comets from discovery, the job, metrics |
 //! | `rim standalone` | [`standalone`] | all of the above in one process, in-memory router and queue |
+//!
+//! [`balanced_channel`] is the gRPC channel that follows discovery (the
+//! comet's balanced client of the logics).
 
 pub mod balanced_channel;
 pub mod comet;
