@@ -79,7 +79,7 @@ fn main() -> ExitCode {
             |config| {
                 serve("comet", |shutdown| async move {
                     let (listeners, metrics) = roles::comet::bind(&config).await?;
-                    roles::comet::run(config, listeners, metrics, shutdown).await
+                    Ok(roles::comet::run(config, listeners, metrics, shutdown).await?)
                 })
             },
         ),
@@ -114,6 +114,14 @@ fn load<C: Load + Serialize>(role: &str, args: &RoleArgs) -> Result<C, ExitCode>
             return Err(ExitCode::from(EXIT_CONFIG));
         }
     };
+    // The environment may be shared by several roles: say which overrides
+    // this one ignores, so that one meant for it is not dropped silently.
+    for variable in C::inapplicable_overrides(std::env::vars()).unwrap_or_default() {
+        tracing::warn!(
+            %variable,
+            "environment override ignored: rim {role} has no such config section"
+        );
+    }
     if args.check {
         return Err(match toml::to_string_pretty(&config) {
             Ok(text) => {

@@ -125,15 +125,64 @@ fn comet_and_job_show_their_metrics_listener_and_refuse_a_bad_one() {
             assert!(err.contains("metrics.bind"), "{role} {bad}: {err}");
         }
     }
-    // Logic and standalone serve /metrics on the API listener: no section.
-    for role in ["logic", "standalone"] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("role.toml");
-        std::fs::write(&path, "[metrics]\nbind = \"127.0.0.1:0\"\n").unwrap();
-        let output = rim(&[role, "--check", "--config", path.to_str().unwrap()], &[]);
-        assert_eq!(output.status.code(), Some(64), "{role}");
-        assert!(stderr(&output).contains("metrics"), "{}", stderr(&output));
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("role.toml");
+    std::fs::write(&path, "[metrics]\nbind = \"127.0.0.1:9108\"\n").unwrap();
+    // Logic serves /metrics on the API listener only: no section.
+    let output = rim(
+        &["logic", "--check", "--config", path.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(64));
+    assert!(stderr(&output).contains("metrics"), "{}", stderr(&output));
+    // Standalone serves it there, and on metrics.bind when set (default: none).
+    let output = rim(&["standalone", "--check"], &[]);
+    let effective: toml::Table = String::from_utf8_lossy(&output.stdout).parse().unwrap();
+    assert_eq!(effective["metrics"]["bind"].as_str(), Some(""));
+    let output = rim(
+        &["standalone", "--check", "--config", path.to_str().unwrap()],
+        &[],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let effective: toml::Table = String::from_utf8_lossy(&output.stdout).parse().unwrap();
+    assert_eq!(
+        effective["metrics"]["bind"].as_str(),
+        Some("127.0.0.1:9108")
+    );
+}
+
+#[test]
+fn an_override_the_role_does_not_apply_is_named_in_a_startup_warning() {
+    let vars = [
+        ("RUST_LOG", "info"),
+        ("RIM_METRICS__BIND", "127.0.0.1:9108"),
+        ("RIM_DISCOVERY__ZOOKEEPER", "zk:2181"),
+    ];
+    let output = rim(&["logic", "--check"], &vars);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let err = stderr(&output);
+    let warned = |name: &str| {
+        err.lines()
+            .any(|line| line.contains(name) && line.contains("ignored"))
+    };
+    assert!(warned("RIM_METRICS__BIND"), "{err}");
+    assert!(!warned("RIM_DISCOVERY__ZOOKEEPER"), "{err}");
+
+    // Standalone applies RIM_METRICS__BIND and has no discovery.
+    let output = rim(&["standalone", "--check"], &vars);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let err = stderr(&output);
+    let warned = |name: &str| {
+        err.lines()
+            .any(|line| line.contains(name) && line.contains("ignored"))
+    };
+    assert!(!warned("RIM_METRICS__BIND"), "{err}");
+    assert!(warned("RIM_DISCOVERY__ZOOKEEPER"), "{err}");
+    let effective: toml::Table = String::from_utf8_lossy(&output.stdout).parse().unwrap();
+    assert_eq!(
+        effective["metrics"]["bind"].as_str(),
+        Some("127.0.0.1:9108")
+    );
 }
 
 #[test]

@@ -242,6 +242,30 @@ async fn standalone_metrics_count_connections_auths_frames_pushes_and_latency() 
     rim.stop();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn standalone_serves_the_same_metrics_on_metrics_bind_when_set() {
+    // `Proc::start` sets RIM_METRICS__BIND=127.0.0.1:0, which standalone
+    // applies: a listener of its own next to /metrics on the API listener.
+    let (mut rim, _, _, api) = start_standalone();
+    let own = rim.addr_after("metrics serving");
+    assert_ne!(own, api);
+    let http = http();
+    // Every role's metrics, the API's included; scraping the API listener
+    // first, as it counts its own requests.
+    let on_api = scrape(&http, api).await.names();
+    let on_own = scrape(&http, own).await.names();
+    for name in [
+        "rim_comet_connections",
+        "rim_api_pushes_total",
+        "rim_job_in_flight",
+    ] {
+        assert!(on_own.contains(name), "{name} missing in {on_own:?}");
+    }
+    let missing: Vec<_> = on_api.difference(&on_own).collect();
+    assert!(missing.is_empty(), "not on metrics.bind: {missing:?}");
+    rim.stop();
+}
+
 /// The metric names a PromQL expression uses (identifiers starting `rim_`).
 fn metric_names(expr: &str) -> BTreeSet<String> {
     expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))

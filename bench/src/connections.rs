@@ -7,7 +7,6 @@
 //! comet's connections) and its CPU while the connections idle with
 //! heartbeats, and the host totals.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -18,6 +17,7 @@ use tokio::time::Instant;
 use crate::cluster::{self, Cluster};
 use crate::fleet::Fleet;
 use crate::latency::{self, Percentiles, human};
+use crate::options::{ClientOptions, LoadGenerators, Output, RimProcesses};
 use crate::plot::{Chart, Series, render};
 use crate::procstat::{self, CpuUse, Snapshot, Watched};
 use crate::wire::Transport;
@@ -25,9 +25,9 @@ use crate::wire::Transport;
 /// Options of `rim-bench connections`.
 #[derive(Clone, Debug, clap::Args, Serialize)]
 pub struct Args {
-    /// The rim binary to start comets and the logic from.
-    #[arg(long, default_value = "target/release/rim")]
-    pub rim: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub processes: RimProcesses,
     /// Comet processes; clients are spread evenly over them.
     #[arg(long, default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=200))]
@@ -36,23 +36,15 @@ pub struct Args {
     #[arg(long, default_value_t = 15_000,
           value_parser = clap::value_parser!(u64).range(1..=2_000_000))]
     pub clients: u64,
-    /// Client transport.
-    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
-    pub transport: Transport,
-    /// Most clients per load-generator process (20,000 open files each).
-    #[arg(long, default_value_t = 15_000,
-          value_parser = clap::value_parser!(u64).range(1..=19_000))]
-    pub per_process: u64,
-    /// Source addresses per load-generator process.
-    #[arg(long, default_value_t = 16)]
-    pub source_addrs: u32,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub client: ClientOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub load: LoadGenerators,
     /// Rooms the clients spread over.
     #[arg(long, default_value_t = 100)]
     pub rooms: u64,
-    /// Seconds between heartbeats of each client.
-    #[arg(long, default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub heartbeat: u64,
     /// Seconds the idle CPU is measured over (heartbeats keep going).
     #[arg(long, default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -61,15 +53,9 @@ pub struct Args {
     /// base+10+10i (TCP), +1 (WebSocket), +8 (metrics), +9 (gRPC).
     #[arg(long, default_value_t = 31_000)]
     pub port_base: u16,
-    /// Directory for the rim processes' logs (default: a temp directory).
-    #[arg(long)]
-    pub log_dir: Option<PathBuf>,
-    /// Write the results as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Write a plot (connections and comet RSS over time) as SVG here.
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub output: Output,
 }
 
 /// Figures of one comet.
@@ -127,9 +113,9 @@ fn comet_rss_total(cluster: &Cluster) -> u64 {
 /// Runs the benchmark.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     ensure!(
-        args.rim.exists(),
+        args.processes.rim.exists(),
         "--rim {}: no such file (cargo build --release -p rim)",
-        args.rim.display()
+        args.processes.rim.display()
     );
     if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
         eprintln!("warning: cannot raise the open-file limit: {err}");
@@ -137,6 +123,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let started_unix_secs = crate::wire::now_nanos() / 1_000_000_000;
     let load_average_start = procstat::load_average();
     let log_dir = args
+        .processes
         .log_dir
         .clone()
         .unwrap_or_else(cluster::default_log_dir);
@@ -145,17 +132,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.comets,
         log_dir.display()
     );
-    let cluster = Cluster::start(&args.rim, args.comets, args.port_base, &log_dir, &[]).await?;
+    let cluster = Cluster::start(
+        &args.processes.rim,
+        args.comets,
+        args.port_base,
+        &log_dir,
+        &[],
+    )
+    .await?;
     let result = measure(&args, &cluster, started_unix_secs, load_average_start).await;
     cluster.stop().await;
     let report = result?;
     print_report(&report);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.output.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("results written to {}", path.display());
     }
-    if let Some(path) = &args.svg {
+    if let Some(path) = &args.output.svg {
         std::fs::write(path, plot(&report))
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("plot written to {}", path.display());
@@ -176,13 +170,13 @@ async fn measure(
         .iter()
         .map(|c| procstat::rss_bytes(c.pid).unwrap_or(0))
         .collect();
-    let processes = args.clients.div_ceil(args.per_process) as usize;
+    let processes = args.clients.div_ceil(args.load.per_process) as usize;
     let max_secs = 600 + args.idle + args.clients / 100;
-    let mut fleet = Fleet::spawn(processes, args.source_addrs, max_secs).await?;
+    let mut fleet = Fleet::spawn(processes, args.load.source_addrs, max_secs).await?;
     let targets: Vec<_> = cluster
         .comets
         .iter()
-        .map(|c| match args.transport {
+        .map(|c| match args.client.transport {
             Transport::Tcp => c.tcp,
             Transport::Ws => c.ws,
         })
@@ -190,7 +184,7 @@ async fn measure(
     eprintln!(
         "connecting {} {} clients from {processes} process(es) to {} comet(s)",
         args.clients,
-        args.transport.name(),
+        args.client.transport.name(),
         targets.len()
     );
     let mut watched: Vec<Watched> = cluster
@@ -238,12 +232,12 @@ async fn measure(
     };
     let connected = fleet
         .connect(
-            args.transport,
+            args.client.transport,
             &targets,
             args.clients,
             "live://bench-",
             args.rooms,
-            args.heartbeat,
+            args.client.heartbeat,
             1000,
         )
         .await;
@@ -270,7 +264,7 @@ async fn measure(
     let lost_before = fleet.totals().lost;
     eprintln!(
         "measuring idle CPU for {}s (each client heartbeats every {}s)",
-        args.idle, args.heartbeat
+        args.idle, args.client.heartbeat
     );
     let before = Snapshot::take(&watched);
     let idle_started = Instant::now();
@@ -368,7 +362,7 @@ fn plot(r: &Report) -> String {
     let title = format!(
         "rim-bench connections: {} {} clients, {} comet(s)",
         r.connected,
-        r.args.transport.name(),
+        r.args.client.transport.name(),
         r.comets.len()
     );
     render(&[
@@ -407,7 +401,7 @@ fn print_report(r: &Report) {
     println!(
         "rim-bench connections: {} {} clients over {} comet(s), {} client process(es)",
         r.connected,
-        r.args.transport.name(),
+        r.args.client.transport.name(),
         r.comets.len(),
         r.client_processes
     );

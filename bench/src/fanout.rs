@@ -15,7 +15,6 @@
 //! step (sending, then draining until every delivery arrived or `--drain`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +34,7 @@ use tokio::time::Instant;
 use crate::cluster::{self, Cluster};
 use crate::fleet::Fleet;
 use crate::latency::{self, Percentiles, human};
+use crate::options::{LoadGenerators, Output, RimProcesses};
 use crate::pacing::{self, Pacer};
 use crate::plot::{Chart, Series, render};
 use crate::procstat::{self, CpuUse, Snapshot, Watched};
@@ -68,9 +68,9 @@ pub enum Mode {
 /// Options of `rim-bench fanout`.
 #[derive(Clone, Debug, clap::Args, Serialize)]
 pub struct Args {
-    /// The rim binary to start comets and the logic from.
-    #[arg(long, default_value = "target/release/rim")]
-    pub rim: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub processes: RimProcesses,
     /// Room members (clients) in all.
     #[arg(long, default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -79,10 +79,9 @@ pub struct Args {
     /// members / 15,000 rounded up.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=200))]
     pub comets: Option<u16>,
-    /// Most clients per load-generator process.
-    #[arg(long, default_value_t = 15_000,
-          value_parser = clap::value_parser!(u64).range(1..=19_000))]
-    pub per_process: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub load: LoadGenerators,
     /// Message rates to sweep, messages/s, comma-separated.
     #[arg(long, default_value = "10,50,200", value_delimiter = ',',
           value_parser = |s: &str| pacing::parse_rate(s, MAX_RATE))]
@@ -116,22 +115,12 @@ pub struct Args {
     #[arg(long, default_value_t = 15,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub drain: u64,
-    /// Source addresses per load-generator process.
-    #[arg(long, default_value_t = 16)]
-    pub source_addrs: u32,
     /// First port of the rim processes (see `connections --help`).
     #[arg(long, default_value_t = 30_000)]
     pub port_base: u16,
-    /// Directory for the rim processes' logs (default: a temp directory).
-    #[arg(long)]
-    pub log_dir: Option<PathBuf>,
-    /// Write the results as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Write plots (deliveries/s over time, latency CDF, deliveries per
-    /// CPU-second by rate) as SVG here.
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub output: Output,
 }
 
 /// Figures of one (mode, rate) step.
@@ -255,9 +244,9 @@ impl Baselines {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let wants_rim = args.modes.iter().any(|m| *m != Mode::Baseline);
     ensure!(
-        !wants_rim || args.rim.exists(),
+        !wants_rim || args.processes.rim.exists(),
         "--rim {}: no such file (cargo build --release -p rim)",
-        args.rim.display()
+        args.processes.rim.display()
     );
     ensure!(!args.modes.is_empty(), "--modes: give at least one");
     if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -268,10 +257,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| u16::try_from(args.members.div_ceil(15_000)).unwrap_or(u16::MAX));
     let started_unix_secs = wire::now_nanos() / 1_000_000_000;
     let load_average_start = procstat::load_average();
-    let processes = args.members.div_ceil(args.per_process) as usize;
+    let processes = args.members.div_ceil(args.load.per_process) as usize;
     let steps_n = (args.rates.len() * args.modes.len()) as u64;
     let max_secs = 900 + steps_n * (args.step_secs + args.drain + 30) + args.members / 50;
-    let mut fleet = Fleet::spawn(processes, args.source_addrs, max_secs).await?;
+    let mut fleet = Fleet::spawn(processes, args.load.source_addrs, max_secs).await?;
     let mut steps = Vec::new();
     let result = async {
         if args.modes.contains(&Mode::Baseline) {
@@ -282,6 +271,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         if wants_rim {
             let log_dir = args
+                .processes
                 .log_dir
                 .clone()
                 .unwrap_or_else(cluster::default_log_dir);
@@ -289,8 +279,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "starting a logic and {servers_n} comet(s), logs in {}",
                 log_dir.display()
             );
-            let cluster =
-                Cluster::start(&args.rim, servers_n, args.port_base, &log_dir, &[]).await?;
+            let cluster = Cluster::start(
+                &args.processes.rim,
+                servers_n,
+                args.port_base,
+                &log_dir,
+                &[],
+            )
+            .await?;
             let servers = Servers {
                 pids: cluster.comets.iter().map(|c| c.pid).collect(),
                 tcp: cluster.comets.iter().map(|c| c.tcp).collect(),
@@ -347,12 +343,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ratios,
     };
     print_report(&report);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.output.json {
         std::fs::write(path, serde_json::to_string(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("results written to {}", path.display());
     }
-    if let Some(path) = &args.svg {
+    if let Some(path) = &args.output.svg {
         std::fs::write(path, plot(&report))
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("plot written to {}", path.display());

@@ -12,6 +12,7 @@ mod connections;
 mod fanout;
 mod fleet;
 mod latency;
+mod options;
 mod pacing;
 mod plot;
 mod procstat;
@@ -33,13 +34,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Pushes/s and p50/p99 latency from an HTTP push to its receipt by
-    /// clients, for unicast (push to one key) or room pushes.
+    /// clients, for unicast (push to one key) or room pushes. Plots: latency
+    /// CDF, deliveries/s over time.
     PushLatency(push_latency::Args),
     /// Idle connections: comet RSS per connection and idle CPU with
     /// heartbeats, over one or several comets and load-generator processes.
+    /// Plot: connections and comet RSS over time.
     Connections(connections::Args),
     /// Room fan-out: deliveries per server CPU-second of rim's comets,
-    /// unbatched and op-9 batched, next to a raw tokio baseline.
+    /// unbatched and op-9 batched, next to a raw tokio baseline. Plots:
+    /// deliveries/s over time, latency CDF, deliveries per CPU-second by rate.
     Fanout(fanout::Args),
     /// The raw tokio fan-out server `fanout` compares rim with.
     Baseline(baseline::Args),
@@ -78,5 +82,64 @@ fn main() -> ExitCode {
             eprintln!("rim-bench: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The shared options keep their flags, defaults and top-level JSON keys
+    /// (results files record the arguments they were produced with).
+    #[test]
+    fn shared_options_keep_their_flags_defaults_and_json_keys() {
+        let cli = Cli::try_parse_from([
+            "rim-bench",
+            "connections",
+            "--rim",
+            "/bin/rim",
+            "--transport",
+            "ws",
+            "--per-process",
+            "100",
+            "--json",
+            "out.json",
+        ])
+        .unwrap();
+        let Command::Connections(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(json["rim"], "/bin/rim");
+        assert_eq!(json["transport"], "ws");
+        assert_eq!(json["heartbeat"], 30);
+        assert_eq!(json["per_process"], 100);
+        assert_eq!(json["source_addrs"], 16);
+        assert_eq!(json["port_base"], 31_000);
+        assert_eq!(json["json"], "out.json");
+        assert_eq!(json["svg"], serde_json::Value::Null);
+
+        let cli = Cli::try_parse_from(["rim-bench", "fanout"]).unwrap();
+        let Command::Fanout(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(json["rim"], "target/release/rim");
+        assert_eq!(json["per_process"], 15_000);
+        assert_eq!(json["port_base"], 30_000);
+        assert_eq!(json["log_dir"], serde_json::Value::Null);
+
+        let cli = Cli::try_parse_from(["rim-bench", "push-latency", "--heartbeat", "5"]).unwrap();
+        let Command::PushLatency(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(
+            (json["transport"].as_str(), json["heartbeat"].as_u64()),
+            (Some("tcp"), Some(5))
+        );
+        assert_eq!(json["source_addrs"], 8);
     }
 }

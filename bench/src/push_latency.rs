@@ -20,7 +20,6 @@
 //! than as a silently lower rate with flattering latencies.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,7 +36,9 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::latency::{self, Percentiles, Recorder, human};
+use crate::options::{ClientOptions, Output};
 use crate::procstat::{self, CpuUse, Snapshot, Watched};
+use crate::wire::Transport;
 
 /// How long one client may take to connect and authenticate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,16 +61,6 @@ pub enum Mode {
     Room,
 }
 
-/// How clients connect.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// goim's raw TCP protocol (`--comet` is the TCP address).
-    Tcp,
-    /// WebSocket on `/sub` (`--comet` is the WebSocket address).
-    Ws,
-}
-
 /// Options of `rim-bench push-latency`.
 #[derive(Clone, Debug, clap::Args, Serialize)]
 pub struct Args {
@@ -80,9 +71,9 @@ pub struct Args {
     /// round-robin (loopback only).
     #[arg(long, default_value = "127.0.0.1:3101", value_delimiter = ',')]
     pub comet: Vec<SocketAddr>,
-    /// Client transport.
-    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
-    pub transport: Transport,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub client: ClientOptions,
     /// Number of clients (one process holds under 20,000 open files).
     #[arg(long, default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=15_000))]
@@ -115,10 +106,6 @@ pub struct Args {
     #[arg(long, default_value_t = 8,
           value_parser = clap::value_parser!(u8).range(1..=8))]
     pub source_addrs: u8,
-    /// Seconds between client heartbeats.
-    #[arg(long, default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub heartbeat: u64,
     /// Business op of the pushes.
     #[arg(long, default_value_t = 1000)]
     pub operation: i32,
@@ -126,12 +113,9 @@ pub struct Args {
     /// as NAME=PID (repeatable), e.g. `--proc comet=1234`.
     #[arg(long = "proc", value_name = "NAME=PID", value_parser = procstat::parse_watched)]
     pub procs: Vec<Watched>,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Write plots (latency CDF, deliveries/s over time) as SVG to this file.
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub output: Output,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -350,7 +334,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     eprintln!(
         "connecting {} {:?} clients to {} comet(s)...",
         args.clients,
-        args.transport,
+        args.client.transport,
         args.comet.len()
     );
     let connect_started = Instant::now();
@@ -534,12 +518,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args,
     };
     print_report(&report);
-    if let Some(path) = &report.args.json {
+    if let Some(path) = &report.args.output.json {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
         eprintln!("results written to {}", path.display());
     }
-    if let Some(path) = &report.args.svg {
+    if let Some(path) = &report.args.output.svg {
         std::fs::write(path, plot(&report))
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("plot written to {}", path.display());
@@ -583,7 +567,7 @@ async fn connect_all(
             platform: "bench".into(),
             accepts: vec![args.operation],
         };
-        let (transport, gate) = (args.transport, Arc::clone(&gate));
+        let (transport, gate) = (args.client.transport, Arc::clone(&gate));
         connecting.spawn(async move {
             let _permit = gate.acquire_owned().await;
             let connect = async {
@@ -604,7 +588,7 @@ async fn connect_all(
     let mut keys = Vec::new();
     let mut clients = JoinSet::new();
     let mut failures = 0usize;
-    let heartbeat = Duration::from_secs(args.heartbeat);
+    let heartbeat = Duration::from_secs(args.client.heartbeat);
     while let Some(done) = connecting.join_next().await {
         match done {
             Ok(Ok((i, key, client))) => {

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rim_config::{CometConfig, NodeConfig};
-use rim_proto::Frame;
 use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::pb::frame::v1::Proto;
+use rim_proto::{BatchBuilder, Frame};
 
 use tracing::Instrument;
 
@@ -272,10 +272,24 @@ impl Comet {
 }
 
 /// Encodes a push once; every recipient shares the bytes.
+///
+/// A push that is not already an op-9 batch goes out as a batch of one, as
+/// goim's job wraps every push: a WebSocket client receives every push as
+/// one op-9 message, while a TCP client receives the inner frame alone (the
+/// TCP transport writes a batch's inner frames), exactly as before.
 fn encode(proto: Option<Proto>) -> ApiResult<Bytes> {
     let proto = proto.ok_or_else(|| ApiError::InvalidArgument("proto is missing".into()))?;
     let frame = Frame::try_from(proto).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-    frame
+    let batch = if frame.is_batch() {
+        frame
+    } else {
+        let mut batch = BatchBuilder::with_capacity(frame.encoded_len());
+        batch
+            .push(&frame)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        batch.finish()
+    };
+    batch
         .to_bytes()
         .map_err(|e| ApiError::InvalidArgument(e.to_string()))
 }

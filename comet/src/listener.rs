@@ -1,18 +1,18 @@
-//! Accept loops for the client listeners: admission limits, the WebSocket
-//! upgrade on `/sub`, TLS for WSS, then one task per connection.
+//! The comet's listeners and the accept loops of its client listeners:
+//! admission limits, the WebSocket upgrade on `/sub`, the TLS handshake for
+//! WSS, then one task per connection.
 
 use std::io;
-use std::path::Path;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rim_config::CometConfig;
 use rim_shutdown::Shutdown;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -23,7 +23,6 @@ use crate::comet::{ConnSlot, Inner};
 use crate::connection;
 use crate::stats::{self, Wire};
 use crate::transport::{TcpTransport, Transport, WsTransport};
-use crate::{Error, Result};
 
 /// The WebSocket upgrade path goim clients use.
 pub const WS_PATH: &str = "/sub";
@@ -50,38 +49,103 @@ impl Protocol {
     }
 }
 
-/// Loads the WSS certificate chain and key.
-pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            Error::Tls(format!(
-                "cannot read certificates from {}: {e}",
-                cert.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(Error::Tls(format!("no certificate in {}", cert.display())));
+/// The comet's bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Raw TCP client listeners.
+    pub tcp: Vec<TcpListener>,
+    /// WebSocket client listeners.
+    pub ws: Vec<TcpListener>,
+    /// WebSocket-over-TLS client listeners (need `tls_cert` and `tls_key`).
+    pub wss: Vec<TcpListener>,
+    /// The comet gRPC service.
+    pub grpc: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every listener the config names (WSS only when TLS is configured).
+    pub async fn bind(config: &CometConfig) -> io::Result<Listeners> {
+        let wss = if config.wss_enabled() {
+            bind_all(&config.wss_bind).await?
+        } else {
+            Vec::new()
+        };
+        Ok(Listeners {
+            tcp: bind_all(&config.tcp_bind).await?,
+            ws: bind_all(&config.ws_bind).await?,
+            wss,
+            grpc: bind_all(&[config.grpc_bind]).await?.remove(0),
+        })
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        Error::Tls(format!(
-            "cannot read a private key from {}: {e}",
-            key.display()
-        ))
-    })?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Tls(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| Error::Tls(format!("certificate and key do not make a TLS config: {e}")))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+
+    /// Returns the local addresses of `list`, for the startup log.
+    pub(crate) fn addrs(list: &[TcpListener]) -> Vec<SocketAddr> {
+        list.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+}
+
+/// The running accept loops of the client listeners.
+pub(crate) struct Accepting {
+    loops: Vec<JoinHandle<()>>,
+    /// Cancelled when accepting stops.
+    stop: CancellationToken,
+    /// Cancelled when the drain starts: connections still in their
+    /// handshake give up, and late registrations close themselves.
+    drain: CancellationToken,
+}
+
+impl Accepting {
+    /// Starts one accept loop per client listener: `[tcp, ws, wss]`. WSS
+    /// listeners need `tls` (see [`crate::tls::wss_acceptor`]).
+    pub(crate) fn start(
+        inner: &Arc<Inner>,
+        [tcp, ws, wss]: [Vec<TcpListener>; 3],
+        tls: Option<TlsAcceptor>,
+        tasks: &Shutdown,
+    ) -> Accepting {
+        let stop = CancellationToken::new();
+        let drain = CancellationToken::new();
+        let protocols = tcp
+            .into_iter()
+            .map(|l| (l, Protocol::Tcp))
+            .chain(ws.into_iter().map(|l| (l, Protocol::Ws)))
+            .chain(
+                wss.into_iter()
+                    .filter_map(|l| tls.clone().map(|t| (l, Protocol::Wss(t)))),
+            );
+        let loops = protocols
+            .map(|(listener, protocol)| {
+                tokio::spawn(accept_loop(
+                    Arc::clone(inner),
+                    listener,
+                    protocol,
+                    tasks.clone(),
+                    stop.clone(),
+                    drain.clone(),
+                ))
+            })
+            .collect();
+        Accepting { loops, stop, drain }
+    }
+
+    /// Returns a token cancelled when accepting stops.
+    pub(crate) fn stopped_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Stops accepting and waits for every accept loop to end; returns the
+    /// token that starts the drain of the accepted connections.
+    pub(crate) async fn stop(self) -> CancellationToken {
+        self.stop.cancel();
+        for accept_loop in self.loops {
+            let _ = accept_loop.await;
+        }
+        self.drain
+    }
 }
 
 /// Accepts connections until `stop` is cancelled.
-pub(crate) async fn accept_loop(
+async fn accept_loop(
     inner: Arc<Inner>,
     listener: TcpListener,
     protocol: Protocol,
@@ -136,7 +200,7 @@ pub(crate) async fn accept_loop(
 /// What every connection task needs besides its stream.
 struct Accepted {
     inner: Arc<Inner>,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
     id: u64,
     wire: Wire,
     slot: ConnSlot,
@@ -270,7 +334,7 @@ where
 }
 
 /// Binds a list of addresses.
-pub(crate) async fn bind_all(addrs: &[std::net::SocketAddr]) -> io::Result<Vec<TcpListener>> {
+async fn bind_all(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let listener = TcpListener::bind(addr)

@@ -181,6 +181,48 @@ async fn a_batch_arrives_as_frames_over_tcp_and_as_one_message_over_websocket() 
     comet.stop().await;
 }
 
+/// goim's job wraps every push, even a single one, in an op-9 frame: a
+/// WebSocket client sees one op-9 message per push, a TCP client the plain frame.
+#[tokio::test]
+async fn every_push_reaches_websocket_as_an_op_9_message_and_tcp_as_a_plain_frame() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut tcp = comet
+        .client(TransportKind::Tcp, token(1, "t", "live://w", &[1000]))
+        .await;
+    let mut ws = comet
+        .client(TransportKind::Ws, token(2, "w", "live://w", &[1000]))
+        .await;
+    tcp.unpack_batches(false);
+    ws.unpack_batches(false);
+
+    assert_eq!(comet.push_keys(&["t", "w"], 1000, "key").await.delivered, 2);
+    assert_eq!(comet.push_room("live://w", 1001, "room").await.delivered, 2);
+    let all = comet
+        .comet
+        .broadcast(pb::BroadcastRequest {
+            proto_op: 1000,
+            proto: Some(proto(1000, "all")),
+            speed: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.delivered, 2);
+
+    for (op, body) in [(1000, "key"), (1001, "room"), (1000, "all")] {
+        let plain = next(&mut tcp).await;
+        assert_eq!((plain.op, &plain.body[..]), (Op(op), body.as_bytes()));
+
+        let message = next(&mut ws).await;
+        assert_eq!((message.op, message.seq), (Op::RAW, 0), "{body}");
+        let inner: Vec<Frame> = message.batch_frames().map(Result::unwrap).collect();
+        assert_eq!(inner.len(), 1, "{body}");
+        assert_eq!((inner[0].op, &inner[0].body[..]), (Op(op), body.as_bytes()));
+    }
+    // Replies are not pushes: they stay plain frames.
+    assert_eq!(ws.heartbeat().await.unwrap(), 2);
+    comet.stop().await;
+}
+
 #[tokio::test]
 async fn a_stuck_reader_is_dropped_and_closed_without_slowing_the_others() {
     let config = CometConfig {

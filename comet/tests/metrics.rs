@@ -100,7 +100,9 @@ async fn connections_auths_frames_and_push_rpcs_are_counted() {
         80.0
     );
     assert!(scrape.get("rim_comet_bytes_in_total{transport=\"tcp\"}") > 32.0);
-    // b and the refused client each sent an Auth; b got its reply and the room push.
+    // b and the refused client each sent an Auth; b got its reply and the
+    // room push, wrapped in an op-9 frame as every WebSocket push is
+    // (16 + 16 + 23 bytes).
     assert_eq!(
         scrape.get("rim_comet_frames_in_total{transport=\"ws\"}"),
         2.0
@@ -110,7 +112,7 @@ async fn connections_auths_frames_and_push_rpcs_are_counted() {
         .await;
     assert_eq!(
         scrape.get("rim_comet_bytes_out_total{transport=\"ws\"}"),
-        39.0
+        55.0
     );
     assert_eq!(scrape.get("rim_comet_push_rpc_total{rpc=\"push\"}"), 1.0);
     assert_eq!(scrape.get("rim_comet_push_rpc_total{rpc=\"room\"}"), 1.0);

@@ -27,6 +27,9 @@ pub struct StandaloneConfig {
     pub queue: QueueConfig,
     /// The queue consumer.
     pub job: JobConfig,
+    /// A separate listener for `GET /metrics` (default: none; metrics are
+    /// always served on `api.http_bind` too).
+    pub metrics: MetricsConfig,
 }
 
 impl Load for StandaloneConfig {
@@ -38,6 +41,7 @@ impl Load for StandaloneConfig {
         self.router.validate()?;
         self.queue.validate()?;
         self.job.validate(&self.node)?;
+        self.metrics.validate()?;
         presence_renew_within_lease(&self.comet, &self.logic)
     }
 }

@@ -599,10 +599,11 @@ impl JobConfig {
     }
 }
 
-/// `[metrics]`: where a role without an HTTP API serves Prometheus metrics
-/// (`rim comet`, `rim job`; logic and standalone serve `GET /metrics` on
-/// `api.http_bind`).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+/// `[metrics]`: where a role serves Prometheus metrics on a listener of its
+/// own (`rim comet`, `rim job`; `rim standalone` serves `GET /metrics` on
+/// `api.http_bind`, and also here when set; logic only on `api.http_bind`).
+/// The default, empty, is no listener of its own.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Listener for `GET /metrics`, `host:port`; empty = not served.

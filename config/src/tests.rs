@@ -309,11 +309,50 @@ fn metrics_listen_by_default_on_comets_and_jobs_and_can_be_disabled() {
     assert_eq!(off.metrics.bind_addr(), None);
     let off = CometRoleConfig::load_from(None, env(&[("RIM_METRICS__BIND", "")])).unwrap();
     assert_eq!(off.metrics.bind_addr(), None);
-    // Standalone and logic serve /metrics on the API listener: no section,
-    // and an override meant for a comet in the same environment is ignored.
-    assert!(StandaloneConfig::load_from(None, env(&[("RIM_METRICS__BIND", "x")])).is_ok());
-    assert!(
-        load_err::<StandaloneConfig>(Some("[metrics]\nbind = \"\"\n"), &[]).contains("metrics")
+    // Logic serves /metrics on the API listener only: no section, and an
+    // override meant for a comet in the same environment is ignored.
+    assert!(LogicRoleConfig::load_from(None, env(&[("RIM_METRICS__BIND", "x")])).is_ok());
+    assert!(load_err::<LogicRoleConfig>(Some("[metrics]\nbind = \"\"\n"), &[]).contains("metrics"));
+}
+
+#[test]
+fn standalone_serves_metrics_on_its_own_listener_only_when_asked() {
+    let standalone = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(standalone.metrics.bind_addr(), None);
+    let separate =
+        StandaloneConfig::load_from(None, env(&[("RIM_METRICS__BIND", "127.0.0.1:9108")])).unwrap();
+    assert_eq!(
+        separate.metrics.bind_addr(),
+        Some("127.0.0.1:9108".parse().unwrap())
+    );
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_METRICS__BIND", "3108")]);
+    assert!(err.contains("metrics.bind"), "{err}");
+}
+
+#[test]
+fn overrides_a_role_does_not_apply_are_named() {
+    let vars = env(&[
+        ("RIM_METRICS__BIND", "127.0.0.1:9108"),
+        ("RIM_DISCOVERY__ZOOKEEPER", "zk:2181"),
+        ("RIM_COMET__BUCKETS", "64"),
+        ("RIM_TEST_REDIS", "redis://127.0.0.1:1"),
+        ("RIM_COMMET__BUCKETS", "3"),
+        ("PATH", "/bin"),
+    ]);
+    assert_eq!(
+        StandaloneConfig::inapplicable_overrides(vars.clone()).unwrap(),
+        vec!["RIM_DISCOVERY__ZOOKEEPER".to_string()]
+    );
+    assert_eq!(
+        LogicRoleConfig::inapplicable_overrides(vars.clone()).unwrap(),
+        vec![
+            "RIM_METRICS__BIND".to_string(),
+            "RIM_COMET__BUCKETS".to_string()
+        ]
+    );
+    assert_eq!(
+        CometRoleConfig::inapplicable_overrides(vars).unwrap(),
+        Vec::<String>::new()
     );
 }
 

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use rim_comet::{Comet, Listeners};
 use rim_config::CometRoleConfig;
 use rim_discovery::{Addrs, Kind, NodeInfo, Registration};
@@ -26,21 +25,38 @@ pub async fn bind(config: &CometRoleConfig) -> anyhow::Result<(Listeners, Option
     Ok((listeners, metrics))
 }
 
+/// Why `rim comet` could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Discovery could not be reached.
+    #[error("discovery: cannot connect")]
+    Connect(#[source] rim_discovery::Error),
+    /// Discovery could not report the logics.
+    #[error("discovery: cannot watch the logics")]
+    WatchLogics(#[source] rim_discovery::Error),
+    /// The comet could not register in discovery.
+    #[error("discovery: cannot register")]
+    Register(#[source] rim_discovery::Error),
+    /// The comet failed.
+    #[error("comet")]
+    Comet(#[from] rim_comet::Error),
+}
+
 /// Runs `rim comet` until `shutdown` triggers.
 pub async fn run(
     config: CometRoleConfig,
     listeners: Listeners,
     metrics: Option<TcpListener>,
     shutdown: Shutdown,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let discovery = rim_discovery::connect(&config.discovery)
         .await
-        .context("discovery")?;
+        .map_err(Error::Connect)?;
     let logics = discovery
         .watch(Kind::Logic)
         .await
-        .context("discovery: cannot watch the logics")?;
-    let logic = RemoteLogic::new(balanced_logics(logics));
+        .map_err(Error::WatchLogics)?;
+    let logic = RemoteLogic::new(super::balanced_channel::follow(logics));
     let comet = Comet::new(&config.node, config.comet, Arc::new(logic));
     let metrics = metrics.map(|listener| {
         let mut registry = super::metrics_registry("comet");
@@ -63,7 +79,7 @@ pub async fn run(
     let registration = discovery
         .register(Kind::Comet, info.clone())
         .await
-        .context("discovery: cannot register")?;
+        .map_err(Error::Register)?;
     let registration = Arc::new(registration);
     let stop_refreshing = CancellationToken::new();
     let refresher = tokio::spawn(refresh_registration(
@@ -91,7 +107,7 @@ pub async fn run(
     if let Some(metrics) = metrics {
         metrics.stop().await;
     }
-    result.context("comet")
+    Ok(result?)
 }
 
 /// Refreshes the registration with the comet's load until `stop`.
@@ -116,48 +132,4 @@ async fn refresh_registration(
             tracing::warn!(reason = %err, "registration refresh failed");
         }
     }
-}
-
-/// A gRPC channel balanced over the logics discovery reports, following it.
-fn balanced_logics(
-    mut logics: tokio::sync::watch::Receiver<Vec<NodeInfo>>,
-) -> tonic::transport::Channel {
-    use std::collections::HashSet;
-    use tonic::transport::channel::Change;
-    let (channel, changes) = tonic::transport::Channel::balance_channel::<String>(64);
-    tokio::spawn(async move {
-        let mut current: HashSet<String> = HashSet::new();
-        loop {
-            let wanted: HashSet<String> = logics
-                .borrow_and_update()
-                .iter()
-                .map(|n| n.addrs.grpc.clone())
-                .filter(|a| !a.is_empty())
-                .collect();
-            for gone in current.difference(&wanted) {
-                let _ = changes.send(Change::Remove(gone.clone())).await;
-            }
-            for new in wanted.difference(&current) {
-                match tonic::transport::Endpoint::from_shared(format!("http://{new}")) {
-                    Ok(endpoint) => {
-                        let endpoint = endpoint
-                            .connect_timeout(Duration::from_secs(3))
-                            .timeout(Duration::from_secs(10));
-                        let _ = changes.send(Change::Insert(new.clone(), endpoint)).await;
-                    }
-                    Err(err) => {
-                        tracing::warn!(addr = %new, reason = %err, "bad logic address in discovery")
-                    }
-                }
-            }
-            if wanted != current {
-                tracing::info!(logics = ?wanted, "logics changed");
-            }
-            current = wanted;
-            if logics.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    channel
 }

@@ -125,7 +125,8 @@ pub async fn run(
     let api = Api::new(&config.api, Arc::clone(&logic), producer);
     let mut registry = super::metrics_registry("logic");
     logic.register_metrics(&mut registry);
-    let http_task = spawn_http(api, registry, listeners.http, stop.clone());
+    api.register_metrics(&mut registry);
+    let http_task = spawn_http(api, Arc::new(registry), listeners.http, stop.clone());
 
     shutdown.triggered().await;
     if let Err(err) = registration.deregister().await {
@@ -156,15 +157,14 @@ pub(super) async fn build_logic(
     Ok(Arc::new(Logic::new(logic, router, comets, http)))
 }
 
-/// Serves the HTTP API on `listener`, with `registry` (plus the API's own
-/// metrics) at `/metrics`, until `stop` (shared by `rim logic` and
-/// `rim standalone`).
+/// Serves the HTTP API on `listener`, with `registry` (where the caller
+/// registered the API's own metrics too) at `/metrics`, until `stop`
+/// (shared by `rim logic` and `rim standalone`).
 pub(super) fn spawn_http(
     api: Arc<Api>,
-    mut registry: rim_metrics::Registry,
+    registry: Arc<rim_metrics::Registry>,
     listener: TcpListener,
     stop: CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
-    api.register_metrics(&mut registry);
-    tokio::spawn(serve_with_metrics(api, Arc::new(registry), listener, stop))
+    tokio::spawn(serve_with_metrics(api, registry, listener, stop))
 }

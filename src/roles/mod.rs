@@ -10,7 +10,11 @@
 //! | `rim logic` | [`logic`] | router, queue producer, comet directory from discovery, logic gRPC, the HTTP API |
 //! | `rim job` | [`job`] | the Kafka consumer, the region's comets from discovery, the job, metrics |
 //! | `rim standalone` | [`standalone`] | all of the above in one process, in-memory router and queue |
+//!
+//! [`balanced_channel`] is the gRPC channel that follows discovery (the
+//! comet's balanced client of the logics).
 
+pub mod balanced_channel;
 pub mod comet;
 pub mod job;
 pub mod logic;
@@ -61,13 +65,12 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Serves `registry` on `listener` until [`MetricsServer::stop`].
-    pub fn spawn(listener: TcpListener, registry: rim_metrics::Registry) -> MetricsServer {
+    pub fn spawn(
+        listener: TcpListener,
+        registry: impl Into<Arc<rim_metrics::Registry>>,
+    ) -> MetricsServer {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(rim_metrics::serve(
-            listener,
-            Arc::new(registry),
-            stop.clone(),
-        ));
+        let task = tokio::spawn(rim_metrics::serve(listener, registry.into(), stop.clone()));
         MetricsServer { task, stop }
     }
 

@@ -15,6 +15,8 @@ use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::MetricsServer;
+
 /// An address clients can use: a wildcard bind is advertised as loopback.
 fn loopback_advertised(addr: Option<SocketAddr>) -> String {
     match addr {
@@ -35,6 +37,7 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let http = TcpListener::bind(config.api.http_bind)
         .await
         .with_context(|| format!("cannot bind {}", config.api.http_bind))?;
+    let metrics = super::bind_metrics(config.metrics.bind_addr()).await?;
     let first =
         |list: &[TcpListener]| loopback_advertised(list.first().and_then(|l| l.local_addr().ok()));
     let node = CometNode {
@@ -67,7 +70,8 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
         .context("queue consumer")?;
     let job = rim_job::Job::new(&config.job);
     job.set_comets(vec![(node.id.clone(), comet_api)]);
-    // Every role's metrics, served on the API listener at /metrics.
+    // Every role's metrics, served on the API listener at /metrics (and on
+    // metrics.bind when set).
     let mut registry = super::metrics_registry("standalone");
     comet.register_metrics(&mut registry);
     logic.register_metrics(&mut registry);
@@ -77,6 +81,11 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let consuming = tokio::spawn(rim_job::consume(job, consumer, stop.clone()));
     let refresher = Arc::clone(&comets).refresh_every(super::logic::LOAD_REFRESH, stop.clone());
     let api = rim_api::Api::new(&config.api, Arc::clone(&logic), Arc::new(producer));
+    api.register_metrics(&mut registry);
+    let registry = Arc::new(registry);
+    // The same exposition on a listener of its own, when `metrics.bind` is set.
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+    let metrics = metrics.map(|listener| MetricsServer::spawn(listener, Arc::clone(&registry)));
     let serving = super::logic::spawn_http(api, registry, http, stop.clone());
 
     println!(
@@ -94,6 +103,12 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     }
     println!("  push API:            http://{http_addr}/goim/push/...");
     println!("  metrics:             http://{http_addr}/metrics");
+    if let Some(addr) = metrics_addr {
+        println!(
+            "  metrics, own port:   http://{}/metrics",
+            loopback_advertised(Some(addr))
+        );
+    }
     println!(
         "  try:  curl -X POST 'http://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
     );
@@ -107,6 +122,9 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     }
     if let Ok(Err(err)) = serving.await {
         tracing::warn!(reason = %err, "http api ended with an error");
+    }
+    if let Some(metrics) = metrics {
+        metrics.stop().await;
     }
     result.context("comet")
 }
