@@ -183,16 +183,13 @@ struct Stats {
     latency: Recorder,
     /// Push frames per client since the reset, one counter per client of
     /// the current `connect` (cleared on `close`).
-    per_client: std::sync::Mutex<Vec<Arc<AtomicU64>>>,
+    per_client: parking_lot::Mutex<Vec<Arc<AtomicU64>>>,
 }
 
 impl Stats {
     /// (fewest, most) push frames one client received since the reset.
     fn per_client_range(&self) -> (u64, u64) {
-        let counters = self
-            .per_client
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let counters = self.per_client.lock();
         let counts = counters.iter().map(|c| c.load(Ordering::Relaxed));
         let min = counts.clone().min().unwrap_or(0);
         (min, counts.max().unwrap_or(0))
@@ -233,7 +230,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connecting: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         latency: Recorder::new(SHARDS),
-        per_client: std::sync::Mutex::new(Vec::new()),
+        per_client: parking_lot::Mutex::new(Vec::new()),
     });
     let deadline = Instant::now() + Duration::from_secs(args.max_secs);
     let ticker = tokio::spawn(tick(Arc::clone(&stats), deadline));
@@ -263,12 +260,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     c.store(0, Ordering::Relaxed);
                 }
                 stats.latency.reset();
-                for c in stats
-                    .per_client
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .iter()
-                {
+                for c in stats.per_client.lock().iter() {
                     c.store(0, Ordering::Relaxed);
                 }
                 println!("reset");
@@ -296,11 +288,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 clients.abort_all();
                 while clients.join_next().await.is_some() {}
                 stats.connected.store(0, Ordering::Relaxed);
-                stats
-                    .per_client
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clear();
+                stats.per_client.lock().clear();
                 stats.failed.store(0, Ordering::Relaxed);
                 stop_tx = watch::channel(false).0;
                 println!("closed");
@@ -386,11 +374,7 @@ async fn connect(
                 hist.saturating_record(took.as_micros().max(1) as u64);
                 stats.connected.fetch_add(1, Ordering::Relaxed);
                 let mine = Arc::new(AtomicU64::new(0));
-                stats
-                    .per_client
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(Arc::clone(&mine));
+                stats.per_client.lock().push(Arc::clone(&mine));
                 clients.spawn(hold(
                     conn,
                     mine,

@@ -208,7 +208,7 @@ async fn measure(
     }
     let connect_before = Snapshot::take(&watched);
     let t0 = Instant::now();
-    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let samples = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
     // Sampled once a second while connecting and idling.
     let sampler = {
         let samples = std::sync::Arc::clone(&samples);
@@ -223,10 +223,7 @@ async fn measure(
                     connected: ticks(),
                     comet_rss_total: pids.iter().filter_map(|p| procstat::rss_bytes(*p)).sum(),
                 };
-                samples
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(sample);
+                samples.lock().push(sample);
             }
         })
     };
@@ -318,11 +315,7 @@ async fn measure(
     let total_conns: u64 = comets.iter().map(|c| c.connections).sum();
     let mut hist = latency::histogram();
     latency::add_pairs(&mut hist, &connected.hist);
-    let samples = std::mem::take(
-        &mut *samples
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
+    let samples = std::mem::take(&mut *samples.lock());
     Ok(Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         started_unix_secs,
@@ -348,14 +341,7 @@ async fn measure(
 /// A closure reading the fleet's connected total (shares its tick table).
 fn fleet_totals_handle(fleet: &Fleet) -> impl Fn() -> u64 + Send + 'static {
     let ticks = fleet.ticks_handle();
-    move || {
-        ticks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|t| t.connected)
-            .sum()
-    }
+    move || ticks.lock().iter().map(|t| t.connected).sum()
 }
 
 fn plot(r: &Report) -> String {

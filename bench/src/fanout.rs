@@ -494,12 +494,7 @@ async fn step(
                 _ = sampler_stop_rx.changed() => break,
             }
             let now = started.elapsed().as_secs_f64();
-            let delivered: u64 = ticks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .iter()
-                .map(|t| t.deliveries)
-                .sum();
+            let delivered: u64 = ticks.lock().iter().map(|t| t.deliveries).sum();
             let per_sec = delivered.saturating_sub(last.1) as f64 / (now - last.0).max(1e-3);
             series.push((now, per_sec));
             if printed.elapsed() >= Duration::from_secs(1) {

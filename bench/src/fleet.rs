@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -133,9 +135,7 @@ impl Fleet {
                     if let Some(rest) = line.strip_prefix("tick ") {
                         let words: Vec<&str> = rest.split_whitespace().collect();
                         if let Some(tick) = parse_tick(&words) {
-                            ticks
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)[i] = tick;
+                            ticks.lock()[i] = tick;
                         }
                     } else if let Some(answer) = parse_answer(&line) {
                         let _ = answers_tx.send((i, answer));
@@ -165,10 +165,7 @@ impl Fleet {
 
     /// Sum of the children's latest counters.
     pub fn totals(&self) -> Tick {
-        let ticks = self
-            .ticks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ticks = self.ticks.lock();
         ticks.iter().fold(Tick::default(), |a, t| Tick {
             deliveries: a.deliveries + t.deliveries,
             connected: a.connected + t.connected,

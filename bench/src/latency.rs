@@ -1,7 +1,7 @@
 //! Latency histograms in microseconds, sharded so that many client tasks can
 //! record at once without contending on one lock.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -48,9 +48,7 @@ impl Recorder {
     /// go into the totals.
     pub fn record(&self, who: usize, micros: u64, measured: bool) {
         let micros = micros.max(1);
-        let mut shard = self.shards[who % self.shards.len()]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut shard = self.shards[who % self.shards.len()].lock();
         shard.interval.saturating_record(micros);
         if measured {
             shard.total.saturating_record(micros);
@@ -61,9 +59,7 @@ impl Recorder {
     pub fn take_interval(&self) -> Histogram<u64> {
         let mut merged = histogram();
         for shard in &self.shards {
-            let mut shard = shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut shard = shard.lock();
             // Same bounds on both sides: adding cannot fail.
             let _ = merged.add(&shard.interval);
             shard.interval.reset();
@@ -74,9 +70,7 @@ impl Recorder {
     /// Forgets every sample.
     pub fn reset(&self) {
         for shard in &self.shards {
-            let mut shard = shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut shard = shard.lock();
             shard.total.reset();
             shard.interval.reset();
         }
@@ -86,9 +80,7 @@ impl Recorder {
     pub fn total(&self) -> Histogram<u64> {
         let mut merged = histogram();
         for shard in &self.shards {
-            let shard = shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let shard = shard.lock();
             let _ = merged.add(&shard.total);
         }
         merged

@@ -179,10 +179,10 @@ struct Shared {
     /// Send → receipt.
     latency: Recorder,
     /// HTTP request → answer, measured pushes.
-    http: std::sync::Mutex<Histogram<u64>>,
+    http: parking_lot::Mutex<Histogram<u64>>,
     /// One entry per progress line: (seconds since the pushes started,
     /// accepted pushes/s, deliveries/s, p50 ms, p99 ms).
-    series: std::sync::Mutex<Vec<SecondSample>>,
+    series: parking_lot::Mutex<Vec<SecondSample>>,
 }
 
 impl Shared {
@@ -320,8 +320,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         negative: AtomicU64::new(0),
         lost_clients: AtomicU64::new(0),
         latency: Recorder::new(SHARDS),
-        http: std::sync::Mutex::new(latency::histogram()),
-        series: std::sync::Mutex::new(Vec::new()),
+        http: parking_lot::Mutex::new(latency::histogram()),
+        series: parking_lot::Mutex::new(Vec::new()),
     });
 
     // ---- clients
@@ -462,11 +462,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // ---- report
     let deliveries = shared.measured_deliveries.load(Ordering::Relaxed);
     let lost_clients = shared.lost_clients.load(Ordering::Relaxed);
-    let http_hist = shared
-        .http
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let http_hist = shared.http.lock().clone();
     let (missing, extra) = (
         expected.saturating_sub(deliveries),
         deliveries.saturating_sub(expected),
@@ -509,11 +505,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         latency_us: Percentiles::of(&shared.latency.total()),
         http_us: Percentiles::of(&http_hist),
         cpu,
-        series: shared
-            .series
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone(),
+        series: shared.series.lock().clone(),
         cdf: latency::cdf_points(&shared.latency.total(), 300),
         args,
     };
@@ -686,11 +678,7 @@ async fn push_once(http: &reqwest::Client, url: &str, seq: u64, unicast: bool, s
     }
     if measured {
         let micros = answered.as_micros() as u64;
-        shared
-            .http
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .saturating_record(micros.max(1));
+        shared.http.lock().saturating_record(micros.max(1));
     }
 }
 
@@ -733,17 +721,13 @@ async fn progress(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, deadline
             human(window.p99),
             human(window.max),
         );
-        shared
-            .series
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((
-                (now - started).as_secs_f64(),
-                rate(accepted, last.1),
-                rate(delivered, last.2),
-                window.p50 as f64 / 1e3,
-                window.p99 as f64 / 1e3,
-            ));
+        shared.series.lock().push((
+            (now - started).as_secs_f64(),
+            rate(accepted, last.1),
+            rate(delivered, last.2),
+            window.p50 as f64 / 1e3,
+            window.p99 as f64 / 1e3,
+        ));
         last = (sent, accepted, delivered, now);
     }
 }

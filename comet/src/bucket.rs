@@ -5,9 +5,11 @@
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::session::{Session, lock};
+use parking_lot::Mutex;
+
+use crate::session::Session;
 
 /// One shard of sessions and their rooms.
 #[derive(Debug, Default)]
@@ -91,7 +93,7 @@ impl Bucket {
         session: &Arc<Session>,
         room: Option<Box<str>>,
     ) -> Option<Arc<Session>> {
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock();
         let replaced = inner
             .sessions
             .replace(ByKey(Arc::clone(session)))
@@ -108,7 +110,7 @@ impl Bucket {
     /// Removes a session unless a newer one took its key; returns whether it
     /// was still the current session for its key.
     pub(crate) fn remove(&self, session: &Session) -> bool {
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock();
         if !inner.is_current(session) {
             return false;
         }
@@ -120,7 +122,7 @@ impl Bucket {
     /// Moves a session to another room (`None` = leave); false when the
     /// session is no longer current.
     pub(crate) fn change_room(&self, session: &Arc<Session>, room: Option<Box<str>>) -> bool {
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock();
         if !inner.is_current(session) {
             return false;
         }
@@ -133,7 +135,8 @@ impl Bucket {
 
     /// Returns the session connected with `key`.
     pub(crate) fn get(&self, key: &str) -> Option<Arc<Session>> {
-        lock(&self.inner)
+        self.inner
+            .lock()
             .sessions
             .get(key)
             .map(|found| Arc::clone(&found.0))
@@ -142,7 +145,7 @@ impl Bucket {
     /// Calls `f` for every member of `room` in this bucket, under the lock:
     /// `f` must not block.
     pub(crate) fn for_each_member(&self, room: &str, mut f: impl FnMut(&Session)) {
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock();
         if let Some(members) = inner.rooms.get(room) {
             members.values().for_each(|s| f(s));
         }
@@ -150,12 +153,12 @@ impl Bucket {
 
     /// Returns how many members `room` has in this bucket.
     pub(crate) fn room_len(&self, room: &str) -> usize {
-        lock(&self.inner).rooms.get(room).map_or(0, HashMap::len)
+        self.inner.lock().rooms.get(room).map_or(0, HashMap::len)
     }
 
     /// Adds this bucket's member count of every room to `counts`.
     pub(crate) fn add_room_counts(&self, counts: &mut HashMap<String, u64>) {
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock();
         for (room, members) in &inner.rooms {
             *counts.entry(room.to_string()).or_default() += members.len() as u64;
         }
@@ -164,7 +167,8 @@ impl Bucket {
     /// Returns the sessions, so that long work (paced broadcast, drain) runs
     /// without the lock.
     pub(crate) fn sessions(&self) -> Vec<Arc<Session>> {
-        lock(&self.inner)
+        self.inner
+            .lock()
             .sessions
             .iter()
             .map(|found| Arc::clone(&found.0))

@@ -3,8 +3,10 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -18,7 +20,7 @@ use rim_proto::{BatchBuilder, Frame};
 use tracing::Instrument;
 
 use crate::bucket::Bucket;
-use crate::session::{Queued, Session, lock};
+use crate::session::{Queued, Session};
 use crate::stats::{self, Rpc, Stats, Wire};
 
 /// The comet: sessions in buckets, limits, counters and the logic it reports to.
@@ -63,7 +65,7 @@ pub(crate) struct ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.inner.connections.fetch_sub(1, Ordering::AcqRel);
-        let mut per_ip = lock(&self.inner.per_ip);
+        let mut per_ip = self.inner.per_ip.lock();
         if let Some(count) = per_ip.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {
@@ -160,7 +162,7 @@ impl Inner {
         if self.draining.load(Ordering::Acquire) {
             return None;
         }
-        let mut per_ip = lock(&self.per_ip);
+        let mut per_ip = self.per_ip.lock();
         let count = per_ip.entry(ip).or_insert(0);
         if *count as usize >= self.config.max_connections_per_ip {
             if *count == 0 {
@@ -186,12 +188,7 @@ impl Inner {
     /// cluster-wide when logic reported it, else this comet's own.
     pub(crate) fn room_online(&self, room: Option<&str>) -> i32 {
         let Some(room) = room else { return 0 };
-        if let Some(&count) = self
-            .online
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(room)
-        {
+        if let Some(&count) = self.online.read().get(room) {
             return count;
         }
         let local: usize = self.buckets.iter().map(|b| b.room_len(room)).sum();
@@ -209,10 +206,7 @@ impl Inner {
 
     /// Replaces the cluster-wide room counts.
     pub(crate) fn set_online(&self, counts: HashMap<String, i32>) {
-        *self
-            .online
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = counts;
+        *self.online.write() = counts;
     }
 
     /// Counts one push RPC: its recipients, drops and slow-consumer closes.

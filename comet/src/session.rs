@@ -3,8 +3,10 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -130,12 +132,12 @@ impl Session {
 
     /// Returns whether pushes with this op reach the connection.
     pub(crate) fn accepts(&self, op: i32) -> bool {
-        lock(&self.accepts).binary_search(&op).is_ok()
+        self.accepts.lock().binary_search(&op).is_ok()
     }
 
     /// Adds ops to the accepted set; false when the set would exceed its limit.
     pub(crate) fn watch(&self, ops: &[i32]) -> bool {
-        let mut accepts = lock(&self.accepts);
+        let mut accepts = self.accepts.lock();
         for &op in ops {
             if let Err(at) = accepts.binary_search(&op) {
                 if accepts.len() >= MAX_ACCEPTS {
@@ -149,17 +151,17 @@ impl Session {
 
     /// Removes ops from the accepted set.
     pub(crate) fn unwatch(&self, ops: &[i32]) {
-        lock(&self.accepts).retain(|op| !ops.contains(op));
+        self.accepts.lock().retain(|op| !ops.contains(op));
     }
 
     /// Returns the room the connection is in.
     pub(crate) fn room(&self) -> Option<Arc<str>> {
-        lock(&self.room).clone()
+        self.room.lock().clone()
     }
 
     /// Records the room; only the bucket calls this, under its own lock.
     pub(crate) fn set_room(&self, room: Option<Arc<str>>) {
-        *lock(&self.room) = room;
+        *self.room.lock() = room;
     }
 
     /// Queues an encoded frame without waiting. `now_ms` and `slow_ms` decide
@@ -169,7 +171,7 @@ impl Session {
             return Queued::Dropped;
         }
         {
-            let mut queue = lock(&self.outbox.queue);
+            let mut queue = self.outbox.queue.lock();
             if queue.len() < self.outbox.capacity {
                 queue.push_back(frame.clone());
                 drop(queue);
@@ -200,7 +202,7 @@ impl Session {
 
     /// Takes every queued frame, leaving the queue empty and unallocated.
     pub(crate) fn take_queued(&self) -> VecDeque<Bytes> {
-        let taken = std::mem::take(&mut *lock(&self.outbox.queue));
+        let taken = std::mem::take(&mut *self.outbox.queue.lock());
         self.outbox.full_since_ms.store(0, Ordering::Release);
         taken
     }
@@ -228,14 +230,6 @@ impl Session {
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         CloseReason::from_u8(self.outbox.close.load(Ordering::Acquire))
     }
-}
-
-/// Locks a mutex, recovering the data if a panicking thread poisoned it:
-/// every critical section here leaves the data consistent at each step.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
