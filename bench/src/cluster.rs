@@ -1,7 +1,8 @@
 //! Starts the rim processes a benchmark measures: one `rim logic` (auth
 //! policy `none`, in-memory router and queue, static discovery) and K
 //! `rim comet` processes, each its own process with its own ports on
-//! 127.0.0.1, and stops them (by their own handles) at the end.
+//! 127.0.0.1 — or one `rim standalone` holding both — and stops them (by
+//! their own handles) at the end.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ use tokio::time::Instant;
 
 /// One started comet.
 pub struct CometProc {
-    child: Child,
+    /// `None` when the comet runs inside the standalone process.
+    child: Option<Child>,
     /// Process id.
     pub pid: u32,
     /// Raw TCP client address.
@@ -159,7 +161,7 @@ impl Cluster {
                 .with_context(|| format!("starting {} comet", rim.display()))?;
             let pid = child.id().context("comet pid")?;
             cluster.comets.push(CometProc {
-                child,
+                child: Some(child),
                 pid,
                 tcp: addr(tcp),
                 ws: addr(ws),
@@ -167,17 +169,65 @@ impl Cluster {
             });
         }
         for comet in &mut cluster.comets {
-            wait_listening(&mut comet.child, comet.tcp, Duration::from_secs(30)).await?;
-            wait_listening(&mut comet.child, comet.grpc, Duration::from_secs(30)).await?;
+            if let Some(child) = &mut comet.child {
+                wait_listening(child, comet.tcp, Duration::from_secs(30)).await?;
+                wait_listening(child, comet.grpc, Duration::from_secs(30)).await?;
+            }
         }
         Ok(cluster)
+    }
+
+    /// Starts one `rim standalone` (every role in one process, its defaults:
+    /// in-memory router and queue, auth policy `none`) with its comet on the
+    /// ports of comet 0 of [`comet_ports`] and its HTTP API on `base + 1`.
+    /// The cluster's logic and its one comet are that process.
+    pub async fn standalone(rim: &Path, base: u16, log_dir: &Path) -> anyhow::Result<Cluster> {
+        let (tcp, ws, grpc) = comet_ports(base, 0);
+        for port in [base + 1, tcp, ws, grpc] {
+            if std::net::TcpListener::bind(addr(port)).is_err() {
+                bail!("port {port} on 127.0.0.1 is taken: choose another --port-base");
+            }
+        }
+        std::fs::create_dir_all(log_dir)
+            .with_context(|| format!("creating {}", log_dir.display()))?;
+        let mut child = Command::new(rim)
+            .arg("standalone")
+            .env("RIM_NODE__ID", "bench-standalone")
+            .env("RIM_COMET__TCP_BIND", addr(tcp).to_string())
+            .env("RIM_COMET__WS_BIND", addr(ws).to_string())
+            .env("RIM_COMET__GRPC_BIND", addr(grpc).to_string())
+            .env("RIM_COMET__MAX_CONNECTIONS_PER_IP", "1000000")
+            .env("RIM_API__HTTP_BIND", addr(base + 1).to_string())
+            .stdin(Stdio::null())
+            .stdout(log_file(log_dir, "standalone.log")?)
+            .stderr(log_file(log_dir, "standalone.err")?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} standalone", rim.display()))?;
+        let pid = child.id().context("standalone pid")?;
+        for port in [tcp, grpc] {
+            wait_listening(&mut child, addr(port), Duration::from_secs(30)).await?;
+        }
+        Ok(Cluster {
+            logic: child,
+            logic_pid: pid,
+            comets: vec![CometProc {
+                child: None,
+                pid,
+                tcp: addr(tcp),
+                ws: addr(ws),
+                grpc: addr(grpc),
+            }],
+        })
     }
 
     /// Stops every process of the cluster (SIGKILL through each child's own
     /// handle) and waits for them.
     pub async fn stop(mut self) {
         for comet in &mut self.comets {
-            let _ = comet.child.kill().await;
+            if let Some(child) = &mut comet.child {
+                let _ = child.kill().await;
+            }
         }
         let _ = self.logic.kill().await;
     }

@@ -1,6 +1,7 @@
 //! `rim-bench connections`: how many idle connections rim holds and what
 //! each costs. Starts one `rim logic` and K `rim comet` processes (each its
-//! own process with its own ports), then P load-generator processes (at most
+//! own process with its own ports) — or, with `--standalone`, one
+//! `rim standalone` whose whole RSS is measured — then P load-generator processes (at most
 //! `--per-process` clients each, from their own 127.x source addresses)
 //! that connect, authenticate, join rooms and heartbeat. Reports per comet
 //! the user-space RSS per connection (VmRSS after − before, divided by the
@@ -32,6 +33,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=200))]
     pub comets: u16,
+    /// Measure one `rim standalone` (every role in one process: its RSS per
+    /// connection includes the in-memory router's entry) instead of a logic
+    /// and `--comets` comet processes.
+    #[arg(long, conflicts_with = "comets")]
+    pub standalone: bool,
     /// Clients in all (host total).
     #[arg(long, default_value_t = 15_000,
           value_parser = clap::value_parser!(u64).range(1..=2_000_000))]
@@ -127,19 +133,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .log_dir
         .clone()
         .unwrap_or_else(cluster::default_log_dir);
-    eprintln!(
-        "starting a logic and {} comet(s), logs in {}",
-        args.comets,
-        log_dir.display()
-    );
-    let cluster = Cluster::start(
-        &args.processes.rim,
-        args.comets,
-        args.port_base,
-        &log_dir,
-        &[],
-    )
-    .await?;
+    let cluster = if args.standalone {
+        eprintln!("starting rim standalone, logs in {}", log_dir.display());
+        Cluster::standalone(&args.processes.rim, args.port_base, &log_dir).await?
+    } else {
+        eprintln!(
+            "starting a logic and {} comet(s), logs in {}",
+            args.comets,
+            log_dir.display()
+        );
+        Cluster::start(
+            &args.processes.rim,
+            args.comets,
+            args.port_base,
+            &log_dir,
+            &[],
+        )
+        .await?
+    };
     let result = measure(&args, &cluster, started_unix_secs, load_average_start).await;
     cluster.stop().await;
     let report = result?;
@@ -196,10 +207,13 @@ async fn measure(
             pid: c.pid,
         })
         .collect();
-    watched.push(Watched {
-        name: "logic".into(),
-        pid: cluster.logic_pid,
-    });
+    // Standalone's logic is its comet's process, already watched.
+    if cluster.comets.iter().all(|c| c.pid != cluster.logic_pid) {
+        watched.push(Watched {
+            name: "logic".into(),
+            pid: cluster.logic_pid,
+        });
+    }
     for (i, pid) in fleet.pids().into_iter().enumerate() {
         watched.push(Watched {
             name: format!("client-proc-{i}"),
