@@ -13,7 +13,7 @@ use bytes::Bytes;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rim_proto::api::{ApiResult, CometApi, CometGrpc};
+use rim_proto::api::{CometApi, CometGrpc, RpcResult};
 use rim_proto::pb::comet::v1 as pb;
 use rim_queue::{KafkaProducer, Producer, PushMsg, PushType};
 use support::{Proc, service};
@@ -26,7 +26,7 @@ struct RecordingComet {
 
 #[async_trait]
 impl CometApi for RecordingComet {
-    async fn push_msg(&self, req: pb::PushMsgRequest) -> ApiResult<pb::Delivery> {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let body = String::from_utf8_lossy(&req.proto.unwrap_or_default().body).into_owned();
         self.pushes.lock().unwrap().push((req.keys.join(","), body));
@@ -35,19 +35,19 @@ impl CometApi for RecordingComet {
             ..pb::Delivery::default()
         })
     }
-    async fn broadcast(&self, _req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+    async fn broadcast(&self, _req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
         Ok(pb::Delivery::default())
     }
-    async fn broadcast_room(&self, _req: pb::BroadcastRoomRequest) -> ApiResult<pb::Delivery> {
+    async fn broadcast_room(&self, _req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
         Ok(pb::Delivery::default())
     }
-    async fn rooms(&self) -> ApiResult<Vec<String>> {
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
         Ok(vec![])
     }
-    async fn kick(&self, _keys: Vec<String>) -> ApiResult<u64> {
+    async fn kick(&self, _keys: Vec<String>) -> RpcResult<u64> {
         Ok(0)
     }
-    async fn stats(&self) -> ApiResult<pb::StatsReply> {
+    async fn stats(&self) -> RpcResult<pb::StatsReply> {
         Ok(pb::StatsReply::default())
     }
 }

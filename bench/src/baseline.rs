@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use rim_proto::api::{ApiError, ApiResult, CometApi, CometGrpc};
+use rim_proto::api::{CometApi, CometGrpc, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::{Frame, FrameCodec, Op};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,29 +55,29 @@ struct Baseline {
 
 #[async_trait]
 impl CometApi for Baseline {
-    async fn push_msg(&self, _req: pb::PushMsgRequest) -> ApiResult<pb::Delivery> {
-        Err(ApiError::InvalidArgument(
+    async fn push_msg(&self, _req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
+        Err(RpcError::InvalidArgument(
             "the baseline serves BroadcastRoom only".into(),
         ))
     }
 
-    async fn broadcast(&self, _req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
-        Err(ApiError::InvalidArgument(
+    async fn broadcast(&self, _req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
+        Err(RpcError::InvalidArgument(
             "the baseline serves BroadcastRoom only".into(),
         ))
     }
 
-    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> ApiResult<pb::Delivery> {
+    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
         let proto = req
             .proto
-            .ok_or_else(|| ApiError::InvalidArgument("proto is missing".into()))?;
-        let frame = Frame::try_from(proto).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            .ok_or_else(|| RpcError::InvalidArgument("proto is missing".into()))?;
+        let frame = Frame::try_from(proto).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
         let bytes = if frame.is_batch() {
             frame.body
         } else {
             frame
                 .to_bytes()
-                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?
+                .map_err(|e| RpcError::InvalidArgument(e.to_string()))?
         };
         // No receiver = no member: nothing delivered.
         let delivered = self.tx.send(bytes).unwrap_or(0) as u64;
@@ -87,15 +87,15 @@ impl CometApi for Baseline {
         })
     }
 
-    async fn rooms(&self) -> ApiResult<Vec<String>> {
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
         Ok(vec!["live://bench-0".into()])
     }
 
-    async fn kick(&self, _keys: Vec<String>) -> ApiResult<u64> {
+    async fn kick(&self, _keys: Vec<String>) -> RpcResult<u64> {
         Ok(0)
     }
 
-    async fn stats(&self) -> ApiResult<pb::StatsReply> {
+    async fn stats(&self) -> RpcResult<pb::StatsReply> {
         Ok(pb::StatsReply {
             server_id: "baseline".into(),
             tcp_connections: self.members.load(Ordering::Relaxed),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rim_config::{CometConfig, NodeConfig};
-use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
+use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::pb::frame::v1::Proto;
 use rim_proto::{BatchBuilder, Frame};
@@ -239,7 +239,7 @@ impl Inner {
 
 impl Comet {
     /// Broadcasts to every session, one bucket at a time at `req.speed`.
-    async fn paced_broadcast(&self, req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+    async fn paced_broadcast(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
         let started = Instant::now();
         let frame = encode(req.proto)?;
         let inner = &self.inner;
@@ -271,26 +271,26 @@ impl Comet {
 /// goim's job wraps every push: a WebSocket client receives every push as
 /// one op-9 message, while a TCP client receives the inner frame alone (the
 /// TCP transport writes a batch's inner frames), exactly as before.
-fn encode(proto: Option<Proto>) -> ApiResult<Bytes> {
-    let proto = proto.ok_or_else(|| ApiError::InvalidArgument("proto is missing".into()))?;
-    let frame = Frame::try_from(proto).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+fn encode(proto: Option<Proto>) -> RpcResult<Bytes> {
+    let proto = proto.ok_or_else(|| RpcError::InvalidArgument("proto is missing".into()))?;
+    let frame = Frame::try_from(proto).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
     let batch = if frame.is_batch() {
         frame
     } else {
         let mut batch = BatchBuilder::with_capacity(frame.encoded_len());
         batch
             .push(&frame)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
         batch.finish()
     };
     batch
         .to_bytes()
-        .map_err(|e| ApiError::InvalidArgument(e.to_string()))
+        .map_err(|e| RpcError::InvalidArgument(e.to_string()))
 }
 
 #[async_trait]
 impl CometApi for Comet {
-    async fn push_msg(&self, req: pb::PushMsgRequest) -> ApiResult<pb::Delivery> {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
         let started = Instant::now();
         let span = tracing::debug_span!(
             "push_rpc",
@@ -313,7 +313,7 @@ impl CometApi for Comet {
         Ok(tally.delivery)
     }
 
-    async fn broadcast(&self, req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+    async fn broadcast(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
         let span = tracing::debug_span!(
             "push_rpc",
             rpc = "broadcast",
@@ -323,13 +323,13 @@ impl CometApi for Comet {
         self.paced_broadcast(req).instrument(span).await
     }
 
-    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> ApiResult<pb::Delivery> {
+    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
         let started = Instant::now();
         let op = req.proto.as_ref().map_or(0, |p| p.op);
         let span = tracing::debug_span!("push_rpc", rpc = "room", op, room = %req.room_id);
         let _entered = span.enter();
         if req.room_id.is_empty() {
-            return Err(ApiError::InvalidArgument("room_id is empty".into()));
+            return Err(RpcError::InvalidArgument("room_id is empty".into()));
         }
         let frame = encode(req.proto)?;
         let inner = &self.inner;
@@ -344,13 +344,13 @@ impl CometApi for Comet {
         Ok(tally.delivery)
     }
 
-    async fn rooms(&self) -> ApiResult<Vec<String>> {
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
         let mut rooms: Vec<String> = self.inner.room_counts().into_keys().collect();
         rooms.sort_unstable();
         Ok(rooms)
     }
 
-    async fn kick(&self, keys: Vec<String>) -> ApiResult<u64> {
+    async fn kick(&self, keys: Vec<String>) -> RpcResult<u64> {
         let mut kicked = 0;
         for key in &keys {
             if let Some(session) = self.inner.bucket(key).get(key) {
@@ -361,7 +361,7 @@ impl CometApi for Comet {
         Ok(kicked)
     }
 
-    async fn stats(&self) -> ApiResult<pb::StatsReply> {
+    async fn stats(&self) -> RpcResult<pb::StatsReply> {
         let inner = &self.inner;
         let s = &inner.stats;
         let mut ips = HashSet::new();

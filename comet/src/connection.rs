@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rim_proto::api::ApiError;
+use rim_proto::api::RpcError;
 use rim_proto::pb::logic::v1 as logic;
 use rim_proto::{Frame, Op};
 use tokio::time::Instant;
@@ -116,7 +116,7 @@ async fn admit<T: Transport>(
             stats::incr(&inner.stats.auth_failed);
             return None;
         }
-        Ok(Err(err @ ApiError::Unauthenticated(_))) => {
+        Ok(Err(err @ RpcError::Unauthenticated(_))) => {
             tracing::info!(reason = %err, "auth refused; closing");
             stats::incr(&inner.stats.auth_refused);
             return None;

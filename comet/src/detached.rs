@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use rim_proto::api::{ApiError, ApiResult, LogicApi};
+use rim_proto::api::{LogicApi, RpcError, RpcResult};
 use rim_proto::pb::logic::v1 as logic;
 
 use crate::Comet;
@@ -23,26 +23,26 @@ pub struct NoLogic;
 
 #[async_trait]
 impl LogicApi for NoLogic {
-    async fn connect(&self, _: logic::ConnectRequest) -> ApiResult<logic::ConnectReply> {
-        Err(ApiError::Unavailable("no logic behind this comet".into()))
+    async fn connect(&self, _: logic::ConnectRequest) -> RpcResult<logic::ConnectReply> {
+        Err(RpcError::Unavailable("no logic behind this comet".into()))
     }
-    async fn disconnect(&self, _: logic::DisconnectRequest) -> ApiResult<bool> {
+    async fn disconnect(&self, _: logic::DisconnectRequest) -> RpcResult<bool> {
         Ok(false)
     }
-    async fn heartbeat(&self, _: logic::HeartbeatRequest) -> ApiResult<()> {
+    async fn heartbeat(&self, _: logic::HeartbeatRequest) -> RpcResult<()> {
         Ok(())
     }
     async fn renew_online(
         &self,
         _: logic::RenewOnlineRequest,
-    ) -> ApiResult<logic::RenewOnlineReply> {
+    ) -> RpcResult<logic::RenewOnlineReply> {
         Ok(logic::RenewOnlineReply::default())
     }
-    async fn receive(&self, _: logic::ReceiveRequest) -> ApiResult<()> {
+    async fn receive(&self, _: logic::ReceiveRequest) -> RpcResult<()> {
         Ok(())
     }
-    async fn nodes(&self, _: logic::NodesRequest) -> ApiResult<logic::NodesReply> {
-        Err(ApiError::Unavailable("no logic behind this comet".into()))
+    async fn nodes(&self, _: logic::NodesRequest) -> RpcResult<logic::NodesReply> {
+        Err(RpcError::Unavailable("no logic behind this comet".into()))
     }
 }
 

@@ -349,7 +349,7 @@ async fn the_grpc_service_pushes_kicks_and_reports() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, rim_proto::api::ApiError::InvalidArgument(_)),
+        matches!(err, rim_proto::api::RpcError::InvalidArgument(_)),
         "{err}"
     );
     comet.stop().await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rim_proto::api::{ApiError, CometApi};
+use rim_proto::api::{CometApi, RpcError};
 use rim_proto::pb::comet::v1 as pb;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -105,7 +105,7 @@ impl Call {
     }
 }
 
-async fn attempt(comet: &Comet, call: &Call) -> Result<(), ApiError> {
+async fn attempt(comet: &Comet, call: &Call) -> Result<(), RpcError> {
     let api = comet.api.as_ref();
     let started = Instant::now();
     let result = match call {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rim_config::JobConfig;
 use rim_job::{Job, Outcome};
-use rim_proto::api::{ApiError, ApiResult, CometApi};
+use rim_proto::api::{CometApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::{Frame, Op};
 use rim_queue::{Consumer, Producer, PushMsg, PushType};
@@ -26,10 +26,10 @@ impl FakeComet {
         self.calls.lock().unwrap().clone()
     }
 
-    fn record(&self, call: String) -> ApiResult<pb::Delivery> {
+    fn record(&self, call: String) -> RpcResult<pb::Delivery> {
         if self.fail_first.load(Ordering::SeqCst) > 0 {
             self.fail_first.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::Unavailable("scripted failure".into()));
+            return Err(RpcError::Unavailable("scripted failure".into()));
         }
         self.calls.lock().unwrap().push(call);
         Ok(pb::Delivery {
@@ -53,7 +53,7 @@ fn bodies(proto: &rim_proto::pb::frame::v1::Proto) -> Vec<String> {
 
 #[async_trait]
 impl CometApi for FakeComet {
-    async fn push_msg(&self, req: pb::PushMsgRequest) -> ApiResult<pb::Delivery> {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
         let proto = req.proto.unwrap();
         self.record(format!(
             "push {} op={} {}",
@@ -62,7 +62,7 @@ impl CometApi for FakeComet {
             bodies(&proto).join("|")
         ))
     }
-    async fn broadcast(&self, req: pb::BroadcastRequest) -> ApiResult<pb::Delivery> {
+    async fn broadcast(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
         let proto = req.proto.unwrap();
         self.record(format!(
             "all op={} speed={} {}",
@@ -71,7 +71,7 @@ impl CometApi for FakeComet {
             bodies(&proto).join("|")
         ))
     }
-    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> ApiResult<pb::Delivery> {
+    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
         let proto = req.proto.unwrap();
         let batch = if proto.op == Op::RAW.0 {
             "batch"
@@ -84,13 +84,13 @@ impl CometApi for FakeComet {
             bodies(&proto).join("|")
         ))
     }
-    async fn rooms(&self) -> ApiResult<Vec<String>> {
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
         Ok(vec![])
     }
-    async fn kick(&self, _keys: Vec<String>) -> ApiResult<u64> {
+    async fn kick(&self, _keys: Vec<String>) -> RpcResult<u64> {
         Ok(0)
     }
-    async fn stats(&self) -> ApiResult<pb::StatsReply> {
+    async fn stats(&self) -> RpcResult<pb::StatsReply> {
         Ok(pb::StatsReply::default())
     }
 }

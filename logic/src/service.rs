@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine;
 use rim_config::LogicConfig;
-use rim_proto::api::{ApiError, ApiResult, LogicApi};
+use rim_proto::api::{LogicApi, RpcError, RpcResult};
 use rim_proto::pb::logic::v1 as pb;
 use rim_router::Router;
 
@@ -52,13 +52,13 @@ struct Upstream<'a> {
     body: String,
 }
 
-fn router_error(err: rim_router::Error) -> ApiError {
-    ApiError::Unavailable(format!("router: {err}"))
+fn router_error(err: rim_router::Error) -> RpcError {
+    RpcError::Unavailable(format!("router: {err}"))
 }
 
 impl Logic {
     /// Counts a failed router call and maps it to "unavailable".
-    fn router_failed(&self, op: &'static str) -> impl FnOnce(rim_router::Error) -> ApiError + '_ {
+    fn router_failed(&self, op: &'static str) -> impl FnOnce(rim_router::Error) -> RpcError + '_ {
         move |err| {
             self.metrics.router_error(op);
             router_error(err)
@@ -115,16 +115,16 @@ impl Logic {
     }
 }
 
-fn require(field: &str, value: &str) -> ApiResult<()> {
+fn require(field: &str, value: &str) -> RpcResult<()> {
     if value.is_empty() {
-        return Err(ApiError::InvalidArgument(format!("{field} is empty")));
+        return Err(RpcError::InvalidArgument(format!("{field} is empty")));
     }
     Ok(())
 }
 
 #[async_trait]
 impl LogicApi for Logic {
-    async fn connect(&self, req: pb::ConnectRequest) -> ApiResult<pb::ConnectReply> {
+    async fn connect(&self, req: pb::ConnectRequest) -> RpcResult<pb::ConnectReply> {
         require("server", &req.server)?;
         let identity = self
             .auth
@@ -133,11 +133,11 @@ impl LogicApi for Logic {
             .map_err(|e| match e {
                 AuthError::Refused(reason) => {
                     self.metrics.connect("refused");
-                    ApiError::Unauthenticated(reason)
+                    RpcError::Unauthenticated(reason)
                 }
                 AuthError::Unavailable(reason) => {
                     self.metrics.connect("failed");
-                    ApiError::Unavailable(format!("auth: {reason}"))
+                    RpcError::Unavailable(format!("auth: {reason}"))
                 }
             })?;
         let key = if identity.key.is_empty() {
@@ -164,7 +164,7 @@ impl LogicApi for Logic {
         })
     }
 
-    async fn disconnect(&self, req: pb::DisconnectRequest) -> ApiResult<bool> {
+    async fn disconnect(&self, req: pb::DisconnectRequest) -> RpcResult<bool> {
         require("server", &req.server)?;
         require("key", &req.key)?;
         self.metrics.disconnects.inc();
@@ -174,7 +174,7 @@ impl LogicApi for Logic {
             .map_err(self.router_failed("remove"))
     }
 
-    async fn heartbeat(&self, req: pb::HeartbeatRequest) -> ApiResult<()> {
+    async fn heartbeat(&self, req: pb::HeartbeatRequest) -> RpcResult<()> {
         require("server", &req.server)?;
         require("key", &req.key)?;
         self.metrics.renewals.inc();
@@ -202,7 +202,7 @@ impl LogicApi for Logic {
         Ok(())
     }
 
-    async fn renew_online(&self, req: pb::RenewOnlineRequest) -> ApiResult<pb::RenewOnlineReply> {
+    async fn renew_online(&self, req: pb::RenewOnlineRequest) -> RpcResult<pb::RenewOnlineReply> {
         require("server", &req.server)?;
         self.router
             .set_room_counts(&req.server, &req.room_count)
@@ -221,7 +221,7 @@ impl LogicApi for Logic {
         })
     }
 
-    async fn receive(&self, req: pb::ReceiveRequest) -> ApiResult<()> {
+    async fn receive(&self, req: pb::ReceiveRequest) -> RpcResult<()> {
         let proto = req.proto.unwrap_or_default();
         let Some(url) = &self.receive_webhook else {
             tracing::info!(mid = req.mid, key = %req.key, op = proto.op, len = proto.body.len(), "upstream frame (no receive webhook configured)");
@@ -236,14 +236,14 @@ impl LogicApi for Logic {
         };
         match self.http.post_json(url, &body, self.receive_timeout).await {
             Ok((status, _)) if (200..300).contains(&status) => Ok(()),
-            Ok((status, _)) => Err(ApiError::Unavailable(format!(
+            Ok((status, _)) => Err(RpcError::Unavailable(format!(
                 "receive webhook answered HTTP {status}"
             ))),
-            Err(err) => Err(ApiError::Unavailable(format!("receive webhook: {err}"))),
+            Err(err) => Err(RpcError::Unavailable(format!("receive webhook: {err}"))),
         }
     }
 
-    async fn nodes(&self, req: pb::NodesRequest) -> ApiResult<pb::NodesReply> {
+    async fn nodes(&self, req: pb::NodesRequest) -> RpcResult<pb::NodesReply> {
         let ip = req.client_ip.parse::<IpAddr>().ok();
         let region = self.selector.region_of(Some(&req.region), ip);
         let choices = self.selector.rank(&self.comets.nodes(), region.as_deref());

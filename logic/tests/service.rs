@@ -13,7 +13,7 @@ use rim_config::{LogicConfig, RouterBackend, RouterConfig};
 use rim_logic::Logic;
 use rim_logic::comets::Comets;
 use rim_logic::webhook::HttpClient;
-use rim_proto::api::{ApiError, LogicApi};
+use rim_proto::api::{LogicApi, RpcError};
 use rim_proto::pb::frame::v1::Proto;
 use rim_proto::pb::logic::v1 as pb;
 use rim_router::Router;
@@ -84,13 +84,13 @@ async fn a_client_without_a_key_gets_a_fresh_uuid() {
 async fn a_refused_token_is_unauthenticated_and_records_nothing() {
     let (logic, router) = logic_with(LogicConfig::default()).await;
     let err = logic.connect(connect("c", "not json")).await.unwrap_err();
-    assert!(matches!(err, ApiError::Unauthenticated(_)), "{err}");
+    assert!(matches!(err, RpcError::Unauthenticated(_)), "{err}");
     assert!(router.keys_by_server(&[1]).await.unwrap().is_empty());
     let err = logic
         .connect(connect("", r#"{"mid":1}"#))
         .await
         .unwrap_err();
-    assert!(matches!(err, ApiError::InvalidArgument(_)), "{err}");
+    assert!(matches!(err, RpcError::InvalidArgument(_)), "{err}");
 }
 
 #[tokio::test]
@@ -263,7 +263,7 @@ async fn a_failing_receive_webhook_is_reported() {
     })
     .await;
     let err = logic.receive(upstream(b"x")).await.unwrap_err();
-    assert!(matches!(err, ApiError::Unavailable(_)), "{err}");
+    assert!(matches!(err, RpcError::Unavailable(_)), "{err}");
     // Without a webhook, frames are logged and accepted.
     let (logic, _router) = logic_with(LogicConfig::default()).await;
     logic.receive(upstream(b"x")).await.unwrap();

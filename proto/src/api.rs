@@ -13,8 +13,13 @@ use crate::pb::comet::v1 as comet;
 use crate::pb::logic::v1 as logic;
 
 /// Why a call to another role failed.
+///
+/// It is what crosses the wire: a gRPC status carries a code and a message
+/// only, so each variant holds the message (a local cause is formatted into
+/// it where the error is made). [`RpcError::code`] is the one mapping to a
+/// tonic status; the HTTP API has its own errors.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
+pub enum RpcError {
     /// The caller's credentials (e.g. a client token) were refused.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
@@ -31,64 +36,54 @@ pub enum ApiError {
 }
 
 /// Result of a call to another role.
-pub type ApiResult<T> = Result<T, ApiError>;
+pub type RpcResult<T> = Result<T, RpcError>;
 
-impl ApiError {
-    /// Returns the gRPC status code for this error.
+impl RpcError {
+    /// Returns the gRPC status code for this error (the one mapping to tonic).
     pub fn code(&self) -> tonic::Code {
         match self {
-            ApiError::Unauthenticated(_) => tonic::Code::Unauthenticated,
-            ApiError::InvalidArgument(_) => tonic::Code::InvalidArgument,
-            ApiError::Unavailable(_) => tonic::Code::Unavailable,
-            ApiError::Internal(_) => tonic::Code::Internal,
-        }
-    }
-
-    /// Returns the HTTP status for this error.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            ApiError::Unauthenticated(_) => 401,
-            ApiError::InvalidArgument(_) => 400,
-            ApiError::Unavailable(_) => 503,
-            ApiError::Internal(_) => 500,
+            RpcError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            RpcError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            RpcError::Unavailable(_) => tonic::Code::Unavailable,
+            RpcError::Internal(_) => tonic::Code::Internal,
         }
     }
 
     /// Returns whether retrying the same call may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ApiError::Unavailable(_))
+        matches!(self, RpcError::Unavailable(_))
     }
 }
 
-impl From<ApiError> for Status {
-    fn from(err: ApiError) -> Self {
+impl From<RpcError> for Status {
+    fn from(err: RpcError) -> Self {
         let code = err.code();
         let message = match err {
-            ApiError::Unauthenticated(m)
-            | ApiError::InvalidArgument(m)
-            | ApiError::Unavailable(m)
-            | ApiError::Internal(m) => m,
+            RpcError::Unauthenticated(m)
+            | RpcError::InvalidArgument(m)
+            | RpcError::Unavailable(m)
+            | RpcError::Internal(m) => m,
         };
         Status::new(code, message)
     }
 }
 
-impl From<Status> for ApiError {
+impl From<Status> for RpcError {
     fn from(status: Status) -> Self {
         let message = status.message().to_owned();
         match status.code() {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-                ApiError::Unauthenticated(message)
+                RpcError::Unauthenticated(message)
             }
             tonic::Code::InvalidArgument
             | tonic::Code::OutOfRange
-            | tonic::Code::FailedPrecondition => ApiError::InvalidArgument(message),
+            | tonic::Code::FailedPrecondition => RpcError::InvalidArgument(message),
             tonic::Code::Unavailable
             | tonic::Code::DeadlineExceeded
             | tonic::Code::ResourceExhausted
             | tonic::Code::Aborted
-            | tonic::Code::Cancelled => ApiError::Unavailable(message),
-            code => ApiError::Internal(format!("{code:?}: {message}")),
+            | tonic::Code::Cancelled => RpcError::Unavailable(message),
+            code => RpcError::Internal(format!("{code:?}: {message}")),
         }
     }
 }
@@ -97,37 +92,37 @@ impl From<Status> for ApiError {
 #[async_trait]
 pub trait LogicApi: Send + Sync + 'static {
     /// Authenticates a connection's token and records it as online.
-    async fn connect(&self, req: logic::ConnectRequest) -> ApiResult<logic::ConnectReply>;
+    async fn connect(&self, req: logic::ConnectRequest) -> RpcResult<logic::ConnectReply>;
     /// Records that a connection ended; returns whether it was known.
-    async fn disconnect(&self, req: logic::DisconnectRequest) -> ApiResult<bool>;
+    async fn disconnect(&self, req: logic::DisconnectRequest) -> RpcResult<bool>;
     /// Renews a connection's presence lease.
-    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> ApiResult<()>;
+    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<()>;
     /// Stores a comet's room counts and returns the cluster-wide counts.
     async fn renew_online(
         &self,
         req: logic::RenewOnlineRequest,
-    ) -> ApiResult<logic::RenewOnlineReply>;
+    ) -> RpcResult<logic::RenewOnlineReply>;
     /// Hands an upstream client frame to the business.
-    async fn receive(&self, req: logic::ReceiveRequest) -> ApiResult<()>;
+    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<()>;
     /// Selects comets for a client.
-    async fn nodes(&self, req: logic::NodesRequest) -> ApiResult<logic::NodesReply>;
+    async fn nodes(&self, req: logic::NodesRequest) -> RpcResult<logic::NodesReply>;
 }
 
 /// What the job (and admin endpoints) ask of a comet (protocol.md §3, comet service).
 #[async_trait]
 pub trait CometApi: Send + Sync + 'static {
     /// Delivers a frame to connections by key, filtered by their accepted ops.
-    async fn push_msg(&self, req: comet::PushMsgRequest) -> ApiResult<comet::Delivery>;
+    async fn push_msg(&self, req: comet::PushMsgRequest) -> RpcResult<comet::Delivery>;
     /// Delivers a frame to every connection accepting the op, paced.
-    async fn broadcast(&self, req: comet::BroadcastRequest) -> ApiResult<comet::Delivery>;
+    async fn broadcast(&self, req: comet::BroadcastRequest) -> RpcResult<comet::Delivery>;
     /// Delivers a frame to every member of a room.
-    async fn broadcast_room(&self, req: comet::BroadcastRoomRequest) -> ApiResult<comet::Delivery>;
+    async fn broadcast_room(&self, req: comet::BroadcastRoomRequest) -> RpcResult<comet::Delivery>;
     /// Lists the rooms with members on the comet.
-    async fn rooms(&self) -> ApiResult<Vec<String>>;
+    async fn rooms(&self) -> RpcResult<Vec<String>>;
     /// Closes connections by key; returns how many were found.
-    async fn kick(&self, keys: Vec<String>) -> ApiResult<u64>;
+    async fn kick(&self, keys: Vec<String>) -> RpcResult<u64>;
     /// Reports the comet's counters.
-    async fn stats(&self) -> ApiResult<comet::StatsReply>;
+    async fn stats(&self) -> RpcResult<comet::StatsReply>;
 }
 
 /// `LogicApi` over gRPC: a tonic client on a (possibly load-balanced) channel.
@@ -147,11 +142,11 @@ impl RemoteLogic {
 
 #[async_trait]
 impl LogicApi for RemoteLogic {
-    async fn connect(&self, req: logic::ConnectRequest) -> ApiResult<logic::ConnectReply> {
+    async fn connect(&self, req: logic::ConnectRequest) -> RpcResult<logic::ConnectReply> {
         Ok(self.client.clone().connect(req).await?.into_inner())
     }
 
-    async fn disconnect(&self, req: logic::DisconnectRequest) -> ApiResult<bool> {
+    async fn disconnect(&self, req: logic::DisconnectRequest) -> RpcResult<bool> {
         Ok(self
             .client
             .clone()
@@ -161,7 +156,7 @@ impl LogicApi for RemoteLogic {
             .known)
     }
 
-    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> ApiResult<()> {
+    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<()> {
         self.client.clone().heartbeat(req).await?;
         Ok(())
     }
@@ -169,16 +164,16 @@ impl LogicApi for RemoteLogic {
     async fn renew_online(
         &self,
         req: logic::RenewOnlineRequest,
-    ) -> ApiResult<logic::RenewOnlineReply> {
+    ) -> RpcResult<logic::RenewOnlineReply> {
         Ok(self.client.clone().renew_online(req).await?.into_inner())
     }
 
-    async fn receive(&self, req: logic::ReceiveRequest) -> ApiResult<()> {
+    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<()> {
         self.client.clone().receive(req).await?;
         Ok(())
     }
 
-    async fn nodes(&self, req: logic::NodesRequest) -> ApiResult<logic::NodesReply> {
+    async fn nodes(&self, req: logic::NodesRequest) -> RpcResult<logic::NodesReply> {
         Ok(self.client.clone().nodes(req).await?.into_inner())
     }
 }
@@ -199,9 +194,9 @@ impl RemoteComet {
 
     /// Creates a client for the comet at `addr` (`host:port`) that connects
     /// on first use, so a comet that is down does not stop its caller.
-    pub fn connect_lazy(addr: &str) -> ApiResult<Self> {
+    pub fn connect_lazy(addr: &str) -> RpcResult<Self> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ApiError::InvalidArgument(format!("bad comet address {addr:?}: {e}")))?
+            .map_err(|e| RpcError::InvalidArgument(format!("bad comet address {addr:?}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(3))
             .timeout(std::time::Duration::from_secs(30));
         Ok(RemoteComet::new(endpoint.connect_lazy()))
@@ -210,27 +205,27 @@ impl RemoteComet {
 
 #[async_trait]
 impl CometApi for RemoteComet {
-    async fn push_msg(&self, req: comet::PushMsgRequest) -> ApiResult<comet::Delivery> {
+    async fn push_msg(&self, req: comet::PushMsgRequest) -> RpcResult<comet::Delivery> {
         let reply = self.client.clone().push_msg(req).await?.into_inner();
         Ok(reply.delivery.unwrap_or_default())
     }
 
-    async fn broadcast(&self, req: comet::BroadcastRequest) -> ApiResult<comet::Delivery> {
+    async fn broadcast(&self, req: comet::BroadcastRequest) -> RpcResult<comet::Delivery> {
         let reply = self.client.clone().broadcast(req).await?.into_inner();
         Ok(reply.delivery.unwrap_or_default())
     }
 
-    async fn broadcast_room(&self, req: comet::BroadcastRoomRequest) -> ApiResult<comet::Delivery> {
+    async fn broadcast_room(&self, req: comet::BroadcastRoomRequest) -> RpcResult<comet::Delivery> {
         let reply = self.client.clone().broadcast_room(req).await?.into_inner();
         Ok(reply.delivery.unwrap_or_default())
     }
 
-    async fn rooms(&self) -> ApiResult<Vec<String>> {
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
         let reply = self.client.clone().rooms(comet::RoomsRequest {}).await?;
         Ok(reply.into_inner().rooms)
     }
 
-    async fn kick(&self, keys: Vec<String>) -> ApiResult<u64> {
+    async fn kick(&self, keys: Vec<String>) -> RpcResult<u64> {
         let reply = self
             .client
             .clone()
@@ -239,7 +234,7 @@ impl CometApi for RemoteComet {
         Ok(reply.into_inner().kicked)
     }
 
-    async fn stats(&self) -> ApiResult<comet::StatsReply> {
+    async fn stats(&self) -> RpcResult<comet::StatsReply> {
         Ok(self
             .client
             .clone()

@@ -23,7 +23,7 @@ use rim_config::{
 use rim_logic::Logic;
 use rim_logic::comets::{CometNode, Comets};
 use rim_logic::webhook::HttpClient;
-use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
+use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as comet;
 use rim_proto::pb::logic::v1 as logic;
 use rim_queue::{Consumer, MemoryConsumer, MemoryProducer, Producer, PushMsg};
@@ -56,8 +56,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A comet that records kick calls and answers scripted stats.
 pub struct FakeComet {
     kicks: Mutex<Vec<Vec<String>>>,
-    stats: Mutex<ApiResult<comet::StatsReply>>,
-    kick_error: Mutex<Option<ApiError>>,
+    stats: Mutex<RpcResult<comet::StatsReply>>,
+    kick_error: Mutex<Option<RpcError>>,
 }
 
 impl FakeComet {
@@ -72,12 +72,12 @@ impl FakeComet {
 
     /// Makes `stats` fail from now on.
     pub fn fail_stats(&self, reason: &str) {
-        *lock(&self.stats) = Err(ApiError::Unavailable(reason.to_owned()));
+        *lock(&self.stats) = Err(RpcError::Unavailable(reason.to_owned()));
     }
 
     /// Makes `kick` fail from now on.
     pub fn fail_kicks(&self, reason: &str) {
-        *lock(&self.kick_error) = Some(ApiError::Unavailable(reason.to_owned()));
+        *lock(&self.kick_error) = Some(RpcError::Unavailable(reason.to_owned()));
     }
 
     /// Every kick call so far, each call's keys sorted.
@@ -88,14 +88,14 @@ impl FakeComet {
 
 #[async_trait]
 impl CometApi for FakeComet {
-    async fn push_msg(&self, _req: comet::PushMsgRequest) -> ApiResult<comet::Delivery> {
-        Err(ApiError::Internal(
+    async fn push_msg(&self, _req: comet::PushMsgRequest) -> RpcResult<comet::Delivery> {
+        Err(RpcError::Internal(
             "the api must not push to comets directly".into(),
         ))
     }
 
-    async fn broadcast(&self, _req: comet::BroadcastRequest) -> ApiResult<comet::Delivery> {
-        Err(ApiError::Internal(
+    async fn broadcast(&self, _req: comet::BroadcastRequest) -> RpcResult<comet::Delivery> {
+        Err(RpcError::Internal(
             "the api must not broadcast to comets directly".into(),
         ))
     }
@@ -103,17 +103,17 @@ impl CometApi for FakeComet {
     async fn broadcast_room(
         &self,
         _req: comet::BroadcastRoomRequest,
-    ) -> ApiResult<comet::Delivery> {
-        Err(ApiError::Internal(
+    ) -> RpcResult<comet::Delivery> {
+        Err(RpcError::Internal(
             "the api must not push to rooms directly".into(),
         ))
     }
 
-    async fn rooms(&self) -> ApiResult<Vec<String>> {
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
         Ok(Vec::new())
     }
 
-    async fn kick(&self, mut keys: Vec<String>) -> ApiResult<u64> {
+    async fn kick(&self, mut keys: Vec<String>) -> RpcResult<u64> {
         if let Some(err) = lock(&self.kick_error).clone() {
             return Err(err);
         }
@@ -123,7 +123,7 @@ impl CometApi for FakeComet {
         Ok(n)
     }
 
-    async fn stats(&self) -> ApiResult<comet::StatsReply> {
+    async fn stats(&self) -> RpcResult<comet::StatsReply> {
         lock(&self.stats).clone()
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rim_client::{AuthToken, Client};
 use rim_comet::{Comet, Listeners, TransportKind, WS_PATH};
 use rim_config::{CometConfig, NodeConfig};
-use rim_proto::api::{ApiError, ApiResult, CometApi, LogicApi};
+use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::pb::frame::v1::Proto;
 use rim_proto::pb::logic::v1 as logic;
@@ -60,11 +60,11 @@ impl ScriptedLogic {
 
 #[async_trait]
 impl LogicApi for ScriptedLogic {
-    async fn connect(&self, req: logic::ConnectRequest) -> ApiResult<logic::ConnectReply> {
+    async fn connect(&self, req: logic::ConnectRequest) -> RpcResult<logic::ConnectReply> {
         let token: Token = serde_json::from_slice(&req.token)
-            .map_err(|e| ApiError::Unauthenticated(format!("bad token: {e}")))?;
+            .map_err(|e| RpcError::Unauthenticated(format!("bad token: {e}")))?;
         if token.mid < 0 {
-            return Err(ApiError::Unauthenticated("token refused".into()));
+            return Err(RpcError::Unauthenticated("token refused".into()));
         }
         let key = if token.key.is_empty() {
             format!("gen-{}", self.generated.fetch_add(1, Ordering::Relaxed))
@@ -89,12 +89,12 @@ impl LogicApi for ScriptedLogic {
         })
     }
 
-    async fn disconnect(&self, req: logic::DisconnectRequest) -> ApiResult<bool> {
+    async fn disconnect(&self, req: logic::DisconnectRequest) -> RpcResult<bool> {
         self.disconnects.lock().unwrap().push((req.mid, req.key));
         Ok(true)
     }
 
-    async fn heartbeat(&self, _req: logic::HeartbeatRequest) -> ApiResult<()> {
+    async fn heartbeat(&self, _req: logic::HeartbeatRequest) -> RpcResult<()> {
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -102,14 +102,14 @@ impl LogicApi for ScriptedLogic {
     async fn renew_online(
         &self,
         _req: logic::RenewOnlineRequest,
-    ) -> ApiResult<logic::RenewOnlineReply> {
+    ) -> RpcResult<logic::RenewOnlineReply> {
         self.renewals.fetch_add(1, Ordering::Relaxed);
         Ok(logic::RenewOnlineReply {
             all_room_count: self.online.lock().unwrap().clone(),
         })
     }
 
-    async fn receive(&self, req: logic::ReceiveRequest) -> ApiResult<()> {
+    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<()> {
         let proto = req.proto.unwrap_or_default();
         self.received
             .lock()
@@ -118,8 +118,8 @@ impl LogicApi for ScriptedLogic {
         Ok(())
     }
 
-    async fn nodes(&self, _req: logic::NodesRequest) -> ApiResult<logic::NodesReply> {
-        Err(ApiError::Internal("not scripted".into()))
+    async fn nodes(&self, _req: logic::NodesRequest) -> RpcResult<logic::NodesReply> {
+        Err(RpcError::Internal("not scripted".into()))
     }
 }
 
