@@ -32,6 +32,30 @@ fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<()> {
     Ok(())
 }
 
+/// Checks an optional public host name: empty, or a DNS name without a
+/// scheme, port or path (clients add those).
+fn host_name_or_empty(key: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if value.len() > 253 || !value.split('.').all(label_ok) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{value:?} is not a host name (no scheme, port or path: e.g. comet-1.example.com)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn not_blank(key: &str, value: &str) -> Result<()> {
     if value.trim().is_empty() {
         return Err(ConfigError::invalid(key, "must not be empty"));
@@ -105,6 +129,12 @@ pub struct CometConfig {
     pub tls_key: Option<PathBuf>,
     /// The comet gRPC service (goim port 3109).
     pub grpc_bind: SocketAddr,
+    /// Public host name web clients reach this comet's WebSocket listeners
+    /// by, advertised in discovery and returned by `/goim/nodes/weighted`
+    /// for `platform=web` (it should match the WSS certificate); empty =
+    /// the host of the advertised WebSocket address.
+    #[serde(default)]
+    pub public_domain: String,
     /// Session shards keyed by connection key.
     pub buckets: usize,
     /// Largest body a client frame may carry, in bytes.
@@ -142,6 +172,7 @@ impl Default for CometConfig {
             tls_cert: None,
             tls_key: None,
             grpc_bind: addr("0.0.0.0:3109"),
+            public_domain: String::new(),
             buckets: 32,
             max_body: 4096,
             handshake_timeout: Duration::from_secs(5),
@@ -194,6 +225,7 @@ impl CometConfig {
             }
             (None, None) => {}
         }
+        host_name_or_empty("comet.public_domain", &self.public_domain)?;
         in_range("comet.buckets", self.buckets as u64, 1, 4096)?;
         in_range("comet.max_body", self.max_body as u64, 16, 16 << 20)?;
         positive("comet.handshake_timeout", self.handshake_timeout)?;
@@ -677,6 +709,10 @@ pub struct StaticComet {
     /// Client WSS address, `host:port`; empty = none.
     #[serde(default)]
     pub wss: String,
+    /// Public host name web clients reach the comet's WebSocket listeners
+    /// by (its `comet.public_domain`); empty = the host of `ws` / `wss`.
+    #[serde(default)]
+    pub domain: String,
     /// Relative weight in node selection.
     #[serde(default = "default_weight")]
     pub weight: u32,
@@ -742,6 +778,7 @@ impl DiscoveryConfig {
         for (i, comet) in self.comets.iter().enumerate() {
             not_blank(&format!("discovery.comets[{i}].id"), &comet.id)?;
             not_blank(&format!("discovery.comets[{i}].grpc"), &comet.grpc)?;
+            host_name_or_empty(&format!("discovery.comets[{i}].domain"), &comet.domain)?;
         }
         Ok(())
     }

@@ -148,6 +148,42 @@ fn an_out_of_range_value_names_the_key() {
 }
 
 #[test]
+fn a_public_domain_is_a_host_name_or_empty() {
+    let config = CometRoleConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(config.comet.public_domain, "", "unset by default");
+    let config = CometRoleConfig::load_from(
+        None,
+        env(&[("RIM_COMET__PUBLIC_DOMAIN", "comet-1.im.example.com")]),
+    )
+    .unwrap();
+    assert_eq!(config.comet.public_domain, "comet-1.im.example.com");
+    for bad in [
+        "wss://comet-1.example.com",
+        "comet-1.example.com:3103",
+        "comet-1.example.com/sub",
+        "two words",
+        "-comet.example.com",
+        "comet..example.com",
+    ] {
+        let err = load_err::<CometRoleConfig>(None, &[("RIM_COMET__PUBLIC_DOMAIN", bad)]);
+        assert!(
+            err.starts_with("invalid value for comet.public_domain") && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+    let err = load_err::<LogicRoleConfig>(
+        Some(
+            "[discovery]\nbackend = \"static\"\n[[discovery.comets]]\nid = \"c1\"\ngrpc = \"127.0.0.1:3109\"\ndomain = \"c1.example.com:443\"\n",
+        ),
+        &[],
+    );
+    assert!(
+        err.starts_with("invalid value for discovery.comets[0].domain"),
+        "{err}"
+    );
+}
+
+#[test]
 fn half_a_tls_pair_is_rejected() {
     let err = load_err::<CometRoleConfig>(Some("[comet]\ntls_cert = \"/etc/hostname\"\n"), &[]);
     assert!(err.starts_with("invalid value for comet.tls_key"), "{err}");
@@ -249,12 +285,20 @@ fn static_comets_load_from_the_file() {
         [[discovery.comets]]
         id = "c2"
         grpc = "127.0.0.1:4109"
+        domain = "c2.example.com"
         "#,
     );
     let config = JobRoleConfig::load_from(Some(file.path()), env(&[])).unwrap();
     assert_eq!(config.discovery.backend, DiscoveryBackend::Static);
     assert_eq!(config.discovery.comets.len(), 2);
     assert_eq!(config.discovery.comets[1].region, "default");
+    assert_eq!(
+        (
+            config.discovery.comets[0].domain.as_str(),
+            config.discovery.comets[1].domain.as_str()
+        ),
+        ("", "c2.example.com")
+    );
 }
 
 #[test]

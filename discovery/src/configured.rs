@@ -37,6 +37,7 @@ impl StaticDiscovery {
                     wss: comet.wss.clone(),
                     grpc: comet.grpc.clone(),
                 },
+                domain: comet.domain.clone(),
                 weight: comet.weight,
                 ..NodeInfo::default()
             })

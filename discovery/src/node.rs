@@ -35,6 +35,11 @@ pub struct NodeInfo {
     pub zone: String,
     /// Where the node listens.
     pub addrs: Addrs,
+    /// Public host name web clients reach the node's WebSocket listeners by
+    /// (comets, `comet.public_domain`); empty = the host of `addrs.ws` /
+    /// `addrs.wss`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub domain: String,
     /// Relative weight in node selection.
     pub weight: u32,
     /// Open client connections (comets).
@@ -144,6 +149,7 @@ mod tests {
                 wss: String::new(),
                 grpc: "10.0.0.1:3109".into(),
             },
+            domain: "comet-1.example.com".into(),
             weight: 10,
             conn_count: 3,
             ip_count: 2,
@@ -155,6 +161,7 @@ mod tests {
             serde_json::json!({
                 "id": "comet-1", "region": "sh", "zone": "a",
                 "addrs": {"tcp": "10.0.0.1:3101", "ws": "10.0.0.1:3102", "wss": "", "grpc": "10.0.0.1:3109"},
+                "domain": "comet-1.example.com",
                 "weight": 10, "conn_count": 3, "ip_count": 2, "updated": 1_700_000_000_000i64
             })
         );

@@ -15,6 +15,7 @@ fn config() -> DiscoveryConfig {
                 tcp: "127.0.0.1:3201".into(),
                 ws: String::new(),
                 wss: String::new(),
+                domain: String::new(),
                 weight: 5,
             },
             StaticComet {
@@ -24,6 +25,7 @@ fn config() -> DiscoveryConfig {
                 tcp: "127.0.0.1:3101".into(),
                 ws: "127.0.0.1:3102".into(),
                 wss: "127.0.0.1:3103".into(),
+                domain: "comet-1.example.com".into(),
                 weight: 10,
             },
         ],
@@ -48,6 +50,7 @@ async fn static_discovery_serves_the_configured_nodes() {
                 wss: "127.0.0.1:3103".into(),
                 grpc: "127.0.0.1:3109".into(),
             },
+            domain: "comet-1.example.com".into(),
             weight: 10,
             conn_count: 0,
             ip_count: 0,

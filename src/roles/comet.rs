@@ -57,6 +57,8 @@ pub async fn run(
         .await
         .map_err(Error::WatchLogics)?;
     let logic = RemoteLogic::new(super::balanced_channel::follow(logics));
+    // Advertised to web clients through discovery (the comet config moves below).
+    let domain = config.comet.public_domain.clone();
     let comet = Comet::new(&config.node, config.comet, Arc::new(logic));
     let metrics = metrics.map(|listener| {
         let mut registry = super::metrics_registry("comet");
@@ -73,6 +75,7 @@ pub async fn run(
             wss: advertised(listeners.wss.first()),
             grpc: advertised(Some(&listeners.grpc)),
         },
+        domain,
         weight: config.node.weight,
         ..NodeInfo::default()
     };

@@ -100,6 +100,7 @@ pub fn comet(id: &str, region: &str) -> NodeInfo {
             wss: String::new(),
             grpc: "127.0.0.1:3109".into(),
         },
+        domain: String::new(),
         weight: 10,
         conn_count: 0,
         ip_count: 0,
