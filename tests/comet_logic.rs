@@ -7,9 +7,7 @@ use std::time::Duration;
 use rim_client::{AuthToken, Client};
 use rim_comet::{Comet, Listeners};
 use rim_config::{CometConfig, LogicConfig, NodeConfig, RouterBackend, RouterConfig};
-use rim_logic::Logic;
-use rim_logic::comets::Comets;
-use rim_logic::webhook::HttpClient;
+use rim_logic::{Comets, HttpClient, Logic};
 use rim_proto::api::RemoteLogic;
 use rim_router::Router;
 use rim_shutdown::Shutdown;
@@ -39,7 +37,7 @@ async fn cluster() -> Cluster {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let logic_addr = grpc.local_addr().unwrap();
     let stop_logic = CancellationToken::new();
-    tokio::spawn(rim_logic::grpc::serve(logic, grpc, stop_logic.clone()));
+    tokio::spawn(rim_logic::serve_grpc(logic, grpc, stop_logic.clone()));
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{logic_addr}"))
         .unwrap()

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -16,10 +15,7 @@ use serde_json::json;
 
 use crate::error::ok;
 use crate::params::Params;
-use crate::{Api, ApiError};
-
-/// How long an admin call to one comet may take.
-const COMET_CALL: Duration = Duration::from_secs(5);
+use crate::{Api, HttpError};
 
 pub(crate) fn routes(api: Arc<Api>) -> Router<Arc<Api>> {
     Router::new()
@@ -41,7 +37,7 @@ async fn require_token(
     State(api): State<Arc<Api>>,
     request: Request,
     next: Next,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     if let Some(expected) = &api.admin_token {
         let given = request
             .headers()
@@ -50,10 +46,10 @@ async fn require_token(
             .and_then(|v| v.strip_prefix("Bearer "));
         match given {
             Some(token) if same(token.as_bytes(), expected.as_bytes()) => {}
-            Some(_) => return Err(ApiError::Unauthorized("admin token does not match".into())),
+            Some(_) => return Err(HttpError::Unauthorized("admin token does not match")),
             None => {
-                return Err(ApiError::Unauthorized(
-                    "admin endpoints need Authorization: Bearer <token>".into(),
+                return Err(HttpError::Unauthorized(
+                    "admin endpoints need Authorization: Bearer <token>",
                 ));
             }
         }
@@ -65,17 +61,17 @@ async fn require_token(
 async fn rooms(
     State(api): State<Arc<Api>>,
     RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
     let page: usize = params.parse_or("page", "a page number from 1", 1)?;
     let size: usize = params.parse_or("size", "a page size from 1 to 1000", 50)?;
     if page == 0 {
-        return Err(ApiError::BadRequest(
+        return Err(HttpError::BadRequest(
             "invalid parameter \"page\": pages start at 1".into(),
         ));
     }
     if size == 0 || size > 1000 {
-        return Err(ApiError::BadRequest(format!(
+        return Err(HttpError::BadRequest(format!(
             "invalid parameter \"size\": {size} is not between 1 and 1000"
         )));
     }
@@ -83,7 +79,7 @@ async fn rooms(
         "count" => false,
         "room" => true,
         other => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(HttpError::BadRequest(format!(
                 "invalid parameter \"sort\": {other:?} is not count or room"
             )));
         }
@@ -95,18 +91,12 @@ async fn rooms(
         "asc" => true,
         "desc" => false,
         other => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(HttpError::BadRequest(format!(
                 "invalid parameter \"order\": {other:?} is not asc or desc"
             )));
         }
     };
-    let mut rooms: Vec<(String, i64)> = api
-        .logic
-        .router()
-        .room_counts()
-        .await?
-        .into_iter()
-        .collect();
+    let mut rooms: Vec<(String, i64)> = api.logic.room_counts().await?.into_iter().collect();
     rooms.sort_by(|a, b| {
         let order = if by_room {
             a.0.cmp(&b.0)
@@ -131,10 +121,10 @@ async fn rooms(
 async fn room(
     State(api): State<Arc<Api>>,
     RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
     let room = params.required("room")?;
-    let reports = api.logic.router().server_reports().await?;
+    let reports = api.logic.room_reports().await?;
     let comets: BTreeMap<&String, i32> = reports
         .iter()
         .filter_map(|(server, report)| report.rooms.get(room).map(|n| (server, *n)))
@@ -151,12 +141,12 @@ async fn broadcast_room(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
     let operation: i32 = params.parse_required("operation", "a 32-bit integer")?;
     let room = params.required("room")?.to_owned();
     if !room.contains("://") {
-        return Err(ApiError::BadRequest(format!(
+        return Err(HttpError::BadRequest(format!(
             "invalid parameter \"room\": {room:?} is not type://id"
         )));
     }
@@ -173,25 +163,19 @@ async fn broadcast_room(
 async fn kick(
     State(api): State<Arc<Api>>,
     RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
-    let router = api.logic.router();
-    let by_server: BTreeMap<String, Vec<String>> = match (params.opt("mid"), params.opt("key")) {
+    let by_server = match (params.opt("mid"), params.opt("key")) {
         (Some(_), None) => {
             let mid: i64 = params.parse_required("mid", "an integer")?;
-            router.keys_by_server(&[mid]).await?.into_iter().collect()
+            api.logic.user_keys_by_comet(&[mid]).await?
         }
         (None, Some(_)) => {
             let key = params.required("key")?.to_owned();
-            let servers = router.servers_of_keys(std::slice::from_ref(&key)).await?;
-            servers
-                .into_iter()
-                .flatten()
-                .map(|server| (server, vec![key.clone()]))
-                .collect()
+            api.logic.keys_by_comet(&[key]).await?
         }
         _ => {
-            return Err(ApiError::BadRequest(
+            return Err(HttpError::BadRequest(
                 "give exactly one of the parameters \"mid\" or \"key\"".into(),
             ));
         }
@@ -199,21 +183,13 @@ async fn kick(
     let mut kicked = 0;
     let mut failed = Vec::new();
     for (server, keys) in by_server {
-        let Some(comet) = api.logic.comets().api(&server) else {
-            failed.push(format!("comet {server} is not known"));
-            continue;
-        };
-        match tokio::time::timeout(COMET_CALL, comet.kick(keys)).await {
-            Ok(Ok(n)) => kicked += n,
-            Ok(Err(err)) => failed.push(format!("comet {server}: {err}")),
-            Err(_) => failed.push(format!("comet {server}: timed out")),
+        match api.logic.kick(&server, keys).await {
+            Ok(n) => kicked += n,
+            Err(err) => failed.push(err),
         }
     }
     if !failed.is_empty() {
-        return Err(ApiError::Unavailable(format!(
-            "kicked {kicked}; failed: {}",
-            failed.join("; ")
-        )));
+        return Err(HttpError::KickFailed { kicked, failed });
     }
     Ok(ok(json!({ "kicked": kicked })))
 }
@@ -221,9 +197,9 @@ async fn kick(
 /// GET /admin/comets: every comet with its live stats.
 async fn comets(State(api): State<Arc<Api>>) -> Response {
     let mut out = Vec::new();
-    for (node, comet) in api.logic.comets().all() {
-        let stats = match tokio::time::timeout(COMET_CALL, comet.stats()).await {
-            Ok(Ok(s)) => json!({
+    for (node, stats) in api.logic.comet_stats().await {
+        let stats = match stats {
+            Ok(s) => json!({
                 "tcp_connections": s.tcp_connections,
                 "ws_connections": s.ws_connections,
                 "ip_count": s.ip_count,
@@ -232,8 +208,7 @@ async fn comets(State(api): State<Arc<Api>>) -> Response {
                 "slow_consumer_closes": s.slow_consumer_closes,
                 "bad_frames": s.bad_frames,
             }),
-            Ok(Err(err)) => json!({ "error": err.to_string() }),
-            Err(_) => json!({ "error": "timed out" }),
+            Err(err) => json!({ "error": err.to_string() }),
         };
         out.push(json!({ "node": node, "stats": stats }));
     }

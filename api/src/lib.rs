@@ -1,6 +1,10 @@
-//! rim-api owns the HTTP API on port 3111: the goim-compatible push and
-//! online endpoints, push planning (router lookup, keys grouped by comet,
-//! one queue message per comet), the admin endpoints, and health checks.
+//! rim-api owns the HTTP API on port 3111: the goim-compatible push, online
+//! and nodes endpoints, push planning (keys grouped by comet, one queue
+//! message per comet), the admin endpoints, and health checks.
+//!
+//! Everything it asks of logic goes through one boundary,
+//! `rim_logic::LogicFacade`; it never reaches the router or the comets
+//! directly.
 //!
 //! Responses keep goim's envelope `{"code", "message", "data"}` (code 0,
 //! -400 for bad requests, -500 for failures) and also use the matching HTTP
@@ -12,9 +16,11 @@
 mod admin;
 mod error;
 mod metrics;
+mod nodes;
+mod online;
 mod params;
 mod push;
 mod server;
 
-pub use error::ApiError;
+pub use error::{HttpError, NotEnqueued};
 pub use server::{Api, router, serve, serve_with_metrics};

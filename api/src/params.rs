@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use crate::ApiError;
+use crate::HttpError;
 
 /// The parsed query string.
 #[derive(Debug, Default)]
@@ -33,23 +33,27 @@ impl Params {
     }
 
     /// Returns a required, non-empty single parameter.
-    pub(crate) fn required(&self, name: &str) -> Result<&str, ApiError> {
+    pub(crate) fn required(&self, name: &str) -> Result<&str, HttpError> {
         match self.opt(name) {
             Some(value) if !value.is_empty() => Ok(value),
-            Some(_) => Err(ApiError::BadRequest(format!(
+            Some(_) => Err(HttpError::BadRequest(format!(
                 "invalid parameter \"{name}\": empty"
             ))),
-            None => Err(ApiError::BadRequest(format!(
+            None => Err(HttpError::BadRequest(format!(
                 "missing parameter \"{name}\""
             ))),
         }
     }
 
     /// Parses a required single parameter.
-    pub(crate) fn parse_required<T: FromStr>(&self, name: &str, what: &str) -> Result<T, ApiError> {
+    pub(crate) fn parse_required<T: FromStr>(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> Result<T, HttpError> {
         let raw = self.required(name)?;
         raw.parse().map_err(|_| {
-            ApiError::BadRequest(format!(
+            HttpError::BadRequest(format!(
                 "invalid parameter \"{name}\": {raw:?} is not {what}"
             ))
         })
@@ -61,11 +65,11 @@ impl Params {
         name: &str,
         what: &str,
         default: T,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, HttpError> {
         match self.opt(name) {
             None | Some("") => Ok(default),
             Some(raw) => raw.parse().map_err(|_| {
-                ApiError::BadRequest(format!(
+                HttpError::BadRequest(format!(
                     "invalid parameter \"{name}\": {raw:?} is not {what}"
                 ))
             }),
@@ -74,7 +78,7 @@ impl Params {
 
     /// Returns a required list (a repeated parameter), without empty items.
     /// Values are not split on commas: a connection key may contain one.
-    pub(crate) fn list(&self, name: &str) -> Result<Vec<String>, ApiError> {
+    pub(crate) fn list(&self, name: &str) -> Result<Vec<String>, HttpError> {
         let items: Vec<String> = self
             .values
             .get(name)
@@ -84,7 +88,7 @@ impl Params {
             .cloned()
             .collect();
         if items.is_empty() {
-            return Err(ApiError::BadRequest(format!(
+            return Err(HttpError::BadRequest(format!(
                 "missing parameter \"{name}\""
             )));
         }
@@ -96,7 +100,7 @@ impl Params {
         &self,
         name: &str,
         what: &str,
-    ) -> Result<Vec<T>, ApiError> {
+    ) -> Result<Vec<T>, HttpError> {
         // Numbers may also be comma-separated (`mids=1,2`).
         self.list(name)?
             .iter()
@@ -105,7 +109,7 @@ impl Params {
             .filter(|v| !v.is_empty())
             .map(|raw| {
                 raw.parse().map_err(|_| {
-                    ApiError::BadRequest(format!(
+                    HttpError::BadRequest(format!(
                         "invalid parameter \"{name}\": {raw:?} is not {what}"
                     ))
                 })

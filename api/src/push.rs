@@ -1,22 +1,25 @@
-//! goim's push, online and nodes endpoints.
+//! goim's push endpoints: each push is planned through logic, enqueued, and
+//! answered with what it targeted.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::http::{Extensions, HeaderMap};
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::Bytes;
+use rim_logic::{CometNode, FacadeError, KeysByComet};
 use rim_queue::{PushMsg, PushType};
+use rim_router::ServerReport;
+use serde::Serialize;
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::error::ok;
+use crate::error::{NotEnqueued, ok};
 use crate::params::Params;
-use crate::{Api, ApiError};
+use crate::{Api, HttpError};
 
 const OP: &str = "a 32-bit integer";
 
@@ -24,6 +27,10 @@ fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn now_millis() -> i64 {
+    now_nanos() / 1_000_000
 }
 
 /// One push through the API: its kind, and its id — the accept time its
@@ -59,8 +66,8 @@ impl Push {
     pub(crate) async fn run(
         self,
         api: &Api,
-        plan: impl std::future::Future<Output = Result<Response, ApiError>>,
-    ) -> Result<Response, ApiError> {
+        plan: impl std::future::Future<Output = Result<Response, HttpError>>,
+    ) -> Result<Response, HttpError> {
         let answer = plan.instrument(self.span()).await;
         if answer.is_ok() {
             api.metrics.pushed(self.kind);
@@ -94,10 +101,10 @@ fn record(field: &str, value: i64) {
     tracing::Span::current().record(field, value);
 }
 
-fn router_down(api: &Api) -> impl FnOnce(rim_router::Error) -> ApiError + '_ {
-    move |err| {
+fn router_down(api: &Api) -> impl FnOnce(FacadeError) -> HttpError + '_ {
+    move |source| {
         api.metrics.router_error();
-        ApiError::Unavailable(format!("router: {err}; nothing was enqueued"))
+        HttpError::NothingEnqueued { source }
     }
 }
 
@@ -107,9 +114,9 @@ async fn enqueue_by_server(
     api: &Api,
     push: Push,
     operation: i32,
-    by_server: BTreeMap<String, Vec<String>>,
+    by_server: KeysByComet,
     msg: &Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let connections: usize = by_server.values().map(Vec::len).sum();
     let comets = by_server.len();
     record("targets", connections as i64);
@@ -121,16 +128,19 @@ async fn enqueue_by_server(
             keys,
             ..push.message(PushType::Push, operation, msg)
         };
-        if let Err(err) = push.send(api, message).await {
-            failed.push(format!("comet {server} ({count} connections): {err}"));
+        if let Err(source) = push.send(api, message).await {
+            failed.push(NotEnqueued {
+                comet: server,
+                connections: count,
+                source,
+            });
         }
     }
     if !failed.is_empty() {
-        return Err(ApiError::Unavailable(format!(
-            "enqueued {} of {comets} comet messages; not enqueued: {}",
-            comets - failed.len(),
-            failed.join("; ")
-        )));
+        return Err(HttpError::PartlyEnqueued {
+            total: comets,
+            failed,
+        });
     }
     Ok(ok(json!({ "connections": connections, "comets": comets })))
 }
@@ -141,7 +151,7 @@ pub(crate) async fn keys(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let push = Push::new("keys");
     push.run(&api, plan_keys(&api, push, query, headers, body))
         .await
@@ -153,7 +163,7 @@ async fn plan_keys(
     query: Option<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
     let operation: i32 = params.parse_required("operation", OP)?;
     record("op", operation.into());
@@ -162,18 +172,11 @@ async fn plan_keys(
     let mut seen = std::collections::HashSet::new();
     keys.retain(|key| seen.insert(key.clone()));
     let msg = api.read_body(&headers, body).await?;
-    let servers = api
+    let by_server = api
         .logic
-        .router()
-        .servers_of_keys(&keys)
+        .keys_by_comet(&keys)
         .await
         .map_err(router_down(api))?;
-    let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (key, server) in keys.into_iter().zip(servers) {
-        if let Some(server) = server {
-            by_server.entry(server).or_default().push(key);
-        }
-    }
     enqueue_by_server(api, push, operation, by_server, &msg).await
 }
 
@@ -183,7 +186,7 @@ pub(crate) async fn mids(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let push = Push::new("mids");
     push.run(&api, plan_mids(&api, push, query, headers, body))
         .await
@@ -195,7 +198,7 @@ async fn plan_mids(
     query: Option<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
     let operation: i32 = params.parse_required("operation", OP)?;
     record("op", operation.into());
@@ -203,22 +206,103 @@ async fn plan_mids(
     let msg = api.read_body(&headers, body).await?;
     let by_server = api
         .logic
-        .router()
-        .keys_by_server(&mids)
+        .user_keys_by_comet(&mids)
         .await
         .map_err(router_down(api))?;
-    enqueue_by_server(api, push, operation, by_server.into_iter().collect(), &msg).await
+    enqueue_by_server(api, push, operation, by_server, &msg).await
 }
 
-/// Enqueues one ROOM message; the answer counts the room's members known
-/// to the router (best effort: the push does not depend on it).
+/// What a room or broadcast push targets, as far as logic knows: the
+/// comets it goes to and, when every one of them has reported, their
+/// connections (room members, or all connections) with the age of the
+/// oldest report. An unknown count is left out, never given as 0.
+#[derive(Debug, PartialEq, Serialize)]
+struct Reach {
+    /// Comets the push goes to: every comet in the directory.
+    comets: usize,
+    /// Connections on those comets at their latest reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connections: Option<i64>,
+    /// How old the oldest report behind `connections` is, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connections_age_ms: Option<u64>,
+}
+
+impl Reach {
+    /// Counts over `comets`, each `Some((count, reported at unix ms))` when
+    /// known; the count is known only when every comet's is.
+    fn new(comets: usize, per_comet: impl IntoIterator<Item = Option<(i64, i64)>>) -> Reach {
+        let now = now_millis();
+        let mut known = Some((0i64, i64::MAX));
+        for count in per_comet {
+            known = match (known, count) {
+                (Some((total, oldest)), Some((n, at))) => {
+                    Some((total.saturating_add(n), oldest.min(at)))
+                }
+                _ => None,
+            };
+        }
+        let known = known.filter(|_| comets > 0);
+        Reach {
+            comets,
+            connections: known.map(|(total, _)| total),
+            connections_age_ms: known
+                .map(|(_, oldest)| u64::try_from(now.saturating_sub(oldest)).unwrap_or(0)),
+        }
+    }
+
+    /// The reach of a push to `room`: members from each comet's latest room
+    /// report (`reports` is `None` when the router could not say).
+    fn room(
+        comets: &[CometNode],
+        reports: Option<&HashMap<String, ServerReport>>,
+        room: &str,
+    ) -> Reach {
+        let per_comet = comets.iter().map(|comet| {
+            let report = reports?.get(&comet.id)?;
+            let members = report.rooms.get(room).copied().unwrap_or(0);
+            Some((i64::from(members), report.updated_unix_ms))
+        });
+        Reach::new(comets.len(), per_comet)
+    }
+
+    /// The reach of a broadcast: each comet's connections at its last load refresh.
+    fn all(comets: &[CometNode]) -> Reach {
+        let per_comet = comets.iter().map(|comet| {
+            let at = comet.load_as_of?.duration_since(UNIX_EPOCH).ok()?;
+            Some((
+                i64::try_from(comet.conn_count).unwrap_or(i64::MAX),
+                i64::try_from(at.as_millis()).unwrap_or(i64::MAX),
+            ))
+        });
+        Reach::new(comets.len(), per_comet)
+    }
+
+    /// Records the known connection count on the push span.
+    fn record(&self) {
+        if let Some(connections) = self.connections {
+            record("targets", connections);
+        }
+    }
+}
+
+/// The answer to a room push.
+#[derive(Serialize)]
+struct RoomReach {
+    room: String,
+    #[serde(flatten)]
+    reach: Reach,
+}
+
+/// Enqueues one ROOM message; the answer says what it targets (best
+/// effort: the push does not depend on the router).
 pub(crate) async fn push_room(
     api: &Api,
     push: Push,
     operation: i32,
     room: String,
     msg: &Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     record("op", operation.into());
     let message = PushMsg {
         room: room.clone(),
@@ -226,20 +310,20 @@ pub(crate) async fn push_room(
     };
     push.send(api, message)
         .await
-        .map_err(|e| ApiError::Unavailable(format!("room message for {room} not enqueued: {e}")))?;
-    let (connections, comets) = match api.logic.router().server_reports().await {
-        Ok(reports) => reports
-            .values()
-            .filter_map(|r| r.rooms.get(&room))
-            .fold((0i64, 0usize), |(n, c), count| {
-                (n + i64::from(*count), c + 1)
-            }),
-        Err(_) => (0, 0),
+        .map_err(|source| HttpError::NotEnqueued {
+            what: format!("room message for {room}"),
+            source: Box::new(source),
+        })?;
+    let reports = match api.logic.room_reports().await {
+        Ok(reports) => Some(reports),
+        Err(err) => {
+            tracing::debug!(reason = %err, "room reports unavailable; the room push answers without counts");
+            None
+        }
     };
-    record("targets", connections);
-    Ok(ok(
-        json!({ "room": room, "connections": connections, "comets": comets }),
-    ))
+    let reach = Reach::room(&api.logic.comets(), reports.as_ref(), &room);
+    reach.record();
+    Ok(ok(RoomReach { room, reach }))
 }
 
 /// POST /goim/push/room?operation=&type=&room=: push to room `type://room`.
@@ -248,7 +332,7 @@ pub(crate) async fn room(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let push = Push::new("room");
     let plan = async {
         let params = Params::parse(query.as_deref());
@@ -267,7 +351,7 @@ pub(crate) async fn all(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, HttpError> {
     let push = Push::new("all");
     let plan = async {
         let params = Params::parse(query.as_deref());
@@ -275,7 +359,7 @@ pub(crate) async fn all(
         record("op", operation.into());
         let speed: i32 = params.parse_or("speed", "a non-negative 32-bit integer", 0)?;
         if speed < 0 {
-            return Err(ApiError::BadRequest(format!(
+            return Err(HttpError::BadRequest(format!(
                 "invalid parameter \"speed\": {speed} is negative"
             )));
         }
@@ -286,126 +370,109 @@ pub(crate) async fn all(
         };
         push.send(&api, message)
             .await
-            .map_err(|e| ApiError::Unavailable(format!("broadcast not enqueued: {e}")))?;
-        let nodes = api.logic.comets().nodes();
-        let connections: u64 = nodes.iter().map(|n| n.conn_count).sum();
-        record("targets", i64::try_from(connections).unwrap_or(i64::MAX));
-        Ok(ok(
-            json!({ "connections": connections, "comets": nodes.len() }),
-        ))
+            .map_err(|source| HttpError::NotEnqueued {
+                what: "broadcast".into(),
+                source: Box::new(source),
+            })?;
+        let reach = Reach::all(&api.logic.comets());
+        reach.record();
+        Ok(ok(reach))
     };
     push.run(&api, plan).await
 }
 
-/// GET /goim/online/top?type=&limit=: the most populated rooms of a type.
-pub(crate) async fn online_top(
-    State(api): State<Arc<Api>>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    let kind = params.required("type")?;
-    let limit: usize = params.parse_required("limit", "a positive integer")?;
-    if limit == 0 {
-        return Err(ApiError::BadRequest(
-            "invalid parameter \"limit\": must be positive".into(),
-        ));
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn comet(id: &str, conns: u64, load_as_of: Option<SystemTime>) -> CometNode {
+        CometNode {
+            id: id.into(),
+            conn_count: conns,
+            load_as_of,
+            ..CometNode::default()
+        }
     }
-    let prefix = format!("{kind}://");
-    let counts = api.logic.router().room_counts().await?;
-    let mut top: Vec<(String, i64)> = counts
-        .into_iter()
-        .filter_map(|(room, n)| room.strip_prefix(&prefix).map(|id| (id.to_owned(), n)))
-        .collect();
-    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    top.truncate(limit);
-    Ok(ok(top
-        .into_iter()
-        .map(|(room_id, count)| json!({ "room_id": room_id, "count": count }))
-        .collect::<Vec<_>>()))
-}
 
-/// GET /goim/online/room?type=&rooms=…: `{"<room>": count}`.
-pub(crate) async fn online_room(
-    State(api): State<Arc<Api>>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    let kind = params.required("type")?;
-    let rooms = params.list("rooms")?;
-    let counts = api.logic.router().room_counts().await?;
-    let answer: BTreeMap<String, i64> = rooms
-        .into_iter()
-        .map(|room| {
-            let count = counts
-                .get(&format!("{kind}://{room}"))
-                .copied()
-                .unwrap_or(0);
-            (room, count)
-        })
-        .collect();
-    Ok(ok(answer))
-}
+    fn report(rooms: &[(&str, i32)], age: Duration) -> ServerReport {
+        ServerReport {
+            rooms: rooms.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect(),
+            updated_unix_ms: now_millis() - i64::try_from(age.as_millis()).unwrap(),
+        }
+    }
 
-/// GET /goim/online/total: connections and distinct IPs over all comets.
-pub(crate) async fn online_total(State(api): State<Arc<Api>>) -> Response {
-    let nodes = api.logic.comets().nodes();
-    let conn_count: u64 = nodes.iter().map(|n| n.conn_count).sum();
-    let ip_count: u64 = nodes.iter().map(|n| n.ip_count).sum();
-    ok(json!({ "ip_count": ip_count, "conn_count": conn_count }))
-}
+    #[test]
+    fn a_room_count_is_given_only_when_every_comet_reported() {
+        let comets = [comet("a", 0, None), comet("b", 0, None)];
+        let mut reports = HashMap::from([
+            (
+                "a".to_owned(),
+                report(&[("live://1", 2)], Duration::from_secs(3)),
+            ),
+            (
+                "b".to_owned(),
+                report(&[("live://1", 3)], Duration::from_secs(8)),
+            ),
+        ]);
+        let reach = Reach::room(&comets, Some(&reports), "live://1");
+        assert_eq!((reach.comets, reach.connections), (2, Some(5)));
+        let age = reach.connections_age_ms.unwrap();
+        assert!(age >= 8_000, "the oldest report is 8 s old, got {age} ms");
 
-/// The client's address: the first X-Forwarded-For hop, X-Real-IP, or the peer.
-fn client_ip(headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    header("x-forwarded-for")
-        .and_then(|v| v.split(',').next())
-        .or_else(|| header("x-real-ip"))
-        .and_then(|v| v.trim().parse().ok())
-        .or_else(|| peer.map(|p| p.ip()))
-}
+        // A room no member is in, by every comet's report: known to be empty.
+        let reach = Reach::room(&comets, Some(&reports), "live://9");
+        assert_eq!(reach.connections, Some(0));
 
-/// GET /goim/nodes/weighted?platform=&region=: comets for this client.
-pub(crate) async fn nodes_weighted(
-    State(api): State<Arc<Api>>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    extensions: Extensions,
-) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref());
-    // Present when served with connect info (always, outside unit tests).
-    let peer = extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(p)| *p);
-    let ip = client_ip(&headers, peer);
-    let selector = api.logic.selector();
-    let region = selector.region_of(params.opt("region"), ip);
-    let choices = selector.rank(&api.logic.comets().nodes(), region.as_deref());
-    let reply = selector.reply(&choices);
-    let backoff = reply.backoff.unwrap_or_default();
-    Ok(ok(json!({
-        "domain": reply.domain,
-        "tcp_port": reply.tcp_port,
-        "ws_port": reply.ws_port,
-        "wss_port": reply.wss_port,
-        "heartbeat": reply.heartbeat,
-        "heartbeat_max": reply.heartbeat_max,
-        "nodes": reply.nodes,
-        "backoff": {
-            "max_delay": backoff.max_delay,
-            "base_delay": backoff.base_delay,
-            "factor": backoff.factor,
-            "jitter": backoff.jitter,
-        },
-        // rim: the full addresses behind `nodes`, in the same order, for
-        // clients that can use per-node ports; and the region it used.
-        "region": region,
-        "instances": choices.iter().map(|c| json!({
-            "id": c.node.id, "region": c.node.region, "tcp": c.node.tcp, "ws": c.node.ws, "wss": c.node.wss,
-        })).collect::<Vec<_>>(),
-    })))
-}
+        // One comet has not reported: the count is unknown, not partial.
+        reports.remove("b");
+        let reach = Reach::room(&comets, Some(&reports), "live://1");
+        assert_eq!(
+            reach,
+            Reach {
+                comets: 2,
+                connections: None,
+                connections_age_ms: None
+            }
+        );
+        // No reports at all (the router is down).
+        assert_eq!(Reach::room(&comets, None, "live://1").connections, None);
+    }
 
-/// GET /goim/nodes/instances: the comets logic knows of.
-pub(crate) async fn nodes_instances(State(api): State<Arc<Api>>) -> Response {
-    ok(api.logic.comets().nodes())
+    #[test]
+    fn a_broadcast_count_is_given_only_when_every_comets_load_is_known() {
+        let measured = SystemTime::now() - Duration::from_secs(4);
+        let comets = [
+            comet("a", 5, Some(measured)),
+            comet("b", 10, Some(SystemTime::now())),
+        ];
+        let reach = Reach::all(&comets);
+        assert_eq!((reach.comets, reach.connections), (2, Some(15)));
+        assert!(reach.connections_age_ms.unwrap() >= 4_000);
+
+        let comets = [comet("a", 5, Some(measured)), comet("b", 0, None)];
+        assert_eq!(
+            Reach::all(&comets),
+            Reach {
+                comets: 2,
+                connections: None,
+                connections_age_ms: None
+            }
+        );
+        assert_eq!(Reach::all(&[]).connections, None, "no comet, nothing known");
+    }
+
+    #[test]
+    fn unknown_counts_are_left_out_of_the_answer() {
+        let reach = Reach {
+            comets: 3,
+            connections: None,
+            connections_age_ms: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&reach).unwrap(),
+            json!({ "comets": 3 })
+        );
+    }
 }

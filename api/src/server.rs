@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use rim_config::ApiConfig;
-use rim_logic::Logic;
+use rim_logic::LogicFacade;
 use rim_queue::Producer;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -19,11 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ok;
 use crate::metrics::{ApiMetrics, track};
-use crate::{ApiError, admin, push};
+use crate::{HttpError, admin, nodes, online, push};
 
 /// What the handlers share.
 pub struct Api {
-    pub(crate) logic: Arc<Logic>,
+    /// Everything the handlers ask of logic, through its one boundary.
+    pub(crate) logic: Arc<dyn LogicFacade>,
     pub(crate) producer: Arc<dyn Producer>,
     pub(crate) max_body: usize,
     pub(crate) admin_token: Option<String>,
@@ -39,8 +40,12 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
-    /// Creates the API over logic and a queue producer.
-    pub fn new(config: &ApiConfig, logic: Arc<Logic>, producer: Arc<dyn Producer>) -> Arc<Api> {
+    /// Creates the API over logic's facade and a queue producer.
+    pub fn new(
+        config: &ApiConfig,
+        logic: Arc<dyn LogicFacade>,
+        producer: Arc<dyn Producer>,
+    ) -> Arc<Api> {
         Arc::new(Api {
             logic,
             producer,
@@ -60,17 +65,17 @@ impl Api {
         &self,
         headers: &HeaderMap,
         body: Body,
-    ) -> Result<Bytes, ApiError> {
+    ) -> Result<Bytes, HttpError> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.max_body as u64) {
-            return Err(ApiError::TooLarge(self.max_body));
+            return Err(HttpError::TooLarge(self.max_body));
         }
         axum::body::to_bytes(body, self.max_body)
             .await
-            .map_err(|_| ApiError::TooLarge(self.max_body))
+            .map_err(|_| HttpError::TooLarge(self.max_body))
     }
 }
 
@@ -88,11 +93,11 @@ fn routes(api: Arc<Api>, registry: Option<Arc<rim_metrics::Registry>>) -> Router
         .route("/goim/push/mids", post(push::mids))
         .route("/goim/push/room", post(push::room))
         .route("/goim/push/all", post(push::all))
-        .route("/goim/online/top", get(push::online_top))
-        .route("/goim/online/room", get(push::online_room))
-        .route("/goim/online/total", get(push::online_total))
-        .route("/goim/nodes/weighted", get(push::nodes_weighted))
-        .route("/goim/nodes/instances", get(push::nodes_instances))
+        .route("/goim/online/top", get(online::top))
+        .route("/goim/online/room", get(online::room))
+        .route("/goim/online/total", get(online::total))
+        .route("/goim/nodes/weighted", get(nodes::weighted))
+        .route("/goim/nodes/instances", get(nodes::instances))
         .nest("/admin", admin::routes(Arc::clone(&api)))
         .route("/", get(demo))
         .route("/healthz", get(|| async { ok("ok") }))
@@ -116,26 +121,14 @@ async fn demo() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("../static/demo.html"))
 }
 
-/// Ready when the router and the queue answer.
+/// Ready when logic (its router) and the queue answer.
 async fn readyz(State(api): State<Arc<Api>>) -> Response {
-    let router = api
-        .logic
-        .router()
-        .ping()
-        .await
-        .err()
-        .map(|e| format!("router: {e}"));
-    let queue = api
-        .producer
-        .ping()
-        .await
-        .err()
-        .map(|e| format!("queue: {e}"));
-    let problems: Vec<String> = router.into_iter().chain(queue).collect();
-    if problems.is_empty() {
+    let router = api.logic.ping().await.err();
+    let queue = api.producer.ping().await.err().map(Box::new);
+    if router.is_none() && queue.is_none() {
         ok("ready")
     } else {
-        ApiError::Unavailable(problems.join("; ")).into_response()
+        HttpError::NotReady { router, queue }.into_response()
     }
 }
 

@@ -5,8 +5,9 @@ mod support;
 
 use std::sync::Arc;
 
+use rim_logic::CometNode;
 use serde_json::{Value, json};
-use support::{DownRouter, Setup};
+use support::{DownRouter, FakeComet, Setup, stats};
 
 async fn with_rooms() -> support::Harness {
     let h = Setup::new().start().await;
@@ -159,7 +160,7 @@ async fn nodes_weighted_has_goims_shape() {
         json!({ "max_delay": 300, "base_delay": 3, "factor": 1.8, "jitter": 0.3 })
     );
     assert_eq!(node_ids(data), ["comet-b", "comet-a"]);
-    assert!(data["region"].is_null(), "{data}");
+    assert!(data.get("region").is_none(), "no region: left out, {data}");
 }
 
 #[tokio::test]
@@ -178,12 +179,12 @@ async fn nodes_weighted_lists_the_clients_region_first() {
         .clone();
     assert_eq!(data["nodes"], json!(["a.example", "b.example"]));
     assert_eq!(
-        (
-            data["tcp_port"].clone(),
-            data["ws_port"].clone(),
-            data["wss_port"].clone()
-        ),
-        (json!(3101), json!(3102), json!(0))
+        (data["tcp_port"].clone(), data["ws_port"].clone()),
+        (json!(3101), json!(3102))
+    );
+    assert!(
+        data.get("wss_port").is_none(),
+        "comet-a has no WSS listener: left out like goim, not 0: {data}"
     );
     assert_eq!(data["region"], "eu");
 
@@ -228,7 +229,109 @@ async fn nodes_weighted_lists_the_clients_region_first() {
         .header("X-Forwarded-For", "192.0.2.1");
     let data = h.send(request).await.ok().clone();
     assert_eq!(node_ids(&data), ["comet-b", "comet-a"]);
-    assert!(data["region"].is_null(), "{data}");
+    assert!(data.get("region").is_none(), "{data}");
+}
+
+/// Comets with distinct TCP and WebSocket hosts: `tcp` only, `ws` (public
+/// domain set) and `wss` (no public domain, WSS only).
+fn mixed_comets() -> Vec<(CometNode, Arc<FakeComet>)> {
+    let node = |id: &str, weight: u32, tcp: &str, ws: &str, wss: &str, domain: &str| CometNode {
+        id: id.into(),
+        region: "eu".into(),
+        weight,
+        tcp: tcp.into(),
+        ws: ws.into(),
+        wss: wss.into(),
+        domain: domain.into(),
+        grpc: format!("10.0.0.{weight}:3109"),
+        ..CometNode::default()
+    };
+    vec![
+        (
+            node("tcp", 30, "10.0.0.1:3101", "", "", ""),
+            FakeComet::new(stats("tcp", 0, 0, 0)),
+        ),
+        (
+            node(
+                "ws",
+                20,
+                "10.0.0.2:3101",
+                "10.0.0.2:3102",
+                "10.0.0.2:3103",
+                "ws-1.im.example",
+            ),
+            FakeComet::new(stats("ws", 0, 0, 0)),
+        ),
+        (
+            node("wss", 10, "", "", "wss-1.internal:443", ""),
+            FakeComet::new(stats("wss", 0, 0, 0)),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn nodes_weighted_gives_web_clients_websocket_hosts() {
+    let h = Setup::new()
+        .nodes_domain("")
+        .comets(mixed_comets())
+        .start()
+        .await;
+
+    // A browser: the comets with a WebSocket listener, by public domain when
+    // the comet has one, else by the host of its WebSocket address.
+    let data = h
+        .get("/goim/nodes/weighted?platform=web")
+        .await
+        .ok()
+        .clone();
+    assert_eq!(
+        node_ids(&data),
+        ["ws", "wss"],
+        "a TCP-only comet is no use to a browser"
+    );
+    assert_eq!(data["nodes"], json!(["ws-1.im.example", "wss-1.internal"]));
+    assert_eq!(
+        (data["ws_port"].clone(), data["wss_port"].clone()),
+        (json!(3102), json!(3103))
+    );
+    // Unset fields are left out, like goim: no domain configured, no region.
+    for unset in ["domain", "region"] {
+        assert!(data.get(unset).is_none(), "{unset} in {data}");
+    }
+    assert_eq!(data["instances"][0]["domain"], "ws-1.im.example");
+    assert!(data["instances"][1].get("tcp").is_none(), "{data}");
+
+    // An app: TCP hosts first, every comet it can reach.
+    let data = h
+        .get("/goim/nodes/weighted?platform=android")
+        .await
+        .ok()
+        .clone();
+    assert_eq!(node_ids(&data), ["tcp", "ws", "wss"]);
+    assert_eq!(
+        data["nodes"],
+        json!(["10.0.0.1", "10.0.0.2", "wss-1.internal"])
+    );
+    assert_eq!(data["tcp_port"], 3101);
+    assert!(
+        data.get("ws_port").is_none() && data.get("wss_port").is_none(),
+        "the first comet has TCP only: {data}"
+    );
+}
+
+#[tokio::test]
+async fn nodes_weighted_falls_back_to_the_default_domain_like_goim() {
+    // No comet a browser can use: goim answers its default domain.
+    let comets = mixed_comets().into_iter().take(1).collect();
+    let h = Setup::new().comets(comets).start().await;
+    let data = h
+        .get("/goim/nodes/weighted?platform=web")
+        .await
+        .ok()
+        .clone();
+    assert_eq!(data["nodes"], json!(["im.example"]));
+    assert_eq!(data["domain"], "im.example");
+    assert!(node_ids(&data).is_empty(), "{data}");
 }
 
 #[tokio::test]

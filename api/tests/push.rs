@@ -276,10 +276,13 @@ async fn push_room_enqueues_one_room_message_for_type_and_room() {
             "room body",
         )
         .await;
+    let data = answer.ok();
     assert_eq!(
-        answer.ok(),
-        &json!({ "room": "live://1", "connections": 5, "comets": 2 })
+        (&data["room"], &data["comets"], &data["connections"]),
+        (&json!("live://1"), &json!(2), &json!(5)),
+        "{data}"
     );
+    assert_report_age(data);
 
     let msgs = h.drain().await;
     assert_eq!(msgs.len(), 1, "{msgs:?}");
@@ -291,15 +294,54 @@ async fn push_room_enqueues_one_room_message_for_type_and_room() {
     assert!(msg.keys.is_empty() && msg.server.is_empty(), "{msg:?}");
     assert_recent(msg);
 
-    // A room nobody is in is still pushed (members may join before delivery).
+    // A room nobody is in is still pushed (members may join before delivery);
+    // every comet reported, so its 0 is known, with its age.
     let answer = h
         .post("/goim/push/room?operation=1002&type=live&room=77", "x")
         .await;
+    let data = answer.ok();
+    assert_eq!(
+        (&data["room"], &data["comets"], &data["connections"]),
+        (&json!("live://77"), &json!(2), &json!(0)),
+        "{data}"
+    );
+    assert_report_age(data);
+    assert_eq!(h.drain().await.len(), 1);
+}
+
+/// Asserts that a push answer says how old its connection count is.
+#[track_caller]
+fn assert_report_age(data: &serde_json::Value) {
+    assert!(
+        data["connections_age_ms"].is_u64(),
+        "no connections_age_ms in {data}"
+    );
+}
+
+#[tokio::test]
+async fn push_room_leaves_the_count_out_until_every_comet_has_reported() {
+    let mut h = Setup::new().start().await;
+    // Before any report the members are unknown: no count that reads as nobody.
+    let answer = h
+        .post("/goim/push/room?operation=1000&type=live&room=1", "x")
+        .await;
     assert_eq!(
         answer.ok(),
-        &json!({ "room": "live://77", "connections": 0, "comets": 0 })
+        &json!({ "room": "live://1", "comets": 2 }),
+        "both comets are targeted, their members are not known"
     );
-    assert_eq!(h.drain().await.len(), 1);
+    // comet-b has not reported yet: a partial sum would undercount.
+    h.report_rooms("comet-a", &[("live://1", 2)]).await;
+    let answer = h
+        .post("/goim/push/room?operation=1000&type=live&room=1", "x")
+        .await;
+    assert_eq!(answer.ok(), &json!({ "room": "live://1", "comets": 2 }));
+    h.report_rooms("comet-b", &[]).await;
+    let answer = h
+        .post("/goim/push/room?operation=1000&type=live&room=1", "x")
+        .await;
+    assert_eq!(answer.ok()["connections"], 2, "{:?}", answer.body);
+    assert_eq!(h.drain().await.len(), 3, "every room push was enqueued");
 }
 
 #[tokio::test]
@@ -336,7 +378,13 @@ async fn push_all_enqueues_a_broadcast_with_its_speed() {
         .post("/goim/push/all?operation=1003&speed=250", "to everyone")
         .await;
     // comet-a: 3 tcp + 2 ws; comet-b: 10 tcp.
-    assert_eq!(answer.ok(), &json!({ "connections": 15, "comets": 2 }));
+    let data = answer.ok();
+    assert_eq!(
+        (&data["connections"], &data["comets"]),
+        (&json!(15), &json!(2)),
+        "{data}"
+    );
+    assert_report_age(data);
     let msgs = h.drain().await;
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     let msg = &msgs[0];
@@ -444,6 +492,15 @@ async fn a_partly_failed_push_names_the_comet_whose_message_was_not_enqueued() {
 }
 
 #[tokio::test]
+async fn push_all_leaves_the_count_out_until_the_comets_load_is_known() {
+    let mut h = Setup::new().start().await;
+    // No stats refresh yet: the comets are targeted, their connections unknown.
+    let answer = h.post("/goim/push/all?operation=1000", "x").await;
+    assert_eq!(answer.ok(), &json!({ "comets": 2 }));
+    assert_eq!(h.drain().await.len(), 1);
+}
+
+#[tokio::test]
 async fn pushes_by_key_or_user_answer_503_when_the_router_is_down() {
     let mut h = Setup::new().router(Arc::new(DownRouter)).start().await;
 
@@ -458,14 +515,12 @@ async fn pushes_by_key_or_user_answer_503_when_the_router_is_down() {
 async fn room_and_broadcast_pushes_do_not_need_the_router() {
     let mut h = Setup::new().router(Arc::new(DownRouter)).start().await;
 
-    // The room push is enqueued; only its (best-effort) member count is lost.
+    // The room push is enqueued; only its (best-effort) member count is
+    // lost, and left out rather than given as 0.
     let answer = h
         .post("/goim/push/room?operation=1000&type=live&room=1", "x")
         .await;
-    assert_eq!(
-        answer.ok(),
-        &json!({ "room": "live://1", "connections": 0, "comets": 0 })
-    );
+    assert_eq!(answer.ok(), &json!({ "room": "live://1", "comets": 2 }));
     h.post("/goim/push/all?operation=1000", "x").await.ok();
     let msgs = h.drain().await;
     let kinds: Vec<PushType> = msgs.iter().map(|m| m.r#type()).collect();

@@ -99,7 +99,7 @@ impl Authenticator {
     }
 
     /// Returns the configured policy.
-    pub fn policy(&self) -> AuthPolicy {
+    pub(crate) fn policy(&self) -> AuthPolicy {
         match *self.policy {
             Policy::None => AuthPolicy::None,
             Policy::Jwt(_) => AuthPolicy::Jwt,

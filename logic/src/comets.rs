@@ -1,15 +1,19 @@
 //! The comets logic knows of: where clients reach them, how loaded they
 //! are, and a `CometApi` client for each (for admin calls and stats).
 //!
-//! Today the directory is filled from static discovery (or, in standalone,
-//! with the local comet); ZooKeeper discovery will feed `replace`.
+//! The directory is filled from discovery (`replace`, with every change the
+//! watch reports) or, in standalone, with the local comet (`insert`); its
+//! load is refreshed from each comet's stats (`refresh_every`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rim_config::StaticComet;
-use rim_proto::api::{CometApi, RemoteComet};
+use rim_discovery::NodeInfo;
+use rim_proto::api::{CometApi, RemoteComet, RpcError};
+
+/// How long one call to a comet (stats, kick) may take.
+pub(crate) const COMET_CALL: Duration = Duration::from_secs(5);
 
 /// A comet as logic sees it.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -26,12 +30,43 @@ pub struct CometNode {
     pub ws: String,
     /// Client WSS address, `host:port` (empty = none).
     pub wss: String,
+    /// Public host name web clients reach the WebSocket listeners by
+    /// (`comet.public_domain`; empty = the host of `ws` / `wss`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub domain: String,
     /// gRPC address, `host:port`.
     pub grpc: String,
     /// Connections at the last stats refresh.
     pub conn_count: u64,
     /// Distinct client IPs at the last stats refresh.
     pub ip_count: u64,
+    /// When `conn_count` and `ip_count` were measured; `None` = never (they
+    /// are then unknown, not zero).
+    #[serde(skip)]
+    pub load_as_of: Option<SystemTime>,
+}
+
+impl From<&NodeInfo> for CometNode {
+    /// The directory's view of a comet discovery reports; its load comes
+    /// with the registration (measured when it was written).
+    fn from(info: &NodeInfo) -> CometNode {
+        CometNode {
+            id: info.id.clone(),
+            region: info.region.clone(),
+            weight: info.weight,
+            tcp: info.addrs.tcp.clone(),
+            ws: info.addrs.ws.clone(),
+            wss: info.addrs.wss.clone(),
+            domain: info.domain.clone(),
+            grpc: info.addrs.grpc.clone(),
+            conn_count: info.conn_count,
+            ip_count: info.ip_count,
+            load_as_of: u64::try_from(info.updated)
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
 }
 
 struct Entry {
@@ -53,40 +88,20 @@ impl std::fmt::Debug for Comets {
     }
 }
 
-/// Why the directory could not be built.
+/// Why the directory could not be built: a comet's gRPC address is unusable.
 #[derive(Debug, thiserror::Error)]
-#[error("comet {id}: bad grpc address {addr:?}: {reason}")]
+#[error("comet {id}: bad grpc address {addr:?}: {source}")]
 pub struct BadComet {
     id: String,
     addr: String,
-    reason: String,
+    #[source]
+    source: RpcError,
 }
 
 impl Comets {
     /// Creates an empty directory.
     pub fn new() -> Comets {
         Comets::default()
-    }
-
-    /// Creates a directory of remote comets from static discovery.
-    pub fn from_static(list: &[StaticComet]) -> Result<Comets, BadComet> {
-        let comets = Comets::new();
-        comets.replace(
-            list.iter()
-                .map(|c| CometNode {
-                    id: c.id.clone(),
-                    region: c.region.clone(),
-                    weight: c.weight,
-                    tcp: c.tcp.clone(),
-                    ws: c.ws.clone(),
-                    wss: c.wss.clone(),
-                    grpc: c.grpc.clone(),
-                    conn_count: 0,
-                    ip_count: 0,
-                })
-                .collect(),
-        )?;
-        Ok(comets)
     }
 
     /// Makes the directory hold exactly `nodes` (from discovery): clients of
@@ -110,7 +125,7 @@ impl Comets {
                 None => Arc::new(RemoteComet::connect_lazy(&node.grpc).map_err(|e| BadComet {
                     id: node.id.clone(),
                     addr: node.grpc.clone(),
-                    reason: e.to_string(),
+                    source: e,
                 })?) as Arc<dyn CometApi>,
             };
             fresh.insert(node.id.clone(), Entry { node, api });
@@ -143,7 +158,7 @@ impl Comets {
     }
 
     /// Returns the client of one comet.
-    pub fn api(&self, id: &str) -> Option<Arc<dyn CometApi>> {
+    pub(crate) fn api(&self, id: &str) -> Option<Arc<dyn CometApi>> {
         let entries = self
             .entries
             .read()
@@ -152,7 +167,7 @@ impl Comets {
     }
 
     /// Returns every comet with its client.
-    pub fn all(&self) -> Vec<(CometNode, Arc<dyn CometApi>)> {
+    pub(crate) fn all(&self) -> Vec<(CometNode, Arc<dyn CometApi>)> {
         let entries = self
             .entries
             .read()
@@ -184,7 +199,7 @@ impl Comets {
     /// does not answer keeps its last figures (and is logged).
     pub async fn refresh_load(&self) {
         for (node, api) in self.all() {
-            match tokio::time::timeout(Duration::from_secs(5), api.stats()).await {
+            match tokio::time::timeout(COMET_CALL, api.stats()).await {
                 Ok(Ok(stats)) => {
                     let mut entries = self
                         .entries
@@ -193,6 +208,7 @@ impl Comets {
                     if let Some(entry) = entries.get_mut(&node.id) {
                         entry.node.conn_count = stats.tcp_connections + stats.ws_connections;
                         entry.node.ip_count = stats.ip_count;
+                        entry.node.load_as_of = Some(SystemTime::now());
                     }
                 }
                 Ok(Err(err)) => {

@@ -1,15 +1,26 @@
 //! rim-logic owns the logic service: auth policies, presence (connect,
 //! disconnect, heartbeat leases) written to the router, cluster-wide online
-//! counts, node selection for clients, and the logic gRPC service comets call.
+//! counts, node selection for clients, the comet directory, and the logic
+//! gRPC service comets call.
+//!
+//! The HTTP API reaches it through one boundary, [`LogicFacade`] (push
+//! planning, online queries, node selection, admin calls, readiness);
+//! comets reach it through `rim_proto::api::LogicApi`.
 //!
 //! It does not store the online map (rim-router) nor serve HTTP (rim-api).
 
 pub mod auth;
-pub mod comets;
-pub mod grpc;
+mod comets;
+mod facade;
+mod grpc;
 mod metrics;
-pub mod nodes;
+mod nodes;
 mod service;
-pub mod webhook;
+mod webhook;
 
+pub use comets::{BadComet, CometNode, Comets};
+pub use facade::{CometCallError, FacadeError, KeysByComet, LogicFacade, NodeQuery, NodeSelection};
+pub use grpc::serve as serve_grpc;
+pub use nodes::Choice;
 pub use service::Logic;
+pub use webhook::{HttpClient, MAX_RESPONSE_BODY, WebhookError};

@@ -1,5 +1,6 @@
 //! The logic service: the local `LogicApi` that comets call (directly in
-//! standalone, over gRPC otherwise).
+//! standalone, over gRPC otherwise). What the HTTP API asks of it is in
+//! `facade`.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use rim_router::Router;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::comets::Comets;
+use crate::facade::{LogicFacade, NodeQuery};
 use crate::metrics::LogicMetrics;
 use crate::nodes::NodeSelector;
 use crate::webhook::HttpClient;
@@ -100,17 +102,17 @@ impl Logic {
     }
 
     /// Returns the online map.
-    pub fn router(&self) -> &Arc<dyn Router> {
+    pub(crate) fn router(&self) -> &Arc<dyn Router> {
         &self.router
     }
 
     /// Returns the comet directory.
-    pub fn comets(&self) -> &Arc<Comets> {
+    pub(crate) fn directory(&self) -> &Comets {
         &self.comets
     }
 
     /// Returns the node selector.
-    pub fn selector(&self) -> &NodeSelector {
+    pub(crate) fn selector(&self) -> &NodeSelector {
         &self.selector
     }
 }
@@ -244,9 +246,11 @@ impl LogicApi for Logic {
     }
 
     async fn nodes(&self, req: pb::NodesRequest) -> RpcResult<pb::NodesReply> {
-        let ip = req.client_ip.parse::<IpAddr>().ok();
-        let region = self.selector.region_of(Some(&req.region), ip);
-        let choices = self.selector.rank(&self.comets.nodes(), region.as_deref());
-        Ok(self.selector.reply(&choices))
+        let query = NodeQuery {
+            platform: &req.platform,
+            region: Some(&req.region),
+            client_ip: req.client_ip.parse::<IpAddr>().ok(),
+        };
+        Ok(self.select_nodes(query).reply)
     }
 }

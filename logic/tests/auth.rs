@@ -15,7 +15,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use hmac::{Hmac, KeyInit, Mac};
 use rim_config::{AuthConfig, AuthPolicy};
 use rim_logic::auth::{AuthError, Authenticator, Identity, MAX_TOKEN_LEN};
-use rim_logic::webhook::{HttpClient, MAX_RESPONSE_BODY, WebhookError};
+use rim_logic::{HttpClient, MAX_RESPONSE_BODY, WebhookError};
 use serde_json::{Value, json};
 use sha2::Sha256;
 

@@ -7,9 +7,7 @@ use anyhow::Context;
 use rim_api::{Api, serve_with_metrics};
 use rim_config::{LogicConfig, LogicRoleConfig, RouterConfig};
 use rim_discovery::{Addrs, Kind, NodeInfo};
-use rim_logic::comets::{CometNode, Comets};
-use rim_logic::webhook::HttpClient;
-use rim_logic::{Logic, grpc};
+use rim_logic::{CometNode, Comets, HttpClient, Logic, LogicFacade};
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -45,20 +43,7 @@ impl Listeners {
 /// The comet directory's view of discovered comets (their load comes with
 /// them; Stats refreshes it between registrations).
 fn comet_nodes(nodes: &[NodeInfo]) -> Vec<CometNode> {
-    nodes
-        .iter()
-        .map(|n| CometNode {
-            id: n.id.clone(),
-            region: n.region.clone(),
-            weight: n.weight,
-            tcp: n.addrs.tcp.clone(),
-            ws: n.addrs.ws.clone(),
-            wss: n.addrs.wss.clone(),
-            grpc: n.addrs.grpc.clone(),
-            conn_count: n.conn_count,
-            ip_count: n.ip_count,
-        })
-        .collect()
+    nodes.iter().map(CometNode::from).collect()
 }
 
 /// Runs `rim logic` until `shutdown` triggers.
@@ -74,7 +59,7 @@ pub async fn run(
         .watch(Kind::Comet)
         .await
         .context("discovery: cannot watch the comets")?;
-    let comets = Comets::new();
+    let comets = Arc::new(Comets::new());
     comets
         .replace(comet_nodes(&watched.borrow_and_update()))
         .context("discovery")?;
@@ -101,14 +86,14 @@ pub async fn run(
         .await
         .context("discovery: cannot register")?;
     let producer = rim_queue::kafka_producer(&config.queue).context("queue")?;
-    let logic = build_logic(&config.logic, &config.router, Arc::new(comets)).await?;
+    let logic = build_logic(&config.logic, &config.router, Arc::clone(&comets)).await?;
     // Follow the comets discovery reports (node selection, admin, online totals).
     let follow = {
-        let logic = Arc::clone(&logic);
+        let comets = Arc::clone(&comets);
         tokio::spawn(async move {
             while watched.changed().await.is_ok() {
                 let nodes = comet_nodes(&watched.borrow_and_update());
-                if let Err(err) = logic.comets().replace(nodes) {
+                if let Err(err) = comets.replace(nodes) {
                     tracing::warn!(reason = %err, "comet directory not updated");
                 }
             }
@@ -116,13 +101,17 @@ pub async fn run(
     };
 
     let stop = CancellationToken::new();
-    let refresher = Arc::clone(logic.comets()).refresh_every(LOAD_REFRESH, stop.clone());
-    let grpc_task = tokio::spawn(grpc::serve(
+    let refresher = Arc::clone(&comets).refresh_every(LOAD_REFRESH, stop.clone());
+    let grpc_task = tokio::spawn(rim_logic::serve_grpc(
         Arc::clone(&logic),
         listeners.grpc,
         stop.clone(),
     ));
-    let api = Api::new(&config.api, Arc::clone(&logic), producer);
+    let api = Api::new(
+        &config.api,
+        Arc::clone(&logic) as Arc<dyn LogicFacade>,
+        producer,
+    );
     let mut registry = super::metrics_registry("logic");
     logic.register_metrics(&mut registry);
     api.register_metrics(&mut registry);

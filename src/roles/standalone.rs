@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use rim_comet::{Comet, Listeners};
 use rim_config::{QueueBackend, StandaloneConfig};
-use rim_logic::comets::{CometNode, Comets};
+use rim_discovery::{Addrs, NodeInfo};
+use rim_logic::{CometNode, Comets};
 use rim_proto::api::CometApi;
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -40,17 +41,21 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let metrics = super::bind_metrics(config.metrics.bind_addr()).await?;
     let first =
         |list: &[TcpListener]| loopback_advertised(list.first().and_then(|l| l.local_addr().ok()));
-    let node = CometNode {
+    // The local comet as discovery would describe it, with loopback addresses.
+    let node = CometNode::from(&NodeInfo {
         id: config.node.id.clone(),
         region: config.node.region.clone(),
+        zone: config.node.zone.clone(),
+        addrs: Addrs {
+            tcp: first(&listeners.tcp),
+            ws: first(&listeners.ws),
+            wss: first(&listeners.wss),
+            grpc: loopback_advertised(listeners.grpc.local_addr().ok()),
+        },
+        domain: config.comet.public_domain.clone(),
         weight: config.node.weight,
-        tcp: first(&listeners.tcp),
-        ws: first(&listeners.ws),
-        wss: first(&listeners.wss),
-        grpc: loopback_advertised(listeners.grpc.local_addr().ok()),
-        conn_count: 0,
-        ip_count: 0,
-    };
+        ..NodeInfo::default()
+    });
     let http_addr = loopback_advertised(http.local_addr().ok());
 
     let comets = Arc::new(Comets::new());
@@ -80,7 +85,11 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let stop = CancellationToken::new();
     let consuming = tokio::spawn(rim_job::consume(job, consumer, stop.clone()));
     let refresher = Arc::clone(&comets).refresh_every(super::logic::LOAD_REFRESH, stop.clone());
-    let api = rim_api::Api::new(&config.api, Arc::clone(&logic), Arc::new(producer));
+    let api = rim_api::Api::new(
+        &config.api,
+        Arc::clone(&logic) as Arc<dyn rim_logic::LogicFacade>,
+        Arc::new(producer),
+    );
     api.register_metrics(&mut registry);
     let registry = Arc::new(registry);
     // The same exposition on a listener of its own, when `metrics.bind` is set.

@@ -1,7 +1,8 @@
 //! The test harness for rim-api's black-box HTTP tests: the real API served
 //! on 127.0.0.1:0 over a real in-memory router, a real in-memory queue (whose
-//! consumer the test keeps, to see what was enqueued), a real `Logic` and a
-//! comet directory of fakes that record kicks and return scripted stats.
+//! consumer the test keeps, to see what was enqueued), a real `Logic` (the
+//! API sees it through its `LogicFacade`, as in production) and a comet
+//! directory of fakes that record kicks and return scripted stats.
 //!
 //! Every wait is bounded: HTTP calls by the client's timeout, queue reads
 //! and raw-socket reads by `tokio::time::timeout`.
@@ -20,9 +21,7 @@ use rim_api::Api;
 use rim_config::{
     ApiConfig, Cidr, LogicConfig, NodesConfig, RegionCidr, RouterBackend, RouterConfig,
 };
-use rim_logic::Logic;
-use rim_logic::comets::{CometNode, Comets};
-use rim_logic::webhook::HttpClient;
+use rim_logic::{CometNode, Comets, HttpClient, Logic, LogicFacade};
 use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as comet;
 use rim_proto::pb::logic::v1 as logic;
@@ -279,6 +278,7 @@ pub struct Setup {
     router: Option<Arc<dyn Router>>,
     producer: Option<WrapProducer>,
     comets: Vec<(CometNode, Arc<FakeComet>)>,
+    domain: String,
 }
 
 impl Default for Setup {
@@ -290,6 +290,7 @@ impl Default for Setup {
             router: None,
             producer: None,
             comets: default_comets(),
+            domain: "im.example".into(),
         }
     }
 }
@@ -332,6 +333,12 @@ impl Setup {
         self
     }
 
+    /// Sets `logic.nodes.domain` (goim's default domain; `im.example` unless told).
+    pub fn nodes_domain(mut self, domain: &str) -> Setup {
+        self.domain = domain.into();
+        self
+    }
+
     /// Replaces the comet directory.
     pub fn comets(mut self, comets: Vec<(CometNode, Arc<FakeComet>)>) -> Setup {
         self.comets = comets;
@@ -361,7 +368,7 @@ impl Setup {
         }
         let config = LogicConfig {
             nodes: NodesConfig {
-                domain: "im.example".into(),
+                domain: self.domain,
                 max_nodes: 5,
                 regions: self
                     .regions
@@ -392,7 +399,9 @@ impl Setup {
             max_body: self.max_body,
             admin_token: self.admin_token,
         };
-        let api = Api::new(&api_config, Arc::clone(&logic), producer);
+        // The API sees logic only through its facade.
+        let facade: Arc<dyn LogicFacade> = Arc::clone(&logic) as _;
+        let api = Api::new(&api_config, facade, producer);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let stop = CancellationToken::new();
