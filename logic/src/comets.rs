@@ -6,7 +6,9 @@
 //! load is refreshed from each comet's stats (`refresh_every`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rim_discovery::NodeInfo;
@@ -111,10 +113,7 @@ impl Comets {
         let mut fresh = HashMap::with_capacity(nodes.len());
         for node in nodes {
             let kept = {
-                let entries = self
-                    .entries
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let entries = self.entries.read();
                 entries
                     .get(&node.id)
                     .filter(|e| e.node.grpc == node.grpc)
@@ -130,28 +129,19 @@ impl Comets {
             };
             fresh.insert(node.id.clone(), Entry { node, api });
         }
-        *self
-            .entries
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        *self.entries.write() = fresh;
         Ok(())
     }
 
     /// Adds (or replaces) one comet.
     pub fn insert(&self, node: CometNode, api: Arc<dyn CometApi>) {
-        let mut entries = self
-            .entries
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = self.entries.write();
         entries.insert(node.id.clone(), Entry { node, api });
     }
 
     /// Returns every comet, sorted by id.
     pub fn nodes(&self) -> Vec<CometNode> {
-        let entries = self
-            .entries
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entries = self.entries.read();
         let mut nodes: Vec<CometNode> = entries.values().map(|e| e.node.clone()).collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         nodes
@@ -159,19 +149,13 @@ impl Comets {
 
     /// Returns the client of one comet.
     pub(crate) fn api(&self, id: &str) -> Option<Arc<dyn CometApi>> {
-        let entries = self
-            .entries
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entries = self.entries.read();
         entries.get(id).map(|e| Arc::clone(&e.api))
     }
 
     /// Returns every comet with its client.
     pub(crate) fn all(&self) -> Vec<(CometNode, Arc<dyn CometApi>)> {
-        let entries = self
-            .entries
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entries = self.entries.read();
         entries
             .values()
             .map(|e| (e.node.clone(), Arc::clone(&e.api)))
@@ -201,10 +185,7 @@ impl Comets {
         for (node, api) in self.all() {
             match tokio::time::timeout(COMET_CALL, api.stats()).await {
                 Ok(Ok(stats)) => {
-                    let mut entries = self
-                        .entries
-                        .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut entries = self.entries.write();
                     if let Some(entry) = entries.get_mut(&node.id) {
                         entry.node.conn_count = stats.tcp_connections + stats.ws_connections;
                         entry.node.ip_count = stats.ip_count;

@@ -12,7 +12,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -44,10 +46,6 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// The admin token of harnesses built with [`Setup::admin_token`] in tests.
 pub const TOKEN: &str = "s3cret-admin-token";
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 // ---------------------------------------------------------------------------
 // Fake comet
 // ---------------------------------------------------------------------------
@@ -71,17 +69,17 @@ impl FakeComet {
 
     /// Makes `stats` fail from now on.
     pub fn fail_stats(&self, reason: &str) {
-        *lock(&self.stats) = Err(RpcError::Unavailable(reason.to_owned()));
+        *self.stats.lock() = Err(RpcError::Unavailable(reason.to_owned()));
     }
 
     /// Makes `kick` fail from now on.
     pub fn fail_kicks(&self, reason: &str) {
-        *lock(&self.kick_error) = Some(RpcError::Unavailable(reason.to_owned()));
+        *self.kick_error.lock() = Some(RpcError::Unavailable(reason.to_owned()));
     }
 
     /// Every kick call so far, each call's keys sorted.
     pub fn kicks(&self) -> Vec<Vec<String>> {
-        lock(&self.kicks).clone()
+        self.kicks.lock().clone()
     }
 }
 
@@ -113,17 +111,17 @@ impl CometApi for FakeComet {
     }
 
     async fn kick(&self, mut keys: Vec<String>) -> RpcResult<u64> {
-        if let Some(err) = lock(&self.kick_error).clone() {
+        if let Some(err) = self.kick_error.lock().clone() {
             return Err(err);
         }
         keys.sort();
         let n = keys.len() as u64;
-        lock(&self.kicks).push(keys);
+        self.kicks.lock().push(keys);
         Ok(n)
     }
 
     async fn stats(&self) -> RpcResult<comet::StatsReply> {
-        lock(&self.stats).clone()
+        self.stats.lock().clone()
     }
 }
 
