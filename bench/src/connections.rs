@@ -441,10 +441,15 @@ fn print_report(r: &Report) {
             / r.connected.max(1) as f64
             * 1e6
     };
+    // Standalone has no logic process of its own: its work is the comet's.
+    let logic = if r.args.standalone {
+        "in the comet's".to_owned()
+    } else {
+        format!("{:.0} µs", per_connect("logic"))
+    };
     println!(
-        "  connect cpu:   comets {:.0} µs, logic {:.0} µs, load generator {:.0} µs per connection",
+        "  connect cpu:   comets {:.0} µs, logic {logic}, load generator {:.0} µs per connection",
         per_connect("comet-"),
-        per_connect("logic"),
         per_connect("client-proc-")
     );
     for c in &r.idle_cpu {
