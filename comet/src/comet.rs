@@ -3,23 +3,22 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-use parking_lot::{Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
 use rim_config::{CometConfig, NodeConfig};
 use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::pb::frame::v1::Proto;
 use rim_proto::{BatchBuilder, Frame};
-
 use tracing::Instrument;
 
 use crate::bucket::Bucket;
+use crate::pacer::{Paced, Pacer};
 use crate::session::{Queued, Session};
 use crate::stats::{self, Rpc, Stats, Wire};
 
@@ -46,6 +45,8 @@ pub(crate) struct Inner {
     connections: AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     pub(crate) draining: AtomicBool,
+    /// Paced broadcasts, started on the first one.
+    pacer: OnceLock<Pacer>,
 }
 
 impl std::fmt::Debug for Comet {
@@ -77,8 +78,8 @@ impl Drop for ConnSlot {
 
 /// Counts of one delivery, summed over recipients.
 #[derive(Default)]
-struct Tally {
-    delivery: pb::Delivery,
+pub(crate) struct Tally {
+    pub(crate) delivery: pb::Delivery,
     slow_closes: u64,
 }
 
@@ -114,6 +115,7 @@ impl Comet {
                 connections: AtomicU64::new(0),
                 per_ip: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
+                pacer: OnceLock::new(),
             }),
         }
     }
@@ -210,7 +212,7 @@ impl Inner {
     }
 
     /// Counts one push RPC: its recipients, drops and slow-consumer closes.
-    fn count(&self, rpc: Rpc, started: Instant, tally: &Tally) {
+    pub(crate) fn count(&self, rpc: Rpc, started: Instant, tally: &Tally) {
         let s = &self.stats;
         let d = &tally.delivery;
         stats::add(&s.dropped_frames, d.dropped);
@@ -237,28 +239,50 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Queues `frame` on every session of `bucket` that accepts `op`.
+    pub(crate) fn broadcast_bucket(
+        &self,
+        bucket: &Bucket,
+        op: i32,
+        frame: &Bytes,
+        tally: &mut Tally,
+    ) {
+        for session in bucket.sessions() {
+            if session.accepts(op) {
+                tally.record(self.push_one(&session, frame));
+            } else {
+                tally.delivery.filtered += 1;
+            }
+        }
+    }
+}
+
 impl Comet {
-    /// Broadcasts to every session, one bucket at a time at `req.speed`.
-    async fn paced_broadcast(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
+    /// Broadcasts to every session: at once without a speed; with one,
+    /// queued for the [pacer](crate::pacer), answering `paced` at once.
+    async fn broadcast_all(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
         let started = Instant::now();
         let frame = encode(req.proto)?;
         let inner = &self.inner;
         let speed = u64::try_from(req.speed).unwrap_or(0);
+        if speed > 0 {
+            let pacer = inner
+                .pacer
+                .get_or_init(|| Pacer::spawn(Arc::downgrade(&self.inner)));
+            pacer.submit(Paced {
+                op: req.proto_op,
+                frame,
+                speed,
+            })?;
+            return Ok(pb::Delivery {
+                paced: true,
+                ..pb::Delivery::default()
+            });
+        }
         let mut tally = Tally::default();
         for bucket in inner.buckets() {
-            let before = tally.delivery.delivered;
-            for session in bucket.sessions() {
-                if session.accepts(req.proto_op) {
-                    tally.record(inner.push_one(&session, &frame));
-                } else {
-                    tally.delivery.filtered += 1;
-                }
-            }
-            // Pace: this bucket's deliveries at `speed` per second.
-            let sent = tally.delivery.delivered - before;
-            if speed > 0 && sent > 0 {
-                tokio::time::sleep(Duration::from_secs_f64(sent as f64 / speed as f64)).await;
-            }
+            inner.broadcast_bucket(bucket, req.proto_op, &frame, &mut tally);
         }
         inner.count(Rpc::Broadcast, started, &tally);
         Ok(tally.delivery)
@@ -320,7 +344,7 @@ impl CometApi for Comet {
             op = req.proto_op,
             speed = req.speed
         );
-        self.paced_broadcast(req).instrument(span).await
+        self.broadcast_all(req).instrument(span).await
     }
 
     async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {

@@ -28,6 +28,7 @@ mod detached;
 mod error;
 mod listener;
 mod metrics;
+mod pacer;
 mod room_report;
 mod server;
 mod session;

@@ -105,7 +105,7 @@ async fn broadcast_reaches_every_accepting_connection() {
 }
 
 #[tokio::test]
-async fn a_paced_broadcast_spreads_deliveries_over_time() {
+async fn a_paced_broadcast_answers_at_once_and_spreads_deliveries_over_time() {
     let comet = start(
         CometConfig {
             buckets: 4,
@@ -114,24 +114,60 @@ async fn a_paced_broadcast_spreads_deliveries_over_time() {
         ScriptedLogic::default(),
     )
     .await;
-    let _all = clients(&comet, "p", 8, "", &[1000]).await;
+    let mut all = clients(&comet, "p", 8, "", &[1000]).await;
     let started = Instant::now();
-    let d = comet
-        .comet
-        .broadcast(pb::BroadcastRequest {
-            proto_op: 1000,
-            proto: Some(proto(1000, "slow")),
-            speed: 40,
-        })
+    for body in ["slow", "then this"] {
+        let d = within(
+            Duration::from_secs(5),
+            comet.comet.broadcast(pb::BroadcastRequest {
+                proto_op: 1000,
+                proto: Some(proto(1000, body)),
+                speed: 40,
+            }),
+        )
         .await
         .unwrap();
-    assert_eq!(d.delivered, 8);
-    // 8 deliveries at 40/s take at least 0.2 s; behaviour, not a benchmark.
+        // Queued for the pacer: the RPC does not wait for the pacing (a
+        // paced broadcast slower than the caller's deadline would be retried).
+        assert!(d.paced, "{d:?}");
+        assert_eq!(d.delivered, 0);
+    }
+    for client in &mut all {
+        assert_eq!(&next(client).await.body[..], b"slow");
+        assert_eq!(&next(client).await.body[..], b"then this");
+    }
+    // The first broadcast's 8 deliveries at 40/s take at least 0.2 s before
+    // the second one starts; behaviour, not a benchmark.
     assert!(
         started.elapsed() >= Duration::from_millis(190),
         "{:?}",
         started.elapsed()
     );
+    comet.stop().await;
+}
+
+/// Paced broadcasts run one after the other, in the order they came.
+#[tokio::test]
+async fn paced_broadcasts_keep_their_order() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut all = clients(&comet, "o", 4, "", &[1000]).await;
+    for body in ["first", "second", "third"] {
+        let d = comet
+            .comet
+            .broadcast(pb::BroadcastRequest {
+                proto_op: 1000,
+                proto: Some(proto(1000, body)),
+                speed: 1000,
+            })
+            .await
+            .unwrap();
+        assert!(d.paced);
+    }
+    for client in &mut all {
+        for body in ["first", "second", "third"] {
+            assert_eq!(&next(client).await.body[..], body.as_bytes());
+        }
+    }
     comet.stop().await;
 }
 

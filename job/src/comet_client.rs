@@ -1,8 +1,11 @@
-//! The per-comet delivery client: one task per comet; calls are made in the order they were queued (so
-//! order holds per key and per room), retried with backoff while the comet
-//! fails transiently, and a breaker spaces attempts to a comet that keeps
-//! failing. A call completes when the comet accepted it, when it was refused
-//! as invalid, or when the comet is gone from discovery.
+//! The per-comet delivery client: two lanes per comet, each a task making
+//! its calls in the order they were queued — PUSH and ROOM in one (so order
+//! holds per key and per room), BROADCAST in the other, so that a broadcast
+//! to every connection (paced, or just large) never holds a unicast or room
+//! message back. Calls are retried with backoff while the comet fails
+//! transiently, and a breaker spaces attempts to a comet that keeps failing.
+//! A call completes when the comet accepted it, when it was refused as
+//! invalid, or when the comet is gone from discovery.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,34 +51,57 @@ struct Queued {
     done: oneshot::Sender<Outcome>,
 }
 
-/// The handle to a comet's delivery task.
+/// The handle to a comet's delivery lanes.
 pub(crate) struct CometClient {
+    /// PUSH and ROOM, in order.
+    messages: Lane,
+    /// BROADCAST, in order.
+    broadcasts: Lane,
+    gone: Arc<AtomicBool>,
+}
+
+/// One ordered queue of calls and the task working through it.
+struct Lane {
     /// Full = the dispatcher waits (backpressure).
     tx: mpsc::Sender<Queued>,
-    gone: Arc<AtomicBool>,
+    /// Cuts a retry wait short when the comet is retired.
     wake: Arc<Notify>,
 }
 
+impl Lane {
+    fn spawn(comet: Arc<Comet>, gone: &Arc<AtomicBool>) -> Lane {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(run(comet, rx, Arc::clone(gone), Arc::clone(&wake)));
+        Lane { tx, wake }
+    }
+}
+
 impl CometClient {
-    /// Starts the delivery task for one comet.
+    /// Starts the delivery lanes of one comet.
     pub(crate) fn spawn(
         id: String,
         api: Arc<dyn CometApi>,
         metrics: Arc<JobMetrics>,
     ) -> CometClient {
-        let (tx, rx) = mpsc::channel(QUEUE);
         let gone = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(Notify::new());
         metrics.comet_added(&id);
-        let comet = Comet { id, api, metrics };
-        tokio::spawn(run(comet, rx, Arc::clone(&gone), Arc::clone(&wake)));
-        CometClient { tx, gone, wake }
+        let comet = Arc::new(Comet { id, api, metrics });
+        CometClient {
+            messages: Lane::spawn(Arc::clone(&comet), &gone),
+            broadcasts: Lane::spawn(comet, &gone),
+            gone,
+        }
     }
 
-    /// Queues a call; the receiver completes with its outcome.
+    /// Queues a call on its lane; the receiver completes with its outcome.
     pub(crate) async fn call(&self, call: Call) -> oneshot::Receiver<Outcome> {
+        let lane = match call {
+            Call::Broadcast(_) => &self.broadcasts,
+            Call::Push(_) | Call::Room(_) => &self.messages,
+        };
         let (done, outcome) = oneshot::channel();
-        if let Err(mpsc::error::SendError(queued)) = self.tx.send(Queued { call, done }).await {
+        if let Err(mpsc::error::SendError(queued)) = lane.tx.send(Queued { call, done }).await {
             let _ = queued.done.send(Outcome::Gone);
         }
         outcome
@@ -84,7 +110,8 @@ impl CometClient {
     /// Marks the comet gone: queued and future calls complete as `Gone`.
     pub(crate) fn retire(&self) {
         self.gone.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.messages.wake.notify_one();
+        self.broadcasts.wake.notify_one();
     }
 }
 
@@ -120,7 +147,7 @@ async fn attempt(comet: &Comet, call: &Call) -> Result<(), RpcError> {
 }
 
 async fn run(
-    comet: Comet,
+    comet: Arc<Comet>,
     mut rx: mpsc::Receiver<Queued>,
     gone: Arc<AtomicBool>,
     wake: Arc<Notify>,

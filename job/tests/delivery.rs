@@ -353,3 +353,89 @@ async fn a_consume_loop_killed_before_delivery_loses_nothing() {
     }
     assert!(comet.calls().is_empty());
 }
+
+/// A comet whose broadcasts wait until the test releases them (a paced
+/// broadcast to many connections), and that answers pushes at once.
+struct HeldBroadcasts {
+    inner: FakeComet,
+    started: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for HeldBroadcasts {
+    fn default() -> Self {
+        HeldBroadcasts {
+            inner: FakeComet::default(),
+            started: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl CometApi for HeldBroadcasts {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
+        self.inner.push_msg(req).await
+    }
+    async fn broadcast(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
+        self.started.notify_one();
+        let _permit = self.release.acquire().await.unwrap();
+        self.inner.broadcast(req).await
+    }
+    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
+        self.inner.broadcast_room(req).await
+    }
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
+        Ok(vec![])
+    }
+    async fn kick(&self, _keys: Vec<String>) -> RpcResult<u64> {
+        Ok(0)
+    }
+    async fn stats(&self) -> RpcResult<pb::StatsReply> {
+        Ok(pb::StatsReply::default())
+    }
+}
+
+/// A broadcast the comet is still working through (paced) holds neither
+/// pushes nor room messages back: they have their own lane.
+#[tokio::test]
+async fn a_broadcast_in_progress_holds_no_push_or_room_message_back() {
+    let comet = Arc::new(HeldBroadcasts::default());
+    let job = Job::new(&JobConfig {
+        group: "g".into(),
+        room_batch: 1,
+        room_flush: Duration::from_millis(5),
+    });
+    job.set_comets(vec![("c1".into(), Arc::clone(&comet) as Arc<dyn CometApi>)]);
+    let all = PushMsg {
+        r#type: PushType::Broadcast as i32,
+        operation: 1000,
+        speed: 1,
+        msg: Bytes::from("to everyone, slowly"),
+        ..PushMsg::default()
+    };
+    let mut broadcast = job.deliver(all).await;
+    tokio::time::timeout(Duration::from_secs(10), comet.started.notified())
+        .await
+        .expect("the broadcast reached the comet");
+
+    let pushed = job.deliver(push("c1", &["k1"], "after")).await;
+    assert_eq!(done(pushed).await, Outcome::Delivered);
+    let roomed = job.deliver(room("live://1", "room after")).await;
+    assert_eq!(done(roomed).await, Outcome::Delivered);
+    assert!(
+        futures::poll!(&mut broadcast).is_pending(),
+        "the broadcast ended before it was released; nothing was tested"
+    );
+
+    comet.release.add_permits(1);
+    assert_eq!(done(broadcast).await, Outcome::Delivered);
+    assert_eq!(
+        comet.inner.calls(),
+        vec![
+            "push k1 op=1000 after",
+            "room live://1 single room after",
+            "all op=1000 speed=1 to everyone, slowly",
+        ]
+    );
+}
