@@ -526,3 +526,45 @@ async fn room_and_broadcast_pushes_do_not_need_the_router() {
     let kinds: Vec<PushType> = msgs.iter().map(|m| m.r#type()).collect();
     assert_eq!(kinds, [PushType::Room, PushType::Broadcast]);
 }
+
+/// 3000 room pushes of 64 KiB (issue #16, 6): the in-process queue holds at
+/// most `queue.max_bytes` (64 MiB by default) of messages not yet handled,
+/// then answers 503 naming the limit, instead of growing without bound.
+#[tokio::test]
+async fn pushes_over_the_queue_byte_limit_answer_503_naming_it() {
+    let limit = rim_config::QueueConfig::default().max_bytes;
+    assert_eq!(limit, 64 << 20, "the documented default");
+    // A job that does not keep up: the test's consumer reads nothing yet.
+    let mut h = Setup::new().queue(100_000, limit).start().await;
+    let body = vec![b'x'; 64 << 10];
+    let mut accepted = 0usize;
+    let mut refused = None;
+    for _ in 0..3000 {
+        let answer = h
+            .post(
+                "/goim/push/room?operation=1000&type=live&room=big",
+                body.clone(),
+            )
+            .await;
+        if answer.status == 200 {
+            accepted += 1;
+        } else {
+            refused = Some(answer);
+            break;
+        }
+    }
+    let refused = refused.expect("3000 pushes of 64 KiB all fit in 64 MiB");
+    refused.error(503, -500, &["queue.max_bytes"]);
+    assert!(
+        accepted * (64 << 10) <= limit && accepted >= limit / (65 << 10),
+        "{accepted} pushes of 64 KiB accepted under a {limit}-byte limit"
+    );
+    // Once the job handled what was queued, pushes are accepted again.
+    assert_eq!(h.drain().await.len(), accepted);
+    h.post(
+        "/goim/push/room?operation=1000&type=live&room=big",
+        body.clone(),
+    )
+    .await
+    .ok();
+}

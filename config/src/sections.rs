@@ -572,6 +572,11 @@ pub struct QueueConfig {
     pub topic: String,
     /// Messages the in-process queue holds before producers wait.
     pub capacity: usize,
+    /// Bytes of push messages (encoded) this process holds for the queue
+    /// before producers wait and then get 503 (in-process queue: waiting and
+    /// in flight in the job), or before the job's consumer stops reading
+    /// (Kafka: in flight).
+    pub max_bytes: usize,
 }
 
 impl Default for QueueConfig {
@@ -581,6 +586,7 @@ impl Default for QueueConfig {
             brokers: vec!["127.0.0.1:9092".into()],
             topic: "rim-push".into(),
             capacity: 65_536,
+            max_bytes: 64 << 20,
         }
     }
 }
@@ -594,7 +600,8 @@ impl QueueConfig {
             ));
         }
         not_blank("queue.topic", &self.topic)?;
-        in_range("queue.capacity", self.capacity as u64, 1, 16 << 20)
+        in_range("queue.capacity", self.capacity as u64, 1, 16 << 20)?;
+        in_range("queue.max_bytes", self.max_bytes as u64, 1 << 16, 1 << 40)
     }
 }
 

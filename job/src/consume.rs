@@ -24,6 +24,7 @@ pub async fn consume<C: Consumer>(
     stop: CancellationToken,
 ) -> rim_queue::Result<()> {
     job.metrics.watch_lag(consumer.lag());
+    job.metrics.watch_held_bytes(consumer.held_bytes());
     loop {
         let received = tokio::select! {
             () = stop.cancelled() => break,

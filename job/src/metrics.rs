@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rim_metrics::{Counter, DescriptorEncoder, Family, Gauge, Histogram, Registry, gauge_family};
-use rim_queue::{Lag, PushType};
+use rim_queue::{HeldBytes, Lag, PushType};
 
 use crate::Outcome;
 
@@ -29,6 +29,8 @@ pub(crate) struct JobMetrics {
     in_flight: Gauge,
     /// The consumer's lag by partition, read on each scrape.
     lag: OnceLock<Lag>,
+    /// The bytes the queue holds in this process, read on each scrape.
+    held: OnceLock<HeldBytes>,
 }
 
 impl Default for JobMetrics {
@@ -41,6 +43,7 @@ impl Default for JobMetrics {
             room_batch: Histogram::new(rim_metrics::size_buckets()),
             in_flight: Gauge::default(),
             lag: OnceLock::new(),
+            held: OnceLock::new(),
         };
         // Series that exist from the start, so that dashboards and alerts
         // see zeros rather than nothing (an empty family is not exposed).
@@ -135,6 +138,11 @@ impl JobMetrics {
         let _ = self.lag.set(lag);
     }
 
+    /// Reports the bytes the queue holds in this process.
+    pub(crate) fn watch_held_bytes(&self, held: HeldBytes) {
+        let _ = self.held.set(held);
+    }
+
     /// Registers the job's metrics (`rim_job_*`).
     pub(crate) fn register(self: &std::sync::Arc<Self>, registry: &mut Registry) {
         registry.register(
@@ -183,6 +191,20 @@ impl rim_metrics::Collector for LagCollector {
             "Messages not yet consumed, by partition: Kafka high watermark minus the consumer's position (from librdkafka statistics, every 5 s); partition=\"memory\" is the in-process queue's depth.",
             "partition",
             samples,
+        )?;
+        let (held, limit) = self.0.held.get().map_or((0, 0), |h| (h.get(), h.limit()));
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        rim_metrics::gauge(
+            &mut e,
+            "rim_job_queue_bytes",
+            "Bytes of push messages (encoded) the queue holds in this process: in-process queue, waiting plus in flight in the job; Kafka, in flight in the job",
+            as_i64(held),
+        )?;
+        rim_metrics::gauge(
+            &mut e,
+            "rim_job_queue_bytes_limit",
+            "queue.max_bytes: the most rim_job_queue_bytes may reach before producers wait (in-process) or the consumer stops reading (Kafka)",
+            as_i64(limit),
         )
     }
 }

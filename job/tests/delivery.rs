@@ -279,7 +279,7 @@ async fn a_message_without_a_type_is_rejected() {
 async fn the_consume_loop_delivers_then_commits() {
     let comet = Arc::new(FakeComet::default());
     let job = job_with(20, Duration::from_millis(5), &[("c1", Arc::clone(&comet))]);
-    let (producer, queue) = rim_queue::memory_queue(64);
+    let (producer, queue) = rim_queue::memory_queue(64, 64 << 20);
     for i in 0..5 {
         producer
             .send(push("c1", &["k1"], &format!("m{i}")))
@@ -317,7 +317,7 @@ async fn a_consume_loop_killed_before_delivery_loses_nothing() {
     let comet = Arc::new(FakeComet::default());
     comet.fail_first.store(u32::MAX, Ordering::SeqCst);
     let job = job_with(20, Duration::from_millis(5), &[("c1", Arc::clone(&comet))]);
-    let (producer, queue) = rim_queue::memory_queue(64);
+    let (producer, queue) = rim_queue::memory_queue(64, 64 << 20);
     for i in 0..3 {
         producer
             .send(push("c1", &["k1"], &format!("m{i}")))

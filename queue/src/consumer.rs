@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::budget::Budget;
 use crate::tracker::{Position, Tracker};
-use crate::{Error, PushMsg, Result};
+use crate::{Error, HeldBytes, PushMsg, Result};
 
 /// Reads push messages from the queue.
 ///
@@ -32,6 +33,11 @@ pub trait Consumer: Send + 'static {
     /// Returns a handle that reads how far behind this consumer is.
     fn lag(&self) -> Lag;
 
+    /// Returns a handle that reads the bytes of push messages the queue
+    /// holds in this process (in-process: waiting and in flight; Kafka: in
+    /// flight), against `queue.max_bytes`.
+    fn held_bytes(&self) -> HeldBytes;
+
     /// Stops consuming: waits up to `grace` for the receipts still out to be
     /// handled, then commits what was handled.
     async fn close(self, grace: Duration) -> Result<()>
@@ -51,23 +57,59 @@ pub struct Delivery {
 /// Acknowledges one message. [`Receipt::handled`] lets its position be
 /// committed; dropping a receipt unhandled keeps the message (and every later
 /// one of its partition) uncommitted, so it is delivered again after a
-/// restart. Holding a receipt holds one of the consumer's in-flight slots.
+/// restart. Holding a receipt holds one of the consumer's in-flight slots
+/// and the message's bytes in the queue's byte budget.
 #[derive(Debug)]
 pub struct Receipt {
     tracker: Arc<Mutex<Tracker>>,
     at: Position,
+    bytes: HeldFor,
     _slot: OwnedSemaphorePermit,
+}
+
+/// A message's bytes in a budget, given back when it is handled — and when
+/// its receipt is dropped, if `on_drop` (a Kafka message: it is read again
+/// from the broker; an in-process message stays held until delivered).
+#[derive(Debug)]
+pub(crate) struct HeldFor {
+    budget: Arc<Budget>,
+    bytes: usize,
+    on_drop: bool,
+}
+
+impl HeldFor {
+    pub(crate) fn new(budget: Arc<Budget>, bytes: usize, on_drop: bool) -> HeldFor {
+        HeldFor {
+            budget,
+            bytes,
+            on_drop,
+        }
+    }
+
+    fn release(&mut self) {
+        self.budget.release(std::mem::take(&mut self.bytes));
+    }
+}
+
+impl Drop for HeldFor {
+    fn drop(&mut self) {
+        if self.on_drop {
+            self.release();
+        }
+    }
 }
 
 impl Receipt {
     pub(crate) fn new(
         tracker: Arc<Mutex<Tracker>>,
         at: Position,
+        bytes: HeldFor,
         slot: OwnedSemaphorePermit,
     ) -> Receipt {
         Receipt {
             tracker,
             at,
+            bytes,
             _slot: slot,
         }
     }
@@ -79,8 +121,9 @@ impl Receipt {
 
     /// Marks the message handled: delivered, refused as invalid, or its
     /// destination gone — anything that must not be retried.
-    pub fn handled(self) {
+    pub fn handled(mut self) {
         self.tracker.lock().done(self.at);
+        self.bytes.release();
     }
 }
 

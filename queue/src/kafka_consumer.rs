@@ -26,9 +26,10 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 
-use crate::consumer::{Consumer, Delivery, Lag, Receipt, Slots};
+use crate::budget::Budget;
+use crate::consumer::{Consumer, Delivery, HeldFor, Lag, Receipt, Slots};
 use crate::tracker::Tracker;
-use crate::{Error, PushMsg, Result};
+use crate::{Error, HeldBytes, PushMsg, Result};
 
 /// How often handled offsets are committed.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
@@ -52,6 +53,9 @@ pub struct KafkaConsumerOptions {
     pub instance: String,
     /// Messages handed out and not yet handled before `recv` waits.
     pub max_in_flight: usize,
+    /// Bytes of messages handed out and not yet handled before `recv` waits
+    /// (`queue.max_bytes`).
+    pub max_in_flight_bytes: usize,
 }
 
 /// Consumes a topic in a consumer group, committing only handled offsets.
@@ -61,6 +65,7 @@ pub struct KafkaConsumer {
     tracker: Arc<Mutex<Tracker>>,
     lag: Arc<Mutex<BTreeMap<i32, i64>>>,
     slots: Slots,
+    budget: Arc<Budget>,
     committer: JoinHandle<()>,
 }
 
@@ -115,6 +120,7 @@ impl KafkaConsumer {
             tracker,
             lag,
             slots: Slots::new(options.max_in_flight),
+            budget: Budget::new(options.max_in_flight_bytes),
             committer,
         })
     }
@@ -124,6 +130,7 @@ impl KafkaConsumer {
 impl Consumer for KafkaConsumer {
     async fn recv(&mut self) -> Result<Option<Delivery>> {
         let slot = self.slots.acquire().await?;
+        self.budget.below_limit().await;
         loop {
             let message = match self.consumer.recv().await {
                 Ok(message) => message,
@@ -135,14 +142,16 @@ impl Consumer for KafkaConsumer {
             };
             let (partition, offset) = (message.partition(), message.offset());
             let at = self.tracker.lock().start(partition, offset);
-            match message.payload().map(PushMsg::decode) {
-                Some(Ok(msg)) => {
+            match message.payload().map(|p| (p.len(), PushMsg::decode(p))) {
+                Some((bytes, Ok(msg))) => {
+                    self.budget.add(bytes);
+                    let held = HeldFor::new(Arc::clone(&self.budget), bytes, true);
                     return Ok(Some(Delivery {
                         msg,
-                        receipt: Receipt::new(Arc::clone(&self.tracker), at, slot),
+                        receipt: Receipt::new(Arc::clone(&self.tracker), at, held, slot),
                     }));
                 }
-                Some(Err(err)) => {
+                Some((_, Err(err))) => {
                     tracing::warn!(partition, offset, reason = %err, "undecodable queue message skipped");
                 }
                 None => tracing::warn!(partition, offset, "empty queue message skipped"),
@@ -160,6 +169,10 @@ impl Consumer for KafkaConsumer {
                 .map(|(partition, lag)| (partition.to_string(), *lag))
                 .collect()
         })
+    }
+
+    fn held_bytes(&self) -> HeldBytes {
+        self.budget.held()
     }
 
     async fn close(self, grace: Duration) -> Result<()> {

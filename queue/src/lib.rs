@@ -11,6 +11,7 @@
 //!
 //! It does not interpret messages: planning is the api's, delivery the job's.
 
+mod budget;
 mod consumer;
 mod kafka_consumer;
 mod kafka_producer;
@@ -25,6 +26,7 @@ use rim_config::{QueueBackend, QueueConfig};
 pub use rim_proto::pb::queue::v1::PushMsg;
 pub use rim_proto::pb::queue::v1::push_msg::Type as PushType;
 
+pub use crate::budget::HeldBytes;
 pub use crate::consumer::{Consumer, Delivery, Lag, Receipt};
 pub use crate::kafka_consumer::{KafkaConsumer, KafkaConsumerOptions};
 pub use crate::kafka_producer::KafkaProducer;
@@ -37,9 +39,15 @@ pub const MAX_IN_FLIGHT: usize = 8192;
 /// Why a queue operation failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// The in-process queue stayed full for this long (HTTP 503 to the pusher).
-    #[error("queue full: the in-process queue stayed full for {0:?}")]
-    Full(Duration),
+    /// The in-process queue stayed at one of its limits for `waited` (HTTP
+    /// 503 to the pusher).
+    #[error("queue full: the in-process queue stayed at {limit} for {waited:?}")]
+    Full {
+        /// The limit reached, naming its config key.
+        limit: String,
+        /// How long the producer waited for room.
+        waited: Duration,
+    },
     /// The in-process queue's other half is gone.
     #[error("in-process queue is closed: {0}")]
     Closed(&'static str),

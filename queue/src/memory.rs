@@ -14,9 +14,12 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::consumer::{Consumer, Delivery, Lag, Receipt, Slots};
+use prost::Message as _;
+
+use crate::budget::Budget;
+use crate::consumer::{Consumer, Delivery, HeldFor, Lag, Receipt, Slots};
 use crate::tracker::Tracker;
-use crate::{Error, Producer, PushMsg, Result, partition_key};
+use crate::{Error, HeldBytes, Producer, PushMsg, Result, partition_key};
 
 /// How long a producer waits for room in a full queue before it reports the
 /// queue full (HTTP 503 to the pusher) rather than block forever.
@@ -26,17 +29,20 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const PARTITION: i32 = 0;
 
 /// Creates a queue holding at most `capacity` messages not yet taken by its
-/// consumer.
-pub fn memory_queue(capacity: usize) -> (MemoryProducer, MemoryQueue) {
+/// consumer, and at most `max_bytes` bytes of messages (encoded size) not yet
+/// handled by the job — waiting or in flight.
+pub fn memory_queue(capacity: usize, max_bytes: usize) -> (MemoryProducer, MemoryQueue) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
+    let budget = Budget::new(max_bytes);
     let queue = MemoryQueue {
         shared: Arc::new(Mutex::new(Shared {
             rx: Some(rx),
             redeliver: VecDeque::new(),
         })),
         depth: tx.downgrade(),
+        budget: Arc::clone(&budget),
     };
-    (MemoryProducer { tx }, queue)
+    (MemoryProducer { tx, budget }, queue)
 }
 
 /// The sending side; cheap to clone.
@@ -44,17 +50,40 @@ pub fn memory_queue(capacity: usize) -> (MemoryProducer, MemoryQueue) {
 pub struct MemoryProducer {
     /// Full = producers wait up to SEND_TIMEOUT, then get `Error::Full`.
     tx: mpsc::Sender<PushMsg>,
+    /// Over budget = the same.
+    budget: Arc<Budget>,
 }
 
 #[async_trait]
 impl Producer for MemoryProducer {
     async fn send(&self, msg: PushMsg) -> Result<()> {
         partition_key(&msg)?;
+        if self.tx.is_closed() {
+            return Err(Error::Closed("the in-process queue has no consumer"));
+        }
+        let bytes = msg.encoded_len();
+        if !self.budget.take(bytes, SEND_TIMEOUT).await {
+            return Err(Error::Full {
+                limit: format!("queue.max_bytes ({} bytes held)", self.budget.limit()),
+                waited: SEND_TIMEOUT,
+            });
+        }
         match self.tx.send_timeout(msg, SEND_TIMEOUT).await {
             Ok(()) => Ok(()),
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Error::Full(SEND_TIMEOUT)),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
-                Err(Error::Closed("the in-process queue has no consumer"))
+            Err(err) => {
+                self.budget.release(bytes);
+                Err(match err {
+                    mpsc::error::SendTimeoutError::Timeout(_) => Error::Full {
+                        limit: format!(
+                            "queue.capacity ({} messages waiting)",
+                            self.tx.max_capacity()
+                        ),
+                        waited: SEND_TIMEOUT,
+                    },
+                    mpsc::error::SendTimeoutError::Closed(_) => {
+                        Error::Closed("the in-process queue has no consumer")
+                    }
+                })
             }
         }
     }
@@ -73,6 +102,7 @@ impl Producer for MemoryProducer {
 pub struct MemoryQueue {
     shared: Arc<Mutex<Shared>>,
     depth: mpsc::WeakSender<PushMsg>,
+    budget: Arc<Budget>,
 }
 
 #[derive(Debug)]
@@ -97,6 +127,7 @@ impl MemoryQueue {
             redeliver: std::mem::take(&mut shared.redeliver),
             shared: Arc::clone(&self.shared),
             depth: self.depth.clone(),
+            budget: Arc::clone(&self.budget),
             tracker: Arc::new(Mutex::new(Tracker::default())),
             retained: BTreeMap::new(),
             next_offset: 0,
@@ -113,6 +144,8 @@ pub struct MemoryConsumer {
     redeliver: VecDeque<PushMsg>,
     shared: Arc<Mutex<Shared>>,
     depth: mpsc::WeakSender<PushMsg>,
+    /// Bytes reserved by the producer, given back when a message is handled.
+    budget: Arc<Budget>,
     tracker: Arc<Mutex<Tracker>>,
     /// Messages handed out and not yet committed, by offset.
     retained: BTreeMap<i64, PushMsg>,
@@ -147,10 +180,13 @@ impl Consumer for MemoryConsumer {
         let offset = self.next_offset;
         self.next_offset += 1;
         let at = self.tracker.lock().start(PARTITION, offset);
+        // The producer reserved the bytes; an unhandled receipt keeps them
+        // (the message goes to the next consumer).
+        let held = HeldFor::new(Arc::clone(&self.budget), msg.encoded_len(), false);
         self.retained.insert(offset, msg.clone());
         Ok(Some(Delivery {
             msg,
-            receipt: Receipt::new(Arc::clone(&self.tracker), at, slot),
+            receipt: Receipt::new(Arc::clone(&self.tracker), at, held, slot),
         }))
     }
 
@@ -167,6 +203,10 @@ impl Consumer for MemoryConsumer {
                 i64::try_from(queued + left).unwrap_or(i64::MAX),
             )]
         })
+    }
+
+    fn held_bytes(&self) -> HeldBytes {
+        self.budget.held()
     }
 
     async fn close(mut self, grace: Duration) -> Result<()> {
@@ -206,17 +246,36 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_reports_full_instead_of_blocking_forever() {
-        let (producer, _queue) = memory_queue(1);
+        let (producer, _queue) = memory_queue(1, 1 << 20);
         producer.send(push("a")).await.unwrap();
-        assert_eq!(
-            producer.send(push("b")).await,
-            Err(Error::Full(SEND_TIMEOUT))
-        );
+        let full = producer.send(push("b")).await.unwrap_err();
+        assert!(full.to_string().contains("queue.capacity"), "{full}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_are_held_until_the_job_handled_them() {
+        let big = |i: usize| PushMsg {
+            msg: bytes::Bytes::from(vec![b'x'; 64 << 10]),
+            ..push(&format!("k{i}"))
+        };
+        let (producer, queue) = memory_queue(1024, 256 << 10);
+        let mut consumer = queue.consumer(1024).unwrap();
+        let held = consumer.held_bytes();
+        for i in 0..3 {
+            producer.send(big(i)).await.unwrap();
+        }
+        // Taken by the consumer but not handled: still held.
+        let first = consumer.recv().await.unwrap().unwrap();
+        let full = producer.send(big(3)).await.unwrap_err();
+        assert!(full.to_string().contains("queue.max_bytes"), "{full}");
+        assert!(held.get() > 3 * (64 << 10), "{}", held.get());
+        first.receipt.handled();
+        producer.send(big(3)).await.unwrap();
     }
 
     #[tokio::test]
     async fn the_lag_counts_queued_and_left_messages() {
-        let (producer, queue) = memory_queue(8);
+        let (producer, queue) = memory_queue(8, 1 << 20);
         let consumer = queue.consumer(4).unwrap();
         let lag = consumer.lag();
         assert_eq!(lag.read(), vec![("memory".to_owned(), 0)]);
@@ -230,7 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_consumer_the_queue_is_unavailable() {
-        let (producer, queue) = memory_queue(1);
+        let (producer, queue) = memory_queue(1, 1 << 20);
         drop(queue);
         assert!(matches!(producer.ping().await, Err(Error::Closed(_))));
         assert!(matches!(
@@ -241,7 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_consumer_at_a_time() {
-        let (_producer, queue) = memory_queue(1);
+        let (_producer, queue) = memory_queue(1, 1 << 20);
         let first = queue.consumer(1).unwrap();
         assert!(matches!(queue.consumer(1), Err(Error::Closed(_))));
         drop(first);
@@ -250,7 +309,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_messages_are_refused() {
-        let (producer, _queue) = memory_queue(1);
+        let (producer, _queue) = memory_queue(1, 1 << 20);
         assert!(matches!(
             producer.send(PushMsg::default()).await,
             Err(Error::Invalid(_))
@@ -259,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_queue_ends_when_every_producer_is_gone() {
-        let (producer, queue) = memory_queue(4);
+        let (producer, queue) = memory_queue(4, 1 << 20);
         producer.send(push("a")).await.unwrap();
         drop(producer);
         let mut consumer = queue.consumer(4).unwrap();

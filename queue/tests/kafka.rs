@@ -16,7 +16,9 @@ use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rim_queue::{KafkaConsumer, KafkaConsumerOptions, KafkaProducer, Producer, PushMsg, PushType};
+use rim_queue::{
+    Consumer as _, KafkaConsumer, KafkaConsumerOptions, KafkaProducer, Producer, PushMsg, PushType,
+};
 use suite::Backend;
 
 fn brokers() -> String {
@@ -81,6 +83,7 @@ impl Backend for Kafka {
             // partitions back at once.
             instance: format!("{}-member", self.topic),
             max_in_flight,
+            max_in_flight_bytes: 64 << 20,
         })
         .expect("consumer")
     }
@@ -152,4 +155,48 @@ async fn pushes_are_produced_keyed_and_readable() {
     .await
     .expect("the produced message was not consumed within 60 s");
     assert_eq!(found, sent);
+}
+
+/// The Kafka consumer stops handing out messages while `queue.max_bytes`
+/// of them are in flight, and goes on once some are handled.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Kafka: run deploy/test.sh"]
+async fn in_flight_bytes_are_bounded() {
+    let kafka = Kafka::new("bytes").await;
+    for i in 0..5 {
+        let mut msg = suite::push("bytes", i);
+        msg.msg = bytes::Bytes::from(vec![b'x'; 64 << 10]);
+        kafka.producer.send(msg).await.expect("enqueued");
+    }
+    let mut consumer = KafkaConsumer::new(&KafkaConsumerOptions {
+        brokers: vec![kafka.brokers.clone()],
+        topic: kafka.topic.clone(),
+        group: format!("{}-group", kafka.topic),
+        instance: format!("{}-member", kafka.topic),
+        max_in_flight: 64,
+        max_in_flight_bytes: 150_000,
+    })
+    .expect("consumer");
+    // Two messages (~128 KiB) are under the limit, the third crosses it.
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.push(suite::next(&mut consumer).await.receipt);
+    }
+    assert!(consumer.held_bytes().get() > 150_000);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), consumer.recv())
+            .await
+            .is_err(),
+        "a fourth message was handed out with {} bytes in flight",
+        consumer.held_bytes().get()
+    );
+    out.remove(0).handled();
+    out.remove(0).handled();
+    suite::next(&mut consumer).await.receipt.handled();
+    for receipt in out {
+        receipt.handled();
+    }
+    suite::next(&mut consumer).await.receipt.handled();
+    assert_eq!(consumer.held_bytes().get(), 0);
+    consumer.close(Duration::from_secs(5)).await.expect("close");
 }

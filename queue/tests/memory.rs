@@ -15,7 +15,7 @@ struct Memory {
 
 impl Memory {
     fn new() -> Memory {
-        let (producer, queue) = memory_queue(1024);
+        let (producer, queue) = memory_queue(1024, 64 << 20);
         Memory { producer, queue }
     }
 }

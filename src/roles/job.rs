@@ -78,6 +78,7 @@ pub async fn run(
         group: config.job.group.clone(),
         instance: config.node.id.clone(),
         max_in_flight: rim_queue::MAX_IN_FLIGHT,
+        max_in_flight_bytes: config.queue.max_bytes,
     })
     .context("queue consumer")?;
     let stop = CancellationToken::new();

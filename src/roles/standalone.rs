@@ -69,7 +69,7 @@ pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result
     let comet_api: Arc<dyn CometApi> = Arc::new(comet.clone());
     comets.insert(node.clone(), Arc::clone(&comet_api));
 
-    let (producer, queue) = rim_queue::memory_queue(config.queue.capacity);
+    let (producer, queue) = rim_queue::memory_queue(config.queue.capacity, config.queue.max_bytes);
     let consumer = queue
         .consumer(rim_queue::MAX_IN_FLIGHT)
         .context("queue consumer")?;

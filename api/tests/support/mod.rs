@@ -277,6 +277,8 @@ pub struct Setup {
     producer: Option<WrapProducer>,
     comets: Vec<(CometNode, Arc<FakeComet>)>,
     domain: String,
+    /// `queue.capacity` and `queue.max_bytes` of the in-process queue.
+    queue: (usize, usize),
 }
 
 impl Default for Setup {
@@ -289,6 +291,7 @@ impl Default for Setup {
             producer: None,
             comets: default_comets(),
             domain: "im.example".into(),
+            queue: (64, 64 << 20),
         }
     }
 }
@@ -296,6 +299,12 @@ impl Default for Setup {
 impl Setup {
     pub fn new() -> Setup {
         Setup::default()
+    }
+
+    /// The in-process queue's `queue.capacity` and `queue.max_bytes`.
+    pub fn queue(mut self, capacity: usize, max_bytes: usize) -> Setup {
+        self.queue = (capacity, max_bytes);
+        self
     }
 
     /// Sets `api.max_body`.
@@ -385,7 +394,7 @@ impl Setup {
             Arc::clone(&comets),
             webhooks,
         ));
-        let (memory, queue) = rim_queue::memory_queue(64);
+        let (memory, queue) = rim_queue::memory_queue(self.queue.0, self.queue.1);
         // The queue itself is not kept: dropping the consumer closes it.
         let consumer = queue.consumer(64).expect("the queue's consumer");
         let producer: Arc<dyn Producer> = match self.producer {

@@ -40,7 +40,8 @@ fn body(msg: &PushMsg) -> String {
     String::from_utf8_lossy(&msg.msg).into_owned()
 }
 
-async fn next<C: Consumer>(consumer: &mut C) -> Delivery {
+/// Returns the next message, failing the test after ARRIVAL.
+pub async fn next<C: Consumer>(consumer: &mut C) -> Delivery {
     tokio::time::timeout(ARRIVAL, consumer.recv())
         .await
         .expect("a message arrives")
