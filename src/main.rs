@@ -78,7 +78,7 @@ fn main() -> ExitCode {
             |code| code,
             |config| {
                 serve("comet", |shutdown| async move {
-                    let (listeners, metrics) = roles::comet::bind(&config).await?;
+                    let (listeners, metrics) = roles::comet::bind(&config)?;
                     Ok(roles::comet::run(config, listeners, metrics, shutdown).await?)
                 })
             },
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
             |code| code,
             |config| {
                 serve("logic", |shutdown| async move {
-                    let listeners = roles::logic::Listeners::bind(&config).await?;
+                    let listeners = roles::logic::Listeners::bind(&config)?;
                     roles::logic::run(config, listeners, shutdown).await
                 })
             },
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
             |code| code,
             |config| {
                 serve("job", |shutdown| async move {
-                    let metrics = roles::job::bind(&config).await?;
+                    let metrics = roles::job::bind(&config)?;
                     roles::job::run(config, metrics, shutdown).await
                 })
             },

@@ -40,5 +40,5 @@ pub use crate::comet::Comet;
 #[doc(hidden)]
 pub use crate::detached::{DetachedSession, NoLogic};
 pub use crate::error::{Error, Result, TlsError};
-pub use crate::listener::{Listeners, WS_PATH};
+pub use crate::listener::{Listeners, WS_PATH, listen};
 pub use crate::session::TransportKind;

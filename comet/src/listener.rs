@@ -10,7 +10,7 @@ use std::time::Duration;
 use rim_config::CometConfig;
 use rim_shutdown::Shutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -63,18 +63,19 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds every listener the config names (WSS only when TLS is configured).
-    pub async fn bind(config: &CometConfig) -> io::Result<Listeners> {
+    /// Binds every listener the config names (WSS only when TLS is
+    /// configured), each with a listen backlog of `backlog`.
+    pub fn bind(config: &CometConfig, backlog: u32) -> io::Result<Listeners> {
         let wss = if config.wss_enabled() {
-            bind_all(&config.wss_bind).await?
+            bind_all(&config.wss_bind, backlog)?
         } else {
             Vec::new()
         };
         Ok(Listeners {
-            tcp: bind_all(&config.tcp_bind).await?,
-            ws: bind_all(&config.ws_bind).await?,
+            tcp: bind_all(&config.tcp_bind, backlog)?,
+            ws: bind_all(&config.ws_bind, backlog)?,
             wss,
-            grpc: bind_all(&[config.grpc_bind]).await?.remove(0),
+            grpc: listen(config.grpc_bind, backlog)?,
         })
     }
 
@@ -155,6 +156,7 @@ async fn accept_loop(
 ) {
     let local = listener.local_addr().ok();
     tracing::info!(listener = protocol.name(), addr = ?local, "accepting clients");
+    let mut errors = AcceptErrors::default();
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
@@ -162,12 +164,15 @@ async fn accept_loop(
                 Ok(accepted) => accepted,
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
-                    tracing::warn!(reason = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    let pause = errors.failed(&err, protocol.name(), std::time::Instant::now());
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(pause) => continue,
+                    }
                 }
             },
         };
+        errors.succeeded();
         let Some(slot) = inner.try_admit(peer.ip()) else {
             stats::incr(&inner.stats.refused_connections);
             tracing::debug!(peer.addr = %peer, "connection refused: limit reached or draining");
@@ -195,6 +200,42 @@ async fn accept_loop(
         spawn_connection(&tasks, stream, &protocol, accepted, span);
     }
     tracing::info!(listener = protocol.name(), addr = ?local, "stopped accepting");
+}
+
+/// Accept errors in a row (usually EMFILE: out of file descriptors). The
+/// loop backs off from 10 ms, doubling to 1 s, while they last, and logs at
+/// most one line per [`AcceptErrors::LOG_EVERY`], with how many failed since.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    in_a_row: u32,
+    unlogged: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl AcceptErrors {
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts a failed accept; returns how long to pause before the next.
+    fn failed(&mut self, err: &io::Error, listener: &str, now: std::time::Instant) -> Duration {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        self.unlogged += 1;
+        if self
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= Self::LOG_EVERY)
+        {
+            tracing::warn!(listener, reason = %err, failed = self.unlogged, "accept failed; backing off (one line per 10 s)");
+            self.unlogged = 0;
+            self.logged_at = Some(now);
+        }
+        (Self::FIRST_PAUSE * 2u32.saturating_pow(self.in_a_row - 1)).min(Self::MAX_PAUSE)
+    }
+
+    /// Resets the backoff after a successful accept.
+    fn succeeded(&mut self) {
+        self.in_a_row = 0;
+    }
 }
 
 /// What every connection task needs besides its stream.
@@ -334,15 +375,25 @@ where
 }
 
 /// Binds a list of addresses.
-async fn bind_all(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
-    let mut listeners = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
+fn bind_all(addrs: &[SocketAddr], backlog: u32) -> io::Result<Vec<TcpListener>> {
+    addrs.iter().map(|&addr| listen(addr, backlog)).collect()
+}
+
+/// Binds `addr` with a listen backlog of `backlog` (node.listen_backlog;
+/// tokio's `TcpListener::bind` uses 128, which a reconnect storm overflows).
+/// Every listener of a rim process is bound here.
+pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let bound = (|| {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    })();
+    bound.map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))
 }
 
 #[cfg(test)]
@@ -351,6 +402,23 @@ mod tests {
 
     use super::*;
     use crate::NoLogic;
+
+    #[test]
+    fn accept_errors_back_off_and_log_once_per_window() {
+        let mut errors = AcceptErrors::default();
+        let emfile = io::Error::from_raw_os_error(24);
+        let t0 = std::time::Instant::now();
+        let pauses: Vec<Duration> = (0..9).map(|_| errors.failed(&emfile, "tcp", t0)).collect();
+        assert_eq!(pauses[0], Duration::from_millis(10));
+        assert_eq!(pauses[1], Duration::from_millis(20));
+        assert_eq!(pauses[8], Duration::from_secs(1), "capped");
+        // One line for the nine failures: the first; the rest wait 10 s.
+        assert_eq!(errors.unlogged, 8);
+        errors.failed(&emfile, "tcp", t0 + Duration::from_secs(10));
+        assert_eq!(errors.unlogged, 0, "logged again after the window");
+        errors.succeeded();
+        assert_eq!(errors.failed(&emfile, "tcp", t0), Duration::from_millis(10));
+    }
 
     /// Every idle connection pays for its task's future: one-off phases are
     /// boxed so that it stays small (it was 10 KB before they were).

@@ -75,6 +75,9 @@ pub struct NodeConfig {
     pub zone: String,
     /// Relative weight for client node selection (comets).
     pub weight: u32,
+    /// Listen backlog of every listener of this process (clients, gRPC, the
+    /// HTTP API, metrics); the kernel caps it at net.core.somaxconn.
+    pub listen_backlog: u32,
 }
 
 impl Default for NodeConfig {
@@ -84,6 +87,7 @@ impl Default for NodeConfig {
             region: "default".into(),
             zone: "default".into(),
             weight: 10,
+            listen_backlog: 1024,
         }
     }
 }
@@ -95,7 +99,13 @@ impl NodeConfig {
         }
         not_blank("node.region", &self.region)?;
         not_blank("node.zone", &self.zone)?;
-        in_range("node.weight", u64::from(self.weight), 1, 1 << 20)
+        in_range("node.weight", u64::from(self.weight), 1, 1 << 20)?;
+        in_range(
+            "node.listen_backlog",
+            u64::from(self.listen_backlog),
+            1,
+            1 << 16,
+        )
     }
 }
 

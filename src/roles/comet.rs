@@ -19,9 +19,10 @@ use super::{MetricsServer, advertised};
 const REGISTRATION_REFRESH: Duration = Duration::from_secs(10);
 
 /// Binds the comet's listeners and its metrics listener.
-pub async fn bind(config: &CometRoleConfig) -> anyhow::Result<(Listeners, Option<TcpListener>)> {
-    let listeners = Listeners::bind(&config.comet).await?;
-    let metrics = super::bind_metrics(config.metrics.bind_addr()).await?;
+pub fn bind(config: &CometRoleConfig) -> anyhow::Result<(Listeners, Option<TcpListener>)> {
+    let backlog = config.node.listen_backlog;
+    let listeners = Listeners::bind(&config.comet, backlog)?;
+    let metrics = super::bind_metrics(config.metrics.bind_addr(), backlog)?;
     Ok((listeners, metrics))
 }
 
@@ -44,11 +45,12 @@ pub enum Error {
 
 /// Runs `rim comet` until `shutdown` triggers.
 pub async fn run(
-    config: CometRoleConfig,
+    mut config: CometRoleConfig,
     listeners: Listeners,
     metrics: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
+    super::clamp_connections(&mut config.comet);
     let discovery = rim_discovery::connect(&config.discovery)
         .await
         .map_err(Error::Connect)?;

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::MetricsServer;
 
 /// Binds the job's metrics listener.
-pub async fn bind(config: &JobRoleConfig) -> anyhow::Result<Option<TcpListener>> {
-    super::bind_metrics(config.metrics.bind_addr()).await
+pub fn bind(config: &JobRoleConfig) -> anyhow::Result<Option<TcpListener>> {
+    super::bind_metrics(config.metrics.bind_addr(), config.node.listen_backlog)
 }
 
 /// The comets of `region` among discovered nodes, as lazily connected clients.

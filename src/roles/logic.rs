@@ -27,15 +27,11 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds the addresses the config names.
-    pub async fn bind(config: &LogicRoleConfig) -> std::io::Result<Listeners> {
-        let bind = |addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))
-        };
+    pub fn bind(config: &LogicRoleConfig) -> std::io::Result<Listeners> {
+        let backlog = config.node.listen_backlog;
         Ok(Listeners {
-            grpc: bind(config.logic.grpc_bind).await?,
-            http: bind(config.api.http_bind).await?,
+            grpc: rim_comet::listen(config.logic.grpc_bind, backlog)?,
+            http: rim_comet::listen(config.api.http_bind, backlog)?,
         })
     }
 }

@@ -29,13 +29,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Binds `metrics.bind`; `None` when metrics are disabled.
-pub async fn bind_metrics(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+pub fn bind_metrics(addr: Option<SocketAddr>, backlog: u32) -> anyhow::Result<Option<TcpListener>> {
     match addr {
         None => Ok(None),
-        Some(addr) => TcpListener::bind(addr)
-            .await
+        Some(addr) => rim_comet::listen(addr, backlog)
             .map(Some)
-            .with_context(|| format!("cannot bind metrics.bind {addr}")),
+            .context("metrics.bind"),
     }
 }
 
@@ -80,5 +79,57 @@ impl MetricsServer {
         if let Ok(Err(err)) = self.task.await {
             tracing::warn!(reason = %err, "metrics server ended with an error");
         }
+    }
+}
+
+/// Descriptors kept for everything but client connections — the HTTP API,
+/// gRPC servers and clients, Redis, Kafka, logs, metrics — at most a quarter
+/// of a small limit.
+const FD_RESERVE: u64 = 1024;
+
+/// Returns how many client connections fit under an open-file limit of
+/// `fd_limit` once the reserve is kept: `max`, or less.
+fn connection_cap(max: usize, fd_limit: u64) -> usize {
+    let reserve = FD_RESERVE.min(fd_limit / 4);
+    let room = usize::try_from(fd_limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
+    max.min(room.max(1))
+}
+
+/// Lowers `comet.max_connections` to what the process's open-file limit
+/// allows, so that clients can never take the descriptors the API, gRPC and
+/// the stores need (at the limit, accepts fail and `/healthz` stops
+/// answering); says so in one log line when it does.
+pub fn clamp_connections(comet: &mut rim_config::CometConfig) {
+    let fd_limit = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _hard)) => soft,
+        Err(err) => {
+            tracing::warn!(reason = %err, "cannot read the open-file limit; comet.max_connections not checked");
+            return;
+        }
+    };
+    let cap = connection_cap(comet.max_connections, fd_limit);
+    if cap < comet.max_connections {
+        tracing::warn!(
+            configured = comet.max_connections,
+            using = cap,
+            open_file_limit = fd_limit,
+            "comet.max_connections is more than the open-file limit allows; lowered, keeping descriptors for the API, gRPC and stores (raise the limit, e.g. LimitNOFILE, to allow more)"
+        );
+        comet.max_connections = cap;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_leave_descriptors_for_the_rest_of_the_process() {
+        // The limit seen here: 20,000 open files, 1,000,000 configured.
+        assert_eq!(connection_cap(1_000_000, 20_000), 20_000 - 1024);
+        assert_eq!(connection_cap(5_000, 20_000), 5_000, "fits: unchanged");
+        // A small limit keeps a quarter.
+        assert_eq!(connection_cap(1_000_000, 1_024), 768);
+        assert_eq!(connection_cap(10, 0), 1);
     }
 }

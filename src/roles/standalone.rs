@@ -28,17 +28,17 @@ fn loopback_advertised(addr: Option<SocketAddr>) -> String {
 }
 
 /// Runs every role until `shutdown` triggers.
-pub async fn run(config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    super::clamp_connections(&mut config.comet);
     anyhow::ensure!(
         config.queue.backend == QueueBackend::Memory,
         "standalone consumes its own in-process queue; queue.backend = \"kafka\" needs `rim job` (issue #5)"
     );
     // Bind everything first: a port in use fails before anything starts.
-    let listeners = Listeners::bind(&config.comet).await?;
-    let http = TcpListener::bind(config.api.http_bind)
-        .await
-        .with_context(|| format!("cannot bind {}", config.api.http_bind))?;
-    let metrics = super::bind_metrics(config.metrics.bind_addr()).await?;
+    let backlog = config.node.listen_backlog;
+    let listeners = Listeners::bind(&config.comet, backlog)?;
+    let http = rim_comet::listen(config.api.http_bind, backlog).context("api.http_bind")?;
+    let metrics = super::bind_metrics(config.metrics.bind_addr(), backlog)?;
     let first =
         |list: &[TcpListener]| loopback_advertised(list.first().and_then(|l| l.local_addr().ok()));
     // The local comet as discovery would describe it, with loopback addresses.

@@ -23,7 +23,20 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(args: &[&str], env: &[(&str, String)]) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rim"));
+        Proc::spawn(Command::new(env!("CARGO_BIN_EXE_rim")), args, env)
+    }
+
+    /// Starts `rim` with its open-file limit (soft and hard) set to `nofile`,
+    /// through util-linux's `prlimit`.
+    pub fn start_with_nofile(nofile: u64, args: &[&str], env: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_rim"));
+        Proc::spawn(cmd, args, env)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str], env: &[(&str, String)]) -> Proc {
         for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("RIM_")) {
             cmd.env_remove(name);
         }
