@@ -279,6 +279,7 @@ pub struct Setup {
     domain: String,
     /// `queue.capacity` and `queue.max_bytes` of the in-process queue.
     queue: (usize, usize),
+    api: ApiConfig,
 }
 
 impl Default for Setup {
@@ -292,6 +293,7 @@ impl Default for Setup {
             comets: default_comets(),
             domain: "im.example".into(),
             queue: (64, 64 << 20),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -310,6 +312,13 @@ impl Setup {
     /// Sets `api.max_body`.
     pub fn max_body(mut self, max_body: usize) -> Setup {
         self.max_body = max_body;
+        self
+    }
+
+    /// Changes the `[api]` section (bind address, body limit and admin
+    /// token come from the other setters).
+    pub fn api(mut self, change: impl FnOnce(&mut ApiConfig)) -> Setup {
+        change(&mut self.api);
         self
     }
 
@@ -405,6 +414,7 @@ impl Setup {
             http_bind: "127.0.0.1:0".parse().expect("addr"),
             max_body: self.max_body,
             admin_token: self.admin_token,
+            ..self.api
         };
         // The API sees logic only through its facade.
         let facade: Arc<dyn LogicFacade> = Arc::clone(&logic) as _;
