@@ -215,7 +215,7 @@ async fn no_more_than_max_connections_are_served_at_once() {
 async fn shutdown_ends_within_the_drain_timeout_whatever_clients_hold() {
     // The issue: with 3 connections holding a partial request, shutdown
     // waited until the clients left.
-    let mut h = Setup::new()
+    let h = Setup::new()
         .api(|api| {
             api.drain_timeout = Duration::from_secs(1);
             api.header_read_timeout = NEVER;
