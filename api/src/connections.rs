@@ -1,8 +1,10 @@
 //! The API's HTTP/1.1 connections, served one task each so that every
-//! connection is bounded: a header-read timeout (hyper's), a keep-alive
-//! idle timeout (here), a cap on how many are served at once, and a drain
-//! deadline on shutdown after which whatever is still open is closed. The
-//! body-read timeout is applied where bodies are read (`Api::read_body`).
+//! connection is bounded the way nginx bounds them: a header-read timeout
+//! from connect, or from the first byte of a later request, until its head
+//! is in; a keep-alive idle timeout between requests; a cap on how many are
+//! served at once; and a drain deadline on shutdown after which whatever is
+//! still open is closed. The body-read timeout is applied where bodies are
+//! read (`Api::read_body`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,10 +17,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -62,8 +64,9 @@ pub(crate) async fn serve(
     let tracker = TaskTracker::new();
     let force = CancellationToken::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+    // hyper's own header timer also runs while a kept-alive connection is
+    // idle; the connection's watchdog below times heads and idleness apart.
+    http.header_read_timeout(None);
     let mut full_logged: Option<Instant> = None;
     loop {
         let permit = match Arc::clone(&slots).try_acquire_owned() {
@@ -100,6 +103,7 @@ pub(crate) async fn serve(
         let connection = Connection {
             routes: routes.clone(),
             http: http.clone(),
+            header_read_timeout: limits.header_read_timeout,
             keep_alive_timeout: limits.keep_alive_timeout,
             stop: stop.clone(),
             force: force.clone(),
@@ -129,6 +133,7 @@ pub(crate) async fn serve(
 struct Connection {
     routes: Router,
     http: hyper::server::conn::http1::Builder,
+    header_read_timeout: Duration,
     keep_alive_timeout: Duration,
     stop: CancellationToken,
     force: CancellationToken,
@@ -160,7 +165,7 @@ impl Connection {
         tokio::pin!(conn);
         let mut draining = false;
         loop {
-            let idle_at = activity.idle_deadline(self.keep_alive_timeout);
+            let (at, why) = activity.deadline(self.header_read_timeout, self.keep_alive_timeout);
             tokio::select! {
                 served = conn.as_mut() => {
                     if let Err(err) = served {
@@ -173,9 +178,11 @@ impl Connection {
                     conn.as_mut().graceful_shutdown();
                 }
                 () = self.force.cancelled() => return,
-                () = tokio::time::sleep_until(idle_at) => {
-                    if activity.idle_for() >= self.keep_alive_timeout && !activity.is_busy() {
-                        tracing::debug!(peer = %peer, "closing an idle http api connection");
+                // A request started or ended: the deadline moved.
+                () = activity.changed.notified() => {}
+                () = tokio::time::sleep_until(at) => {
+                    if let Some(why) = why {
+                        tracing::debug!(peer = %peer, why, "closing an http api connection");
                         return;
                     }
                 }
@@ -184,14 +191,24 @@ impl Connection {
     }
 }
 
-/// When a connection last read or wrote a byte, and how many of its
+/// Marks "no request head is being read" in [`Activity::head_ms`].
+const NO_HEAD: u64 = u64::MAX;
+
+/// What a connection is doing, for its watchdog: when it last read or
+/// wrote a byte, when the head it is reading began, and how many of its
 /// requests are being handled.
 #[derive(Debug)]
 struct Activity {
     start: Instant,
     /// Milliseconds from `start` to the last read or write.
     last_ms: AtomicU64,
+    /// Milliseconds from `start` to the beginning of the request head being
+    /// read: the connect for the first request, the first byte after the
+    /// previous answer for later ones; [`NO_HEAD`] when none is.
+    head_ms: AtomicU64,
     busy: AtomicUsize,
+    /// Wakes the watchdog when a head starts or a request starts or ends.
+    changed: Notify,
 }
 
 impl Activity {
@@ -199,42 +216,66 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            // A new connection is reading its first head from the start.
+            head_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            changed: Notify::new(),
         }
     }
 
-    /// Records a read or a write now.
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    fn at(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms)
     }
 
-    fn idle_for(&self) -> Duration {
-        self.last().elapsed()
+    /// Records bytes read now: the start of a head if the connection was
+    /// between requests.
+    fn read(&self) {
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        if !self.is_busy() && self.head_ms.load(Ordering::Relaxed) == NO_HEAD {
+            self.head_ms.store(now, Ordering::Relaxed);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Records bytes written now.
+    fn wrote(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     fn is_busy(&self) -> bool {
         self.busy.load(Ordering::Relaxed) > 0
     }
 
-    /// When the connection would next be idle for `timeout`: from its last
-    /// byte, or a whole `timeout` from now while a request is handled (the
-    /// handler's own limits bound that).
-    fn idle_deadline(&self, timeout: Duration) -> Instant {
+    /// When the connection is to be closed, and why (`None`: not a close,
+    /// look again then). A request being handled is bounded by its
+    /// handler (`api.body_read_timeout` for bodies), not here.
+    fn deadline(&self, header: Duration, keep_alive: Duration) -> (Instant, Option<&'static str>) {
         if self.is_busy() {
-            Instant::now() + timeout
-        } else {
-            self.last() + timeout
+            return (Instant::now() + keep_alive, None);
+        }
+        match self.head_ms.load(Ordering::Relaxed) {
+            NO_HEAD => (
+                self.at(self.last_ms.load(Ordering::Relaxed)) + keep_alive,
+                Some("idle for api.keep_alive_timeout"),
+            ),
+            head => (
+                self.at(head) + header,
+                Some("request head not in within api.header_read_timeout"),
+            ),
         }
     }
 
-    /// Counts a request as handled until the returned guard is dropped.
+    /// Counts a request as handled (its head is in) until the returned
+    /// guard is dropped.
     fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
+        self.head_ms.store(NO_HEAD, Ordering::Relaxed);
+        self.changed.notify_one();
         Busy(Arc::clone(self))
     }
 }
@@ -245,7 +286,10 @@ struct Busy(Arc<Activity>);
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        // The next request's head starts with its first byte.
+        self.0.head_ms.store(NO_HEAD, Ordering::Relaxed);
+        self.0.wrote();
+        self.0.changed.notify_one();
     }
 }
 
@@ -264,7 +308,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.read();
         }
         polled
     }
@@ -278,7 +322,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         polled
     }
@@ -290,7 +334,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         polled
     }

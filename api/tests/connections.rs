@@ -75,7 +75,7 @@ async fn a_connection_that_sends_nothing_is_closed() {
         .start()
         .await;
     let mut silent = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..300 {
         silent.push(TcpStream::connect(h.addr).await.expect("connect"));
     }
     for stream in &mut silent {
@@ -176,6 +176,27 @@ async fn an_idle_keep_alive_connection_is_closed() {
     // Kept alive, then idle: closed without a word.
     let after = closed_by_server(&mut stream).await;
     assert!(after.is_empty(), "{:?}", String::from_utf8_lossy(&after));
+}
+
+#[tokio::test]
+async fn between_requests_the_keep_alive_timeout_applies_not_the_header_timeout() {
+    let h = Setup::new()
+        .api(|api| {
+            api.header_read_timeout = Duration::from_secs(1);
+            api.keep_alive_timeout = NEVER;
+        })
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(h.addr).await.expect("connect");
+    stream.write_all(HEALTH).await.expect("write");
+    assert!(read_health(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // Idle for twice the header timeout: still open.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stream.write_all(HEALTH).await.expect("write");
+    assert!(read_health(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // A later head that does not complete is timed out from its first byte.
+    stream.write_all(b"GET /heal").await.expect("write");
+    closed_by_server(&mut stream).await;
 }
 
 #[tokio::test]

@@ -442,8 +442,9 @@ pub struct ApiConfig {
     #[serde(default)]
     pub admin_token: Option<String>,
     /// Longest a connection may take to send a complete request head,
-    /// counted from when the server starts waiting for it (a new
-    /// connection, or the previous answer sent); then it is closed.
+    /// counted from connect for the first request and from the first byte
+    /// of each later one (between requests `keep_alive_timeout` applies);
+    /// then it is closed.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Longest a request's body may take to arrive in full; a slower
