@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::metrics::ConnectionMetrics;
+
 /// How long the accept loop pauses after an accept error (e.g. out of file
 /// descriptors), so that it neither spins nor floods the log.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -58,6 +60,7 @@ pub(crate) async fn serve(
     routes: Router,
     listener: TcpListener,
     limits: Limits,
+    metrics: ConnectionMetrics,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -107,6 +110,7 @@ pub(crate) async fn serve(
             keep_alive_timeout: limits.keep_alive_timeout,
             stop: stop.clone(),
             force: force.clone(),
+            metrics: metrics.clone(),
         };
         tracker.spawn(async move {
             connection.serve(stream, peer).await;
@@ -137,12 +141,14 @@ struct Connection {
     keep_alive_timeout: Duration,
     stop: CancellationToken,
     force: CancellationToken,
+    metrics: ConnectionMetrics,
 }
 
 impl Connection {
     /// Serves one connection until the client closes it, an error or a
     /// timeout ends it, or shutdown closes it.
     async fn serve(self, stream: TcpStream, peer: SocketAddr) {
+        let _open = self.metrics.opened();
         let activity = Arc::new(Activity::new());
         let io = TokioIo::new(Watched {
             inner: stream,
@@ -177,12 +183,16 @@ impl Connection {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = self.force.cancelled() => return,
+                () = self.force.cancelled() => {
+                    self.metrics.closed("drain");
+                    return;
+                }
                 // A request started or ended: the deadline moved.
                 () = activity.changed.notified() => {}
                 () = tokio::time::sleep_until(at) => {
-                    if let Some(why) = why {
-                        tracing::debug!(peer = %peer, why, "closing an http api connection");
+                    if let Some(reason) = why {
+                        tracing::debug!(peer = %peer, reason, "closing an http api connection");
+                        self.metrics.closed(reason);
                         return;
                     }
                 }
@@ -251,8 +261,8 @@ impl Activity {
         self.busy.load(Ordering::Relaxed) > 0
     }
 
-    /// When the connection is to be closed, and why (`None`: not a close,
-    /// look again then). A request being handled is bounded by its
+    /// When the connection is to be closed, and why (`header_timeout` or
+    /// `idle`, or `None`: not a close, look again then). A request being handled is bounded by its
     /// handler (`api.body_read_timeout` for bodies), not here.
     fn deadline(&self, header: Duration, keep_alive: Duration) -> (Instant, Option<&'static str>) {
         if self.is_busy() {
@@ -261,12 +271,9 @@ impl Activity {
         match self.head_ms.load(Ordering::Relaxed) {
             NO_HEAD => (
                 self.at(self.last_ms.load(Ordering::Relaxed)) + keep_alive,
-                Some("idle for api.keep_alive_timeout"),
+                Some("idle"),
             ),
-            head => (
-                self.at(head) + header,
-                Some("request head not in within api.header_read_timeout"),
-            ),
+            head => (self.at(head) + header, Some("header_timeout")),
         }
     }
 

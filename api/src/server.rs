@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connections::Limits;
 use crate::error::ok;
-use crate::metrics::{ApiMetrics, track};
+use crate::metrics::{ApiMetrics, ConnectionMetrics, track};
 use crate::{HttpError, admin, nodes, online, push};
 
 /// What the handlers share.
@@ -155,8 +155,8 @@ pub async fn serve(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let limits = api.limits;
-    serve_routes(routes(api, None), listener, limits, stop).await
+    let (limits, metrics) = (api.limits, api.metrics.connections.clone());
+    serve_routes(routes(api, None), listener, limits, metrics, stop).await
 }
 
 /// Serves the API and `GET /metrics` (the registry's exposition) on
@@ -167,16 +167,17 @@ pub async fn serve_with_metrics(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let limits = api.limits;
-    serve_routes(routes(api, Some(registry)), listener, limits, stop).await
+    let (limits, metrics) = (api.limits, api.metrics.connections.clone());
+    serve_routes(routes(api, Some(registry)), listener, limits, metrics, stop).await
 }
 
 async fn serve_routes(
     routes: Router,
     listener: TcpListener,
     limits: Limits,
+    metrics: ConnectionMetrics,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "http api serving");
-    crate::connections::serve(routes, listener, limits, stop).await
+    crate::connections::serve(routes, listener, limits, metrics, stop).await
 }

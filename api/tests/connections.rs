@@ -87,8 +87,15 @@ async fn a_connection_that_sends_nothing_is_closed() {
             "{sent}"
         );
     }
-    // The server still serves.
+    // The server still serves, and counted the closes (and the connection
+    // of this request, open).
     assert_eq!(h.get("/healthz").await.ok(), &json!("ok"));
+    let metrics = h.get("/metrics").await.raw;
+    assert!(
+        metrics.contains("rim_api_connections_closed_total{reason=\"header_timeout\"} 300"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("rim_api_connections 1"), "{metrics}");
 }
 
 #[tokio::test]
@@ -176,6 +183,11 @@ async fn an_idle_keep_alive_connection_is_closed() {
     // Kept alive, then idle: closed without a word.
     let after = closed_by_server(&mut stream).await;
     assert!(after.is_empty(), "{:?}", String::from_utf8_lossy(&after));
+    let metrics = h.get("/metrics").await.raw;
+    assert!(
+        metrics.contains("rim_api_connections_closed_total{reason=\"idle\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -422,7 +422,15 @@ impl Setup {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let stop = CancellationToken::new();
-        let server = tokio::spawn(rim_api::serve(api, listener, stop.clone()));
+        // GET /metrics answers the API's own metrics.
+        let mut registry = rim_metrics::Registry::default();
+        api.register_metrics(&mut registry);
+        let server = tokio::spawn(rim_api::serve_with_metrics(
+            api,
+            Arc::new(registry),
+            listener,
+            stop.clone(),
+        ));
         let http = reqwest::Client::builder()
             .timeout(WAIT)
             .no_proxy()
