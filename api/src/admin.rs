@@ -143,7 +143,7 @@ async fn broadcast_room(
     body: Body,
 ) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
-    let operation: i32 = params.parse_required("operation", "a 32-bit integer")?;
+    let operation = crate::push::push_operation(&params)?;
     let room = params.required("room")?.to_owned();
     if !room.contains("://") {
         return Err(HttpError::BadRequest(format!(

@@ -15,6 +15,10 @@ pub enum HttpError {
     /// The body is larger than `api.max_body` (HTTP 413, code -400).
     #[error("request body exceeds {0} bytes")]
     TooLarge(usize),
+    /// The body did not arrive within `api.body_read_timeout` (HTTP 408,
+    /// code -400).
+    #[error("request body not received within {} s (api.body_read_timeout)", .0.as_secs_f64())]
+    BodyTimeout(std::time::Duration),
     /// Missing or wrong admin token (HTTP 401, code -401).
     #[error("{0}")]
     Unauthorized(&'static str),
@@ -99,6 +103,7 @@ impl HttpError {
         match self {
             HttpError::BadRequest(_) => (StatusCode::BAD_REQUEST, -400),
             HttpError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, -400),
+            HttpError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, -400),
             HttpError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, -401),
             HttpError::Logic(_)
             | HttpError::NothingEnqueued { .. }
@@ -140,6 +145,11 @@ mod tests {
         let cases = [
             (HttpError::BadRequest("bad".into()), 400, -400),
             (HttpError::TooLarge(16), 413, -400),
+            (
+                HttpError::BodyTimeout(std::time::Duration::from_secs(10)),
+                408,
+                -400,
+            ),
             (HttpError::Unauthorized("no token"), 401, -401),
             (HttpError::Logic(router()), 503, -500),
             (HttpError::NothingEnqueued { source: router() }, 503, -500),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use rim_metrics::{Counter, Family, Histogram, Registry};
+use rim_metrics::{Counter, Family, Gauge, Histogram, Registry};
 
 use crate::Api;
 
@@ -29,6 +29,39 @@ pub(crate) struct ApiMetrics {
     messages: Family<Labels1, Counter>,
     queue_errors: Family<Labels1, Counter>,
     router_errors: Counter,
+    pub(crate) connections: ConnectionMetrics,
+}
+
+/// Why the server closed an HTTP API connection.
+pub(crate) const CLOSE_REASONS: [&str; 3] = ["header_timeout", "idle", "drain"];
+
+/// The connections' metrics, shared with every connection's task.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ConnectionMetrics {
+    open: Gauge,
+    closed: Family<Labels1, Counter>,
+}
+
+impl ConnectionMetrics {
+    /// Counts a connection open until the returned guard is dropped.
+    pub(crate) fn opened(&self) -> OpenConnection {
+        self.open.inc();
+        OpenConnection(self.open.clone())
+    }
+
+    /// Counts a connection the server closed, by one of [`CLOSE_REASONS`].
+    pub(crate) fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&[("reason", reason)]).inc();
+    }
+}
+
+/// An open connection, counted in `rim_api_connections` while it lives.
+pub(crate) struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The push kinds, one per push endpoint.
@@ -43,7 +76,14 @@ impl Default for ApiMetrics {
             messages: Family::default(),
             queue_errors: Family::default(),
             router_errors: Counter::default(),
+            connections: ConnectionMetrics::default(),
         };
+        for reason in CLOSE_REASONS {
+            let _ = metrics
+                .connections
+                .closed
+                .get_or_create(&[("reason", reason)]);
+        }
         // Series that exist from the start, so that dashboards and alerts
         // see zeros rather than nothing (an empty family is not exposed).
         for kind in KINDS {
@@ -110,6 +150,16 @@ impl ApiMetrics {
             "rim_api_router_errors",
             "Router lookups that failed while planning a push (the push answered 503)",
             self.router_errors.clone(),
+        );
+        registry.register(
+            "rim_api_connections",
+            "HTTP API connections open (at most api.max_connections)",
+            self.connections.open.clone(),
+        );
+        registry.register(
+            "rim_api_connections_closed",
+            "HTTP API connections the server closed, by reason (header_timeout, idle, drain)",
+            self.connections.closed.clone(),
         );
     }
 }

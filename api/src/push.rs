@@ -23,6 +23,25 @@ use crate::{Api, HttpError};
 
 const OP: &str = "a 32-bit integer";
 
+/// The first op a push may carry: the client protocol reserves 0–17
+/// (goim's, protocol.md) and 18–27 (rim's IM ops, im.md), and a pushed frame
+/// with one of those ops would reach clients as a forged heartbeat, auth or
+/// batch reply.
+const FIRST_PUSH_OP: i32 = 28;
+
+/// Reads the required `operation` parameter of a push, refusing every op
+/// the client protocol reserves (negative ones too).
+pub(crate) fn push_operation(params: &Params) -> Result<i32, HttpError> {
+    let operation: i32 = params.parse_required("operation", OP)?;
+    if operation < FIRST_PUSH_OP {
+        return Err(HttpError::BadRequest(format!(
+            "invalid parameter \"operation\": {operation} is reserved by the client protocol \
+             (ops below {FIRST_PUSH_OP}); push a business op, e.g. 1000"
+        )));
+    }
+    Ok(operation)
+}
+
 fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -165,7 +184,7 @@ async fn plan_keys(
     body: Body,
 ) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
-    let operation: i32 = params.parse_required("operation", OP)?;
+    let operation = push_operation(&params)?;
     record("op", operation.into());
     let mut keys = params.list("keys")?;
     // A key listed twice is one connection: push it once.
@@ -200,7 +219,7 @@ async fn plan_mids(
     body: Body,
 ) -> Result<Response, HttpError> {
     let params = Params::parse(query.as_deref());
-    let operation: i32 = params.parse_required("operation", OP)?;
+    let operation = push_operation(&params)?;
     record("op", operation.into());
     let mids: Vec<i64> = params.parse_list("mids", "an integer")?;
     let msg = api.read_body(&headers, body).await?;
@@ -336,7 +355,7 @@ pub(crate) async fn room(
     let push = Push::new("room");
     let plan = async {
         let params = Params::parse(query.as_deref());
-        let operation: i32 = params.parse_required("operation", OP)?;
+        let operation = push_operation(&params)?;
         let kind = params.required("type")?;
         let room = params.required("room")?;
         let msg = api.read_body(&headers, body).await?;
@@ -355,7 +374,7 @@ pub(crate) async fn all(
     let push = Push::new("all");
     let plan = async {
         let params = Params::parse(query.as_deref());
-        let operation: i32 = params.parse_required("operation", OP)?;
+        let operation = push_operation(&params)?;
         record("op", operation.into());
         let speed: i32 = params.parse_or("speed", "a non-negative 32-bit integer", 0)?;
         if speed < 0 {

@@ -1,7 +1,7 @@
 //! The HTTP server: state, routes, body limits, health and readiness.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -17,8 +17,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::connections::Limits;
 use crate::error::ok;
-use crate::metrics::{ApiMetrics, track};
+use crate::metrics::{ApiMetrics, ConnectionMetrics, track};
 use crate::{HttpError, admin, nodes, online, push};
 
 /// What the handlers share.
@@ -27,6 +28,8 @@ pub struct Api {
     pub(crate) logic: Arc<dyn LogicFacade>,
     pub(crate) producer: Arc<dyn Producer>,
     pub(crate) max_body: usize,
+    pub(crate) body_read_timeout: Duration,
+    pub(crate) limits: Limits,
     pub(crate) admin_token: Option<String>,
     pub(crate) metrics: ApiMetrics,
 }
@@ -50,6 +53,13 @@ impl Api {
             logic,
             producer,
             max_body: config.max_body,
+            body_read_timeout: config.body_read_timeout,
+            limits: Limits {
+                header_read_timeout: config.header_read_timeout,
+                keep_alive_timeout: config.keep_alive_timeout,
+                max_connections: config.max_connections,
+                drain_timeout: config.drain_timeout,
+            },
             admin_token: config.admin_token.clone(),
             metrics: ApiMetrics::default(),
         })
@@ -60,7 +70,8 @@ impl Api {
         self.metrics.register(registry);
     }
 
-    /// Reads a push body, refusing one over `api.max_body` with 413.
+    /// Reads a push body, refusing one over `api.max_body` with 413 and one
+    /// that does not arrive within `api.body_read_timeout` with 408.
     pub(crate) async fn read_body(
         &self,
         headers: &HeaderMap,
@@ -73,9 +84,15 @@ impl Api {
         if declared.is_some_and(|len| len > self.max_body as u64) {
             return Err(HttpError::TooLarge(self.max_body));
         }
-        axum::body::to_bytes(body, self.max_body)
-            .await
-            .map_err(|_| HttpError::TooLarge(self.max_body))
+        match tokio::time::timeout(
+            self.body_read_timeout,
+            axum::body::to_bytes(body, self.max_body),
+        )
+        .await
+        {
+            Ok(read) => read.map_err(|_| HttpError::TooLarge(self.max_body)),
+            Err(_) => Err(HttpError::BodyTimeout(self.body_read_timeout)),
+        }
     }
 }
 
@@ -138,7 +155,8 @@ pub async fn serve(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_routes(routes(api, None), listener, stop).await
+    let (limits, metrics) = (api.limits, api.metrics.connections.clone());
+    serve_routes(routes(api, None), listener, limits, metrics, stop).await
 }
 
 /// Serves the API and `GET /metrics` (the registry's exposition) on
@@ -149,19 +167,17 @@ pub async fn serve_with_metrics(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_routes(routes(api, Some(registry)), listener, stop).await
+    let (limits, metrics) = (api.limits, api.metrics.connections.clone());
+    serve_routes(routes(api, Some(registry)), listener, limits, metrics, stop).await
 }
 
 async fn serve_routes(
     routes: Router,
     listener: TcpListener,
+    limits: Limits,
+    metrics: ConnectionMetrics,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "http api serving");
-    axum::serve(
-        listener,
-        routes.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.cancelled().await })
-    .await
+    crate::connections::serve(routes, listener, limits, metrics, stop).await
 }

@@ -162,6 +162,54 @@ async fn push_body_over_max_body_is_413_and_at_max_body_is_accepted() {
     assert!(h.drain().await.is_empty());
 }
 
+/// Issue #16, part 2: `POST /goim/push/mids?operation=9&mids=N` with body
+/// `\x00\x00\x00\x05garbage` was answered 200 and the client got raw bytes
+/// without a frame header; ops 0, 2, 3, 7, 8 and -1 reached clients as fake
+/// heartbeat and auth replies. Every op the client protocol reserves (goim's
+/// 0–17, the IM's 18–27, negatives) is refused on every push endpoint.
+#[tokio::test]
+async fn every_push_endpoint_refuses_the_ops_the_client_protocol_reserves() {
+    let mut h = Setup::new().admin_token().start().await;
+    h.connect("comet-a", 1, "k1").await;
+    let body: &[u8] = b"\x00\x00\x00\x05garbage";
+
+    // The exact request of the issue.
+    h.post("/goim/push/mids?operation=9&mids=1", body)
+        .await
+        .error(400, -400, &["\"operation\"", "reserved"]);
+
+    let reserved = (0..=27).chain([-1, i32::MIN]);
+    for op in reserved {
+        for path in [
+            format!("/goim/push/keys?operation={op}&keys=k1"),
+            format!("/goim/push/mids?operation={op}&mids=1"),
+            format!("/goim/push/room?operation={op}&type=live&room=1"),
+            format!("/goim/push/all?operation={op}"),
+        ] {
+            h.post(&path, body)
+                .await
+                .error(400, -400, &["\"operation\""]);
+        }
+        h.admin_post(
+            &format!("/admin/room/broadcast?room=live://1&operation={op}"),
+            body,
+        )
+        .await
+        .error(400, -400, &["\"operation\""]);
+    }
+    assert!(
+        h.drain().await.is_empty(),
+        "a push with a reserved op must enqueue nothing"
+    );
+
+    // The first op after the reserved ones is a business op.
+    let answer = h.post("/goim/push/mids?operation=28&mids=1", body).await;
+    assert_eq!(answer.ok(), &json!({ "connections": 1, "comets": 1 }));
+    let msgs = h.drain().await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!((msgs[0].operation, &msgs[0].msg[..]), (28, body));
+}
+
 #[tokio::test]
 async fn a_chunked_body_over_max_body_is_413() {
     let mut h = Setup::new().max_body(64).start().await;

@@ -451,6 +451,27 @@ pub struct ApiConfig {
     /// Bearer token required by the admin endpoints; unset = no check.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Longest a connection may take to send a complete request head,
+    /// counted from connect for the first request and from the first byte
+    /// of each later one (between requests `keep_alive_timeout` applies);
+    /// then it is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a request's body may take to arrive in full; a slower
+    /// request is answered 408 and its connection closed.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A connection with no request in progress and no bytes read or
+    /// written for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
+    /// Most HTTP API connections served at once; over it, new connections
+    /// are not accepted (they wait in the listen backlog) until one closes.
+    pub max_connections: usize,
+    /// On shutdown, how long open connections may finish the requests they
+    /// are in; connections still open then are closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -459,6 +480,11 @@ impl Default for ApiConfig {
             http_bind: addr("0.0.0.0:3111"),
             max_body: 64 * 1024,
             admin_token: None,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -466,6 +492,16 @@ impl Default for ApiConfig {
 impl ApiConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         in_range("api.max_body", self.max_body as u64, 1, 16 << 20)?;
+        positive("api.header_read_timeout", self.header_read_timeout)?;
+        positive("api.body_read_timeout", self.body_read_timeout)?;
+        positive("api.keep_alive_timeout", self.keep_alive_timeout)?;
+        positive("api.drain_timeout", self.drain_timeout)?;
+        in_range(
+            "api.max_connections",
+            self.max_connections as u64,
+            1,
+            1_000_000,
+        )?;
         if let Some(token) = &self.admin_token {
             not_blank("api.admin_token", token)?;
         }

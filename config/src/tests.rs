@@ -148,6 +148,31 @@ fn an_out_of_range_value_names_the_key() {
 }
 
 #[test]
+fn the_http_api_limits_name_their_key() {
+    for key in [
+        "header_read_timeout",
+        "body_read_timeout",
+        "keep_alive_timeout",
+        "drain_timeout",
+    ] {
+        let var = format!("RIM_API__{}", key.to_uppercase());
+        let err = load_err::<LogicRoleConfig>(None, &[(var.as_str(), "0s")]);
+        assert!(
+            err.starts_with(&format!("invalid value for api.{key}")),
+            "{err}"
+        );
+    }
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_API__MAX_CONNECTIONS", "0")]);
+    assert_eq!(
+        err,
+        "invalid value for api.max_connections: must be between 1 and 1000000, got 0"
+    );
+    let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(config.api.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.api.max_connections, 1024);
+}
+
+#[test]
 fn a_public_domain_is_a_host_name_or_empty() {
     let config = CometRoleConfig::load_from(None, env(&[])).unwrap();
     assert_eq!(config.comet.public_domain, "", "unset by default");

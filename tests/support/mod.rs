@@ -118,13 +118,19 @@ impl Proc {
         self.seen.join("\n")
     }
 
-    pub fn stop(mut self) {
+    /// Sends SIGTERM and waits up to 20 s for a successful exit.
+    pub fn stop(self) {
+        self.stop_within(Duration::from_secs(20));
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for a successful exit.
+    pub fn stop_within(mut self, limit: Duration) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(exit) = self.child.try_wait().unwrap() {
                 assert!(
@@ -136,7 +142,11 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("did not stop within 20 s of SIGTERM");
+                self.drain_log();
+                panic!(
+                    "did not stop within {limit:?} of SIGTERM; log:\n{}",
+                    self.seen.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

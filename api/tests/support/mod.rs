@@ -279,6 +279,7 @@ pub struct Setup {
     domain: String,
     /// `queue.capacity` and `queue.max_bytes` of the in-process queue.
     queue: (usize, usize),
+    api: ApiConfig,
 }
 
 impl Default for Setup {
@@ -292,6 +293,7 @@ impl Default for Setup {
             comets: default_comets(),
             domain: "im.example".into(),
             queue: (64, 64 << 20),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -310,6 +312,13 @@ impl Setup {
     /// Sets `api.max_body`.
     pub fn max_body(mut self, max_body: usize) -> Setup {
         self.max_body = max_body;
+        self
+    }
+
+    /// Changes the `[api]` section (bind address, body limit and admin
+    /// token come from the other setters).
+    pub fn api(mut self, change: impl FnOnce(&mut ApiConfig)) -> Setup {
+        change(&mut self.api);
         self
     }
 
@@ -405,6 +414,7 @@ impl Setup {
             http_bind: "127.0.0.1:0".parse().expect("addr"),
             max_body: self.max_body,
             admin_token: self.admin_token,
+            ..self.api
         };
         // The API sees logic only through its facade.
         let facade: Arc<dyn LogicFacade> = Arc::clone(&logic) as _;
@@ -412,7 +422,15 @@ impl Setup {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let stop = CancellationToken::new();
-        let server = tokio::spawn(rim_api::serve(api, listener, stop.clone()));
+        // GET /metrics answers the API's own metrics.
+        let mut registry = rim_metrics::Registry::default();
+        api.register_metrics(&mut registry);
+        let server = tokio::spawn(rim_api::serve_with_metrics(
+            api,
+            Arc::new(registry),
+            listener,
+            stop.clone(),
+        ));
         let http = reqwest::Client::builder()
             .timeout(WAIT)
             .no_proxy()
