@@ -122,3 +122,36 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
 
     rim.stop();
 }
+
+/// Auth policy `none` (standalone's default, for the demo) says at startup
+/// what it allows and how to switch (issue #16, 11).
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_policy_none_is_announced_with_what_it_allows() {
+    let config = shipped_config("standalone");
+    let mut rim = Proc::start(
+        &["standalone", "--config", &config],
+        &[
+            ("RIM_NODE__ID", "auth-none-test".into()),
+            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
+            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
+            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
+            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
+            ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
+        ],
+    );
+    rim.addr_after("http api serving");
+    let log = rim.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("logic.auth.policy is none"))
+        .unwrap_or_else(|| panic!("no auth policy warning in:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    for words in [
+        "any client may claim any user id and any connection key",
+        "take over another client's connection",
+        "logic.auth.policy = \"jwt\"",
+    ] {
+        assert!(warning.contains(words), "{words:?} missing in {warning}");
+    }
+    rim.stop();
+}

@@ -82,7 +82,7 @@ impl Authenticator {
         let policy = match config.policy {
             AuthPolicy::None => {
                 tracing::warn!(
-                    "logic.auth.policy is none: clients are trusted to say who they are (insecure, goim's behaviour); use jwt or webhook in production"
+                    "logic.auth.policy is none: clients are trusted to say who they are (insecure, goim's behaviour): any client may claim any user id and any connection key, and so take over another client's connection and its pushes; keep the client ports private, or set logic.auth.policy = \"jwt\" with logic.auth.jwt_secret (see docs/operations.md, Security)"
                 );
                 Policy::None
             }
