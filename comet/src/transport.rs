@@ -288,8 +288,10 @@ where
     }
 
     async fn close(&mut self, goodbye: Goodbye) {
-        // After the client's close frame tungstenite has queued its echo and
-        // sends that instead of this frame.
+        // After the client's close frame tungstenite has queued its echo: a
+        // flush sends it (a close frame of ours would be refused as a send
+        // after closing). Otherwise the flush sends nothing.
+        let _ = self.ws.flush().await;
         let _ = self.ws.close(Some(goodbye.frame())).await;
         // TLS buffers what tungstenite wrote: flush it and say close_notify.
         let _ = self.ws.get_mut().shutdown().await;
