@@ -212,6 +212,9 @@ async fn a_forged_line_in_an_auth_key_stays_escaped_on_its_line() {
             line.contains(escaped),
             "the key is not escaped on one line: {line:?}\nin:\n{written}"
         );
-        assert!(!line.starts_with("2026-12-06T22:00:00.000000Z"), "forged line: {line:?}");
+        assert!(
+            !line.starts_with("2026-12-06T22:00:00.000000Z"),
+            "forged line: {line:?}"
+        );
     }
 }

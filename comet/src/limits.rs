@@ -105,7 +105,10 @@ mod tests {
 
     #[test]
     fn accepted_op_sets_are_bounded_after_deduplication() {
-        assert_eq!(check_accepts(&[1001, 1000, 1000]).unwrap(), vec![1000, 1001]);
+        assert_eq!(
+            check_accepts(&[1001, 1000, 1000]).unwrap(),
+            vec![1000, 1001]
+        );
         let many: Vec<i32> = (0..600).collect();
         assert_eq!(
             check_accepts(&many).unwrap_err(),

@@ -436,7 +436,11 @@ where
         match Request::try_parse(&buf) {
             Ok(None) => continue,
             Ok(Some((len, request))) => return Ok(check_upgrade(&request, buf.split_off(len))),
-            Err(err) => return Ok(Err(Refusal::bad_request(format!("bad upgrade request: {err}")))),
+            Err(err) => {
+                return Ok(Err(Refusal::bad_request(format!(
+                    "bad upgrade request: {err}"
+                ))));
+            }
         }
     }
 }

@@ -112,7 +112,9 @@ impl Goodbye {
                 CloseCode::Unsupported,
                 "text messages are not supported: send binary frames",
             ),
-            ReadError::Frame(FrameError::Io(_)) | ReadError::Io(_) => Goodbye::normal("read failed"),
+            ReadError::Frame(FrameError::Io(_)) | ReadError::Io(_) => {
+                Goodbye::normal("read failed")
+            }
             ReadError::Frame(_) => Goodbye::protocol("bad frame"),
             ReadError::WebSocket(_) => Goodbye::protocol("websocket protocol error"),
         }

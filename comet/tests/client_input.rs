@@ -27,7 +27,10 @@ async fn assert_auth_refused(comet: &TestComet, room: &str, accepts: &[i32], key
     .await;
     assert!(refused.is_err(), "auth of {key} was accepted");
     // Logic had recorded the connection: the comet takes it back.
-    eventually(Duration::from_secs(5), || comet.logic.disconnects_of(key) == 1).await;
+    eventually(Duration::from_secs(5), || {
+        comet.logic.disconnects_of(key) == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -114,8 +117,8 @@ async fn auth_refuses_the_accepted_ops_sub_refuses() {
 
     let text = logs.text();
     assert!(
-        text.lines()
-            .any(|l| l.contains("auth refused") && l.contains("600 accepted ops exceed the limit of 256")),
+        text.lines().any(|l| l.contains("auth refused")
+            && l.contains("600 accepted ops exceed the limit of 256")),
         "no auth refusal naming the limit in:\n{text}"
     );
     assert!(

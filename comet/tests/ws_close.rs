@@ -34,7 +34,9 @@ async fn authed(comet: &TestComet, key: &str) -> Ws {
         .await
         .unwrap();
     match within(Duration::from_secs(5), ws.next()).await {
-        Some(Ok(Message::Binary(reply))) => assert_eq!(reply[8..12], Op::AUTH_REPLY.0.to_be_bytes()),
+        Some(Ok(Message::Binary(reply))) => {
+            assert_eq!(reply[8..12], Op::AUTH_REPLY.0.to_be_bytes())
+        }
         other => panic!("expected the auth reply, got {other:?}"),
     }
     ws
@@ -84,7 +86,11 @@ async fn a_client_close_frame_is_echoed() {
         .await
         .unwrap();
         let echo = close_frame(&mut ws).await;
-        assert_eq!(echo.code, CloseCode::Normal, "authenticated: {authenticated}");
+        assert_eq!(
+            echo.code,
+            CloseCode::Normal,
+            "authenticated: {authenticated}"
+        );
         // The server then closes the TCP connection.
         let end = within(Duration::from_secs(5), ws.next()).await;
         assert!(
@@ -145,7 +151,10 @@ async fn protocol_errors_close_with_their_status() {
         .await
         .unwrap();
     let frame = close_frame(&mut ws).await;
-    assert_eq!((frame.code, frame.reason.as_str()), (CloseCode::Policy, "auth refused"));
+    assert_eq!(
+        (frame.code, frame.reason.as_str()),
+        (CloseCode::Policy, "auth refused")
+    );
     comet.stop().await;
 }
 
@@ -218,7 +227,11 @@ async fn a_bad_upgrade_gets_an_http_error_status() {
             stream.read_exact(&mut byte).await.unwrap();
             head.push(byte[0]);
         }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
         WebSocketStream::from_raw_socket(
             stream,
             tokio_tungstenite::tungstenite::protocol::Role::Client,

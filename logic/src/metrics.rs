@@ -59,7 +59,9 @@ impl LogicMetrics {
     /// Counts one upstream client frame by result: forwarded (the receive
     /// webhook took it), failed, or no_webhook (none configured: dropped).
     pub(crate) fn upstream(&self, result: &'static str) {
-        self.upstream_frames.get_or_create(&[("result", result)]).inc();
+        self.upstream_frames
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     /// Counts one failed router call.

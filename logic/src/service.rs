@@ -252,8 +252,11 @@ impl LogicApi for Logic {
             ))),
             Err(err) => Err(RpcError::Unavailable(format!("receive webhook: {err}"))),
         };
-        self.metrics
-            .upstream(if result.is_ok() { "forwarded" } else { "failed" });
+        self.metrics.upstream(if result.is_ok() {
+            "forwarded"
+        } else {
+            "failed"
+        });
         result
     }
 
