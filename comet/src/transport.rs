@@ -312,6 +312,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_close_reason_is_cut_to_fit_on_a_char_boundary() {
+        let goodbye = Goodbye::protocol("é".repeat(100));
+        let frame = goodbye.frame();
+        assert_eq!(frame.code, CloseCode::Protocol);
+        assert_eq!(frame.reason.len(), 122);
+        assert_eq!(Goodbye::going_away().frame().code, CloseCode::Away);
+    }
+
+    #[test]
     fn only_op_9_frames_are_batches() {
         let batch = Frame::new(Op::RAW, 0, Bytes::new()).to_bytes().unwrap();
         let push = Frame::new(Op(1000), 0, Bytes::new()).to_bytes().unwrap();
