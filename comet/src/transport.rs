@@ -295,7 +295,7 @@ where
         // after closing). Otherwise the flush sends nothing.
         let _ = self.ws.flush().await;
         let _ = self.ws.close(Some(goodbye.frame())).await;
-        // TLS buffers what tungstenite wrote: flush it and say close_notify.
+        // Flush what TLS may still buffer, then close_notify and FIN.
         let _ = self.ws.get_mut().shutdown().await;
     }
 }
