@@ -188,7 +188,7 @@ mod tests {
             key,
             1,
             IpAddr::from([127, 0, 0, 1]),
-            &[],
+            Vec::new(),
             8,
         ))
     }

@@ -350,7 +350,8 @@ impl CometApi for Comet {
     async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
         let started = Instant::now();
         let op = req.proto.as_ref().map_or(0, |p| p.op);
-        let span = tracing::debug_span!("push_rpc", rpc = "room", op, room = %req.room_id);
+        // The room id is the pusher's text: escaped.
+        let span = tracing::debug_span!("push_rpc", rpc = "room", op, room = ?req.room_id);
         let _entered = span.enter();
         if req.room_id.is_empty() {
             return Err(RpcError::InvalidArgument("room_id is empty".into()));

@@ -14,12 +14,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::comet::{ConnSlot, Inner};
+use crate::limits::{check_accepts, check_room, parse_ops, parse_room};
 use crate::session::{CloseReason, Session};
 use crate::stats::{self, Wire};
-use crate::transport::{ReadError, Transport};
-
-/// Longest room id a client may ask to join, in bytes.
-const MAX_ROOM_LEN: usize = 256;
+use crate::transport::{Goodbye, ReadError, Transport};
 
 /// Heartbeat interval when logic does not say (goim's 4 minutes).
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(240);
@@ -56,14 +54,16 @@ pub(crate) async fn serve<T: Transport>(
     drain: CancellationToken,
 ) {
     let admitted = Box::pin(admit(&inner, &mut transport, id, peer, wire, &drain)).await;
-    let Some(Admitted {
+    let Admitted {
         session,
         idle_limit,
         auth_reply,
-    }) = admitted
-    else {
-        close(&mut transport).await;
-        return;
+    } = match admitted {
+        Ok(admitted) => admitted,
+        Err(goodbye) => {
+            close(&mut transport, goodbye).await;
+            return;
+        }
     };
     let end = run(
         &inner,
@@ -101,7 +101,7 @@ async fn admit<T: Transport>(
     peer: SocketAddr,
     wire: Wire,
     drain: &CancellationToken,
-) -> Option<Admitted> {
+) -> Result<Admitted, Goodbye> {
     let auth = handshake(inner, transport, id, wire, drain).await?;
     let req = logic::ConnectRequest {
         server: inner.id.clone(),
@@ -114,36 +114,51 @@ async fn admit<T: Transport>(
         Ok(Ok(_)) => {
             tracing::warn!("logic accepted the token but assigned no key; closing");
             stats::incr(&inner.stats.auth_failed);
-            return None;
+            return Err(Goodbye::normal("auth failed"));
         }
+        // Per connection and at the client's will: debug, counted by
+        // rim_comet_auth. The reason may quote the client: escaped.
         Ok(Err(err @ RpcError::Unauthenticated(_))) => {
-            tracing::info!(reason = %err, "auth refused; closing");
+            tracing::debug!(reason = ?err.to_string(), "auth refused; closing");
             stats::incr(&inner.stats.auth_refused);
-            return None;
+            return Err(Goodbye::policy("auth refused"));
         }
         Ok(Err(err)) => {
-            tracing::info!(reason = %err, "auth failed; closing");
+            tracing::info!(reason = ?err.to_string(), "auth failed; closing");
             stats::incr(&inner.stats.auth_failed);
-            return None;
+            return Err(Goodbye::normal("auth failed"));
         }
         Err(_) => {
             tracing::warn!("logic did not answer connect in time; closing");
             stats::incr(&inner.stats.auth_failed);
-            return None;
+            return Err(Goodbye::normal("auth failed"));
         }
     };
-    stats::incr(&inner.stats.auth_ok);
-    // The connection task's span (see the listener) learns who it serves.
+    // The connection task's span (see the listener) learns who it serves;
+    // a &str field is written escaped (Debug) by the log formatter.
     tracing::Span::current()
         .record("mid", reply.mid)
         .record("key", reply.key.as_str());
+    // What logic granted goes through the checks ChangeRoom and Sub use.
+    let checked = check_room(&reply.room_id).and_then(|()| check_accepts(&reply.accepts));
+    let accepts = match checked {
+        Ok(accepts) => accepts,
+        Err(reason) => {
+            tracing::debug!(%reason, "auth refused; closing");
+            stats::incr(&inner.stats.auth_refused);
+            // Logic has recorded the connection: take it back.
+            Box::pin(report_disconnect(inner, reply.mid, &reply.key)).await;
+            return Err(Goodbye::policy(reason));
+        }
+    };
+    stats::incr(&inner.stats.auth_ok);
 
     let session = Arc::new(Session::new(
         id,
         &reply.key,
         reply.mid,
         peer.ip(),
-        &reply.accepts,
+        accepts,
         inner.config.write_queue,
     ));
     let room = (!reply.room_id.is_empty()).then(|| reply.room_id.clone().into_boxed_str());
@@ -155,13 +170,13 @@ async fn admit<T: Transport>(
         // Registered after the drain sweep passed this bucket.
         session.close(CloseReason::Drain);
     }
-    tracing::debug!(key = %session.key, mid = session.mid, room = ?session.room(), "authenticated");
+    tracing::debug!(key = ?session.key, mid = session.mid, room = ?session.room(), "authenticated");
 
     let heartbeat = match reply.heartbeat_ms {
         0 => DEFAULT_HEARTBEAT,
         ms => Duration::from_millis(ms),
     };
-    Some(Admitted {
+    Ok(Admitted {
         session,
         idle_limit: heartbeat * reply.heartbeat_max.max(1),
         auth_reply: encode(Frame::new(Op::AUTH_REPLY, auth.seq, Bytes::new())),
@@ -178,41 +193,68 @@ async fn finish<T: Transport>(
     end: End,
     idle_limit: Duration,
 ) {
-    match &end {
-        End::ClientClosed => tracing::debug!("client closed"),
-        End::HeartbeatTimeout => tracing::debug!(idle = ?idle_limit, "no heartbeat; closing"),
-        End::Closed(reason) => tracing::debug!(reason = reason.as_str(), "closing"),
-        End::Read(err) if err.is_protocol_violation() => {
-            stats::incr(&inner.stats.bad_frames);
-            tracing::debug!(reason = %err, "protocol violation; closing");
+    // Error texts are written with Debug: a tungstenite error may quote
+    // what the client sent.
+    let goodbye = match end {
+        End::ClientClosed => {
+            tracing::debug!("client closed");
+            Goodbye::normal("bye")
         }
-        End::Read(err) => tracing::debug!(reason = %err, "read failed"),
-        End::Write(err) => tracing::debug!(reason = %err, "write failed"),
+        End::HeartbeatTimeout => {
+            tracing::debug!(idle = ?idle_limit, "no heartbeat; closing");
+            Goodbye::normal("no heartbeat")
+        }
+        End::Closed(reason) => {
+            tracing::debug!(reason = reason.as_str(), "closing");
+            match reason {
+                CloseReason::Drain => Goodbye::going_away(),
+                other => Goodbye::policy(other.as_str()),
+            }
+        }
+        End::Read(err) => {
+            if err.is_protocol_violation() {
+                stats::incr(&inner.stats.bad_frames);
+                tracing::debug!(reason = ?err.to_string(), "protocol violation; closing");
+            } else {
+                tracing::debug!(reason = ?err.to_string(), "read failed");
+            }
+            Goodbye::for_read(&err)
+        }
+        End::Write(err) => {
+            tracing::debug!(reason = ?err.to_string(), "write failed");
+            Goodbye::normal("write failed")
+        }
         End::Protocol(reason) => {
             stats::incr(&inner.stats.bad_frames);
             tracing::debug!(%reason, "protocol violation; closing");
+            Goodbye::protocol(reason)
         }
-    }
-    close(transport).await;
+    };
+    close(transport, goodbye).await;
 
     let current = inner.bucket(&session.key).remove(session);
     inner.closed(wire);
     // A replaced session's key lives on in its successor: reporting it
     // would take the successor offline.
     if current {
-        let req = logic::DisconnectRequest {
-            mid: session.mid,
-            key: session.key.to_string(),
-            server: inner.id.clone(),
-        };
-        match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.disconnect(req)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => {
-                tracing::warn!(reason = %err, "disconnect not recorded by logic; the lease will expire")
-            }
-            Err(_) => {
-                tracing::warn!("logic did not answer disconnect in time; the lease will expire")
-            }
+        report_disconnect(inner, session.mid, &session.key).await;
+    }
+}
+
+/// Tells logic the connection of `key` is gone.
+async fn report_disconnect(inner: &Inner, mid: i64, key: &str) {
+    let req = logic::DisconnectRequest {
+        mid,
+        key: key.to_owned(),
+        server: inner.id.clone(),
+    };
+    match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.disconnect(req)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(reason = ?err.to_string(), "disconnect not recorded by logic; the lease will expire")
+        }
+        Err(_) => {
+            tracing::warn!("logic did not answer disconnect in time; the lease will expire")
         }
     }
 }
@@ -224,7 +266,7 @@ async fn handshake<T: Transport>(
     id: u64,
     wire: Wire,
     drain: &CancellationToken,
-) -> Option<Frame> {
+) -> Result<Frame, Goodbye> {
     let wait = async {
         loop {
             let read = transport.read_frame().await;
@@ -232,15 +274,15 @@ async fn handshake<T: Transport>(
                 inner.stats.traffic.read(id, wire, frame_len(frame));
             }
             match read {
-                Ok(Some(frame)) if frame.op == Op::AUTH => return Some(frame),
+                Ok(Some(frame)) if frame.op == Op::AUTH => return Ok(frame),
                 Ok(Some(frame)) => tracing::debug!(op = %frame.op, "frame before auth skipped"),
-                Ok(None) => return None,
+                Ok(None) => return Err(Goodbye::normal("bye")),
                 Err(err) => {
                     if err.is_protocol_violation() {
                         stats::incr(&inner.stats.bad_frames);
                     }
-                    tracing::debug!(reason = %err, "closed before auth");
-                    return None;
+                    tracing::debug!(reason = ?err.to_string(), "closed before auth");
+                    return Err(Goodbye::for_read(&err));
                 }
             }
         }
@@ -251,15 +293,15 @@ async fn handshake<T: Transport>(
             Err(_) => {
                 stats::incr(&inner.stats.handshake_timeouts);
                 tracing::debug!("no auth within the handshake timeout; closing");
-                None
+                Err(Goodbye::policy("no auth within the handshake timeout"))
             }
         },
-        () = drain.cancelled() => None,
+        () = drain.cancelled() => Err(Goodbye::going_away()),
     }
 }
 
-async fn close<T: Transport>(transport: &mut T) {
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close()).await;
+async fn close<T: Transport>(transport: &mut T, goodbye: Goodbye) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, transport.close(goodbye)).await;
 }
 
 /// The authenticated read/write loop.
@@ -335,8 +377,8 @@ async fn run<T: Transport>(
                     Err(reason) => return End::Protocol(reason),
                 };
                 let reply_op = if frame.op == Op::SUB {
-                    if !session.watch(&ops) {
-                        return End::Protocol("too many accepted ops".into());
+                    if let Err(reason) = session.watch(&ops) {
+                        return End::Protocol(reason);
                     }
                     Op::SUB_REPLY
                 } else {
@@ -402,7 +444,7 @@ async fn renew(inner: &Inner, session: &Session) {
     };
     match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.heartbeat(req)).await {
         Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::warn!(reason = %err, "presence renewal failed"),
+        Ok(Err(err)) => tracing::warn!(reason = ?err.to_string(), "presence renewal failed"),
         Err(_) => tracing::warn!("presence renewal timed out"),
     }
 }
@@ -413,10 +455,17 @@ async fn receive(inner: &Inner, session: &Session, frame: Frame) {
         key: session.key.to_string(),
         proto: Some(frame.into()),
     };
+    // Per frame and at the client's will: debug lines, and counters.
     match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.receive(req)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::warn!(reason = %err, "upstream frame not accepted by logic"),
-        Err(_) => tracing::warn!("logic did not take the upstream frame in time"),
+        Ok(Ok(())) => stats::incr(&inner.stats.upstream_ok),
+        Ok(Err(err)) => {
+            stats::incr(&inner.stats.upstream_failed);
+            tracing::debug!(reason = ?err.to_string(), "upstream frame not accepted by logic");
+        }
+        Err(_) => {
+            stats::incr(&inner.stats.upstream_failed);
+            tracing::debug!("logic did not take the upstream frame in time");
+        }
     }
 }
 
@@ -429,63 +478,4 @@ fn frame_len(frame: &Frame) -> usize {
 /// exceed the wire limit.
 fn encode(frame: Frame) -> Bytes {
     frame.to_bytes().unwrap_or_default()
-}
-
-/// Parses a ChangeRoom body: empty = leave; else a UTF-8 room id of at most
-/// `MAX_ROOM_LEN` bytes.
-pub(crate) fn parse_room(body: &[u8]) -> Result<Option<Box<str>>, String> {
-    if body.is_empty() {
-        return Ok(None);
-    }
-    if body.len() > MAX_ROOM_LEN {
-        return Err(format!(
-            "room id of {} bytes exceeds {MAX_ROOM_LEN}",
-            body.len()
-        ));
-    }
-    let room = std::str::from_utf8(body).map_err(|_| "room id is not UTF-8".to_string())?;
-    if room.chars().any(char::is_control) {
-        return Err("room id contains control characters".into());
-    }
-    Ok(Some(room.into()))
-}
-
-/// Parses a Sub/Unsub body: comma-separated 32-bit ops, e.g. `1000,1001`.
-pub(crate) fn parse_ops(body: &[u8]) -> Result<Vec<i32>, String> {
-    let text = std::str::from_utf8(body).map_err(|_| "op list is not UTF-8".to_string())?;
-    text.split(',')
-        .map(str::trim)
-        .filter(|op| !op.is_empty())
-        .map(|op| {
-            op.parse::<i32>()
-                .map_err(|_| format!("{op:?} in the op list is not a 32-bit integer"))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn op_lists_parse_and_garbage_is_refused() {
-        assert_eq!(parse_ops(b"1000,1001").unwrap(), vec![1000, 1001]);
-        assert_eq!(parse_ops(b" 7 , ,8,").unwrap(), vec![7, 8]);
-        assert_eq!(parse_ops(b"").unwrap(), Vec::<i32>::new());
-        assert!(parse_ops(b"1000,abc").is_err());
-        assert!(parse_ops(b"99999999999").is_err());
-        assert!(parse_ops(&[0xff, 0xfe]).is_err());
-    }
-
-    #[test]
-    fn room_ids_are_bounded_utf8() {
-        assert_eq!(parse_room(b"").unwrap(), None);
-        assert_eq!(
-            parse_room(b"live://1000").unwrap().as_deref(),
-            Some("live://1000")
-        );
-        assert!(parse_room(&[b'a'; MAX_ROOM_LEN + 1]).is_err());
-        assert!(parse_room(&[0xc3, 0x28]).is_err());
-        assert!(parse_room(b"a\nb").is_err());
-    }
 }

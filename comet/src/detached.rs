@@ -71,7 +71,9 @@ impl Comet {
             key,
             mid,
             IpAddr::V4(Ipv4Addr::LOCALHOST),
-            accepts,
+            // A benchmark's set: bounded like a client's, truncated rather than refused.
+            crate::limits::check_accepts(&accepts[..accepts.len().min(crate::limits::MAX_ACCEPTS)])
+                .unwrap_or_default(),
             inner.config.write_queue,
         ));
         inner.bucket(key).put(&session, room.map(Into::into));

@@ -12,7 +12,8 @@
 //!
 //! Where things are: `server` (start, then the drain order), `listener`
 //! (listeners and accept loops), `tls` (WSS), `connection` (one client from
-//! accept to close), `transport` (frames over TCP or WebSocket), `session`
+//! accept to close), `transport` (frames over TCP or WebSocket), `limits` (the
+//! checks of what a client asks for: room ids, accepted ops), `session`
 //! and `bucket` (sessions, rooms and outbound queues), `comet` (shared state
 //! and the `CometApi` deliveries), `room_report` (room counts to logic),
 //! `stats` and `metrics` (counters and their Prometheus names).
@@ -26,6 +27,7 @@ mod comet;
 mod connection;
 mod detached;
 mod error;
+mod limits;
 mod listener;
 mod metrics;
 mod pacer;

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use rim_config::CometConfig;
 use rim_shutdown::Shutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response, write_response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -310,7 +311,7 @@ async fn upgrade_tls(
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
             stats::incr(&inner.stats.bad_frames);
-            tracing::debug!(reason = %err, "tls handshake failed");
+            tracing::debug!(reason = ?err.to_string(), "tls handshake failed");
             return None;
         }
         Err(_) => {
@@ -334,44 +335,130 @@ fn ws_config(max_body: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_message))
 }
 
+/// Largest HTTP upgrade request head read, in bytes (browsers send ~1 KiB).
+const MAX_UPGRADE_HEAD: usize = 8 * 1024;
+
+/// Why an upgrade request was refused, as the HTTP answer says it.
+struct Refusal {
+    status: StatusCode,
+    reason: String,
+}
+
+impl Refusal {
+    fn bad_request(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Upgrades an accepted stream to WebSocket on `/sub`; a bad request gets
+/// an HTTP error status (400, or 404 for another path) before the close.
 async fn upgrade<S>(
     inner: &Inner,
-    stream: S,
+    mut stream: S,
     timeout: Duration,
 ) -> Option<tokio_tungstenite::WebSocketStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // The error type is tungstenite's; its size is not ours to choose.
-    #[allow(clippy::result_large_err)]
-    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() == WS_PATH {
-            Ok(resp)
-        } else {
-            let mut refusal = ErrorResponse::new(Some(format!("websocket path is {WS_PATH}\n")));
-            *refusal.status_mut() = StatusCode::NOT_FOUND;
-            Err(refusal)
-        }
-    };
-    let config = ws_config(inner.config.max_body);
-    match tokio::time::timeout(
-        timeout,
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config)),
-    )
-    .await
-    {
-        Ok(Ok(ws)) => Some(ws),
-        Ok(Err(err)) => {
+    let answered = tokio::time::timeout(timeout, read_upgrade_request(&mut stream)).await;
+    let (response, tail) = match answered {
+        Ok(Ok(Ok(accepted))) => accepted,
+        Ok(Ok(Err(refusal))) => {
             stats::incr(&inner.stats.bad_frames);
-            tracing::debug!(reason = %err, "websocket upgrade refused");
-            None
+            tracing::debug!(status = refusal.status.as_u16(), reason = ?refusal.reason, "websocket upgrade refused");
+            let answer = format!(
+                "HTTP/1.1 {}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{}\n",
+                refusal.status,
+                refusal.reason.len() + 1,
+                refusal.reason
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
+            return None;
+        }
+        Ok(Err(err)) => {
+            tracing::debug!(reason = ?err.to_string(), "websocket upgrade failed");
+            return None;
         }
         Err(_) => {
             stats::incr(&inner.stats.handshake_timeouts);
             tracing::debug!("websocket upgrade timed out");
-            None
+            return None;
+        }
+    };
+    let written = tokio::time::timeout(timeout, async {
+        stream.write_all(&response).await?;
+        stream.flush().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::debug!("websocket upgrade answer not written");
+        return None;
+    }
+    let config = ws_config(inner.config.max_body);
+    Some(
+        tokio_tungstenite::WebSocketStream::from_partially_read(
+            stream,
+            tail,
+            Role::Server,
+            Some(config),
+        )
+        .await,
+    )
+}
+
+/// Reads an upgrade request head and checks it; returns the 101 answer to
+/// write and the bytes the client sent after the head, or why it is refused.
+/// An I/O error or an early EOF is an `Err`: there is nobody to answer.
+async fn read_upgrade_request<S>(stream: &mut S) -> io::Result<Result<(Vec<u8>, Vec<u8>), Refusal>>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        if buf.len() >= MAX_UPGRADE_HEAD {
+            return Ok(Err(Refusal {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                reason: format!("request head exceeds {MAX_UPGRADE_HEAD} bytes"),
+            }));
+        }
+        let room = MAX_UPGRADE_HEAD - buf.len();
+        let read = (&mut *stream).take(room as u64).read_buf(&mut buf).await?;
+        if read == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        match Request::try_parse(&buf) {
+            Ok(None) => continue,
+            Ok(Some((len, request))) => return Ok(check_upgrade(&request, buf.split_off(len))),
+            Err(err) => {
+                return Ok(Err(Refusal::bad_request(format!(
+                    "bad upgrade request: {err}"
+                ))));
+            }
         }
     }
+}
+
+/// Checks a parsed upgrade request: the path, then what RFC 6455 requires.
+fn check_upgrade(request: &Request, tail: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
+    if request.uri().path() != WS_PATH {
+        return Err(Refusal {
+            status: StatusCode::NOT_FOUND,
+            reason: format!("websocket path is {WS_PATH}"),
+        });
+    }
+    let response = create_response(request)
+        .map_err(|err| Refusal::bad_request(format!("bad upgrade request: {err}")))?;
+    let mut answer = Vec::with_capacity(256);
+    write_response(&mut answer, &response)
+        .map_err(|err| Refusal::bad_request(format!("bad upgrade request: {err}")))?;
+    Ok((answer, tail))
 }
 
 /// Binds a list of addresses.

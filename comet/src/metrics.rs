@@ -110,6 +110,16 @@ impl rim_metrics::Collector for Collector {
             "Connections closed for breaking the protocol (bad header, oversized or undecodable frame, failed upgrade).",
             get(&s.bad_frames),
         )?;
+        counter_family(
+            &mut e,
+            "rim_comet_upstream_frames",
+            "Upstream client frames (ops the comet does not handle itself) handed to logic: ok, failed (refused or not taken in time).",
+            "result",
+            [
+                ("ok", get(&s.upstream_ok)),
+                ("failed", get(&s.upstream_failed)),
+            ],
+        )?;
         counter(
             &mut e,
             "rim_comet_dropped_frames",

@@ -11,8 +11,7 @@ use parking_lot::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-/// Most ops one connection may accept; a Sub beyond this is refused.
-pub(crate) const MAX_ACCEPTS: usize = 256;
+use crate::limits::{MAX_ACCEPTS, too_many_accepts};
 
 /// How the client is connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,18 +100,16 @@ struct Outbox {
 }
 
 impl Session {
+    /// Creates a session; `accepts` is a set checked by
+    /// [`check_accepts`](crate::limits::check_accepts) (sorted, deduplicated, bounded).
     pub(crate) fn new(
         id: u64,
         key: &str,
         mid: i64,
         ip: IpAddr,
-        accepts: &[i32],
+        accepts: Vec<i32>,
         capacity: usize,
     ) -> Session {
-        let mut accepts: Vec<i32> = accepts.iter().copied().take(MAX_ACCEPTS).collect();
-        accepts.sort_unstable();
-        accepts.dedup();
-        accepts.shrink_to_fit();
         Session {
             id,
             key: key.into(),
@@ -135,18 +132,27 @@ impl Session {
         self.accepts.lock().binary_search(&op).is_ok()
     }
 
-    /// Adds ops to the accepted set; false when the set would exceed its limit.
-    pub(crate) fn watch(&self, ops: &[i32]) -> bool {
+    /// Adds ops to the accepted set; refuses (changing nothing) when the set
+    /// would exceed [`MAX_ACCEPTS`], with the same reason an Auth gets.
+    pub(crate) fn watch(&self, ops: &[i32]) -> Result<(), String> {
         let mut accepts = self.accepts.lock();
-        for &op in ops {
+        let mut added: Vec<i32> = ops
+            .iter()
+            .copied()
+            .filter(|op| accepts.binary_search(op).is_err())
+            .collect();
+        added.sort_unstable();
+        added.dedup();
+        let count = accepts.len() + added.len();
+        if count > MAX_ACCEPTS {
+            return Err(too_many_accepts(count));
+        }
+        for op in added {
             if let Err(at) = accepts.binary_search(&op) {
-                if accepts.len() >= MAX_ACCEPTS {
-                    return false;
-                }
                 accepts.insert(at, op);
             }
         }
-        true
+        Ok(())
     }
 
     /// Removes ops from the accepted set.
@@ -242,7 +248,7 @@ mod tests {
             "k",
             7,
             IpAddr::from([127, 0, 0, 1]),
-            &[1001, 1000, 1000],
+            crate::limits::check_accepts(&[1001, 1000, 1000]).unwrap(),
             capacity,
         )
     }
@@ -251,12 +257,16 @@ mod tests {
     fn accepts_are_a_bounded_sorted_set() {
         let s = session(4);
         assert!(s.accepts(1000) && s.accepts(1001) && !s.accepts(1002));
-        assert!(s.watch(&[1002, 1000]));
+        assert!(s.watch(&[1002, 1000]).is_ok());
         assert!(s.accepts(1002));
         s.unwatch(&[1000]);
         assert!(!s.accepts(1000));
         let many: Vec<i32> = (0..MAX_ACCEPTS as i32 + 1).collect();
-        assert!(!s.watch(&many));
+        assert_eq!(
+            s.watch(&many).unwrap_err(),
+            format!("{} accepted ops exceed the limit of 256", MAX_ACCEPTS + 3)
+        );
+        assert!(!s.accepts(0), "a refused sub changes nothing");
     }
 
     #[test]

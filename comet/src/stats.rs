@@ -77,6 +77,10 @@ pub(crate) struct Stats {
     pub(crate) handshake_timeouts: AtomicU64,
     pub(crate) refused_connections: AtomicU64,
     pub(crate) bad_frames: AtomicU64,
+    /// Upstream frames (ops the comet does not handle) logic took.
+    pub(crate) upstream_ok: AtomicU64,
+    /// Upstream frames logic refused or did not take in time.
+    pub(crate) upstream_failed: AtomicU64,
     pub(crate) dropped_frames: AtomicU64,
     pub(crate) slow_consumer_closes: AtomicU64,
     /// Push RPCs received, by [`Rpc`].
@@ -97,6 +101,8 @@ impl Default for Stats {
             handshake_timeouts: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
+            upstream_ok: AtomicU64::new(0),
+            upstream_failed: AtomicU64::new(0),
             dropped_frames: AtomicU64::new(0),
             slow_consumer_closes: AtomicU64::new(0),
             rpcs: Default::default(),

@@ -3,6 +3,7 @@
 //! Both read with a cancel-safe `read_frame` (the connection loop selects on
 //! it) and write a batch of encoded frames with one flush.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::io::{self, IoSlice};
 
@@ -12,6 +13,8 @@ use rim_proto::{Frame, FrameCodec, FrameError, HEADER_LEN, Op};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::codec::Decoder;
 
@@ -55,6 +58,81 @@ impl ReadError {
     }
 }
 
+/// Longest close reason a WebSocket close frame carries (125-byte control
+/// payload minus the 2-byte code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// Why the comet ends a connection, as a WebSocket close frame states it;
+/// TCP clients only see the socket close.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Goodbye {
+    /// The close status.
+    pub(crate) code: CloseCode,
+    /// Why, in the comet's words (never the client's text).
+    pub(crate) reason: Cow<'static, str>,
+}
+
+impl Goodbye {
+    /// 1000: a normal close. When the client closed first, its close frame
+    /// is echoed instead.
+    pub(crate) fn normal(reason: &'static str) -> Goodbye {
+        Goodbye::new(CloseCode::Normal, reason)
+    }
+
+    /// 1001: the comet is going away (draining); clients should reconnect.
+    pub(crate) fn going_away() -> Goodbye {
+        Goodbye::new(CloseCode::Away, "comet draining")
+    }
+
+    /// 1002: the client broke the protocol.
+    pub(crate) fn protocol(reason: impl Into<Cow<'static, str>>) -> Goodbye {
+        Goodbye::new(CloseCode::Protocol, reason)
+    }
+
+    /// 1008: the comet refuses the client (auth, kick, replacement, slowness).
+    pub(crate) fn policy(reason: impl Into<Cow<'static, str>>) -> Goodbye {
+        Goodbye::new(CloseCode::Policy, reason)
+    }
+
+    fn new(code: CloseCode, reason: impl Into<Cow<'static, str>>) -> Goodbye {
+        Goodbye {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    /// Returns the close that answers a failed read.
+    pub(crate) fn for_read(err: &ReadError) -> Goodbye {
+        match err {
+            ReadError::Frame(FrameError::BodyTooLarge { .. })
+            | ReadError::WebSocket(tungstenite::Error::Capacity(_)) => {
+                Goodbye::new(CloseCode::Size, "message too big")
+            }
+            ReadError::Text => Goodbye::new(
+                CloseCode::Unsupported,
+                "text messages are not supported: send binary frames",
+            ),
+            ReadError::Frame(FrameError::Io(_)) | ReadError::Io(_) => {
+                Goodbye::normal("read failed")
+            }
+            ReadError::Frame(_) => Goodbye::protocol("bad frame"),
+            ReadError::WebSocket(_) => Goodbye::protocol("websocket protocol error"),
+        }
+    }
+
+    /// Returns the close frame, its reason cut to what fits.
+    fn frame(&self) -> CloseFrame {
+        let mut end = self.reason.len().min(MAX_CLOSE_REASON);
+        while !self.reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        CloseFrame {
+            code: self.code,
+            reason: self.reason[..end].to_owned().into(),
+        }
+    }
+}
+
 /// A client connection that carries goim frames.
 pub(crate) trait Transport: Send + 'static {
     /// Reads the next frame; `None` when the client closed cleanly. Cancel-safe.
@@ -64,8 +142,9 @@ pub(crate) trait Transport: Send + 'static {
     /// flushes; returns the frame bytes written (without WebSocket framing).
     fn write_frames(&mut self, frames: &[Bytes]) -> impl Future<Output = io::Result<usize>> + Send;
 
-    /// Closes the connection politely (WebSocket close frame, TCP FIN).
-    fn close(&mut self) -> impl Future<Output = ()> + Send;
+    /// Closes the connection politely: a WebSocket close frame saying why
+    /// (or the echo of the client's), then the socket's FIN.
+    fn close(&mut self, goodbye: Goodbye) -> impl Future<Output = ()> + Send;
 }
 
 fn is_batch(frame: &[u8]) -> bool {
@@ -148,7 +227,7 @@ impl Transport for TcpTransport {
         Ok(total)
     }
 
-    async fn close(&mut self) {
+    async fn close(&mut self, _goodbye: Goodbye) {
         let _ = self.stream.shutdown().await;
     }
 }
@@ -186,7 +265,13 @@ where
                 // the next push.
                 Some(Ok(Message::Ping(_))) => self.ws.flush().await?,
                 Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(Message::Close(frame))) => {
+                    // The client's reason is its own text: logged escaped.
+                    if let Some(frame) = frame {
+                        tracing::debug!(code = u16::from(frame.code), reason = ?frame.reason.as_str(), "client sent a close frame");
+                    }
+                    return Ok(None);
+                }
             }
         }
     }
@@ -204,8 +289,14 @@ where
         Ok(total)
     }
 
-    async fn close(&mut self) {
-        let _ = self.ws.close(None).await;
+    async fn close(&mut self, goodbye: Goodbye) {
+        // After the client's close frame tungstenite has queued its echo: a
+        // flush sends it (a close frame of ours would be refused as a send
+        // after closing). Otherwise the flush sends nothing.
+        let _ = self.ws.flush().await;
+        let _ = self.ws.close(Some(goodbye.frame())).await;
+        // Flush what TLS may still buffer, then close_notify and FIN.
+        let _ = self.ws.get_mut().shutdown().await;
     }
 }
 
@@ -219,6 +310,15 @@ fn ws_io_error(err: tungstenite::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_close_reason_is_cut_to_fit_on_a_char_boundary() {
+        let goodbye = Goodbye::protocol("é".repeat(100));
+        let frame = goodbye.frame();
+        assert_eq!(frame.code, CloseCode::Protocol);
+        assert_eq!(frame.reason.len(), 122);
+        assert_eq!(Goodbye::going_away().frame().code, CloseCode::Away);
+    }
 
     #[test]
     fn only_op_9_frames_are_batches() {

@@ -258,3 +258,54 @@ async fn a_cert_file_without_a_certificate_fails_to_start() {
         }
     }
 }
+
+/// Reads until the server's close frame and returns its code; fails on a
+/// reset or EOF without one.
+async fn close_code(
+    ws: &mut Wss,
+) -> tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode {
+    within(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => return frame.code,
+                Some(Ok(Message::Close(None))) => panic!("close frame without a status"),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => panic!("no close frame, the connection ended with: {err}"),
+                None => panic!("no close frame, the connection ended"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn over_tls_a_client_close_is_echoed_and_a_drain_says_going_away() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let tls = self_signed();
+    let (comet, addr) = start_wss(tls_config(&tls)).await;
+    let auth = |key: &str| Frame::new(Op::AUTH, 1, token(1, key, "", &[]).to_body());
+
+    // The echo sits in TLS's buffer until the comet flushes it.
+    let mut leaving = connect_wss(addr, &tls).await;
+    send(&mut leaving, auth("leaving")).await;
+    assert_eq!(recv(&mut leaving).await.op, Op::AUTH_REPLY);
+    within(
+        WAIT,
+        leaving.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(close_code(&mut leaving).await, CloseCode::Normal);
+
+    let mut staying = connect_wss(addr, &tls).await;
+    send(&mut staying, auth("staying")).await;
+    assert_eq!(recv(&mut staying).await.op, Op::AUTH_REPLY);
+    comet.shutdown.trigger();
+    assert_eq!(close_code(&mut staying).await, CloseCode::Away);
+    comet.stop().await;
+}

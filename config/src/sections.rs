@@ -272,7 +272,8 @@ pub struct LogicConfig {
     /// Lifetime of a presence entry in the router without renewal.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
-    /// URL upstream client frames are POSTed to; empty = they are logged.
+    /// URL upstream client frames are POSTed to; empty = they are acknowledged,
+    /// dropped and counted (`rim_logic_upstream_frames_total{result="no_webhook"}`).
     pub receive_webhook: String,
     /// How long the upstream webhook may take.
     #[serde(with = "humantime_serde")]

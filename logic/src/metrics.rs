@@ -1,5 +1,6 @@
 //! Logic's Prometheus metrics: connects by result, disconnects, presence
-//! renewals, router errors by operation, and the comets it knows.
+//! renewals, router errors by operation, upstream frames by result, and
+//! the comets it knows.
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ pub(crate) struct LogicMetrics {
     pub(crate) disconnects: Counter,
     pub(crate) renewals: Counter,
     pub(crate) router_errors: Family<Labels, Counter>,
+    pub(crate) upstream_frames: Family<Labels, Counter>,
 }
 
 impl Default for LogicMetrics {
@@ -25,7 +27,11 @@ impl Default for LogicMetrics {
             disconnects: Counter::default(),
             renewals: Counter::default(),
             router_errors: Family::default(),
+            upstream_frames: Family::default(),
         };
+        for result in ["forwarded", "failed", "no_webhook"] {
+            let _ = metrics.upstream_frames.get_or_create(&[("result", result)]);
+        }
         // Series that exist from the start (an empty family is not exposed).
         for result in ["ok", "refused", "failed"] {
             let _ = metrics.connects.get_or_create(&[("result", result)]);
@@ -48,6 +54,14 @@ impl LogicMetrics {
     /// Counts one connect by result: ok, refused (bad token) or failed.
     pub(crate) fn connect(&self, result: &'static str) {
         self.connects.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Counts one upstream client frame by result: forwarded (the receive
+    /// webhook took it), failed, or no_webhook (none configured: dropped).
+    pub(crate) fn upstream(&self, result: &'static str) {
+        self.upstream_frames
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     /// Counts one failed router call.
@@ -75,6 +89,11 @@ impl LogicMetrics {
             "rim_logic_router_errors",
             "Failed router (Redis) calls made by the logic service, by operation",
             self.router_errors.clone(),
+        );
+        registry.register(
+            "rim_logic_upstream_frames",
+            "Upstream client frames received from comets, by result: forwarded (receive webhook answered 2xx), failed, no_webhook (none configured: acknowledged and dropped)",
+            self.upstream_frames.clone(),
         );
         registry.register_collector(Box::new(CometsCollector(comets)));
     }

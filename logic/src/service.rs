@@ -76,6 +76,11 @@ impl Logic {
         comets: Arc<Comets>,
         http: HttpClient,
     ) -> Logic {
+        if config.receive_webhook.is_empty() {
+            tracing::info!(
+                "logic.receive_webhook is empty: upstream client frames are acknowledged and dropped, counted in rim_logic_upstream_frames{{result=\"no_webhook\"}}"
+            );
+        }
         Logic {
             heartbeat: config.heartbeat,
             heartbeat_max: config.heartbeat_max,
@@ -155,7 +160,8 @@ impl LogicApi for Logic {
                 self.router_failed("add")(err)
             })?;
         self.metrics.connect("ok");
-        tracing::debug!(mid = identity.mid, %key, server = %req.server, "connected");
+        // The key and the server id come from the client and the caller: escaped.
+        tracing::debug!(mid = identity.mid, key = ?key, server = ?req.server, "connected");
         Ok(pb::ConnectReply {
             mid: identity.mid,
             key,
@@ -226,7 +232,10 @@ impl LogicApi for Logic {
     async fn receive(&self, req: pb::ReceiveRequest) -> RpcResult<()> {
         let proto = req.proto.unwrap_or_default();
         let Some(url) = &self.receive_webhook else {
-            tracing::info!(mid = req.mid, key = %req.key, op = proto.op, len = proto.body.len(), "upstream frame (no receive webhook configured)");
+            // Per frame and at the client's will: a debug line and a counter
+            // (the startup line said where these frames go).
+            self.metrics.upstream("no_webhook");
+            tracing::debug!(mid = req.mid, key = ?req.key, op = proto.op, len = proto.body.len(), "upstream frame dropped: no receive webhook configured");
             return Ok(());
         };
         let body = Upstream {
@@ -236,13 +245,19 @@ impl LogicApi for Logic {
             seq: proto.seq,
             body: base64::engine::general_purpose::STANDARD.encode(&proto.body),
         };
-        match self.http.post_json(url, &body, self.receive_timeout).await {
+        let result = match self.http.post_json(url, &body, self.receive_timeout).await {
             Ok((status, _)) if (200..300).contains(&status) => Ok(()),
             Ok((status, _)) => Err(RpcError::Unavailable(format!(
                 "receive webhook answered HTTP {status}"
             ))),
             Err(err) => Err(RpcError::Unavailable(format!("receive webhook: {err}"))),
-        }
+        };
+        self.metrics.upstream(if result.is_ok() {
+            "forwarded"
+        } else {
+            "failed"
+        });
+        result
     }
 
     async fn nodes(&self, req: pb::NodesRequest) -> RpcResult<pb::NodesReply> {
