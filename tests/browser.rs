@@ -5,7 +5,6 @@ mod support;
 
 use std::process::Command;
 
-use support::Proc;
 
 #[test]
 #[ignore = "needs Chromium and node's playwright-core: run deploy/test.sh"]
@@ -15,18 +14,9 @@ fn two_browser_pages_chat_in_one_room() {
         std::path::Path::new(&format!("{dir}/node_modules/playwright-core")).exists(),
         "playwright-core is not installed in {dir}: run deploy/test.sh (it runs npm ci there)"
     );
-    let config = support::shipped_config("standalone");
-    let mut rim = Proc::start(
-        &["standalone", "--config", &config],
-        &[
-            ("RIM_NODE__ID", "browser-test".into()),
-            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__ROOM_REPORT_INTERVAL", "300ms".into()),
-            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-            ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
-        ],
+    let mut rim = support::start_standalone(
+        "browser-test",
+        &[("RIM_COMET__ROOM_REPORT_INTERVAL", "300ms")],
     );
     let api = rim.addr_after("http api serving");
     let out = Command::new("timeout")

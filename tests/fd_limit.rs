@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use rim_client::{AuthToken, Client};
-use support::{Proc, shipped_config};
+use support::{Proc, shipped_config, standalone_env};
 
 /// The open-file limit the process gets; it keeps a quarter (64) in reserve.
 const NOFILE: u64 = 256;
@@ -22,15 +22,10 @@ async fn clients_cannot_take_the_descriptors_the_api_needs() {
     let mut rim = Proc::start_with_nofile(
         NOFILE,
         &["standalone", "--config", &config],
-        &[
-            ("RIM_NODE__ID", "fd-test".into()),
-            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-            ("RIM_COMET__MAX_CONNECTIONS_PER_IP", "100000".into()),
-            ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
-        ],
+        &standalone_env(
+            "fd-test",
+            &[("RIM_COMET__MAX_CONNECTIONS_PER_IP", "100000")],
+        ),
     );
     let api = rim.addr_after("http api serving");
     let tcp = rim.addr_after("accepting clients listener=\"tcp\"");

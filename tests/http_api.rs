@@ -10,22 +10,10 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use rim_client::{AuthToken, Client};
-use support::{Proc, next_push, post_ok, shipped_config};
+use support::{Proc, next_push, post_ok};
 
 fn standalone(extra: &[(&'static str, &str)]) -> Proc {
-    let mut env: Vec<(&str, String)> = vec![
-        ("RIM_NODE__ID", "http-api-test".into()),
-        ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-        ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-        ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-        ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-        ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
-    Proc::start(
-        &["standalone", "--config", &shipped_config("standalone")],
-        &env,
-    )
+    support::start_standalone("http-api-test", extra)
 }
 
 #[tokio::test(flavor = "multi_thread")]

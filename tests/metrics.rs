@@ -13,20 +13,10 @@ use std::time::Duration;
 
 use rim_client::{AuthToken, Client};
 use support::exposition::{Exposition, scrape};
-use support::{Proc, next_push, post_ok, shipped_config};
+use support::{Proc, next_push, post_ok};
 
 fn start_standalone() -> (Proc, SocketAddr, SocketAddr, SocketAddr) {
-    let mut rim = Proc::start(
-        &["standalone", "--config", &shipped_config("standalone")],
-        &[
-            ("RIM_NODE__ID", "metrics-test".into()),
-            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-            ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
-        ],
-    );
+    let mut rim = support::start_standalone("metrics-test", &[]);
     let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
     let ws = rim.addr_after("accepting clients listener=\"ws\"");
     let api = rim.addr_after("http api serving");

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use rim_client::{AuthToken, Client};
-use support::{Proc, post_ok, shipped_config};
+use support::{post_ok, start_standalone};
 
 const CLIENTS: usize = 200;
 
@@ -25,18 +25,7 @@ fn token(mid: i64, key: &str) -> AuthToken {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paced_broadcast_does_not_hold_a_push_back() {
-    let config = shipped_config("standalone");
-    let mut rim = Proc::start(
-        &["standalone", "--config", &config],
-        &[
-            ("RIM_NODE__ID", "paced-test".into()),
-            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-            ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
-        ],
-    );
+    let mut rim = start_standalone("paced-test", &[]);
     let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
     let api = rim.addr_after("http api serving");
 

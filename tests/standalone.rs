@@ -8,24 +8,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use rim_client::{AuthToken, Client};
 use rim_proto::Op;
-use support::{Proc, get_json, next_push, post_ok, shipped_config};
+use support::{get_json, next_push, post_ok, start_standalone};
 
 const END: &str = "end-of-test";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
-    let config = shipped_config("standalone");
-    let mut rim = Proc::start(
-        &["standalone", "--config", &config],
-        &[
-            ("RIM_NODE__ID", "standalone-test".into()),
-            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__ROOM_REPORT_INTERVAL", "200ms".into()),
-            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-            ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
-        ],
+    let mut rim = start_standalone(
+        "standalone-test",
+        &[("RIM_COMET__ROOM_REPORT_INTERVAL", "200ms")],
     );
     let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
     let ws = rim.addr_after("accepting clients listener=\"ws\"");
@@ -127,18 +118,7 @@ async fn standalone_delivers_every_kind_of_push_to_exactly_its_recipients() {
 /// what it allows and how to switch (issue #16, 11).
 #[tokio::test(flavor = "multi_thread")]
 async fn auth_policy_none_is_announced_with_what_it_allows() {
-    let config = shipped_config("standalone");
-    let mut rim = Proc::start(
-        &["standalone", "--config", &config],
-        &[
-            ("RIM_NODE__ID", "auth-none-test".into()),
-            ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
-            ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
-            ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
-        ],
-    );
+    let mut rim = start_standalone("auth-none-test", &[]);
     rim.addr_after("http api serving");
     let log = rim.log();
     let warning = log

@@ -10,6 +10,30 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The environment that runs `rim standalone` as node `id` with every
+/// listener on 127.0.0.1 port 0 and a 100 ms drain window, then `extra`
+/// (a later entry wins).
+pub fn standalone_env(id: &str, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env: Vec<(&'static str, String)> = vec![
+        ("RIM_NODE__ID", id.to_owned()),
+        ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
+        ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
+        ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
+        ("RIM_COMET__DRAIN_WINDOW", "100ms".into()),
+        ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    env
+}
+
+/// Starts `rim standalone` with the shipped config and [`standalone_env`].
+pub fn start_standalone(id: &str, extra: &[(&'static str, &str)]) -> Proc {
+    Proc::start(
+        &["standalone", "--config", &shipped_config("standalone")],
+        &standalone_env(id, extra),
+    )
+}
+
 pub fn service(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run deploy/test.sh"))
 }
