@@ -5,7 +5,6 @@ mod support;
 
 use std::process::Command;
 
-
 #[test]
 #[ignore = "needs Chromium and node's playwright-core: run deploy/test.sh"]
 fn two_browser_pages_chat_in_one_room() {

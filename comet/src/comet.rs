@@ -18,6 +18,7 @@ use rim_proto::{BatchBuilder, Frame};
 use tracing::Instrument;
 
 use crate::bucket::Bucket;
+use crate::log_limit::LogLimit;
 use crate::pacer::{Paced, Pacer};
 use crate::session::{Queued, Session};
 use crate::stats::{self, Rpc, Stats, Wire};
@@ -47,6 +48,8 @@ pub(crate) struct Inner {
     pub(crate) draining: AtomicBool,
     /// Paced broadcasts, started on the first one.
     pacer: OnceLock<Pacer>,
+    /// Auth failures caused by logic (down or slow): one log line per 10 s.
+    pub(crate) auth_failures_log: LogLimit,
 }
 
 impl std::fmt::Debug for Comet {
@@ -116,6 +119,7 @@ impl Comet {
                 per_ip: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 pacer: OnceLock::new(),
+                auth_failures_log: LogLimit::new(10_000),
             }),
         }
     }

@@ -123,13 +123,22 @@ async fn admit<T: Transport>(
             stats::incr(&inner.stats.auth_refused);
             return Err(Goodbye::policy("auth refused"));
         }
+        // Every connecting client fails while logic is down: one line per
+        // 10 s, counted by rim_comet_auth{result="failed"}.
         Ok(Err(err)) => {
-            tracing::info!(reason = ?err.to_string(), "auth failed; closing");
+            if let Some(failures) = inner.auth_failures_log.event(inner.now_ms()) {
+                tracing::warn!(reason = ?err.to_string(), failures, "auth failed: logic answered with an error; closing (one line per 10 s)");
+            }
             stats::incr(&inner.stats.auth_failed);
             return Err(Goodbye::normal("auth failed"));
         }
         Err(_) => {
-            tracing::warn!("logic did not answer connect in time; closing");
+            if let Some(failures) = inner.auth_failures_log.event(inner.now_ms()) {
+                tracing::warn!(
+                    failures,
+                    "auth failed: logic did not answer connect in time; closing (one line per 10 s)"
+                );
+            }
             stats::incr(&inner.stats.auth_failed);
             return Err(Goodbye::normal("auth failed"));
         }

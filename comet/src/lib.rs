@@ -29,6 +29,7 @@ mod detached;
 mod error;
 mod limits;
 mod listener;
+mod log_limit;
 mod metrics;
 mod pacer;
 mod room_report;

@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::comet::{ConnSlot, Inner};
 use crate::connection;
+use crate::log_limit::LogLimit;
 use crate::stats::{self, Wire};
 use crate::transport::{TcpTransport, Transport, WsTransport};
 
@@ -165,7 +166,7 @@ async fn accept_loop(
                 Ok(accepted) => accepted,
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
-                    let pause = errors.failed(&err, protocol.name(), std::time::Instant::now());
+                    let pause = errors.failed(&err, protocol.name(), inner.now_ms());
                     tokio::select! {
                         () = stop.cancelled() => break,
                         () = tokio::time::sleep(pause) => continue,
@@ -205,30 +206,32 @@ async fn accept_loop(
 
 /// Accept errors in a row (usually EMFILE: out of file descriptors). The
 /// loop backs off from 10 ms, doubling to 1 s, while they last, and logs at
-/// most one line per [`AcceptErrors::LOG_EVERY`], with how many failed since.
-#[derive(Debug, Default)]
+/// most one line per 10 s, with how many failed since.
+#[derive(Debug)]
 struct AcceptErrors {
     in_a_row: u32,
-    unlogged: u64,
-    logged_at: Option<std::time::Instant>,
+    log: LogLimit,
+}
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        AcceptErrors {
+            in_a_row: 0,
+            log: LogLimit::new(10_000),
+        }
+    }
 }
 
 impl AcceptErrors {
     const FIRST_PAUSE: Duration = Duration::from_millis(10);
     const MAX_PAUSE: Duration = Duration::from_secs(1);
-    const LOG_EVERY: Duration = Duration::from_secs(10);
 
-    /// Counts a failed accept; returns how long to pause before the next.
-    fn failed(&mut self, err: &io::Error, listener: &str, now: std::time::Instant) -> Duration {
+    /// Counts a failed accept at `now_ms`; returns how long to pause before
+    /// the next.
+    fn failed(&mut self, err: &io::Error, listener: &str, now_ms: u64) -> Duration {
         self.in_a_row = self.in_a_row.saturating_add(1);
-        self.unlogged += 1;
-        if self
-            .logged_at
-            .is_none_or(|at| now.duration_since(at) >= Self::LOG_EVERY)
-        {
-            tracing::warn!(listener, reason = %err, failed = self.unlogged, "accept failed; backing off (one line per 10 s)");
-            self.unlogged = 0;
-            self.logged_at = Some(now);
+        if let Some(failed) = self.log.event(now_ms) {
+            tracing::warn!(listener, reason = %err, failed, "accept failed; backing off (one line per 10 s)");
         }
         (Self::FIRST_PAUSE * 2u32.saturating_pow(self.in_a_row - 1)).min(Self::MAX_PAUSE)
     }
@@ -491,20 +494,15 @@ mod tests {
     use crate::NoLogic;
 
     #[test]
-    fn accept_errors_back_off_and_log_once_per_window() {
+    fn accept_errors_back_off_while_they_last() {
         let mut errors = AcceptErrors::default();
         let emfile = io::Error::from_raw_os_error(24);
-        let t0 = std::time::Instant::now();
-        let pauses: Vec<Duration> = (0..9).map(|_| errors.failed(&emfile, "tcp", t0)).collect();
+        let pauses: Vec<Duration> = (0..9).map(|t| errors.failed(&emfile, "tcp", t)).collect();
         assert_eq!(pauses[0], Duration::from_millis(10));
         assert_eq!(pauses[1], Duration::from_millis(20));
         assert_eq!(pauses[8], Duration::from_secs(1), "capped");
-        // One line for the nine failures: the first; the rest wait 10 s.
-        assert_eq!(errors.unlogged, 8);
-        errors.failed(&emfile, "tcp", t0 + Duration::from_secs(10));
-        assert_eq!(errors.unlogged, 0, "logged again after the window");
         errors.succeeded();
-        assert_eq!(errors.failed(&emfile, "tcp", t0), Duration::from_millis(10));
+        assert_eq!(errors.failed(&emfile, "tcp", 10), Duration::from_millis(10));
     }
 
     /// Every idle connection pays for its task's future: one-off phases are

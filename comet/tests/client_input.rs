@@ -128,3 +128,31 @@ async fn auth_refuses_the_accepted_ops_sub_refuses() {
     );
     comet.stop().await;
 }
+
+/// While logic is down every connecting client fails auth: the log gets one
+/// line per 10 s for all of them, the counter counts each (issue #16, 8).
+#[tokio::test]
+async fn auth_failures_while_logic_is_down_write_one_line() {
+    let (logs, _guard) = Logs::capture(tracing::Level::INFO);
+    let logic = ScriptedLogic::default();
+    logic.down.store(true, std::sync::atomic::Ordering::Release);
+    let comet = start(test_config(), logic).await;
+    for i in 0..50 {
+        let mut client = comet.raw(TransportKind::Tcp).await;
+        let failed = within(
+            Duration::from_secs(5),
+            client.auth(&token(i, &format!("down-{i}"), "", &[1000])),
+        )
+        .await;
+        assert!(failed.is_err(), "auth succeeded with logic down");
+    }
+    let text = logs.text();
+    let lines = text.lines().filter(|l| l.contains("auth failed")).count();
+    assert_eq!(lines, 1, "{text}");
+    assert!(
+        metrics(&comet).contains("rim_comet_auth_total{result=\"failed\"} 50"),
+        "{}",
+        metrics(&comet)
+    );
+    comet.stop().await;
+}

@@ -34,6 +34,8 @@ pub struct ScriptedLogic {
     /// Cluster-wide counts RenewOnline answers with.
     pub online: Mutex<HashMap<String, i32>>,
     pub generated: AtomicU64,
+    /// While set, Connect fails as unavailable (logic down).
+    pub down: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +63,9 @@ impl ScriptedLogic {
 #[async_trait]
 impl LogicApi for ScriptedLogic {
     async fn connect(&self, req: logic::ConnectRequest) -> RpcResult<logic::ConnectReply> {
+        if self.down.load(Ordering::Acquire) {
+            return Err(RpcError::Unavailable("logic is down (test)".into()));
+        }
         let token: Token = serde_json::from_slice(&req.token)
             .map_err(|e| RpcError::Unauthenticated(format!("bad token: {e}")))?;
         if token.mid < 0 {
