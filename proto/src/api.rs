@@ -88,6 +88,19 @@ impl From<Status> for RpcError {
     }
 }
 
+/// Returns whether a secret given by a caller equals the expected one,
+/// comparing every byte without an early exit, so that the time taken does
+/// not reveal how much of a guess was right (only whether its length was).
+/// The one comparison of bearer tokens, for the HTTP API and gRPC alike.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// What a comet asks of logic (protocol.md §3, logic service).
 #[async_trait]
 pub trait LogicApi: Send + Sync + 'static {
