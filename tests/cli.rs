@@ -379,3 +379,54 @@ fn standalone_binds_the_api_and_grpc_to_loopback_by_default() {
         Some(false)
     );
 }
+
+#[test]
+fn standalone_says_at_startup_that_the_api_and_grpc_are_loopback_only() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rim"));
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("RIM_")) {
+        cmd.env_remove(name);
+    }
+    // The default binds with port 0, so the test can run anywhere.
+    let mut child = cmd
+        .args(["standalone"])
+        .envs([
+            ("RIM_COMET__TCP_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__WS_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0"),
+            ("RIM_API__HTTP_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__DRAIN_WINDOW", "100ms"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rim standalone starts");
+    let lines: Vec<String> = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|line| !line.contains("try:"))
+        .take(30)
+        .collect();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("rim standalone did not stop within 15 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lines.iter().any(|l| l.contains(
+            "push/admin API (127.0.0.1:0) and comet gRPC (127.0.0.1:0) are loopback-only"
+        )),
+        "{lines:#?}"
+    );
+}

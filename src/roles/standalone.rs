@@ -155,8 +155,14 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
         );
     }
     print_exposure(&config);
+    // The token itself is never printed.
+    let auth = if config.api.push_token.is_some() {
+        "-H 'Authorization: Bearer <api.push_token>' "
+    } else {
+        ""
+    };
     println!(
-        "  try:  curl -X POST 'http://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
+        "  try:  curl {auth}-X POST 'http://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
     );
 
     // The comet runs until shutdown, then drains its clients.
