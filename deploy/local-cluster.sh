@@ -37,6 +37,12 @@
 #                          BASE+1..3 for Redis, ZooKeeper and Kafka and
 #                          BASE+100..199 (region a), BASE+200..299 (region b)
 #   RIM_CLUSTER_ADMIN_TOKEN  bearer token of the admin endpoints (default local-admin)
+#   RIM_CLUSTER_PUSH_TOKEN   bearer token of the push endpoints (default local-push)
+#   RIM_CLUSTER_GRPC_TOKEN   the cluster's internal gRPC token (default local-grpc)
+#                          Everything binds 127.0.0.1, where rim does not
+#                          require tokens; they are set anyway, as in a real
+#                          cluster (RIM_API__ADMIN_TOKEN, RIM_API__PUSH_TOKEN,
+#                          RIM_NODE__GRPC_TOKEN on every process).
 #   RIM_CLUSTER_KEEP_ON_FAILURE=1  leave what started when `start` fails
 set -euo pipefail
 
@@ -49,6 +55,8 @@ readonly KAFKA_PORT=$((BASE + 3))
 readonly TOPIC="rim-push"
 readonly TOPIC_PARTITIONS=4
 readonly ADMIN_TOKEN="${RIM_CLUSTER_ADMIN_TOKEN:-local-admin}"
+readonly PUSH_TOKEN="${RIM_CLUSTER_PUSH_TOKEN:-local-push}"
+readonly GRPC_TOKEN="${RIM_CLUSTER_GRPC_TOKEN:-local-grpc}"
 readonly ZK_SERVER="${RIM_CLUSTER_ZK_SERVER:-/usr/share/zookeeper/bin/zkServer.sh}"
 readonly POINTER="${TMPDIR:-/tmp}/rim-local-cluster.dir"
 readonly READY_SECONDS=60
@@ -282,6 +290,7 @@ run_rim() {
         RIM_NODE__ID="$name" RIM_NODE__REGION="$region" \
         RIM_DISCOVERY__BACKEND=zookeeper RIM_DISCOVERY__ZOOKEEPER="127.0.0.1:$ZK_PORT" \
         RIM_DISCOVERY__ROOT=/rim \
+        RIM_NODE__GRPC_TOKEN="$GRPC_TOKEN" \
         "$@" \
         "$RIM_BIN" "$role" --config "$config" \
         </dev/null >"$logfile" 2>&1 &
@@ -314,6 +323,7 @@ EOF
         RIM_LOGIC__GRPC_BIND="127.0.0.1:$grpc" \
         RIM_API__HTTP_BIND="127.0.0.1:$http" \
         RIM_API__ADMIN_TOKEN="$ADMIN_TOKEN" \
+        RIM_API__PUSH_TOKEN="$PUSH_TOKEN" \
         RIM_LOGIC__AUTH__POLICY=none \
         RIM_ROUTER__REDIS="redis://127.0.0.1:$REDIS_PORT" \
         RIM_QUEUE__BROKERS="127.0.0.1:$KAFKA_PORT" \
@@ -414,7 +424,7 @@ cmd_start() {
         STATE="$previous"
         stop_all
     fi
-    if "$RIM_BIN" comet --check 2>/dev/null | grep -q '^\[metrics\]'; then
+    if RIM_NODE__GRPC_TOKEN="$GRPC_TOKEN" "$RIM_BIN" comet --check 2>/dev/null | grep -q '^\[metrics\]'; then
         METRICS=1
     fi
     check_ports
@@ -493,9 +503,9 @@ summary() {
     print_table
     cat <<EOF
 
-Push (either region's API; the admin token is $ADMIN_TOKEN):
-  curl -X POST 'http://127.0.0.1:$((b + 11))/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'
-  curl -X POST 'http://127.0.0.1:$((a + 11))/goim/push/mids?operation=1000&mids=42' -d 'hello'
+Push (either region's API; the push token is $PUSH_TOKEN, the admin token $ADMIN_TOKEN):
+  curl -H 'Authorization: Bearer $PUSH_TOKEN' -X POST 'http://127.0.0.1:$((b + 11))/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'
+  curl -H 'Authorization: Bearer $PUSH_TOKEN' -X POST 'http://127.0.0.1:$((a + 11))/goim/push/mids?operation=1000&mids=42' -d 'hello'
   curl 'http://127.0.0.1:$((a + 11))/goim/nodes/instances'
   curl 'http://127.0.0.1:$((a + 11))/goim/nodes/weighted?platform=web'                 # region a (127.0.0.1)
   curl --interface 127.2.0.1 'http://127.0.0.1:$((a + 11))/goim/nodes/weighted?platform=web'  # region b by CIDR

@@ -122,6 +122,14 @@ fn load<C: Load + Serialize>(role: &str, args: &RoleArgs) -> Result<C, ExitCode>
             "environment override ignored: rim {role} has no such config section"
         );
     }
+    // Only reachable with node.allow_unauthenticated = true: validation
+    // refuses these otherwise.
+    for open in config.open_listeners() {
+        tracing::warn!(
+            listener = %open,
+            "node.allow_unauthenticated: {open} is open to anyone who can reach it (it can push or kick)"
+        );
+    }
     if args.check {
         return Err(match toml::to_string_pretty(&config) {
             Ok(text) => {

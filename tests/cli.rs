@@ -15,6 +15,13 @@ fn rim(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("rim binary runs")
 }
 
+/// The tokens the shipped cluster configs expect from the environment.
+const TOKENS: [(&str, &str); 3] = [
+    ("RIM_NODE__GRPC_TOKEN", "grpc-secret"),
+    ("RIM_API__ADMIN_TOKEN", "admin-secret"),
+    ("RIM_API__PUSH_TOKEN", "push-secret"),
+];
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -78,10 +85,15 @@ fn a_missing_config_file_exits_64() {
 
 #[test]
 fn check_prints_a_config_that_loads_back_the_same() {
-    let secret = [(
-        "RIM_LOGIC__AUTH__JWT_SECRET",
-        "0123456789abcdef0123456789abcdef",
-    )];
+    let secret = [
+        (
+            "RIM_LOGIC__AUTH__JWT_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        ),
+        TOKENS[0],
+        TOKENS[1],
+        TOKENS[2],
+    ];
     for role in ["standalone", "comet", "logic", "job"] {
         let first = rim(&[role, "--check", "--config", &shipped(role)], &secret);
         assert!(first.status.success(), "{role}: {}", stderr(&first));
@@ -101,7 +113,11 @@ fn check_prints_a_config_that_loads_back_the_same() {
 fn the_environment_overrides_the_file() {
     let output = rim(
         &["comet", "--check", "--config", &shipped("comet")],
-        &[("RIM_COMET__BUCKETS", "7"), ("RIM_NODE__REGION", "eu-west")],
+        &[
+            ("RIM_COMET__BUCKETS", "7"),
+            ("RIM_NODE__REGION", "eu-west"),
+            TOKENS[0],
+        ],
     );
     assert!(output.status.success(), "{}", stderr(&output));
     let effective: toml::Table = String::from_utf8_lossy(&output.stdout).parse().unwrap();
@@ -112,7 +128,7 @@ fn the_environment_overrides_the_file() {
 #[test]
 fn comet_and_job_show_their_metrics_listener_and_refuse_a_bad_one() {
     for (role, bind) in [("comet", "0.0.0.0:3108"), ("job", "0.0.0.0:3128")] {
-        let output = rim(&[role, "--check", "--config", &shipped(role)], &[]);
+        let output = rim(&[role, "--check", "--config", &shipped(role)], &TOKENS);
         assert!(output.status.success(), "{role}: {}", stderr(&output));
         let effective: toml::Table = String::from_utf8_lossy(&output.stdout).parse().unwrap();
         assert_eq!(effective["metrics"]["bind"].as_str(), Some(bind), "{role}");
@@ -157,6 +173,9 @@ fn an_override_the_role_does_not_apply_is_named_in_a_startup_warning() {
         ("RUST_LOG", "info"),
         ("RIM_METRICS__BIND", "127.0.0.1:9108"),
         ("RIM_DISCOVERY__ZOOKEEPER", "zk:2181"),
+        TOKENS[0],
+        TOKENS[1],
+        TOKENS[2],
     ];
     let output = rim(&["logic", "--check"], &vars);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -272,4 +291,142 @@ fn an_unreachable_zookeeper_fails_startup_clearly() {
     );
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("discovery"), "{}", stderr(&output));
+}
+
+#[test]
+fn a_public_api_without_tokens_refuses_to_start_naming_the_key() {
+    // The input: the API bound to every interface, no token set.
+    let public = ("RIM_API__HTTP_BIND", "0.0.0.0:0");
+    let runs = [
+        (vec!["logic", "--check"], vec![public, TOKENS[0]]),
+        (vec!["standalone", "--check"], vec![public]),
+        // Not only --check: the role itself exits before binding anything.
+        (vec!["standalone"], vec![public]),
+    ];
+    for (args, env) in runs {
+        let output = rim(&args, &env);
+        assert_eq!(output.status.code(), Some(64), "{args:?}");
+        let err = stderr(&output);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(
+                "api.admin_token: required when api.http_bind (0.0.0.0:0) is not a loopback address"
+            ),
+            "{args:?}: {err}"
+        );
+    }
+    // With the admin token, the push token is named next.
+    let output = rim(&["standalone", "--check"], &[public, TOKENS[1]]);
+    assert_eq!(output.status.code(), Some(64));
+    assert!(
+        stderr(&output).contains("api.push_token: required"),
+        "{}",
+        stderr(&output)
+    );
+    // A public comet gRPC needs node.grpc_token.
+    let output = rim(&["comet", "--check"], &[]);
+    assert_eq!(output.status.code(), Some(64));
+    assert!(
+        stderr(&output).contains("node.grpc_token: required when comet.grpc_bind (0.0.0.0:3109)"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn allow_unauthenticated_starts_with_a_warning_naming_what_is_open() {
+    let output = rim(
+        &["logic", "--check"],
+        &[
+            ("RUST_LOG", "warn"),
+            ("RIM_NODE__ALLOW_UNAUTHENTICATED", "true"),
+            TOKENS[1],
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let err = stderr(&output);
+    for open in [
+        "api.http_bind (0.0.0.0:3111) without api.push_token",
+        "logic.grpc_bind (0.0.0.0:3119) without node.grpc_token",
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains("WARN") && l.contains(open)),
+            "{open}: {err}"
+        );
+    }
+}
+
+#[test]
+fn standalone_binds_the_api_and_grpc_to_loopback_by_default() {
+    let output = rim(&["standalone", "--check"], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let effective: toml::Table = String::from_utf8_lossy(&output.stdout).parse().unwrap();
+    assert_eq!(
+        effective["api"]["http_bind"].as_str(),
+        Some("127.0.0.1:3111")
+    );
+    assert_eq!(
+        effective["comet"]["grpc_bind"].as_str(),
+        Some("127.0.0.1:3109")
+    );
+    // Client ports stay public.
+    assert_eq!(
+        effective["comet"]["tcp_bind"][0].as_str(),
+        Some("0.0.0.0:3101")
+    );
+    assert_eq!(
+        effective["node"]["allow_unauthenticated"].as_bool(),
+        Some(false)
+    );
+}
+
+#[test]
+fn standalone_says_at_startup_that_the_api_and_grpc_are_loopback_only() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rim"));
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("RIM_")) {
+        cmd.env_remove(name);
+    }
+    // The default binds with port 0, so the test can run anywhere.
+    let mut child = cmd
+        .args(["standalone"])
+        .envs([
+            ("RIM_COMET__TCP_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__WS_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__GRPC_BIND", "127.0.0.1:0"),
+            ("RIM_API__HTTP_BIND", "127.0.0.1:0"),
+            ("RIM_COMET__DRAIN_WINDOW", "100ms"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rim standalone starts");
+    let lines: Vec<String> = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|line| !line.contains("try:"))
+        .take(30)
+        .collect();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("rim standalone did not stop within 15 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lines.iter().any(|l| l.contains(
+            "push/admin API (127.0.0.1:0) and comet gRPC (127.0.0.1:0) are loopback-only"
+        )),
+        "{lines:#?}"
+    );
 }

@@ -21,6 +21,9 @@ struct Cluster {
     stop_logic: CancellationToken,
 }
 
+/// The cluster's gRPC token: logic requires it, the comet sends it.
+const GRPC_TOKEN: &str = "s3cret-grpc-token";
+
 async fn cluster() -> Cluster {
     let router = rim_router::connect(&RouterConfig {
         backend: RouterBackend::Memory,
@@ -37,7 +40,12 @@ async fn cluster() -> Cluster {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let logic_addr = grpc.local_addr().unwrap();
     let stop_logic = CancellationToken::new();
-    tokio::spawn(rim_logic::serve_grpc(logic, grpc, stop_logic.clone()));
+    tokio::spawn(rim_logic::serve_grpc(
+        logic,
+        Some(GRPC_TOKEN),
+        grpc,
+        stop_logic.clone(),
+    ));
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{logic_addr}"))
         .unwrap()
@@ -49,9 +57,13 @@ async fn cluster() -> Cluster {
     };
     let node = NodeConfig {
         id: "comet-1".into(),
+        grpc_token: Some(GRPC_TOKEN.into()),
         ..NodeConfig::default()
     };
-    let comet = Comet::new(&node, config, Arc::new(RemoteLogic::new(channel)));
+    let logic = RemoteLogic::new(channel)
+        .with_token(node.grpc_token.as_deref())
+        .unwrap();
+    let comet = Comet::new(&node, config, Arc::new(logic));
     let bind = || TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
         tcp: vec![bind().await.unwrap()],
@@ -130,4 +142,48 @@ async fn a_token_logic_refuses_closes_the_connection() {
     assert!(matches!(err, rim_client::Error::Closed), "{err}");
     cluster.shutdown.trigger();
     cluster.stop_logic.cancel();
+}
+
+/// Issue #16, part 1: the logic gRPC answered any peer. With
+/// `node.grpc_token` set, a call without it is refused as Unauthenticated.
+#[tokio::test]
+async fn logic_grpc_refuses_calls_without_the_grpc_token() {
+    use rim_proto::api::{LogicApi, RpcError};
+    use rim_proto::pb::logic::v1 as pb;
+
+    let router = rim_router::connect(&RouterConfig::default()).await.unwrap();
+    let logic = Arc::new(Logic::new(
+        &LogicConfig::default(),
+        router,
+        Arc::new(Comets::new()),
+        HttpClient::new().unwrap(),
+    ));
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let served = tokio::spawn(rim_logic::serve_grpc(
+        logic,
+        Some(GRPC_TOKEN),
+        grpc,
+        stop.clone(),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let request = || pb::NodesRequest::default();
+    for remote in [
+        RemoteLogic::new(channel.clone()),
+        RemoteLogic::new(channel.clone())
+            .with_token(Some("wrong"))
+            .unwrap(),
+    ] {
+        let err = remote.nodes(request()).await.unwrap_err();
+        assert!(matches!(err, RpcError::Unauthenticated(_)), "{err}");
+    }
+    let remote = RemoteLogic::new(channel)
+        .with_token(Some(GRPC_TOKEN))
+        .unwrap();
+    remote.nodes(request()).await.unwrap();
+    stop.cancel();
+    served.await.unwrap().unwrap();
 }

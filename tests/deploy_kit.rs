@@ -246,7 +246,13 @@ fn shipped(role: &str) -> PathBuf {
 
 /// Whether this `rim` knows the `[metrics]` section (comet, job).
 fn binary_has_metrics() -> bool {
-    check("comet", &shipped("comet"), &[], "rim comet").has_metrics_section()
+    check(
+        "comet",
+        &shipped("comet"),
+        &shipped_secrets("comet"),
+        "rim comet",
+    )
+    .has_metrics_section()
 }
 
 // ------------------------------------------------------------ env names
@@ -319,13 +325,14 @@ fn every_rim_variable_named_in_the_kit_is_a_config_key() {
     assert!(checked > 20, "only {checked} RIM_* names found in the kit");
 }
 
-/// A role's shipped config with every optional key set too (an admin token;
+/// A role's shipped config with every optional key set too (the tokens;
 /// TLS files, which `--check` only requires to exist), so that every key is
 /// printed.
 fn every_key(role: &str) -> Effective {
-    let mut env = logic_secret(role);
-    if matches!(role, "logic" | "standalone") {
+    let mut env = shipped_secrets(role);
+    if role == "standalone" {
         env.push(("RIM_API__ADMIN_TOKEN".into(), "token".into()));
+        env.push(("RIM_API__PUSH_TOKEN".into(), "token".into()));
     }
     if matches!(role, "comet" | "standalone") {
         let existing = shipped(role).display().to_string();
@@ -335,12 +342,17 @@ fn every_key(role: &str) -> Effective {
     check(role, &shipped(role), &env, "every key")
 }
 
-fn logic_secret(role: &str) -> Vec<(String, String)> {
+/// The secrets a role's shipped config needs from the environment: the
+/// logic's JWT secret, and the tokens of the listeners the cluster configs
+/// bind to 0.0.0.0.
+fn shipped_secrets(role: &str) -> Vec<(String, String)> {
+    let mut env = vec![("RIM_NODE__GRPC_TOKEN".into(), "token".into())];
     if role == "logic" {
-        vec![("RIM_LOGIC__AUTH__JWT_SECRET".into(), "x".repeat(32))]
-    } else {
-        Vec::new()
+        env.push(("RIM_LOGIC__AUTH__JWT_SECRET".into(), "x".repeat(32)));
+        env.push(("RIM_API__ADMIN_TOKEN".into(), "token".into()));
+        env.push(("RIM_API__PUSH_TOKEN".into(), "token".into()));
     }
+    env
 }
 
 #[test]
@@ -547,7 +559,7 @@ fn the_dockerfile_builds_rim_and_runs_it_unprivileged() {
         .collect();
     let mut bound = BTreeSet::new();
     for role in ["comet", "logic", "job"] {
-        let effective = check(role, &shipped(role), &logic_secret(role), "Dockerfile");
+        let effective = check(role, &shipped(role), &shipped_secrets(role), "Dockerfile");
         bound.extend(effective.bind_ports().into_keys());
         // WSS is bound when certificates are configured.
         if let Some(wss) = effective.str_at("comet.wss_bind") {
@@ -938,7 +950,7 @@ fn systemd_units_run_a_shipped_config_hardened() {
             nofile >= if clients { 1_048_576 } else { 65_536 },
             "rim-{role}: LimitNOFILE={nofile}"
         );
-        let effective = check(role, &shipped(role), &logic_secret(role), "systemd");
+        let effective = check(role, &shipped(role), &shipped_secrets(role), "systemd");
         let drain = if clients { effective.drain_secs() } else { 0 };
         let stop = parse_secs(&one("TimeoutStopSec"));
         assert!(
@@ -1123,6 +1135,8 @@ async fn local_cluster_starts_two_regions_delivers_across_them_and_stops_every_p
             // Away from the script's default (23000) and deploy/test.sh's ports.
             ("RIM_CLUSTER_PORT_BASE".into(), "25000".into()),
             ("RIM_CLUSTER_ADMIN_TOKEN".into(), "test-admin".into()),
+            ("RIM_CLUSTER_PUSH_TOKEN".into(), "test-push".into()),
+            ("RIM_CLUSTER_GRPC_TOKEN".into(), "test-grpc".into()),
         ],
     };
     let out = guard.run("start");
@@ -1275,8 +1289,28 @@ async fn local_cluster_starts_two_regions_delivers_across_them_and_stops_every_p
         })
         .await
         .unwrap();
+    // The cluster runs with every token set (comets, logics and jobs send
+    // the gRPC token to each other): a push needs the push token.
+    let refused = http
+        .post(format!("{api_b}/goim/push/mids?operation=1000&mids=7001"))
+        .body("no-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401, "a push without the push token");
+    let pusher = {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            "Bearer test-push".parse().unwrap(),
+        );
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap()
+    };
     let pushed = support::post_ok(
-        &http,
+        &pusher,
         &format!("{api_b}/goim/push/mids?operation=1000&mids=7001"),
         "from-region-b",
     )
@@ -1284,7 +1318,7 @@ async fn local_cluster_starts_two_regions_delivers_across_them_and_stops_every_p
     assert_eq!(pushed["data"]["connections"], 1, "{pushed}");
     assert_eq!(support::next_push(&mut client).await, "from-region-b");
     support::post_ok(
-        &http,
+        &pusher,
         &format!("{api_a}/goim/push/room?operation=1000&type=live&room=local-cluster"),
         "room-from-a",
     )

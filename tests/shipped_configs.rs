@@ -38,10 +38,19 @@ fn commented_keys(text: &str) -> BTreeSet<String> {
     out
 }
 
+/// The tokens the shipped cluster configs expect from the environment.
+const TOKENS: [(&str, &str); 3] = [
+    ("RIM_NODE__GRPC_TOKEN", "grpc-secret"),
+    ("RIM_API__ADMIN_TOKEN", "admin-secret"),
+    ("RIM_API__PUSH_TOKEN", "push-secret"),
+];
+
 fn check<C: Load + Serialize + std::fmt::Debug>(role: &str) {
     let file = path(role);
-    // The distributed logic config refuses to start without a JWT secret.
-    let env = vec![("RIM_LOGIC__AUTH__JWT_SECRET".to_string(), "x".repeat(32))];
+    // The distributed logic config refuses to start without a JWT secret,
+    // and the cluster configs without their tokens (they bind 0.0.0.0).
+    let mut env = vec![("RIM_LOGIC__AUTH__JWT_SECRET".to_string(), "x".repeat(32))];
+    env.extend(TOKENS.map(|(k, v)| (k.to_string(), v.to_string())));
     let config = C::load_from(Some(&file), env)
         .unwrap_or_else(|e| panic!("{} does not load: {e}", file.display()));
     let text = std::fs::read_to_string(&file).unwrap();
@@ -94,4 +103,24 @@ fn optional_keys_are_documented_too() {
     let commented = commented_keys(&text);
     assert!(commented.contains("comet.tls_cert"), "{commented:?}");
     assert!(commented.contains("comet.tls_key"), "{commented:?}");
+}
+
+#[test]
+fn the_cluster_configs_require_their_tokens_and_standalone_binds_loopback() {
+    let jwt = ("RIM_LOGIC__AUTH__JWT_SECRET".to_string(), "x".repeat(32));
+    let err = LogicRoleConfig::load_from(Some(&path("logic")), vec![jwt.clone()]).unwrap_err();
+    assert!(
+        err.to_string().starts_with("api.admin_token: required"),
+        "{err}"
+    );
+    let err = CometRoleConfig::load_from(Some(&path("comet")), Vec::new()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("node.grpc_token: required"),
+        "{err}"
+    );
+    // The job serves nothing that can push: it loads without tokens.
+    JobRoleConfig::load_from(Some(&path("job")), Vec::new()).unwrap();
+    let standalone = StandaloneConfig::load_from(Some(&path("standalone")), Vec::new()).unwrap();
+    assert!(standalone.api.http_bind.ip().is_loopback());
+    assert!(standalone.comet.grpc_bind.ip().is_loopback());
 }

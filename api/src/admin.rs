@@ -1,4 +1,5 @@
-//! Admin endpoints, behind a bearer token when `api.admin_token` is set:
+//! Admin endpoints, behind a bearer token when `api.admin_token` is set
+//! (see [`crate::bearer`]):
 //! rooms with counts, one room, broadcast to a room, kick, comets' stats.
 
 use std::collections::BTreeMap;
@@ -6,9 +7,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{RawQuery, Request, State};
-use axum::http::{HeaderMap, header};
-use axum::middleware::{self, Next};
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::middleware;
 use axum::response::Response;
 use axum::routing::{get, post};
 use serde_json::json;
@@ -24,37 +25,10 @@ pub(crate) fn routes(api: Arc<Api>) -> Router<Arc<Api>> {
         .route("/room/broadcast", post(broadcast_room))
         .route("/kick", post(kick))
         .route("/comets", get(comets))
-        .layer(middleware::from_fn_with_state(api, require_token))
-}
-
-/// Compares without an early exit, so the time taken does not reveal how
-/// much of a guessed token was right.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn require_token(
-    State(api): State<Arc<Api>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, HttpError> {
-    if let Some(expected) = &api.admin_token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(token) if same(token.as_bytes(), expected.as_bytes()) => {}
-            Some(_) => return Err(HttpError::Unauthorized("admin token does not match")),
-            None => {
-                return Err(HttpError::Unauthorized(
-                    "admin endpoints need Authorization: Bearer <token>",
-                ));
-            }
-        }
-    }
-    Ok(next.run(request).await)
+        .layer(middleware::from_fn_with_state(
+            api,
+            crate::bearer::require_admin_token,
+        ))
 }
 
 /// GET /admin/rooms?page=&size=&sort=count|room&order=desc|asc

@@ -14,6 +14,7 @@
 //! It does not deliver messages (rim-job) nor keep presence (rim-logic).
 
 mod admin;
+mod bearer;
 mod connections;
 mod error;
 mod metrics;

@@ -31,6 +31,7 @@ pub struct Api {
     pub(crate) body_read_timeout: Duration,
     pub(crate) limits: Limits,
     pub(crate) admin_token: Option<String>,
+    pub(crate) push_token: Option<String>,
     pub(crate) metrics: ApiMetrics,
 }
 
@@ -61,6 +62,7 @@ impl Api {
                 drain_timeout: config.drain_timeout,
             },
             admin_token: config.admin_token.clone(),
+            push_token: config.push_token.clone(),
             metrics: ApiMetrics::default(),
         })
     }
@@ -105,11 +107,17 @@ pub fn router(api: Arc<Api>) -> Router {
 /// when given.
 fn routes(api: Arc<Api>, registry: Option<Arc<rim_metrics::Registry>>) -> Router {
     let metrics = registry.map(rim_metrics::router).unwrap_or_default();
-    Router::new()
+    let pushes = Router::new()
         .route("/goim/push/keys", post(push::keys))
         .route("/goim/push/mids", post(push::mids))
         .route("/goim/push/room", post(push::room))
         .route("/goim/push/all", post(push::all))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&api),
+            crate::bearer::require_push_token,
+        ));
+    Router::new()
+        .merge(pushes)
         .route("/goim/online/top", get(online::top))
         .route("/goim/online/room", get(online::room))
         .route("/goim/online/total", get(online::total))

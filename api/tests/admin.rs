@@ -88,6 +88,36 @@ async fn admin_endpoints_need_the_bearer_token() {
     );
 }
 
+/// Issue #16, part 1: with no Authorization header, `POST
+/// /admin/kick?mid=4242` kicked the user. With `api.admin_token` set it is
+/// refused with 401 and kicks nobody; the push token does not open it.
+#[tokio::test]
+async fn the_issues_kick_without_authorization_is_refused() {
+    let h = Setup::new()
+        .admin_token()
+        .api(|api| api.push_token = Some("push-only".into()))
+        .start()
+        .await;
+    h.connect("comet-a", 4242, "k4242").await;
+    h.post("/admin/kick?mid=4242", "")
+        .await
+        .error(401, -401, &["Authorization: Bearer"]);
+    let push_token = h
+        .http
+        .post(h.url("/admin/kick?mid=4242"))
+        .bearer_auth("push-only");
+    h.send(push_token)
+        .await
+        .error(401, -401, &["does not match"]);
+    assert!(
+        h.fakes["comet-a"].kicks().is_empty(),
+        "refused kicks had an effect"
+    );
+    let answer = h.admin_post("/admin/kick?mid=4242", "").await;
+    assert_eq!(answer.ok(), &json!({ "kicked": 1 }));
+    assert_eq!(h.fakes["comet-a"].kicks(), [vec!["k4242".to_string()]]);
+}
+
 #[tokio::test]
 async fn admin_endpoints_are_open_without_a_configured_token() {
     let mut h = Setup::new().start().await;

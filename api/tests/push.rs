@@ -11,6 +11,58 @@ use serde_json::json;
 use support::{DownRouter, FailFor, Setup, assert_recent, chunked_post};
 
 // ---------------------------------------------------------------------------
+// The push token
+// ---------------------------------------------------------------------------
+
+const PUSH_TOKEN: &str = "s3cret-push-token";
+
+/// Issue #16, part 1: `/goim/push/all` reached every client from anyone.
+/// With `api.push_token` set, every push endpoint refuses a request without
+/// `Authorization: Bearer <push token>` (401, code -401) and enqueues
+/// nothing; the admin token does not open them.
+#[tokio::test]
+async fn push_endpoints_need_the_push_token_when_it_is_set() {
+    let mut h = Setup::new()
+        .admin_token()
+        .api(|api| api.push_token = Some(PUSH_TOKEN.into()))
+        .start()
+        .await;
+    h.connect("comet-a", 1, "k1").await;
+    // The issue's request, without any Authorization header.
+    h.post("/goim/push/all?operation=1000", "hello all")
+        .await
+        .error(401, -401, &["push endpoints need Authorization: Bearer"]);
+    let paths = [
+        "/goim/push/keys?operation=1000&keys=k1",
+        "/goim/push/mids?operation=1000&mids=1",
+        "/goim/push/room?operation=1000&type=live&room=1",
+        "/goim/push/all?operation=1000",
+    ];
+    for path in paths {
+        let url = h.url(path);
+        h.post(path, "x").await.error(401, -401, &["Authorization"]);
+        for wrong in [
+            format!("Bearer {PUSH_TOKEN}x"),
+            format!("Bearer {}", support::TOKEN),
+            format!("Basic {PUSH_TOKEN}"),
+            PUSH_TOKEN.to_string(),
+        ] {
+            let request = h.http.post(&url).header("Authorization", wrong).body("x");
+            h.send(request).await.error(401, -401, &[]);
+        }
+    }
+    assert!(h.drain().await.is_empty(), "a refused push was enqueued");
+    for path in paths {
+        let request = h.http.post(h.url(path)).bearer_auth(PUSH_TOKEN).body("x");
+        let answer = h.send(request).await;
+        assert_eq!(answer.status, 200, "{path} with the token: {answer:?}");
+    }
+    assert_eq!(h.drain().await.len(), paths.len());
+    // Other endpoints are not behind the push token.
+    assert_eq!(h.get("/goim/online/total").await.status, 200);
+}
+
+// ---------------------------------------------------------------------------
 // /goim/push/keys
 // ---------------------------------------------------------------------------
 

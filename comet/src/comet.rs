@@ -34,6 +34,9 @@ pub struct Comet {
 pub(crate) struct Inner {
     pub(crate) id: String,
     pub(crate) region: String,
+    /// The cluster's gRPC token (`node.grpc_token`) the gRPC service
+    /// requires; `None` = no check.
+    pub(crate) grpc_token: Option<String>,
     pub(crate) config: CometConfig,
     pub(crate) logic: Arc<dyn LogicApi>,
     pub(crate) stats: Stats,
@@ -107,6 +110,7 @@ impl Comet {
             inner: Arc::new(Inner {
                 id: node.id.clone(),
                 region: node.region.clone(),
+                grpc_token: node.grpc_token.clone(),
                 config,
                 logic,
                 stats: Stats::default(),

@@ -115,7 +115,9 @@ impl GrpcServer {
     fn spawn(comet: Comet, listener: TcpListener) -> GrpcServer {
         let stop = CancellationToken::new();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let service = CometGrpc(Arc::new(comet)).into_service();
+        // Calls without node.grpc_token (when set) are refused as Unauthenticated.
+        let token = comet.inner.grpc_token.clone();
+        let service = CometGrpc(Arc::new(comet)).into_guarded_service(token.as_deref());
         let stopped = stop.clone();
         let task = tokio::spawn(
             tonic::transport::Server::builder()

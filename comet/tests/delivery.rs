@@ -391,6 +391,69 @@ async fn the_grpc_service_pushes_kicks_and_reports() {
     comet.stop().await;
 }
 
+/// Issue #16, part 1: comet gRPC Kick and Broadcast worked from any peer.
+/// With `node.grpc_token` set, a call without the token (or with another)
+/// is refused as Unauthenticated and has no effect; with it, it works.
+#[tokio::test]
+async fn grpc_kick_and_broadcast_need_the_grpc_token_when_it_is_set() {
+    const GRPC_TOKEN: &str = "s3cret-grpc-token";
+    let comet = start_with_grpc_token(GRPC_TOKEN, test_config(), ScriptedLogic::default()).await;
+    let mut a = comet
+        .client(TransportKind::Tcp, token(1, "ta", "", &[1000]))
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", comet.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let broadcast = || pb::BroadcastRequest {
+        proto_op: 1000,
+        proto: Some(proto(1000, "to all")),
+        speed: 0,
+    };
+    let unauthenticated = |err: rim_proto::api::RpcError| {
+        assert!(
+            matches!(err, rim_proto::api::RpcError::Unauthenticated(_)),
+            "{err}"
+        );
+    };
+    for remote in [
+        RemoteComet::new(channel.clone()),
+        RemoteComet::new(channel.clone())
+            .with_token(Some("wrong-token"))
+            .unwrap(),
+    ] {
+        unauthenticated(remote.kick(vec!["ta".into()]).await.unwrap_err());
+        unauthenticated(remote.broadcast(broadcast()).await.unwrap_err());
+        unauthenticated(remote.stats().await.unwrap_err());
+    }
+    // A raw tonic client without any metadata: the code itself.
+    let status = pb::comet_client::CometClient::new(channel.clone())
+        .kick(pb::KickRequest {
+            keys: vec!["ta".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        comet.comet.connections(),
+        1,
+        "a refused kick closed a client"
+    );
+
+    let remote = RemoteComet::new(channel)
+        .with_token(Some(GRPC_TOKEN))
+        .unwrap();
+    let d = remote.broadcast(broadcast()).await.unwrap();
+    assert_eq!(d.delivered, 1);
+    assert_eq!(next(&mut a).await.body, Bytes::from("to all"));
+    assert_eq!(remote.kick(vec!["ta".into()]).await.unwrap(), 1);
+    a.closed_within(Duration::from_secs(5))
+        .await
+        .expect("kicked");
+    comet.stop().await;
+}
+
 #[tokio::test]
 async fn many_keys_in_one_push_all_arrive_once() {
     let comet = start(test_config(), ScriptedLogic::default()).await;

@@ -13,6 +13,15 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A key that is optional in general is required by the other values,
+    /// e.g. a token when a listener binds a non-loopback address.
+    #[error("{key}: {reason}")]
+    Missing {
+        /// Dotted key, e.g. `api.push_token`.
+        key: String,
+        /// Why it is required here.
+        reason: String,
+    },
 }
 
 /// Result of loading or validating a configuration.

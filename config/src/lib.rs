@@ -18,7 +18,7 @@ mod serde_list;
 pub use cidr::Cidr;
 pub use error::{ConfigError, Result};
 pub use load::{ENV_PREFIX, Load};
-pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, StandaloneConfig};
+pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, OpenListener, StandaloneConfig};
 pub use sections::{
     ApiConfig, AuthConfig, AuthPolicy, CometConfig, DiscoveryBackend, DiscoveryConfig, JobConfig,
     LogicConfig, MetricsConfig, NodeConfig, NodesConfig, QueueBackend, QueueConfig, RegionCidr,

@@ -33,6 +33,14 @@ pub trait Load: Default + Serialize + DeserializeOwned {
     /// values derived from others (e.g. the job group from the region).
     fn validate(&mut self) -> Result<()>;
 
+    /// Returns the listeners that can push or kick and bind a non-loopback
+    /// address without their token; `validate` refuses them unless
+    /// `node.allow_unauthenticated`, and a role started anyway warns about
+    /// each.
+    fn open_listeners(&self) -> Vec<crate::OpenListener> {
+        Vec::new()
+    }
+
     /// Loads built-in defaults < the TOML file at `path` < the process environment.
     fn load(path: Option<&Path>) -> Result<Self> {
         Self::load_from(path, std::env::vars())

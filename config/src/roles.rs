@@ -1,5 +1,7 @@
 //! One config per `rim` subcommand, each a set of sections.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -10,7 +12,10 @@ use crate::{
 /// `rim standalone`: every role in one process. Defaults need no external
 /// service (in-memory router and queue); roles reach each other directly,
 /// so there is no discovery section.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+///
+/// Its HTTP API and comet gRPC bind loopback by default (the client ports
+/// are public): the demo's defaults open nothing that can push or kick.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StandaloneConfig {
     /// Identity of the process.
@@ -32,6 +37,27 @@ pub struct StandaloneConfig {
     pub metrics: MetricsConfig,
 }
 
+impl Default for StandaloneConfig {
+    fn default() -> Self {
+        StandaloneConfig {
+            node: NodeConfig::default(),
+            comet: CometConfig {
+                grpc_bind: crate::sections::addr("127.0.0.1:3109"),
+                ..CometConfig::default()
+            },
+            logic: LogicConfig::default(),
+            api: ApiConfig {
+                http_bind: crate::sections::addr("127.0.0.1:3111"),
+                ..ApiConfig::default()
+            },
+            router: RouterConfig::default(),
+            queue: QueueConfig::default(),
+            job: JobConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
 impl Load for StandaloneConfig {
     fn validate(&mut self) -> Result<()> {
         self.node.validate()?;
@@ -42,7 +68,18 @@ impl Load for StandaloneConfig {
         self.queue.validate()?;
         self.job.validate(&self.node)?;
         self.metrics.validate()?;
-        presence_renew_within_lease(&self.comet, &self.logic)
+        presence_renew_within_lease(&self.comet, &self.logic)?;
+        refuse_open(&self.node, &self.open_listeners())
+    }
+
+    fn open_listeners(&self) -> Vec<OpenListener> {
+        let mut open = http_api_open(&self.api);
+        open.extend(grpc_open(
+            "comet.grpc_bind",
+            self.comet.grpc_bind,
+            &self.node,
+        ));
+        open
     }
 }
 
@@ -76,7 +113,14 @@ impl Load for CometRoleConfig {
         self.node.validate()?;
         self.comet.validate()?;
         self.discovery.validate()?;
-        self.metrics.validate()
+        self.metrics.validate()?;
+        refuse_open(&self.node, &self.open_listeners())
+    }
+
+    fn open_listeners(&self) -> Vec<OpenListener> {
+        grpc_open("comet.grpc_bind", self.comet.grpc_bind, &self.node)
+            .into_iter()
+            .collect()
     }
 }
 
@@ -121,7 +165,18 @@ impl Load for LogicRoleConfig {
         self.api.validate()?;
         self.router.validate()?;
         self.queue.validate()?;
-        self.discovery.validate()
+        self.discovery.validate()?;
+        refuse_open(&self.node, &self.open_listeners())
+    }
+
+    fn open_listeners(&self) -> Vec<OpenListener> {
+        let mut open = http_api_open(&self.api);
+        open.extend(grpc_open(
+            "logic.grpc_bind",
+            self.logic.grpc_bind,
+            &self.node,
+        ));
+        open
     }
 }
 
@@ -185,4 +240,69 @@ fn presence_renew_within_lease(comet: &CometConfig, logic: &LogicConfig) -> Resu
         ));
     }
     Ok(())
+}
+
+/// A listener that can push or kick, bound to a non-loopback address
+/// without the token that protects it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenListener {
+    /// The bind key, e.g. `api.http_bind`.
+    pub bind_key: &'static str,
+    /// The address it binds.
+    pub bind: SocketAddr,
+    /// The token key that is not set, e.g. `api.push_token`.
+    pub missing: &'static str,
+}
+
+impl std::fmt::Display for OpenListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}) without {}",
+            self.bind_key, self.bind, self.missing
+        )
+    }
+}
+
+/// The HTTP API's endpoints that need a token it does not have, when it
+/// binds a non-loopback address.
+fn http_api_open(api: &ApiConfig) -> Vec<OpenListener> {
+    if api.http_bind.ip().is_loopback() {
+        return Vec::new();
+    }
+    [
+        ("api.admin_token", api.admin_token.is_none()),
+        ("api.push_token", api.push_token.is_none()),
+    ]
+    .into_iter()
+    .filter(|(_, unset)| *unset)
+    .map(|(missing, _)| OpenListener {
+        bind_key: "api.http_bind",
+        bind: api.http_bind,
+        missing,
+    })
+    .collect()
+}
+
+/// A gRPC server bound to a non-loopback address without `node.grpc_token`.
+fn grpc_open(bind_key: &'static str, bind: SocketAddr, node: &NodeConfig) -> Option<OpenListener> {
+    (!bind.ip().is_loopback() && node.grpc_token.is_none()).then_some(OpenListener {
+        bind_key,
+        bind,
+        missing: "node.grpc_token",
+    })
+}
+
+/// Refuses the first open listener, unless `node.allow_unauthenticated`.
+fn refuse_open(node: &NodeConfig, open: &[OpenListener]) -> Result<()> {
+    match open.first() {
+        Some(first) if !node.allow_unauthenticated => Err(crate::ConfigError::Missing {
+            key: first.missing.to_owned(),
+            reason: format!(
+                "required when {} ({}) is not a loopback address (or set node.allow_unauthenticated = true)",
+                first.bind_key, first.bind
+            ),
+        }),
+        _ => Ok(()),
+    }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Cidr, ConfigError, Result};
 
-fn addr(s: &str) -> SocketAddr {
+pub(crate) fn addr(s: &str) -> SocketAddr {
     // Only called on literals below; a typo there fails every config test.
     s.parse()
         .unwrap_or_else(|_| panic!("bad built-in address {s}"))
@@ -56,6 +56,19 @@ fn host_name_or_empty(key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a bearer token: not empty, and only visible ASCII, so that it
+/// travels unchanged in an HTTP header or gRPC metadata.
+fn secret(key: &str, value: &str) -> Result<()> {
+    not_blank(key, value)?;
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::invalid(
+            key,
+            "must be visible ASCII without spaces (it is sent as Authorization: Bearer <token>)",
+        ));
+    }
+    Ok(())
+}
+
 fn not_blank(key: &str, value: &str) -> Result<()> {
     if value.trim().is_empty() {
         return Err(ConfigError::invalid(key, "must not be empty"));
@@ -78,6 +91,17 @@ pub struct NodeConfig {
     /// Listen backlog of every listener of this process (clients, gRPC, the
     /// HTTP API, metrics); the kernel caps it at net.core.somaxconn.
     pub listen_backlog: u32,
+    /// Shared secret of the cluster's internal gRPC: the comet and logic
+    /// gRPC servers refuse calls without `authorization: Bearer <token>`,
+    /// and every rim client of them sends it; unset = no check (refused at
+    /// startup when a gRPC server binds a non-loopback address, unless
+    /// `allow_unauthenticated`).
+    #[serde(default)]
+    pub grpc_token: Option<String>,
+    /// Lets a role whose HTTP API or gRPC binds a non-loopback address start
+    /// without the tokens that protect it (it logs a warning naming what is
+    /// open); for networks that are private by other means.
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for NodeConfig {
@@ -88,6 +112,8 @@ impl Default for NodeConfig {
             zone: "default".into(),
             weight: 10,
             listen_backlog: 1024,
+            grpc_token: None,
+            allow_unauthenticated: false,
         }
     }
 }
@@ -105,7 +131,11 @@ impl NodeConfig {
             u64::from(self.listen_backlog),
             1,
             1 << 16,
-        )
+        )?;
+        if let Some(token) = &self.grpc_token {
+            secret("node.grpc_token", token)?;
+        }
+        Ok(())
     }
 }
 
@@ -449,9 +479,16 @@ pub struct ApiConfig {
     pub http_bind: SocketAddr,
     /// Largest push body accepted, in bytes; larger requests get 413.
     pub max_body: usize,
-    /// Bearer token required by the admin endpoints; unset = no check.
+    /// Bearer token required by the admin endpoints (`/admin/*`); unset =
+    /// no check (refused at startup when `http_bind` is not a loopback
+    /// address, unless `node.allow_unauthenticated`).
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Bearer token required by the push endpoints (`/goim/push/*`); unset
+    /// = no check (refused at startup when `http_bind` is not a loopback
+    /// address, unless `node.allow_unauthenticated`).
+    #[serde(default)]
+    pub push_token: Option<String>,
     /// Longest a connection may take to send a complete request head,
     /// counted from connect for the first request and from the first byte
     /// of each later one (between requests `keep_alive_timeout` applies);
@@ -481,6 +518,7 @@ impl Default for ApiConfig {
             http_bind: addr("0.0.0.0:3111"),
             max_body: 64 * 1024,
             admin_token: None,
+            push_token: None,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(30),
@@ -504,7 +542,10 @@ impl ApiConfig {
             1_000_000,
         )?;
         if let Some(token) = &self.admin_token {
-            not_blank("api.admin_token", token)?;
+            secret("api.admin_token", token)?;
+        }
+        if let Some(token) = &self.push_token {
+            secret("api.push_token", token)?;
         }
         Ok(())
     }

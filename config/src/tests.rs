@@ -38,9 +38,9 @@ fn built_in_defaults_are_valid_for_every_role() {
     assert_eq!(standalone.job.group, "rim-job-default");
     assert!(!standalone.node.id.is_empty());
 
-    let comet = CometRoleConfig::load_from(None, env(&[])).unwrap();
+    let comet = CometRoleConfig::load_from(None, env(&TOKENS)).unwrap();
     assert_eq!(comet.discovery.backend, DiscoveryBackend::Zookeeper);
-    let logic = LogicRoleConfig::load_from(None, env(&[])).unwrap();
+    let logic = LogicRoleConfig::load_from(None, env(&TOKENS)).unwrap();
     assert_eq!(logic.router.backend, RouterBackend::Redis);
     assert_eq!(logic.queue.backend, QueueBackend::Kafka);
     let job = JobRoleConfig::load_from(None, env(&[])).unwrap();
@@ -66,6 +66,7 @@ fn the_file_overrides_defaults_and_the_environment_overrides_the_file() {
             ("RIM_COMET__BUCKETS", "128"),
             ("RIM_COMET__WS_BIND", "127.0.0.1:4102,127.0.0.2:4102"),
             ("RIM_DISCOVERY__ROOT", "/rim-test"),
+            TOKENS[0],
         ]),
     )
     .unwrap();
@@ -174,11 +175,14 @@ fn the_http_api_limits_name_their_key() {
 
 #[test]
 fn a_public_domain_is_a_host_name_or_empty() {
-    let config = CometRoleConfig::load_from(None, env(&[])).unwrap();
+    let config = CometRoleConfig::load_from(None, env(&TOKENS)).unwrap();
     assert_eq!(config.comet.public_domain, "", "unset by default");
     let config = CometRoleConfig::load_from(
         None,
-        env(&[("RIM_COMET__PUBLIC_DOMAIN", "comet-1.im.example.com")]),
+        env(&[
+            ("RIM_COMET__PUBLIC_DOMAIN", "comet-1.im.example.com"),
+            TOKENS[0],
+        ]),
     )
     .unwrap();
     assert_eq!(config.comet.public_domain, "comet-1.im.example.com");
@@ -258,7 +262,7 @@ fn redis_tls_settings_are_checked() {
         ca.path()
     ));
     let config =
-        LogicRoleConfig::load_from(Some(file.path()), Vec::new()).expect("valid TLS settings");
+        LogicRoleConfig::load_from(Some(file.path()), env(&TOKENS)).expect("valid TLS settings");
     assert_eq!(config.router.tls_ca.as_deref(), Some(ca.path()));
 }
 
@@ -332,7 +336,7 @@ fn overrides_for_another_roles_sections_are_ignored_but_typos_are_not() {
         ("RIM_LOGIC__AUTH__POLICY", "jwt"),
         ("RIM_JOB__ROOM_BATCH", "5"),
     ];
-    assert!(CometRoleConfig::load_from(None, env(&vars)).is_ok());
+    assert!(CometRoleConfig::load_from(None, env(&[&vars[..], &TOKENS[..1]].concat())).is_ok());
     let err = load_err::<CometRoleConfig>(None, &[("RIM_COMMET__BUCKETS", "3")]);
     assert!(err.contains("commet"), "{err}");
 }
@@ -344,6 +348,9 @@ fn nested_tables_override_from_the_environment() {
         env(&[
             ("RIM_LOGIC__AUTH__POLICY", "webhook"),
             ("RIM_LOGIC__AUTH__WEBHOOK_URL", "http://127.0.0.1:9/auth"),
+            TOKENS[0],
+            TOKENS[1],
+            TOKENS[2],
         ]),
     )
     .unwrap();
@@ -362,7 +369,7 @@ fn nested_tables_override_from_the_environment() {
 
 #[test]
 fn metrics_listen_by_default_on_comets_and_jobs_and_can_be_disabled() {
-    let comet = CometRoleConfig::load_from(None, env(&[])).unwrap();
+    let comet = CometRoleConfig::load_from(None, env(&TOKENS)).unwrap();
     assert_eq!(comet.metrics.bind_addr().map(|a| a.port()), Some(3108));
     let job = JobRoleConfig::load_from(None, env(&[])).unwrap();
     assert_eq!(job.metrics.bind_addr().map(|a| a.port()), Some(3128));
@@ -374,13 +381,15 @@ fn metrics_listen_by_default_on_comets_and_jobs_and_can_be_disabled() {
         Some("127.0.0.1:9128".parse().unwrap())
     );
     let file = toml("[metrics]\nbind = \"\"\n");
-    let off = CometRoleConfig::load_from(Some(file.path()), env(&[])).unwrap();
+    let off = CometRoleConfig::load_from(Some(file.path()), env(&TOKENS)).unwrap();
     assert_eq!(off.metrics.bind_addr(), None);
-    let off = CometRoleConfig::load_from(None, env(&[("RIM_METRICS__BIND", "")])).unwrap();
+    let off =
+        CometRoleConfig::load_from(None, env(&[("RIM_METRICS__BIND", ""), TOKENS[0]])).unwrap();
     assert_eq!(off.metrics.bind_addr(), None);
     // Logic serves /metrics on the API listener only: no section, and an
     // override meant for a comet in the same environment is ignored.
-    assert!(LogicRoleConfig::load_from(None, env(&[("RIM_METRICS__BIND", "x")])).is_ok());
+    let vars = [&[("RIM_METRICS__BIND", "x")][..], &TOKENS[..]].concat();
+    assert!(LogicRoleConfig::load_from(None, env(&vars)).is_ok());
     assert!(load_err::<LogicRoleConfig>(Some("[metrics]\nbind = \"\"\n"), &[]).contains("metrics"));
 }
 
@@ -432,5 +441,133 @@ fn a_bad_metrics_address_names_the_key() {
         assert!(err.contains("metrics.bind"), "{bad}: {err}");
         let err = load_err::<JobRoleConfig>(None, &[("RIM_METRICS__BIND", bad)]);
         assert!(err.contains("metrics.bind"), "{bad}: {err}");
+    }
+}
+
+/// Tokens for every listener that can push or kick, as the shipped cluster
+/// configs get them from the environment.
+const TOKENS: [(&str, &str); 3] = [
+    ("RIM_NODE__GRPC_TOKEN", "grpc-secret"),
+    ("RIM_API__ADMIN_TOKEN", "admin-secret"),
+    ("RIM_API__PUSH_TOKEN", "push-secret"),
+];
+
+#[test]
+fn standalone_binds_its_api_and_grpc_to_loopback_by_default() {
+    let standalone = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(
+        standalone.api.http_bind,
+        "127.0.0.1:3111".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(
+        standalone.comet.grpc_bind,
+        "127.0.0.1:3109".parse::<SocketAddr>().unwrap()
+    );
+    // Client ports stay public; metrics have no listener of their own.
+    assert!(standalone.comet.tcp_bind[0].ip().is_unspecified());
+    assert!(standalone.comet.ws_bind[0].ip().is_unspecified());
+    assert_eq!(standalone.metrics.bind_addr(), None);
+    assert!(standalone.open_listeners().is_empty());
+    // The other roles keep their public defaults (and so need tokens).
+    assert!(
+        CometRoleConfig::default()
+            .comet
+            .grpc_bind
+            .ip()
+            .is_unspecified()
+    );
+    assert!(
+        LogicRoleConfig::default()
+            .api
+            .http_bind
+            .ip()
+            .is_unspecified()
+    );
+}
+
+#[test]
+fn a_public_http_api_without_tokens_is_refused_naming_the_key() {
+    let public = ("RIM_API__HTTP_BIND", "0.0.0.0:0");
+    for err in [
+        load_err::<StandaloneConfig>(None, &[public]),
+        load_err::<LogicRoleConfig>(None, &[public, TOKENS[0]]),
+    ] {
+        assert_eq!(
+            err,
+            "api.admin_token: required when api.http_bind (0.0.0.0:0) is not a loopback \
+             address (or set node.allow_unauthenticated = true)"
+        );
+    }
+    let err = load_err::<StandaloneConfig>(None, &[public, TOKENS[1]]);
+    assert!(
+        err.starts_with("api.push_token: required when api.http_bind (0.0.0.0:0)"),
+        "{err}"
+    );
+    let err = load_err::<LogicRoleConfig>(None, &[public, TOKENS[0], TOKENS[2]]);
+    assert!(err.starts_with("api.admin_token: required"), "{err}");
+    // Both tokens set: it loads.
+    LogicRoleConfig::load_from(None, env(&TOKENS)).unwrap();
+    StandaloneConfig::load_from(None, env(&[public, TOKENS[1], TOKENS[2]])).unwrap();
+}
+
+#[test]
+fn a_public_grpc_server_without_a_token_is_refused_naming_the_key() {
+    let err = load_err::<CometRoleConfig>(None, &[]);
+    assert_eq!(
+        err,
+        "node.grpc_token: required when comet.grpc_bind (0.0.0.0:3109) is not a loopback \
+         address (or set node.allow_unauthenticated = true)"
+    );
+    let err = load_err::<LogicRoleConfig>(None, &TOKENS[1..]);
+    assert!(
+        err.starts_with("node.grpc_token: required when logic.grpc_bind (0.0.0.0:3119)"),
+        "{err}"
+    );
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_COMET__GRPC_BIND", "[::]:3109")]);
+    assert!(
+        err.starts_with("node.grpc_token: required when comet.grpc_bind ([::]:3109)"),
+        "{err}"
+    );
+    CometRoleConfig::load_from(None, env(&TOKENS[..1])).unwrap();
+    // Loopback binds need no token; the job serves nothing that can push.
+    CometRoleConfig::load_from(None, env(&[("RIM_COMET__GRPC_BIND", "127.0.0.1:3109")])).unwrap();
+    JobRoleConfig::load_from(None, env(&[])).unwrap();
+}
+
+#[test]
+fn allow_unauthenticated_starts_open_listeners_and_names_them() {
+    let allow = ("RIM_NODE__ALLOW_UNAUTHENTICATED", "true");
+    let logic = LogicRoleConfig::load_from(None, env(&[allow, TOKENS[1]])).unwrap();
+    let open: Vec<String> = logic
+        .open_listeners()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        open,
+        [
+            "api.http_bind (0.0.0.0:3111) without api.push_token",
+            "logic.grpc_bind (0.0.0.0:3119) without node.grpc_token",
+        ]
+    );
+    let comet = CometRoleConfig::load_from(None, env(&[allow])).unwrap();
+    assert_eq!(comet.open_listeners().len(), 1);
+}
+
+#[test]
+fn tokens_are_visible_ascii() {
+    for key in [
+        "RIM_NODE__GRPC_TOKEN",
+        "RIM_API__ADMIN_TOKEN",
+        "RIM_API__PUSH_TOKEN",
+    ] {
+        for bad in ["", "two words", "tab\there", "caf\u{e9}"] {
+            let err = load_err::<LogicRoleConfig>(None, &[(key, bad)]);
+            let name = key
+                .trim_start_matches("RIM_")
+                .replace("__", ".")
+                .to_lowercase();
+            assert!(err.contains(&name), "{key}={bad:?}: {err}");
+        }
     }
 }

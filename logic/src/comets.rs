@@ -80,6 +80,9 @@ struct Entry {
 #[derive(Default)]
 pub struct Comets {
     entries: RwLock<HashMap<String, Entry>>,
+    /// The cluster's gRPC token (`node.grpc_token`) sent to the comets it
+    /// connects to; `None` = none.
+    grpc_token: Option<String>,
 }
 
 impl std::fmt::Debug for Comets {
@@ -106,6 +109,15 @@ impl Comets {
         Comets::default()
     }
 
+    /// Creates an empty directory whose clients of discovered comets send
+    /// `token` (the cluster's `node.grpc_token`) with every call.
+    pub fn with_grpc_token(token: Option<String>) -> Comets {
+        Comets {
+            grpc_token: token,
+            ..Comets::default()
+        }
+    }
+
     /// Makes the directory hold exactly `nodes` (from discovery): clients of
     /// comets whose gRPC address did not change are kept, new ones connect
     /// lazily, missing ones are dropped.
@@ -121,11 +133,15 @@ impl Comets {
             };
             let api = match kept {
                 Some(api) => api,
-                None => Arc::new(RemoteComet::connect_lazy(&node.grpc).map_err(|e| BadComet {
-                    id: node.id.clone(),
-                    addr: node.grpc.clone(),
-                    source: e,
-                })?) as Arc<dyn CometApi>,
+                None => Arc::new(
+                    RemoteComet::connect_lazy(&node.grpc)
+                        .and_then(|c| c.with_token(self.grpc_token.as_deref()))
+                        .map_err(|e| BadComet {
+                            id: node.id.clone(),
+                            addr: node.grpc.clone(),
+                            source: e,
+                        })?,
+                ) as Arc<dyn CometApi>,
             };
             fresh.insert(node.id.clone(), Entry { node, api });
         }

@@ -6,6 +6,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -88,6 +91,81 @@ impl From<Status> for RpcError {
     }
 }
 
+/// Returns whether a secret given by a caller equals the expected one,
+/// comparing every byte without an early exit, so that the time taken does
+/// not reveal how much of a guess was right (only whether its length was).
+/// The one comparison of bearer tokens, for the HTTP API and gRPC alike.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The metadata key that carries the cluster's gRPC token.
+const AUTHORIZATION: &str = "authorization";
+
+/// Returns the `authorization` metadata value carrying `token` as a bearer
+/// token, marked sensitive so that it is never printed.
+fn bearer_metadata(token: &str) -> RpcResult<AsciiMetadataValue> {
+    let mut value: AsciiMetadataValue = format!("Bearer {token}").parse().map_err(|_| {
+        RpcError::InvalidArgument(
+            "node.grpc_token: not valid in gRPC metadata (visible ASCII only)".into(),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// A gRPC server's check of the cluster's shared token (`node.grpc_token`):
+/// with a token set, every call must carry `authorization: Bearer <token>`
+/// or is refused as `Unauthenticated`; without one, every call passes.
+#[derive(Clone, Default)]
+pub struct RequireToken {
+    expected: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for RequireToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequireToken")
+            .field("set", &self.expected.is_some())
+            .finish()
+    }
+}
+
+impl RequireToken {
+    /// Checks calls against `token`; `None` lets every call through.
+    pub fn new(token: Option<&str>) -> RequireToken {
+        RequireToken {
+            expected: token.map(Arc::from),
+        }
+    }
+}
+
+impl Interceptor for RequireToken {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if same_secret(token.as_bytes(), expected.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated(
+                "the grpc token does not match node.grpc_token",
+            )),
+            None => Err(Status::unauthenticated(
+                "grpc calls need authorization: Bearer <node.grpc_token>",
+            )),
+        }
+    }
+}
+
 /// What a comet asks of logic (protocol.md §3, logic service).
 #[async_trait]
 pub trait LogicApi: Send + Sync + 'static {
@@ -129,6 +207,8 @@ pub trait CometApi: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct RemoteLogic {
     client: logic::logic_client::LogicClient<Channel>,
+    /// `authorization` metadata sent with every call, when a token is set.
+    token: Option<AsciiMetadataValue>,
 }
 
 impl RemoteLogic {
@@ -136,28 +216,54 @@ impl RemoteLogic {
     pub fn new(channel: Channel) -> Self {
         RemoteLogic {
             client: logic::logic_client::LogicClient::new(channel),
+            token: None,
         }
     }
+
+    /// Sends `token` (the cluster's `node.grpc_token`) with every call;
+    /// `None` sends none.
+    pub fn with_token(mut self, token: Option<&str>) -> RpcResult<Self> {
+        self.token = token.map(bearer_metadata).transpose()?;
+        Ok(self)
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        with_token(message, self.token.as_ref())
+    }
+}
+
+/// Wraps `message` in a request carrying `token`, when there is one.
+fn with_token<T>(message: T, token: Option<&AsciiMetadataValue>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(AUTHORIZATION, token.clone());
+    }
+    request
 }
 
 #[async_trait]
 impl LogicApi for RemoteLogic {
     async fn connect(&self, req: logic::ConnectRequest) -> RpcResult<logic::ConnectReply> {
-        Ok(self.client.clone().connect(req).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .connect(self.request(req))
+            .await?
+            .into_inner())
     }
 
     async fn disconnect(&self, req: logic::DisconnectRequest) -> RpcResult<bool> {
         Ok(self
             .client
             .clone()
-            .disconnect(req)
+            .disconnect(self.request(req))
             .await?
             .into_inner()
             .known)
     }
 
     async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<()> {
-        self.client.clone().heartbeat(req).await?;
+        self.client.clone().heartbeat(self.request(req)).await?;
         Ok(())
     }
 
@@ -165,16 +271,26 @@ impl LogicApi for RemoteLogic {
         &self,
         req: logic::RenewOnlineRequest,
     ) -> RpcResult<logic::RenewOnlineReply> {
-        Ok(self.client.clone().renew_online(req).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .renew_online(self.request(req))
+            .await?
+            .into_inner())
     }
 
     async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<()> {
-        self.client.clone().receive(req).await?;
+        self.client.clone().receive(self.request(req)).await?;
         Ok(())
     }
 
     async fn nodes(&self, req: logic::NodesRequest) -> RpcResult<logic::NodesReply> {
-        Ok(self.client.clone().nodes(req).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .nodes(self.request(req))
+            .await?
+            .into_inner())
     }
 }
 
@@ -182,6 +298,8 @@ impl LogicApi for RemoteLogic {
 #[derive(Clone, Debug)]
 pub struct RemoteComet {
     client: comet::comet_client::CometClient<Channel>,
+    /// `authorization` metadata sent with every call, when a token is set.
+    token: Option<AsciiMetadataValue>,
 }
 
 impl RemoteComet {
@@ -189,7 +307,19 @@ impl RemoteComet {
     pub fn new(channel: Channel) -> Self {
         RemoteComet {
             client: comet::comet_client::CometClient::new(channel),
+            token: None,
         }
+    }
+
+    /// Sends `token` (the cluster's `node.grpc_token`) with every call;
+    /// `None` sends none.
+    pub fn with_token(mut self, token: Option<&str>) -> RpcResult<Self> {
+        self.token = token.map(bearer_metadata).transpose()?;
+        Ok(self)
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        with_token(message, self.token.as_ref())
     }
 
     /// Creates a client for the comet at `addr` (`host:port`) that connects
@@ -206,22 +336,41 @@ impl RemoteComet {
 #[async_trait]
 impl CometApi for RemoteComet {
     async fn push_msg(&self, req: comet::PushMsgRequest) -> RpcResult<comet::Delivery> {
-        let reply = self.client.clone().push_msg(req).await?.into_inner();
+        let reply = self
+            .client
+            .clone()
+            .push_msg(self.request(req))
+            .await?
+            .into_inner();
         Ok(reply.delivery.unwrap_or_default())
     }
 
     async fn broadcast(&self, req: comet::BroadcastRequest) -> RpcResult<comet::Delivery> {
-        let reply = self.client.clone().broadcast(req).await?.into_inner();
+        let reply = self
+            .client
+            .clone()
+            .broadcast(self.request(req))
+            .await?
+            .into_inner();
         Ok(reply.delivery.unwrap_or_default())
     }
 
     async fn broadcast_room(&self, req: comet::BroadcastRoomRequest) -> RpcResult<comet::Delivery> {
-        let reply = self.client.clone().broadcast_room(req).await?.into_inner();
+        let reply = self
+            .client
+            .clone()
+            .broadcast_room(self.request(req))
+            .await?
+            .into_inner();
         Ok(reply.delivery.unwrap_or_default())
     }
 
     async fn rooms(&self) -> RpcResult<Vec<String>> {
-        let reply = self.client.clone().rooms(comet::RoomsRequest {}).await?;
+        let reply = self
+            .client
+            .clone()
+            .rooms(self.request(comet::RoomsRequest {}))
+            .await?;
         Ok(reply.into_inner().rooms)
     }
 
@@ -229,7 +378,7 @@ impl CometApi for RemoteComet {
         let reply = self
             .client
             .clone()
-            .kick(comet::KickRequest { keys })
+            .kick(self.request(comet::KickRequest { keys }))
             .await?;
         Ok(reply.into_inner().kicked)
     }
@@ -238,7 +387,7 @@ impl CometApi for RemoteComet {
         Ok(self
             .client
             .clone()
-            .stats(comet::StatsRequest {})
+            .stats(self.request(comet::StatsRequest {}))
             .await?
             .into_inner())
     }
@@ -252,6 +401,15 @@ impl<T: LogicApi> LogicGrpc<T> {
     /// Returns the tonic service, ready to add to a server.
     pub fn into_service(self) -> logic::logic_server::LogicServer<Self> {
         logic::logic_server::LogicServer::new(self)
+    }
+
+    /// Returns the tonic service refusing calls without `token` (the
+    /// cluster's `node.grpc_token`) as `Unauthenticated`; `None` = no check.
+    pub fn into_guarded_service(
+        self,
+        token: Option<&str>,
+    ) -> InterceptedService<logic::logic_server::LogicServer<Self>, RequireToken> {
+        logic::logic_server::LogicServer::with_interceptor(self, RequireToken::new(token))
     }
 }
 
@@ -311,6 +469,15 @@ impl<T: CometApi> CometGrpc<T> {
     /// Returns the tonic service, ready to add to a server.
     pub fn into_service(self) -> comet::comet_server::CometServer<Self> {
         comet::comet_server::CometServer::new(self)
+    }
+
+    /// Returns the tonic service refusing calls without `token` (the
+    /// cluster's `node.grpc_token`) as `Unauthenticated`; `None` = no check.
+    pub fn into_guarded_service(
+        self,
+        token: Option<&str>,
+    ) -> InterceptedService<comet::comet_server::CometServer<Self>, RequireToken> {
+        comet::comet_server::CometServer::with_interceptor(self, RequireToken::new(token))
     }
 }
 

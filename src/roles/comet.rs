@@ -38,6 +38,9 @@ pub enum Error {
     /// The comet could not register in discovery.
     #[error("discovery: cannot register")]
     Register(#[source] rim_discovery::Error),
+    /// `node.grpc_token` cannot be sent in gRPC metadata.
+    #[error("node.grpc_token")]
+    GrpcToken(#[source] rim_proto::api::RpcError),
     /// The comet failed.
     #[error("comet")]
     Comet(#[from] rim_comet::Error),
@@ -58,7 +61,9 @@ pub async fn run(
         .watch(Kind::Logic)
         .await
         .map_err(Error::WatchLogics)?;
-    let logic = RemoteLogic::new(super::balanced_channel::follow(logics));
+    let logic = RemoteLogic::new(super::balanced_channel::follow(logics))
+        .with_token(config.node.grpc_token.as_deref())
+        .map_err(Error::GrpcToken)?;
     // Advertised to web clients through discovery (the comet config moves below).
     let domain = config.comet.public_domain.clone();
     let comet = Comet::new(&config.node, config.comet, Arc::new(logic));

@@ -20,15 +20,20 @@ pub fn bind(config: &JobRoleConfig) -> anyhow::Result<Option<TcpListener>> {
     super::bind_metrics(config.metrics.bind_addr(), config.node.listen_backlog)
 }
 
-/// The comets of `region` among discovered nodes, as lazily connected clients.
-fn region_comets(nodes: &[NodeInfo], region: &str) -> Vec<CometHandle> {
+/// The comets of `region` among discovered nodes, as lazily connected
+/// clients sending `token` (the cluster's `node.grpc_token`).
+fn region_comets(nodes: &[NodeInfo], region: &str, token: Option<&str>) -> Vec<CometHandle> {
     rim_discovery::in_region(nodes, region)
         .into_iter()
-        .filter_map(|node| match RemoteComet::connect_lazy(&node.addrs.grpc) {
-            Ok(client) => Some((node.id, Arc::new(client) as Arc<dyn CometApi>)),
-            Err(err) => {
-                tracing::warn!(comet = %node.id, reason = %err, "comet skipped");
-                None
+        .filter_map(|node| {
+            match RemoteComet::connect_lazy(&node.addrs.grpc)
+                .and_then(|client| client.with_token(token))
+            {
+                Ok(client) => Some((node.id, Arc::new(client) as Arc<dyn CometApi>)),
+                Err(err) => {
+                    tracing::warn!(comet = %node.id, reason = %err, "comet skipped");
+                    None
+                }
             }
         })
         .collect()
@@ -59,7 +64,12 @@ pub async fn run(
         job.register_metrics(&mut registry);
         MetricsServer::spawn(listener, registry)
     });
-    job.set_comets(region_comets(&comets.borrow_and_update(), &region));
+    let token = config.node.grpc_token.clone();
+    job.set_comets(region_comets(
+        &comets.borrow_and_update(),
+        &region,
+        token.as_deref(),
+    ));
     tracing::info!(%region, comets = ?job.comet_ids(), group = %config.job.group, "job starting");
     // Follow the region's comets: a comet that leaves discovery is retired
     // (its pending calls end as Gone and their offsets can be committed).
@@ -67,7 +77,12 @@ pub async fn run(
         let job = job.clone();
         tokio::spawn(async move {
             while comets.changed().await.is_ok() {
-                job.set_comets(region_comets(&comets.borrow_and_update(), &region));
+                let token = config.node.grpc_token.clone();
+                job.set_comets(region_comets(
+                    &comets.borrow_and_update(),
+                    &region,
+                    token.as_deref(),
+                ));
                 tracing::info!(comets = ?job.comet_ids(), "region comets changed");
             }
         })

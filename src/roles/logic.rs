@@ -55,7 +55,7 @@ pub async fn run(
         .watch(Kind::Comet)
         .await
         .context("discovery: cannot watch the comets")?;
-    let comets = Arc::new(Comets::new());
+    let comets = Arc::new(Comets::with_grpc_token(config.node.grpc_token.clone()));
     comets
         .replace(comet_nodes(&watched.borrow_and_update()))
         .context("discovery")?;
@@ -98,11 +98,13 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let refresher = Arc::clone(&comets).refresh_every(LOAD_REFRESH, stop.clone());
-    let grpc_task = tokio::spawn(rim_logic::serve_grpc(
-        Arc::clone(&logic),
-        listeners.grpc,
-        stop.clone(),
-    ));
+    let grpc_token = config.node.grpc_token.clone();
+    let grpc_task = {
+        let (logic, stop) = (Arc::clone(&logic), stop.clone());
+        tokio::spawn(async move {
+            rim_logic::serve_grpc(logic, grpc_token.as_deref(), listeners.grpc, stop).await
+        })
+    };
     let api = Api::new(
         &config.api,
         Arc::clone(&logic) as Arc<dyn LogicFacade>,

@@ -27,6 +27,42 @@ fn loopback_advertised(addr: Option<SocketAddr>) -> String {
     }
 }
 
+/// Says at startup who can reach what: the client ports are public, and
+/// the push/admin API and the comet gRPC (which can push and kick) are
+/// loopback-only by default, or else protected by tokens.
+fn print_exposure(config: &StandaloneConfig) {
+    let public_clients = config
+        .comet
+        .tcp_bind
+        .iter()
+        .chain(&config.comet.ws_bind)
+        .chain(if config.comet.wss_enabled() {
+            &config.comet.wss_bind[..]
+        } else {
+            &[]
+        })
+        .any(|addr| !addr.ip().is_loopback());
+    if public_clients {
+        println!("  client ports are public (any host that reaches them can connect)");
+    }
+    let (http, grpc) = (config.api.http_bind, config.comet.grpc_bind);
+    if http.ip().is_loopback() && grpc.ip().is_loopback() {
+        println!("  push/admin API ({http}) and comet gRPC ({grpc}) are loopback-only");
+        return;
+    }
+    let open = rim_config::Load::open_listeners(config);
+    if open.is_empty() {
+        println!(
+            "  push/admin API ({http}) and comet gRPC ({grpc}) take remote calls with their tokens only"
+        );
+    }
+    for listener in open {
+        println!(
+            "  WARNING: {listener}: anyone who reaches it can push or kick (node.allow_unauthenticated)"
+        );
+    }
+}
+
 /// Runs every role until `shutdown` triggers.
 pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     super::clamp_connections(&mut config.comet);
@@ -118,8 +154,15 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
             loopback_advertised(Some(addr))
         );
     }
+    print_exposure(&config);
+    // The token itself is never printed.
+    let auth = if config.api.push_token.is_some() {
+        "-H 'Authorization: Bearer <api.push_token>' "
+    } else {
+        ""
+    };
     println!(
-        "  try:  curl -X POST 'http://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
+        "  try:  curl {auth}-X POST 'http://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
     );
 
     // The comet runs until shutdown, then drains its clients.

@@ -160,6 +160,25 @@ pub async fn start_with(
     logic: ScriptedLogic,
     wss: Vec<TcpListener>,
 ) -> TestComet {
+    start_node(None, config, logic, wss).await
+}
+
+/// Like [`start`], with `node.grpc_token` set to `token`.
+#[allow(dead_code)] // Not every test binary uses every helper.
+pub async fn start_with_grpc_token(
+    token: &str,
+    config: CometConfig,
+    logic: ScriptedLogic,
+) -> TestComet {
+    start_node(Some(token.into()), config, logic, vec![]).await
+}
+
+async fn start_node(
+    grpc_token: Option<String>,
+    config: CometConfig,
+    logic: ScriptedLogic,
+    wss: Vec<TcpListener>,
+) -> TestComet {
     let logic = Arc::new(logic);
     let bind = || TcpListener::bind("127.0.0.1:0");
     let (tcp, ws, grpc) = (
@@ -174,6 +193,7 @@ pub async fn start_with(
     );
     let node = NodeConfig {
         id: "comet-test".into(),
+        grpc_token,
         ..NodeConfig::default()
     };
     let comet = Comet::new(&node, config, logic.clone());
