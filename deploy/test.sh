@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, including the tests that need real services.
 #
-# 1. Installs what is missing: Debian packages redis-server, zookeeperd and
-#    chromium, tests/browser's npm dependency (playwright-core, which drives
+# 1. Installs what is missing: Debian packages redis-server, zookeeperd,
+#    postgresql and chromium, tests/browser's npm dependency (playwright-core, which drives
 #    Debian's Chromium), and the Kafka-protocol broker tansu (cargo install,
 #    ~10 min on 2 cores).
-# 2. Starts throwaway Redis, a 3-master Redis Cluster, ZooKeeper and tansu
-#    servers on 127.0.0.1 with their data in a temp dir, and creates the
-#    topic rim-push.
+# 2. Starts throwaway Redis, a 3-master Redis Cluster, ZooKeeper, PostgreSQL
+#    (initdb'd as the postgres user, database "rim", trust auth on loopback)
+#    and tansu servers on 127.0.0.1 with their data in a temp dir, and creates
+#    the topic rim-push.
 # 3. Runs `cargo test --workspace --all-targets -- --include-ignored` with
 #    RIM_TEST_REDIS, RIM_TEST_REDIS_CLUSTER (comma-separated seed URLs),
-#    RIM_TEST_ZK and RIM_TEST_KAFKA pointing at them, and
+#    RIM_TEST_ZK, RIM_TEST_KAFKA and RIM_TEST_POSTGRES pointing at them, and
 #    RIM_TEST_LOCAL_CLUSTER=1 (the deploy kit's local-cluster test).
 # 4. Stops the servers (by PID) and removes the temp dir on exit.
 #
@@ -20,6 +21,7 @@
 #                                 two ports, and each port + 10000 for the bus)
 #   RIM_TEST_ZK_PORT     (default 12181)
 #   RIM_TEST_KAFKA_PORT  (default 19092)
+#   RIM_TEST_POSTGRES_PORT (default 15432)
 #   RIM_TEST_KEEP_SERVICES=1  leave the servers and temp dir behind for debugging
 #
 # Runs as root on Debian 12; CI runs it via .ci/run (no stdin).
@@ -30,6 +32,7 @@ readonly CLUSTER_PORT="${RIM_TEST_REDIS_CLUSTER_PORT:-17000}"
 readonly CLUSTER_NODES=3 # masters, no replicas
 readonly ZK_PORT="${RIM_TEST_ZK_PORT:-12181}"
 readonly KAFKA_PORT="${RIM_TEST_KAFKA_PORT:-19092}"
+readonly PG_PORT="${RIM_TEST_POSTGRES_PORT:-15432}"
 readonly TANSU_VERSION="0.6.0"
 readonly TOPIC="rim-push"
 readonly TOPIC_PARTITIONS=4
@@ -109,7 +112,7 @@ stop_pid() {
 install_packages() {
     local missing=() pkg
     # chromium and nodejs/npm drive the browser demo test.
-    for pkg in redis-server zookeeperd chromium; do
+    for pkg in redis-server zookeeperd postgresql chromium; do
         if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
             missing+=("$pkg")
         fi
@@ -309,6 +312,56 @@ stop_tansu() {
     stop_pid tansu "$TANSU_PID"
 }
 
+# Debian's newest installed PostgreSQL server binaries (initdb, pg_ctl).
+pg_bindir() {
+    local dir
+    dir="$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)"
+    [[ -x "$dir/initdb" ]] || die "PostgreSQL server binaries not found under /usr/lib/postgresql (package postgresql)"
+    echo "$dir"
+}
+
+# initdb refuses to run as root: the cluster belongs to the postgres user
+# the package creates, in a directory of its own under $WORK.
+start_postgres() {
+    require_free_port PostgreSQL "$PG_PORT" RIM_TEST_POSTGRES_PORT
+    local bin dir="$WORK/pg"
+    bin="$(pg_bindir)"
+    chmod 711 "$WORK"
+    mkdir -p "$dir"
+    chown postgres: "$dir"
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    if ! runuser -u postgres -- "$bin/initdb" -D "$dir/data" -U rim --auth=trust \
+        </dev/null >"$dir/initdb.log" 2>&1; then
+        show_log "$dir/initdb.log"
+        die "initdb failed"
+    fi
+    if ! runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
+        -o "-p $PG_PORT -k $dir -c listen_addresses=127.0.0.1" start \
+        </dev/null >"$dir/pg_ctl.log" 2>&1; then
+        show_log "$dir/postgres.log"
+        die "PostgreSQL did not start"
+    fi
+    wait_ready PostgreSQL "$dir/postgres.log" pg_ready
+    if ! runuser -u postgres -- "$bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U rim rim \
+        </dev/null >"$dir/createdb.log" 2>&1; then
+        show_log "$dir/createdb.log"
+        die "createdb rim failed"
+    fi
+}
+
+pg_ready() {
+    timeout 2 psql -h 127.0.0.1 -p "$PG_PORT" -U rim -d postgres -Atc 'select 1' 2>/dev/null | grep -qx 1
+}
+
+# Fast shutdown by the postmaster's PID (SIGINT), then stop_pid's fallback.
+stop_postgres() {
+    local pidfile="$WORK/pg/data/postmaster.pid" pid
+    [[ -s "$pidfile" ]] || return 0
+    pid="$(head -n 1 "$pidfile")"
+    kill -INT "$pid" 2>/dev/null || true
+    stop_pid PostgreSQL "$pid"
+}
+
 # ------------------------------------------------------------- main
 
 cleanup() {
@@ -318,11 +371,13 @@ cleanup() {
     if [[ "${RIM_TEST_KEEP_SERVICES:-}" == 1 ]]; then
         echo "RIM_TEST_KEEP_SERVICES=1: leaving services running, data in $WORK" >&2
         echo "  redis pid $(cat "$WORK/redis/redis.pid" 2>/dev/null), zookeeper pid" \
-            "$(cat "$WORK/zk/data/zookeeper_server.pid" 2>/dev/null), tansu pid ${TANSU_PID:-}" >&2
+            "$(cat "$WORK/zk/data/zookeeper_server.pid" 2>/dev/null), tansu pid ${TANSU_PID:-}," \
+            "postgres pid $(head -n 1 "$WORK/pg/data/postmaster.pid" 2>/dev/null)" >&2
         echo "  redis cluster pids" "$(cat "$WORK"/redis-cluster/*/redis.pid 2>/dev/null | tr '\n' ' ')" >&2
         exit "$rc"
     fi
     stop_tansu
+    stop_postgres
     stop_zookeeper
     stop_redis_cluster
     stop_redis
@@ -343,17 +398,19 @@ main() {
     start_redis_cluster
     start_zookeeper
     start_tansu
+    start_postgres
 
     export RIM_TEST_REDIS="redis://127.0.0.1:$REDIS_PORT"
     RIM_TEST_REDIS_CLUSTER="$(cluster_urls)"
     export RIM_TEST_REDIS_CLUSTER
     export RIM_TEST_ZK="127.0.0.1:$ZK_PORT"
     export RIM_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
+    export RIM_TEST_POSTGRES="postgres://rim@127.0.0.1:$PG_PORT/rim"
     # tests/deploy_kit.rs runs deploy/local-cluster.sh (its own Redis,
     # ZooKeeper and tansu on ports 25001-25299, with the packages above).
     export RIM_TEST_LOCAL_CLUSTER=1
     log "RIM_TEST_REDIS=$RIM_TEST_REDIS RIM_TEST_REDIS_CLUSTER=$RIM_TEST_REDIS_CLUSTER"
-    log "RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA"
+    log "RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA RIM_TEST_POSTGRES=$RIM_TEST_POSTGRES"
     log "cargo test --workspace --all-targets -- --include-ignored"
     if ! cargo test --workspace --all-targets -- --include-ignored </dev/null; then
         echo "error: cargo test failed; tansu log:" >&2

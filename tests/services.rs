@@ -1,9 +1,11 @@
 //! Real-service harness tests: one round trip each against the Redis,
-//! ZooKeeper and Kafka-protocol (tansu) servers that `deploy/test.sh` starts.
+//! ZooKeeper, Kafka-protocol (tansu) and PostgreSQL servers that
+//! `deploy/test.sh` starts.
 //!
 //! They are `#[ignore]`d so a plain `cargo test` skips them visibly;
 //! `deploy/test.sh` starts the services, exports `RIM_TEST_REDIS`,
-//! `RIM_TEST_ZK` and `RIM_TEST_KAFKA`, and runs them with `--include-ignored`.
+//! `RIM_TEST_ZK`, `RIM_TEST_KAFKA` and `RIM_TEST_POSTGRES`, and runs them
+//! with `--include-ignored`.
 
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -422,4 +424,72 @@ async fn kafka_commit_and_resume_in_group() {
         "second consumer did not resume at the committed offset"
     );
     close_consumer(second, "second consumer").await;
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// The PostgreSQL the IM layer's cluster store will use: a committed write
+/// is read back, a rolled-back one is gone, and a unique key refuses a
+/// duplicate (what dense sequences and sender dedup will stand on).
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run deploy/test.sh"]
+async fn postgres_transactions_commit_roll_back_and_keep_keys_unique() {
+    let url = service("RIM_TEST_POSTGRES");
+    let (mut client, connection) = within(
+        CONNECT_TIMEOUT,
+        format!("connecting to PostgreSQL at RIM_TEST_POSTGRES={url}"),
+        tokio_postgres::connect(&url, tokio_postgres::NoTls),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at RIM_TEST_POSTGRES={url}: {e}"));
+    tokio::spawn(connection);
+    let table = unique("rim_services").replace('-', "_");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (conv TEXT NOT NULL, seq BIGINT NOT NULL, body TEXT, PRIMARY KEY (conv, seq))"
+        ))
+        .await
+        .expect("create table");
+
+    let tx = client.transaction().await.expect("begin");
+    tx.execute(
+        &format!("INSERT INTO {table} VALUES ($1, $2, $3)"),
+        &[&"c1", &1_i64, &"kept"],
+    )
+    .await
+    .expect("insert");
+    tx.commit().await.expect("commit");
+
+    let tx = client.transaction().await.expect("begin");
+    tx.execute(
+        &format!("INSERT INTO {table} VALUES ($1, $2, $3)"),
+        &[&"c1", &2_i64, &"rolled back"],
+    )
+    .await
+    .expect("insert");
+    tx.rollback().await.expect("rollback");
+
+    let duplicate = client
+        .execute(
+            &format!("INSERT INTO {table} VALUES ($1, $2, $3)"),
+            &[&"c1", &1_i64, &"again"],
+        )
+        .await
+        .expect_err("a duplicate (conv, seq) is refused");
+    assert_eq!(
+        duplicate.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
+        "{duplicate}"
+    );
+
+    let rows = client
+        .query(&format!("SELECT seq, body FROM {table} ORDER BY seq"), &[])
+        .await
+        .expect("select");
+    let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, vec![(1, "kept".to_owned())]);
+    client
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .expect("drop table");
 }
