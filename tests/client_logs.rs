@@ -6,7 +6,7 @@
 //! Comet and logic run in process, wired as standalone wires them, with
 //! the plain log format captured into a buffer.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,48 +16,8 @@ use rim_config::{CometConfig, LogicConfig, NodeConfig, RouterBackend, RouterConf
 use rim_logic::{Comets, HttpClient, Logic};
 use rim_proto::{Frame, Op};
 use rim_shutdown::Shutdown;
+use rim_testkit::Logs;
 use tokio::net::TcpListener;
-
-/// The log lines written while a test runs.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    /// Captures this thread's log lines at `level` and above until the guard
-    /// drops (a current-thread tokio test runs every task on this thread).
-    fn capture(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(level)
-            .with_ansi(false)
-            .with_writer(logs.clone())
-            .finish();
-        (logs.clone(), tracing::subscriber::set_default(subscriber))
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-
-    fn make_writer(&'a self) -> Logs {
-        self.clone()
-    }
-}
 
 struct Standalone {
     tcp: std::net::SocketAddr,

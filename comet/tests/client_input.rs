@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use rim_comet::TransportKind;
 use rim_proto::{Frame, Op};
+use rim_testkit::Logs;
 use support::*;
 
 /// Returns the comet's `/metrics` text.

@@ -107,16 +107,34 @@ pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 /// The metadata key that carries the cluster's gRPC token.
 const AUTHORIZATION: &str = "authorization";
 
-/// Returns the `authorization` metadata value carrying `token` as a bearer
-/// token, marked sensitive so that it is never printed.
-fn bearer_metadata(token: &str) -> RpcResult<AsciiMetadataValue> {
-    let mut value: AsciiMetadataValue = format!("Bearer {token}").parse().map_err(|_| {
-        RpcError::InvalidArgument(
-            "node.grpc_token: not valid in gRPC metadata (visible ASCII only)".into(),
-        )
-    })?;
-    value.set_sensitive(true);
-    Ok(value)
+/// What a gRPC client sends with every call: `authorization: Bearer
+/// <node.grpc_token>` when a token is set (marked sensitive so that it is
+/// never printed), nothing otherwise.
+#[derive(Clone, Debug, Default)]
+struct SendToken(Option<AsciiMetadataValue>);
+
+impl SendToken {
+    fn new(token: Option<&str>) -> RpcResult<SendToken> {
+        let Some(token) = token else {
+            return Ok(SendToken(None));
+        };
+        let mut value: AsciiMetadataValue = format!("Bearer {token}").parse().map_err(|_| {
+            RpcError::InvalidArgument(
+                "node.grpc_token: not valid in gRPC metadata (visible ASCII only)".into(),
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(SendToken(Some(value)))
+    }
+
+    /// Wraps `message` in a request carrying the token, when there is one.
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert(AUTHORIZATION, token.clone());
+        }
+        request
+    }
 }
 
 /// A gRPC server's check of the cluster's shared token (`node.grpc_token`):
@@ -207,8 +225,8 @@ pub trait CometApi: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct RemoteLogic {
     client: logic::logic_client::LogicClient<Channel>,
-    /// `authorization` metadata sent with every call, when a token is set.
-    token: Option<AsciiMetadataValue>,
+    /// Sent with every call.
+    token: SendToken,
 }
 
 impl RemoteLogic {
@@ -216,29 +234,16 @@ impl RemoteLogic {
     pub fn new(channel: Channel) -> Self {
         RemoteLogic {
             client: logic::logic_client::LogicClient::new(channel),
-            token: None,
+            token: SendToken::default(),
         }
     }
 
     /// Sends `token` (the cluster's `node.grpc_token`) with every call;
     /// `None` sends none.
     pub fn with_token(mut self, token: Option<&str>) -> RpcResult<Self> {
-        self.token = token.map(bearer_metadata).transpose()?;
+        self.token = SendToken::new(token)?;
         Ok(self)
     }
-
-    fn request<T>(&self, message: T) -> Request<T> {
-        with_token(message, self.token.as_ref())
-    }
-}
-
-/// Wraps `message` in a request carrying `token`, when there is one.
-fn with_token<T>(message: T, token: Option<&AsciiMetadataValue>) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Some(token) = token {
-        request.metadata_mut().insert(AUTHORIZATION, token.clone());
-    }
-    request
 }
 
 #[async_trait]
@@ -247,7 +252,7 @@ impl LogicApi for RemoteLogic {
         Ok(self
             .client
             .clone()
-            .connect(self.request(req))
+            .connect(self.token.request(req))
             .await?
             .into_inner())
     }
@@ -256,14 +261,17 @@ impl LogicApi for RemoteLogic {
         Ok(self
             .client
             .clone()
-            .disconnect(self.request(req))
+            .disconnect(self.token.request(req))
             .await?
             .into_inner()
             .known)
     }
 
     async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<()> {
-        self.client.clone().heartbeat(self.request(req)).await?;
+        self.client
+            .clone()
+            .heartbeat(self.token.request(req))
+            .await?;
         Ok(())
     }
 
@@ -274,13 +282,13 @@ impl LogicApi for RemoteLogic {
         Ok(self
             .client
             .clone()
-            .renew_online(self.request(req))
+            .renew_online(self.token.request(req))
             .await?
             .into_inner())
     }
 
     async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<()> {
-        self.client.clone().receive(self.request(req)).await?;
+        self.client.clone().receive(self.token.request(req)).await?;
         Ok(())
     }
 
@@ -288,7 +296,7 @@ impl LogicApi for RemoteLogic {
         Ok(self
             .client
             .clone()
-            .nodes(self.request(req))
+            .nodes(self.token.request(req))
             .await?
             .into_inner())
     }
@@ -298,8 +306,8 @@ impl LogicApi for RemoteLogic {
 #[derive(Clone, Debug)]
 pub struct RemoteComet {
     client: comet::comet_client::CometClient<Channel>,
-    /// `authorization` metadata sent with every call, when a token is set.
-    token: Option<AsciiMetadataValue>,
+    /// Sent with every call.
+    token: SendToken,
 }
 
 impl RemoteComet {
@@ -307,19 +315,15 @@ impl RemoteComet {
     pub fn new(channel: Channel) -> Self {
         RemoteComet {
             client: comet::comet_client::CometClient::new(channel),
-            token: None,
+            token: SendToken::default(),
         }
     }
 
     /// Sends `token` (the cluster's `node.grpc_token`) with every call;
     /// `None` sends none.
     pub fn with_token(mut self, token: Option<&str>) -> RpcResult<Self> {
-        self.token = token.map(bearer_metadata).transpose()?;
+        self.token = SendToken::new(token)?;
         Ok(self)
-    }
-
-    fn request<T>(&self, message: T) -> Request<T> {
-        with_token(message, self.token.as_ref())
     }
 
     /// Creates a client for the comet at `addr` (`host:port`) that connects
@@ -339,7 +343,7 @@ impl CometApi for RemoteComet {
         let reply = self
             .client
             .clone()
-            .push_msg(self.request(req))
+            .push_msg(self.token.request(req))
             .await?
             .into_inner();
         Ok(reply.delivery.unwrap_or_default())
@@ -349,7 +353,7 @@ impl CometApi for RemoteComet {
         let reply = self
             .client
             .clone()
-            .broadcast(self.request(req))
+            .broadcast(self.token.request(req))
             .await?
             .into_inner();
         Ok(reply.delivery.unwrap_or_default())
@@ -359,7 +363,7 @@ impl CometApi for RemoteComet {
         let reply = self
             .client
             .clone()
-            .broadcast_room(self.request(req))
+            .broadcast_room(self.token.request(req))
             .await?
             .into_inner();
         Ok(reply.delivery.unwrap_or_default())
@@ -369,7 +373,7 @@ impl CometApi for RemoteComet {
         let reply = self
             .client
             .clone()
-            .rooms(self.request(comet::RoomsRequest {}))
+            .rooms(self.token.request(comet::RoomsRequest {}))
             .await?;
         Ok(reply.into_inner().rooms)
     }
@@ -378,7 +382,7 @@ impl CometApi for RemoteComet {
         let reply = self
             .client
             .clone()
-            .kick(self.request(comet::KickRequest { keys }))
+            .kick(self.token.request(comet::KickRequest { keys }))
             .await?;
         Ok(reply.into_inner().kicked)
     }
@@ -387,7 +391,7 @@ impl CometApi for RemoteComet {
         Ok(self
             .client
             .clone()
-            .stats(self.request(comet::StatsRequest {}))
+            .stats(self.token.request(comet::StatsRequest {}))
             .await?
             .into_inner())
     }
