@@ -1,5 +1,7 @@
 //! Why an IM request is refused, and the reply code a client sees for it.
 
+use std::borrow::Cow;
+
 /// A reply's `code` (im.md): what the client should do about a refusal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[repr(i32)]
@@ -20,7 +22,7 @@ pub enum Code {
 }
 
 /// Why an IM request was refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A field is missing or malformed.
     #[error("invalid {field}: {reason}")]
@@ -48,9 +50,68 @@ pub enum Error {
         /// The user.
         mid: i64,
     },
+    /// The group does not exist.
+    #[error("no group {conv}")]
+    NoSuchGroup {
+        /// The group's conversation.
+        conv: crate::ConvId,
+    },
+    /// A membership change would take a group past its member limit.
+    #[error("{conv} would have {members} members, over its limit of {limit}")]
+    GroupFull {
+        /// The group's conversation.
+        conv: crate::ConvId,
+        /// The member count the change would give.
+        members: u64,
+        /// The group's limit.
+        limit: u32,
+    },
+    /// The store could not do it (down, timed out, refused): nothing was
+    /// stored; the same request may be retried (a send with the same cmid).
+    #[error("message store unavailable: {0}")]
+    Unavailable(#[source] StoreFailure),
+}
+
+/// Why the store failed: the backend's error, kept as the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}")]
+pub struct StoreFailure {
+    context: Cow<'static, str>,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StoreFailure {
+    /// A failure of `context` (what the store was doing) caused by `source`.
+    pub fn new(
+        context: impl Into<Cow<'static, str>>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreFailure {
+        StoreFailure {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A failure of `context` with no underlying error (a closed writer,
+    /// a schema the store does not know).
+    pub fn bare(context: impl Into<Cow<'static, str>>) -> StoreFailure {
+        StoreFailure {
+            context: context.into(),
+            source: None,
+        }
+    }
 }
 
 impl Error {
+    /// The store failed at `context` because of `source`.
+    pub fn unavailable(
+        context: impl Into<Cow<'static, str>>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::Unavailable(StoreFailure::new(context, source))
+    }
+
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
         Error::Invalid {
             field,
@@ -63,7 +124,9 @@ impl Error {
         match self {
             Error::Invalid { .. } => Code::BadRequest,
             Error::TooLarge { .. } => Code::TooLarge,
-            Error::NotMember { .. } => Code::NotAllowed,
+            Error::NotMember { .. } | Error::NoSuchGroup { .. } => Code::NotAllowed,
+            Error::GroupFull { .. } => Code::TooLarge,
+            Error::Unavailable(_) => Code::Unavailable,
         }
     }
 }

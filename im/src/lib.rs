@@ -11,8 +11,14 @@ mod conv;
 mod error;
 mod id;
 mod message;
+mod store;
 
 pub use crate::conv::{ConvId, MAX_GID_LEN};
-pub use crate::error::{Code, Error};
+pub use crate::error::{Code, Error, Result, StoreFailure};
 pub use crate::id::{IdGenerator, MAX_NODE, MessageId};
 pub use crate::message::{Draft, MAX_CMID_LEN};
+pub use crate::store::{
+    ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, InboxEntry, MAX_CONVERSATIONS_LIMIT,
+    MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged, MembersPage, Message,
+    MessageStore, Page, PullPage, ReadPos, Reader, Sent, SyncPage, Synced, clamp_limit,
+};

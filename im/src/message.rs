@@ -23,6 +23,10 @@ pub struct Draft {
     pub kind: i32,
     /// The content.
     pub body: String,
+    /// Sent by a business server as a system sender (HTTP API): a group's
+    /// membership is not checked, and `from` gets an inbox entry only if
+    /// it is a member.
+    pub system: bool,
 }
 
 impl Draft {
@@ -63,7 +67,16 @@ impl Draft {
             cmid,
             kind,
             body,
+            system: false,
         })
+    }
+
+    /// Marks this draft as a business server's system send.
+    pub fn system(self) -> Draft {
+        Draft {
+            system: true,
+            ..self
+        }
     }
 }
 

@@ -1,0 +1,271 @@
+//! The message store boundary (im.md, Storage): what logic asks of the
+//! store, whichever backend keeps the rows. Every backend passes the one
+//! behaviour suite in im/tests/suite.
+//!
+//! The rules every backend keeps:
+//! - A send is one durable step: the message, its seq, the inbox entry of
+//!   every member (the sender's included when a member) and the sender's
+//!   read position commit together or not at all, and `send` returns only
+//!   once the commit is durable per the backend's settings. A failure
+//!   returns [`Error::Unavailable`](crate::Error::Unavailable) and stores nothing.
+//! - A conversation's seq is 1, 2, 3, … with no hole and no reuse: it is
+//!   assigned inside the transaction that stores the message, so a rolled
+//!   back or crashed send gives its number back.
+//! - `(conv, from, cmid)` is unique: a resend returns the first send's
+//!   message with `duplicate: true` and stores nothing.
+//! - Each user's inbox `sync` is dense 1, 2, 3, … in commit order.
+//! - Writes are batched (group commit): concurrent sends share one commit.
+
+use async_trait::async_trait;
+
+use crate::conv::ConvId;
+use crate::error::Result;
+use crate::id::MessageId;
+use crate::message::Draft;
+
+/// The most inbox entries one SYNC returns (im.md: L ≤ 200).
+pub const MAX_SYNC_LIMIT: u32 = 200;
+/// The inbox entries a SYNC returns when it names no limit.
+pub const DEFAULT_SYNC_LIMIT: u32 = 100;
+/// The most messages one PULL or history page returns (im.md: ≤ 100).
+pub const MAX_PULL_LIMIT: u32 = 100;
+/// The most conversations one listing returns.
+pub const MAX_CONVERSATIONS_LIMIT: u32 = 500;
+/// The most members one page of a group's members returns.
+pub const MAX_MEMBERS_LIMIT: u32 = 1000;
+
+/// Clamps a requested page size to `1..=max`; 0 means `default`.
+pub fn clamp_limit(limit: u32, default: u32, max: u32) -> u32 {
+    if limit == 0 { default } else { limit.min(max) }
+}
+
+/// A stored message (im.md, Model).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its place in the conversation: 1, 2, 3, … without holes.
+    pub seq: u64,
+    /// Globally unique, time-ordered.
+    pub id: MessageId,
+    /// The sender's mid.
+    pub from: i64,
+    /// The sender's client message id.
+    pub cmid: String,
+    /// The business's content type (`type` on the wire; 0 = text).
+    pub kind: i32,
+    /// The content.
+    pub body: String,
+    /// When the server accepted it, unix milliseconds (the id's time).
+    pub ts: i64,
+}
+
+/// One user's inbox entry: "message `seq` of `conv` concerns `mid`".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InboxEntry {
+    /// The user.
+    pub mid: i64,
+    /// The entry's place in the user's inbox: 1, 2, 3, … without holes.
+    pub sync: u64,
+}
+
+/// The outcome of a send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sent {
+    /// The stored message (for a duplicate, the first send's).
+    pub message: Message,
+    /// True when `(conv, from, cmid)` was already stored: nothing new was
+    /// stored and `inbox` is empty.
+    pub duplicate: bool,
+    /// The new inbox entry of every member, the sender's included when it
+    /// is a member, ordered by mid.
+    pub inbox: Vec<InboxEntry>,
+}
+
+/// A message as found in a user's inbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Synced {
+    /// The inbox entry's place.
+    pub sync: u64,
+    /// The message.
+    pub message: Message,
+}
+
+/// A page of a user's inbox (SYNC_REPLY).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncPage {
+    /// Entries after the requested sync, oldest first, dense.
+    pub entries: Vec<Synced>,
+    /// Where the device continues: the last entry's sync, or when the page
+    /// is empty the requested sync capped at the user's latest entry.
+    pub sync: u64,
+    /// True when entries after `sync` exist.
+    pub more: bool,
+    /// True when the requested sync is below what is retained (always false
+    /// until retention lands): reload conversations, continue from `sync`.
+    pub reset: bool,
+}
+
+/// Which page of a conversation's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Page {
+    /// Messages with a seq below this one, newest first.
+    Before(u64),
+    /// Messages with a seq above this one, oldest first.
+    After(u64),
+    /// The newest messages, newest first.
+    Latest,
+}
+
+/// A page of a conversation's history (PULL_REPLY).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PullPage {
+    /// The messages, in the page's order.
+    pub messages: Vec<Message>,
+    /// The conversation's latest seq (0 when empty).
+    pub max_seq: u64,
+    /// The oldest seq still retained (1 until retention lands).
+    pub min_seq: u64,
+    /// True when the request reached below `min_seq`.
+    pub reset: bool,
+}
+
+/// Who asks for a conversation's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// A user: must be a member of the conversation.
+    Member(i64),
+    /// A business server through the HTTP API: no membership check.
+    Business,
+}
+
+/// A member's read position after a READ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadPos {
+    /// The member's read seq (never decreases; never above `max_seq`).
+    pub read_seq: u64,
+    /// The conversation's latest seq.
+    pub max_seq: u64,
+    /// True when this READ moved the position.
+    pub advanced: bool,
+}
+
+/// One line of a user's conversation list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvSummary {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its latest seq.
+    pub max_seq: u64,
+    /// The user's read position.
+    pub read_seq: u64,
+    /// `max_seq - read_seq`.
+    pub unread: u64,
+    /// The latest message, if any.
+    pub last: Option<Message>,
+}
+
+/// A group's settings as the business sets them (PUT /im/v1/groups/{gid}).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// Display name.
+    pub name: String,
+    /// The most members the group may have; the caller keeps it at or
+    /// below `im.big_group_members`.
+    pub max_members: u32,
+}
+
+/// A group as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// The group's conversation.
+    pub conv: ConvId,
+    /// Display name.
+    pub name: String,
+    /// The most members it may have.
+    pub max_members: u32,
+    /// How many members it has.
+    pub members: u32,
+    /// True when this call created it.
+    pub created: bool,
+}
+
+/// The outcome of a membership change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembersChanged {
+    /// Mids that became members (already members are not listed), ascending.
+    pub added: Vec<i64>,
+    /// Mids that stopped being members (non-members are not listed), ascending.
+    pub removed: Vec<i64>,
+    /// The member count after the change.
+    pub members: u32,
+}
+
+/// A page of a group's members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembersPage {
+    /// Member mids, ascending.
+    pub mids: Vec<i64>,
+    /// The cursor of the next page (the last mid here), if there are more.
+    pub next: Option<i64>,
+}
+
+/// Where IM state lives. Implementations are cheap to share (`Arc`) and
+/// safe to call concurrently; every method either completes or returns an
+/// error having changed nothing.
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Stores a message (see the module's rules). A group send by a user
+    /// who is not a member, or to a group that does not exist, is refused
+    /// with [`Error::NotMember`](crate::Error::NotMember) unless the draft is a system send; a
+    /// 1:1 conversation's two users are its members (created on its first
+    /// message). The sender's read position moves to the new seq.
+    async fn send(&self, draft: Draft) -> Result<Sent>;
+
+    /// Returns `mid`'s inbox entries after `after`, oldest first, at most
+    /// `limit` (clamped with [`clamp_limit`] to `DEFAULT_SYNC_LIMIT` /
+    /// `MAX_SYNC_LIMIT`).
+    async fn sync(&self, mid: i64, after: u64, limit: u32) -> Result<SyncPage>;
+
+    /// Returns a page of `conv`'s history, at most `limit` messages
+    /// (clamped to `1..=MAX_PULL_LIMIT`, 0 meaning the max). A member
+    /// reader of a conversation it is not in gets [`Error::NotMember`](crate::Error::NotMember); a
+    /// conversation without messages gives an empty page with `max_seq` 0.
+    async fn pull(&self, conv: &ConvId, reader: Reader, page: Page, limit: u32)
+    -> Result<PullPage>;
+
+    /// Moves `mid`'s read position in `conv` to `seq` (capped at the
+    /// conversation's latest seq) if that is ahead of it; a non-member gets
+    /// [`Error::NotMember`](crate::Error::NotMember).
+    async fn read(&self, conv: &ConvId, mid: i64, seq: u64) -> Result<ReadPos>;
+
+    /// Returns `mid`'s conversations, the most recent message first (ties
+    /// by conversation id), at most `limit` (clamped to
+    /// `1..=MAX_CONVERSATIONS_LIMIT`, 0 meaning the max).
+    async fn conversations(&self, mid: i64, limit: u32) -> Result<Vec<ConvSummary>>;
+
+    /// Creates group `conv` or updates its name and member limit.
+    /// `conv` must be a group id.
+    async fn put_group(&self, conv: &ConvId, spec: GroupSpec) -> Result<Group>;
+
+    /// Adds and removes members of group `conv` (removals first, then
+    /// additions); a mid in both lists ends up a member. Refused with
+    /// [`Error::NoSuchGroup`](crate::Error::NoSuchGroup) if it does not exist and with
+    /// [`Error::GroupFull`](crate::Error::GroupFull) if the result would exceed its member limit
+    /// (nothing changes then). A new member's read position starts at the
+    /// group's latest seq.
+    async fn change_members(
+        &self,
+        conv: &ConvId,
+        add: &[i64],
+        remove: &[i64],
+    ) -> Result<MembersChanged>;
+
+    /// Returns a page of group `conv`'s members with mids above `after`,
+    /// ascending, at most `limit` (clamped to `1..=MAX_MEMBERS_LIMIT`, 0
+    /// meaning the max); [`Error::NoSuchGroup`](crate::Error::NoSuchGroup) if it does not exist.
+    async fn members(&self, conv: &ConvId, after: Option<i64>, limit: u32) -> Result<MembersPage>;
+
+    /// Returns the group's settings, or [`Error::NoSuchGroup`](crate::Error::NoSuchGroup).
+    async fn group(&self, conv: &ConvId) -> Result<Group>;
+}
