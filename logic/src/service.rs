@@ -229,14 +229,14 @@ impl LogicApi for Logic {
         })
     }
 
-    async fn receive(&self, req: pb::ReceiveRequest) -> RpcResult<()> {
+    async fn receive(&self, req: pb::ReceiveRequest) -> RpcResult<pb::ReceiveReply> {
         let proto = req.proto.unwrap_or_default();
         let Some(url) = &self.receive_webhook else {
             // Per frame and at the client's will: a debug line and a counter
             // (the startup line said where these frames go).
             self.metrics.upstream("no_webhook");
             tracing::debug!(mid = req.mid, key = ?req.key, op = proto.op, len = proto.body.len(), "upstream frame dropped: no receive webhook configured");
-            return Ok(());
+            return Ok(pb::ReceiveReply::default());
         };
         let body = Upstream {
             mid: req.mid,
@@ -246,7 +246,7 @@ impl LogicApi for Logic {
             body: base64::engine::general_purpose::STANDARD.encode(&proto.body),
         };
         let result = match self.http.post_json(url, &body, self.receive_timeout).await {
-            Ok((status, _)) if (200..300).contains(&status) => Ok(()),
+            Ok((status, _)) if (200..300).contains(&status) => Ok(pb::ReceiveReply::default()),
             Ok((status, _)) => Err(RpcError::Unavailable(format!(
                 "receive webhook answered HTTP {status}"
             ))),
