@@ -359,11 +359,12 @@ impl MessageStore for SqliteStore {
                 .map_err(failed("reading an inbox"))?
                 .unwrap_or(0);
             let entries = tx
-                .prepare_cached(&format!(
-                    "SELECT i.sync, i.conv, {MESSAGE_COLUMNS} FROM inbox i \
+                .prepare_cached(
+                    "SELECT i.sync, i.conv, m.seq, m.id, m.sender, m.cmid, m.kind, m.body, m.ts \
+                     FROM inbox i \
                      JOIN messages m ON m.conv = i.conv AND m.seq = i.seq \
-                     WHERE i.mid = ?1 AND i.sync > ?2 ORDER BY i.sync LIMIT ?3"
-                ))
+                     WHERE i.mid = ?1 AND i.sync > ?2 ORDER BY i.sync LIMIT ?3",
+                )
                 .and_then(|mut stmt| {
                     stmt.query_map(params![mid, after, limit], |row| {
                         Ok(Synced {
