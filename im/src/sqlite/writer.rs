@@ -126,6 +126,15 @@ impl Writer {
             }
             Ok(mut tx) => {
                 for request in batch.iter() {
+                    // Some errors (disk full, I/O) make SQLite roll back the
+                    // whole transaction: what follows would run outside it
+                    // and commit on its own, so it does not run.
+                    if tx.is_autocommit() {
+                        outcomes.push(Err(Error::Unavailable(StoreFailure::bare(
+                            "SQLite rolled back the write transaction",
+                        ))));
+                        continue;
+                    }
                     outcomes.push(apply(&mut tx, &self.ids, &request.op));
                 }
                 // On failure the transaction is dropped, which rolls it back.
@@ -225,7 +234,10 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
         }
     };
 
-    let seq = max_seq(conn, &conv).map_err(failed("reading a conversation"))? + 1;
+    let seq = max_seq(conn, &conv)
+        .map_err(failed("reading a conversation"))?
+        .checked_add(1)
+        .ok_or_else(|| Error::Unavailable(StoreFailure::bare(format!("{conv} is out of seqs"))))?;
     let id = ids.next();
     let stored_id = i64::try_from(id.as_u64()).map_err(|_| {
         Error::Unavailable(StoreFailure::bare(format!("message id {id} overflows")))

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rim_im::{
-    Code, ConvId, DEFAULT_SYNC_LIMIT, Draft, Error, GroupSpec, MAX_PULL_LIMIT, MAX_SYNC_LIMIT,
-    Message, MessageStore, Page, Reader, Sent, Synced,
+    Code, ConvId, DEFAULT_SYNC_LIMIT, Draft, Error, GroupSpec, InboxEntry, MAX_PULL_LIMIT,
+    MAX_SYNC_LIMIT, Message, MessageStore, Page, Reader, Sent, Synced,
 };
 use tokio::task::JoinSet;
 
@@ -362,6 +362,18 @@ pub async fn inbox_sync_is_dense_per_user<B: Backend>(backend: &B) {
     let capped = store.sync(a, 0, 1000).await.expect("sync");
     assert_eq!(capped.entries.len(), MAX_SYNC_LIMIT as usize);
     assert_eq!(capped.sync, u64::from(MAX_SYNC_LIMIT));
+
+    // A user talking to themselves is one member with one entry a message.
+    let own = ConvId::peer(7, 7).expect("conv");
+    let sent = send(&store, draft(&own, 7, "note", "to self")).await;
+    assert_eq!(sent.inbox, vec![InboxEntry { mid: 7, sync: 1 }]);
+    assert_eq!(inbox(&store, 7).await.len(), 1);
+    let list = store.conversations(7, 0).await.expect("conversations");
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].max_seq, list[0].read_seq, list[0].unread),
+        (1, 1, 0)
+    );
 }
 
 /// (d) History pages newest first before a seq, oldest first after one,
@@ -685,11 +697,12 @@ pub async fn membership_add_remove_and_limits<B: Backend>(backend: &B) {
     assert!(inbox(&store, 99).await.is_empty());
 
     let none = conv("g:none");
-    assert_code(
+    let err = assert_code(
         store.send(draft(&none, 1, "a", "x")).await,
         Code::NotAllowed,
         "a send to a group that does not exist",
     );
+    assert!(matches!(err, Error::NotMember { mid: 1, .. }), "{err:?}");
     assert_code(
         store.send(draft(&none, 1, "a", "x").system()).await,
         Code::NotAllowed,
