@@ -183,3 +183,26 @@ async fn ids_increase_with_seq_and_ts_is_the_ids_time() {
         assert_eq!(m.ts, m.id.unix_ms() as i64);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_while_writes_are_blocked() {
+    let backend = Sqlite::new();
+    let store = backend.store();
+    let c = ConvId::peer(1, 2).expect("conv");
+    let draft = rim_im::Draft::new(c.clone(), 1, "a".into(), 0, "x".into(), 4000).expect("draft");
+    store.send(draft).await.expect("sent");
+
+    let guard = backend.block_writes().await;
+    let page = store
+        .pull(&c, Reader::Member(2), Page::Latest, 0)
+        .await
+        .expect("a read beside a writer (WAL)");
+    assert_eq!(page.max_seq, 1);
+    assert_eq!(store.sync(2, 0, 0).await.expect("sync").entries.len(), 1);
+    let draft = rim_im::Draft::new(c.clone(), 1, "b".into(), 0, "x".into(), 4000).expect("draft");
+    assert!(matches!(
+        store.send(draft).await,
+        Err(Error::Unavailable(_))
+    ));
+    drop(guard);
+}

@@ -350,6 +350,11 @@ pub async fn inbox_sync_is_dense_per_user<B: Backend>(backend: &B) {
     assert!(beyond.entries.is_empty());
     assert_eq!(beyond.sync, total_a, "capped at the latest entry");
     assert!(!beyond.more);
+    assert_code(
+        store.sync(a, u64::MAX, 10).await,
+        Code::BadRequest,
+        "a sync past what the store can hold",
+    );
     let nobody = store.sync(99, 5, 10).await.expect("sync");
     assert_eq!(
         (nobody.entries.len(), nobody.sync, nobody.more),
