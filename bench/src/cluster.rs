@@ -198,6 +198,8 @@ impl Cluster {
             .env("RIM_COMET__GRPC_BIND", addr(grpc).to_string())
             .env("RIM_COMET__MAX_CONNECTIONS_PER_IP", "1000000")
             .env("RIM_API__HTTP_BIND", addr(base + 1).to_string())
+            // Chat history of this run beside its logs, not in the working dir.
+            .env("RIM_IM__SQLITE_PATH", log_dir.join("im.sqlite3"))
             .stdin(Stdio::null())
             .stdout(log_file(log_dir, "standalone.log")?)
             .stderr(log_file(log_dir, "standalone.err")?)

@@ -121,6 +121,9 @@ impl Logic {
     /// Registers logic's metrics (`rim_logic_*`) in `registry`.
     pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
         self.metrics.register(registry, Arc::clone(&self.comets));
+        if let Some(im) = &self.im {
+            im.register_metrics(registry);
+        }
     }
 
     /// Returns the online map.

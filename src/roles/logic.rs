@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rim_api::{Api, serve_with_metrics};
-use rim_config::{LogicConfig, LogicRoleConfig, RouterConfig};
+use rim_config::{ImConfig, ImStore, LogicConfig, LogicRoleConfig, NodeConfig, RouterConfig};
 use rim_discovery::{Addrs, Kind, NodeInfo};
-use rim_logic::{CometNode, Comets, HttpClient, Logic, LogicFacade};
+use rim_im::{IdGenerator, MessageStore, SqliteOptions, SqliteStore, Synchronous};
+use rim_logic::{CometNode, Comets, HttpClient, Im, Logic, LogicFacade};
+use rim_queue::Producer;
 use rim_shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -82,7 +84,14 @@ pub async fn run(
         .await
         .context("discovery: cannot register")?;
     let producer = rim_queue::kafka_producer(&config.queue).context("queue")?;
-    let logic = build_logic(&config.logic, &config.router, Arc::clone(&comets)).await?;
+    let logic = build_logic(
+        &config.logic,
+        &config.router,
+        (&config.im, &config.node),
+        Arc::clone(&producer),
+        Arc::clone(&comets),
+    )
+    .await?;
     // Follow the comets discovery reports (node selection, admin, online totals).
     let follow = {
         let comets = Arc::clone(&comets);
@@ -132,16 +141,56 @@ pub async fn run(
     Ok(())
 }
 
-/// Builds logic over the router the config names and a comet directory
-/// (shared by `rim logic` and `rim standalone`).
+/// Builds logic over the router the config names and a comet directory,
+/// with the IM layer on the store `im` names (shared by `rim logic` and
+/// `rim standalone`); IM frames are pushed through `queue`.
 pub(super) async fn build_logic(
     logic: &LogicConfig,
     router: &RouterConfig,
+    (im, node): (&ImConfig, &NodeConfig),
+    queue: Arc<dyn Producer>,
     comets: Arc<Comets>,
 ) -> anyhow::Result<Arc<Logic>> {
     let router = rim_router::connect(router).await.context("router")?;
     let http = HttpClient::new().context("webhook http client")?;
-    Ok(Arc::new(Logic::new(logic, router, comets, http)))
+    let service = Logic::new(logic, Arc::clone(&router), comets, http);
+    let Some(store) = open_store(im, node).await? else {
+        tracing::info!("im.store is off: IM requests are refused with code 2");
+        return Ok(Arc::new(service));
+    };
+    let im = Im::new(store, router, queue, im);
+    Ok(Arc::new(service.with_im(Arc::new(im))))
+}
+
+/// Opens the message store `im.store` names (None when IM is off).
+async fn open_store(
+    im: &ImConfig,
+    node: &NodeConfig,
+) -> anyhow::Result<Option<Arc<dyn MessageStore>>> {
+    let id_node = im.id_node(&node.id);
+    let ids = Arc::new(IdGenerator::new(id_node).context("im.node")?);
+    match im.store {
+        ImStore::Off => Ok(None),
+        ImStore::Sqlite => {
+            let options = SqliteOptions {
+                synchronous: match im.sqlite_synchronous {
+                    rim_config::SqliteSync::Full => Synchronous::Full,
+                    rim_config::SqliteSync::Normal => Synchronous::Normal,
+                },
+                timeout: im.store_timeout,
+                max_batch: im.max_batch,
+                ..SqliteOptions::new(ids)
+            };
+            let path = im.sqlite_path.clone();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, options))
+                .await
+                .context("im store")?
+                .with_context(|| format!("im.sqlite_path {}", im.sqlite_path.display()))?;
+            tracing::info!(path = %im.sqlite_path.display(), id_node, "IM messages are stored in SQLite");
+            Ok(Some(Arc::new(store)))
+        }
+        ImStore::Postgres => anyhow::bail!("im.store = \"postgres\" is not available yet"),
+    }
 }
 
 /// Serves the HTTP API on `listener`, with `registry` (where the caller

@@ -95,8 +95,16 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     let http_addr = loopback_advertised(http.local_addr().ok());
 
     let comets = Arc::new(Comets::new());
-    let logic =
-        super::logic::build_logic(&config.logic, &config.router, Arc::clone(&comets)).await?;
+    let (producer, queue) = rim_queue::memory_queue(config.queue.capacity, config.queue.max_bytes);
+    let producer: Arc<dyn rim_queue::Producer> = Arc::new(producer);
+    let logic = super::logic::build_logic(
+        &config.logic,
+        &config.router,
+        (&config.im, &config.node),
+        Arc::clone(&producer),
+        Arc::clone(&comets),
+    )
+    .await?;
     let comet = Comet::new(
         &config.node,
         config.comet.clone(),
@@ -105,7 +113,6 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     let comet_api: Arc<dyn CometApi> = Arc::new(comet.clone());
     comets.insert(node.clone(), Arc::clone(&comet_api));
 
-    let (producer, queue) = rim_queue::memory_queue(config.queue.capacity, config.queue.max_bytes);
     let consumer = queue
         .consumer(rim_queue::MAX_IN_FLIGHT)
         .context("queue consumer")?;
@@ -124,7 +131,7 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     let api = rim_api::Api::new(
         &config.api,
         Arc::clone(&logic) as Arc<dyn rim_logic::LogicFacade>,
-        Arc::new(producer),
+        producer,
     );
     api.register_metrics(&mut registry);
     let registry = Arc::new(registry);

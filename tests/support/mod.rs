@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub fn standalone_env(id: &str, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
     let mut env: Vec<(&'static str, String)> = vec![
         ("RIM_NODE__ID", id.to_owned()),
+        ("RIM_IM__SQLITE_PATH", fresh_sqlite_path(id)),
         ("RIM_COMET__TCP_BIND", "127.0.0.1:0".into()),
         ("RIM_COMET__WS_BIND", "127.0.0.1:0".into()),
         ("RIM_COMET__GRPC_BIND", "127.0.0.1:0".into()),
@@ -24,6 +25,18 @@ pub fn standalone_env(id: &str, extra: &[(&'static str, &str)]) -> Vec<(&'static
     ];
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     env
+}
+
+/// A message store file of its own for one standalone process (under
+/// cargo's temp dir for integration tests; `extra` may name another).
+pub fn fresh_sqlite_path(id: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("im-{id}-{}-{n}", std::process::id()))
+        .join("im.sqlite3")
+        .display()
+        .to_string()
 }
 
 /// Starts `rim standalone` with the shipped config and [`standalone_env`].

@@ -1,0 +1,246 @@
+//! The IM layer end to end in `rim standalone` (SQLite store, in-process
+//! queue and job): SEND answered after the commit, MSG to the recipient and
+//! to the sender's other devices, dedup of a resend, SYNC for a device that
+//! was offline, PULL, READ with NOTIFY to the other devices, refusals with
+//! their codes on an open connection, goim clients untouched, and history
+//! kept across a restart on the same file.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rim_client::{AuthToken, Client};
+use rim_proto::im::{
+    Body, Code, Msg, Notify, PullReply, PullRequest, ReadRequest, SendReply, SendRequest,
+    SyncReply, SyncRequest,
+};
+use rim_proto::{Frame, Op};
+use support::{fresh_sqlite_path, next_push, post_ok, start_standalone};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn device(tcp: SocketAddr, mid: i64, key: &str, accepts: &[i32]) -> Client {
+    let mut client = Client::connect_tcp(tcp).await.unwrap();
+    client
+        .auth(&AuthToken {
+            mid,
+            key: key.into(),
+            accepts: accepts.to_vec(),
+            ..AuthToken::default()
+        })
+        .await
+        .unwrap();
+    client
+}
+
+async fn chat_device(tcp: SocketAddr, mid: i64, key: &str) -> Client {
+    device(tcp, mid, key, &[21, 27]).await
+}
+
+/// The next frame other than a heartbeat reply, within WAIT.
+async fn next(client: &mut Client) -> Frame {
+    loop {
+        let frame = tokio::time::timeout(WAIT, client.next_frame())
+            .await
+            .expect("a frame in time")
+            .expect("read")
+            .expect("connection open");
+        if frame.op != Op::HEARTBEAT_REPLY {
+            return frame;
+        }
+    }
+}
+
+/// Sends a request and returns the reply frame, which must echo its seq.
+async fn ask<R: Body>(client: &mut Client, frame: Frame) -> R {
+    let seq = frame.seq;
+    client.send(frame).await.unwrap();
+    let reply = next(client).await;
+    assert_eq!((reply.op, reply.seq), (R::OP, seq), "reply op and seq");
+    R::decode(&reply.body).unwrap()
+}
+
+fn send_to(to: i64, cmid: &str, body: &str) -> SendRequest {
+    SendRequest {
+        cmid: cmid.into(),
+        to: Some(to),
+        body: body.into(),
+        ..SendRequest::default()
+    }
+}
+
+async fn next_msg(client: &mut Client) -> Msg {
+    let frame = next(client).await;
+    assert_eq!(frame.op, Op::IM_MSG, "{frame:?}");
+    Msg::decode(&frame.body).unwrap()
+}
+
+/// Proves `client` got nothing before `marker`, a goim push sent to it now.
+async fn nothing_pending(client: &mut Client, api: SocketAddr, key: &str) {
+    let http = reqwest::Client::new();
+    post_ok(
+        &http,
+        &format!("http://{api}/goim/push/keys?operation=1000&keys={key}"),
+        "marker",
+    )
+    .await;
+    assert_eq!(next_push(client).await, "marker");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_between_two_users_with_two_devices() {
+    let mut rim = start_standalone("im-standalone", &[]);
+    let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
+    let api = rim.addr_after("http api serving");
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+
+    // Alice (1) has two devices, Bob (2) one chat device and one goim client.
+    let mut a1 = chat_device(tcp, 1, "a1").await;
+    let mut a2 = chat_device(tcp, 1, "a2").await;
+    let mut b1 = chat_device(tcp, 2, "b1").await;
+    let mut goim = device(tcp, 2, "b-goim", &[1000]).await;
+
+    let reply: SendReply = ask(&mut a1, send_to(2, "c-1", "hi bob").to_frame(7)).await;
+    assert_eq!(reply.code, Code::OK, "{reply:?}");
+    assert_eq!((reply.conv.as_str(), reply.seq), ("p:1:2", 1));
+    assert_eq!(reply.cmid, "c-1");
+
+    // Bob and Alice's other device get MSG with their own inbox entry.
+    let to_bob = next_msg(&mut b1).await;
+    assert_eq!(
+        (to_bob.conv.as_str(), to_bob.seq, to_bob.from, to_bob.sync),
+        ("p:1:2", 1, 1, Some(1))
+    );
+    assert_eq!(
+        (to_bob.id.as_str(), to_bob.ts),
+        (reply.id.as_str(), reply.ts)
+    );
+    assert_eq!(to_bob.body, "hi bob");
+    let to_a2 = next_msg(&mut a2).await;
+    assert_eq!((to_a2.seq, to_a2.sync), (1, Some(1)));
+
+    // A resend of the same cmid is the same message, stored and pushed once.
+    let again: SendReply = ask(&mut a1, send_to(2, "c-1", "hi bob").to_frame(8)).await;
+    assert_eq!((again.seq, &again.id), (1, &reply.id));
+    let reply: SendReply = ask(&mut b1, send_to(1, "c-1", "hi alice").to_frame(1)).await;
+    assert_eq!((reply.code, reply.seq), (Code::OK, 2), "{reply:?}");
+    let to_a1 = next_msg(&mut a1).await;
+    assert_eq!((to_a1.seq, to_a1.sync, to_a1.from), (2, Some(2), 2));
+    let to_a2 = next_msg(&mut a2).await;
+    assert_eq!(to_a2.seq, 2, "the resend pushed nothing");
+
+    // The goim client saw no IM frame.
+    nothing_pending(&mut goim, api, "b-goim").await;
+
+    // A device that was offline catches up by SYNC.
+    let mut b2 = chat_device(tcp, 2, "b2").await;
+    let sync: SyncReply = ask(&mut b2, SyncRequest { sync: 0, limit: 0 }.to_frame(3)).await;
+    assert_eq!(sync.code, Code::OK);
+    let seen: Vec<(u64, Option<u64>)> = sync.msgs.iter().map(|m| (m.seq, m.sync)).collect();
+    assert_eq!(seen, [(1, Some(1)), (2, Some(2))]);
+    assert_eq!((sync.sync, sync.more, sync.reset), (2, false, false));
+
+    // History.
+    let pull: PullReply = ask(
+        &mut b2,
+        PullRequest {
+            conv: "p:1:2".into(),
+            ..PullRequest::default()
+        }
+        .to_frame(4),
+    )
+    .await;
+    assert_eq!(pull.code, Code::OK);
+    let seqs: Vec<u64> = pull.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!((seqs, pull.max_seq, pull.min_seq), (vec![2, 1], 2, 1));
+
+    // READ: the reader's other devices are told, the reader is not. (Bob's
+    // own send already moved his read position to 2.)
+    let reply: SendReply = ask(&mut a1, send_to(2, "c-2", "read me").to_frame(20)).await;
+    assert_eq!(reply.seq, 3);
+    assert_eq!(next_msg(&mut b1).await.seq, 3);
+    assert_eq!(next_msg(&mut b2).await.seq, 3);
+    b1.send(
+        ReadRequest {
+            conv: "p:1:2".into(),
+            seq: 3,
+        }
+        .to_frame(5),
+    )
+    .await
+    .unwrap();
+    let frame = next(&mut b2).await;
+    assert_eq!(frame.op, Op::IM_NOTIFY);
+    assert_eq!(
+        Notify::decode(&frame.body).unwrap(),
+        Notify::Read {
+            conv: "p:1:2".into(),
+            seq: 3
+        }
+    );
+
+    // Refusals keep the connection open, each with its code.
+    let bad: SendReply = ask(&mut a1, Frame::new(Op::IM_SEND, 9, Bytes::from("{}"))).await;
+    assert_eq!(bad.code, Code::BAD_REQUEST);
+    assert!(bad.error.contains("cmid"), "{}", bad.error);
+    let junk: SendReply = ask(&mut a1, Frame::new(Op::IM_SEND, 10, Bytes::from("\u{0}"))).await;
+    assert_eq!(junk.code, Code::BAD_REQUEST);
+    let group = SendRequest {
+        cmid: "g-1".into(),
+        conv: Some("g:nobody-here".into()),
+        ..SendRequest::default()
+    };
+    let refused: SendReply = ask(&mut a1, group.to_frame(11)).await;
+    assert_eq!(refused.code, Code::NOT_ALLOWED);
+    let big = send_to(2, "c-big", &"x".repeat(4001));
+    let too_large: SendReply = ask(&mut a1, big.to_frame(12)).await;
+    assert_eq!(too_large.code, Code::TOO_LARGE);
+    let stranger: PullReply = ask(
+        &mut a1,
+        PullRequest {
+            conv: "p:2:3".into(),
+            ..PullRequest::default()
+        }
+        .to_frame(13),
+    )
+    .await;
+    assert_eq!(stranger.code, Code::NOT_ALLOWED);
+    let ok: SendReply = ask(&mut a1, send_to(2, "c-3", "still here").to_frame(14)).await;
+    assert_eq!((ok.code, ok.seq), (Code::OK, 4));
+
+    rim.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_survives_a_restart_on_the_same_file() {
+    let path = fresh_sqlite_path("im-restart");
+    let env = [("RIM_IM__SQLITE_PATH", path.as_str())];
+    let mut rim = start_standalone("im-restart", &env);
+    let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
+    let mut a = chat_device(tcp, 5, "a").await;
+    for i in 1..=3u64 {
+        let reply: SendReply = ask(
+            &mut a,
+            send_to(6, &format!("m-{i}"), "kept").to_frame(i as i32),
+        )
+        .await;
+        assert_eq!((reply.code, reply.seq), (Code::OK, i));
+    }
+    rim.crash();
+
+    let mut rim = start_standalone("im-restart", &env);
+    let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
+    let mut b = chat_device(tcp, 6, "b").await;
+    let sync: SyncReply = ask(&mut b, SyncRequest { sync: 0, limit: 0 }.to_frame(1)).await;
+    let seqs: Vec<u64> = sync.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    // The seq continues without a hole, and an old cmid is still known.
+    let mut a = chat_device(tcp, 5, "a").await;
+    let resend: SendReply = ask(&mut a, send_to(6, "m-2", "kept").to_frame(9)).await;
+    assert_eq!(resend.seq, 2);
+    let next_one: SendReply = ask(&mut a, send_to(6, "m-4", "new").to_frame(10)).await;
+    assert_eq!(next_one.seq, 4);
+    rim.stop();
+}
