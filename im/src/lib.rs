@@ -11,12 +11,16 @@ mod conv;
 mod error;
 mod id;
 mod message;
+mod postgres;
 mod store;
 
 pub use crate::conv::{ConvId, MAX_GID_LEN};
 pub use crate::error::{Code, Error, Result, StoreFailure};
 pub use crate::id::{IdGenerator, MAX_NODE, MessageId};
 pub use crate::message::{Draft, MAX_CMID_LEN};
+pub use crate::postgres::{
+    DEFAULT_MAX_BATCH, DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, PostgresOptions, PostgresStore,
+};
 pub use crate::store::{
     ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, InboxEntry, MAX_CONVERSATIONS_LIMIT,
     MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged, MembersPage, Message,

@@ -268,4 +268,7 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Returns the group's settings, or [`Error::NoSuchGroup`](crate::Error::NoSuchGroup).
     async fn group(&self, conv: &ConvId) -> Result<Group>;
+
+    /// Durable commits so far (group commit: fewer than the writes they carried); for metrics and the suite.
+    fn commits(&self) -> u64;
 }
