@@ -89,6 +89,10 @@ struct Shared {
     pool: Pool,
     ids: Arc<IdGenerator>,
     timeout: Duration,
+    /// How many times a send batch runs at most when it meets a deadlock,
+    /// a serialization failure or a lost connection: enough to get past
+    /// every pooled connection a server restart left dead.
+    attempts: usize,
     commits: AtomicU64,
 }
 
@@ -155,6 +159,7 @@ impl PostgresStore {
             pool,
             ids: options.ids,
             timeout: options.timeout,
+            attempts: options.pool_size.saturating_add(2),
             commits: AtomicU64::new(0),
         });
         schema::migrate(&shared).await?;
@@ -232,16 +237,29 @@ fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
 }
 
 /// Returns whether a failed transaction may simply be run again: a
-/// deadlock or serialization failure, or a connection that closed before
-/// the commit was asked for.
+/// deadlock or serialization failure, or a connection lost before the
+/// commit was asked for.
 fn retryable(err: &Error, committing: bool) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cause {
         if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
             let code = pg.code();
-            return code == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+            if code == Some(&SqlState::T_R_DEADLOCK_DETECTED)
                 || code == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
-                || (pg.is_closed() && !committing);
+            {
+                return true;
+            }
+            // The connection is gone (closed, or the server ended the
+            // session: 57P01-03 shutdowns, 08 connection exceptions): safe
+            // to run again elsewhere unless the commit may have happened.
+            let lost = pg.is_closed()
+                || code.is_some_and(|c| {
+                    c == &SqlState::ADMIN_SHUTDOWN
+                        || c == &SqlState::CRASH_SHUTDOWN
+                        || c == &SqlState::CANNOT_CONNECT_NOW
+                        || c.code().starts_with("08")
+                });
+            return lost && !committing;
         }
         cause = e.source();
     }
@@ -314,6 +332,26 @@ fn now_ms() -> i64 {
 #[async_trait]
 impl MessageStore for PostgresStore {
     async fn send(&self, draft: Draft) -> Result<Sent> {
+        // Checked here, not in the batch: a row PostgreSQL refuses would
+        // fail every other send of its batch.
+        if draft.body.contains('\0') {
+            return Err(Error::invalid(
+                "body",
+                "a body has no NUL character (U+0000)",
+            ));
+        }
+        if draft.cmid.contains('\0') {
+            return Err(Error::invalid("cmid", "a cmid has no control characters"));
+        }
+        if matches!(draft.conv, ConvId::Peer { .. })
+            && !draft.system
+            && !draft.conv.is_peer_of(draft.from)
+        {
+            return Err(Error::NotMember {
+                conv: draft.conv,
+                mid: draft.from,
+            });
+        }
         let (reply_tx, reply_rx) = oneshot::channel();
         let job = batch::Job { draft, reply_tx };
         match tokio::time::timeout(self.shared.timeout, self.send_tx.send(job)).await {
@@ -553,6 +591,12 @@ impl MessageStore for PostgresStore {
                 format!("{} is over the largest, {}", spec.max_members, i32::MAX),
             )
         })?;
+        if spec.name.contains('\0') {
+            return Err(Error::invalid(
+                "name",
+                "a group name has no NUL character (U+0000)",
+            ));
+        }
         let conv_text = conv.to_string();
         let conv = conv.clone();
         let shared = &self.shared;
@@ -670,7 +714,9 @@ impl MessageStore for PostgresStore {
                 .filter(|mid| !current.contains(mid))
                 .collect();
             let members = i64::from(count) - removed.len() as i64 + added.len() as i64;
-            if members > i64::from(limit) {
+            // Only a change that adds is refused: removals alone are
+            // always allowed (below a lowered limit included).
+            if !added.is_empty() && members > i64::from(limit) {
                 return Err(Error::GroupFull {
                     conv,
                     members: u64::try_from(members).unwrap_or(0),

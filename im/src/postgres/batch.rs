@@ -31,10 +31,6 @@ use crate::store::{InboxEntry, Message, Sent};
 
 use super::{MESSAGE_COLUMNS, Object, Shared, db, from_db, get, message_at, retryable};
 
-/// How many times a batch runs at most when it meets a deadlock, a
-/// serialization failure or a connection closed under it.
-const ATTEMPTS: usize = 3;
-
 /// A send waiting for its batch.
 pub(super) struct Job {
     /// What to store.
@@ -145,7 +141,7 @@ async fn write(shared: &Shared, jobs: Vec<Job>) {
             tokio::time::timeout(shared.bound(), store(&mut client, &plan, &mut committing)).await;
         match shared.settle("storing sends", client, outcome) {
             Ok(decisions) => break Ok(decisions),
-            Err(e) if attempt < ATTEMPTS && retryable(&e, committing) => continue,
+            Err(e) if attempt < shared.attempts && retryable(&e, committing) => continue,
             Err(e) => break Err(e),
         }
     };
