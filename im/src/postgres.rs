@@ -459,7 +459,9 @@ impl MessageStore for PostgresStore {
                 .await
                 .map_err(db("reading a conversation's latest seq"))?;
             let max_seq: Option<i64> = get(&row, 0)?;
-            let is_member: bool = get(&row, 1)?;
+            // A pair's two users are its members before its first
+            // message too (their rows come with that message).
+            let is_member: bool = get(&row, 1)? || conv.is_peer_of(member);
             if let Reader::Member(mid) = reader
                 && !is_member
             {
@@ -533,6 +535,12 @@ impl MessageStore for PostgresStore {
                 Some(row) => Ok(ReadPos {
                     read_seq: from_db("a read position", get(&row, 0)?)?,
                     max_seq: from_db("a seq", get(&row, 1)?)?,
+                    advanced: false,
+                }),
+                // A pair without messages yet: nothing to read.
+                None if conv.is_peer_of(mid) => Ok(ReadPos {
+                    read_seq: 0,
+                    max_seq: 0,
                     advanced: false,
                 }),
                 None => Err(Error::NotMember { conv, mid }),
@@ -832,5 +840,65 @@ impl MessageStore for PostgresStore {
 
     fn commits(&self) -> u64 {
         self.shared.commits.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn session(url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to RIM_TEST_POSTGRES={url}: {e}"));
+        tokio::spawn(connection);
+        client
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: run deploy/test.sh"]
+    async fn deadlocks_are_retried_and_lost_commits_are_not() {
+        let url = std::env::var("RIM_TEST_POSTGRES")
+            .unwrap_or_else(|_| panic!("RIM_TEST_POSTGRES is not set: run deploy/test.sh"));
+        let table = format!("rim_deadlock_{}", std::process::id());
+        let (mut a, mut b) = (session(&url).await, session(&url).await);
+        a.batch_execute(&format!(
+            "CREATE TABLE {table} (k INT PRIMARY KEY); INSERT INTO {table} VALUES (1), (2)"
+        ))
+        .await
+        .unwrap();
+        // Two sessions locking two rows in opposite orders: one of them is
+        // chosen as the deadlock's victim.
+        let (ta, tb) = (
+            a.transaction().await.unwrap(),
+            b.transaction().await.unwrap(),
+        );
+        let lock = |k: i32| format!("SELECT k FROM {table} WHERE k = {k} FOR UPDATE");
+        ta.batch_execute(&lock(1)).await.unwrap();
+        tb.batch_execute(&lock(2)).await.unwrap();
+        let (second_a, second_b) = (lock(2), lock(1));
+        let (ra, rb) = tokio::join!(ta.batch_execute(&second_a), tb.batch_execute(&second_b));
+        let victim = ra.err().or(rb.err()).expect("one of them deadlocked");
+        let err = Error::unavailable("storing sends", victim);
+        assert!(retryable(&err, false));
+        drop((ta, tb));
+
+        // A session the server ended: run again only if not committing.
+        let pid: i32 = b
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        a.execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        let lost = b.batch_execute("SELECT 1").await.unwrap_err();
+        let err = Error::unavailable("storing sends", lost);
+        assert!(retryable(&err, false), "{err:?}");
+        assert!(!retryable(&err, true), "the commit may have happened");
+        assert!(!retryable(&Error::invalid("x", "y"), false));
+        a.batch_execute(&format!("DROP TABLE {table}"))
+            .await
+            .unwrap();
     }
 }

@@ -252,16 +252,18 @@ async fn sends_reads_and_groups_work_as_the_trait_says() {
             ..
         })
     ));
-    let empty = store
-        .pull(
-            &ConvId::peer(8, 9).unwrap(),
-            Reader::Business,
-            Page::Latest,
-            10,
-        )
-        .await
-        .unwrap();
-    assert_eq!((empty.messages.len(), empty.max_seq), (0, 0));
+    // A pair without messages: an empty page for its users, nothing to read.
+    let quiet = ConvId::peer(8, 9).unwrap();
+    for reader in [Reader::Business, Reader::Member(9)] {
+        let empty = store.pull(&quiet, reader, Page::Latest, 10).await.unwrap();
+        assert_eq!((empty.messages.len(), empty.max_seq), (0, 0));
+    }
+    let pos = store.read(&quiet, 8, 5).await.unwrap();
+    assert_eq!((pos.read_seq, pos.max_seq, pos.advanced), (0, 0, false));
+    assert!(matches!(
+        store.read(&quiet, 10, 5).await,
+        Err(Error::NotMember { .. })
+    ));
 
     // Sync pages: dense, `more`, and a cursor past the end capped.
     let page = store.sync(2, 0, 4).await.unwrap();
