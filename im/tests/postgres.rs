@@ -496,6 +496,7 @@ async fn inboxes_stay_dense_under_crossing_traffic() {
     ];
     let odd = make_group(&*stores[0], "odd", &[1, 3, 5, 7, 9, 11]).await;
     let all = make_group(&*stores[1], "all", &(1..=USERS).collect::<Vec<_>>()).await;
+    let before = stores[0].commits() + stores[1].commits();
     let mut tasks = Vec::new();
     for from in 1..=USERS {
         let store = stores[from as usize % 2].clone();
@@ -520,14 +521,20 @@ async fn inboxes_stay_dense_under_crossing_traffic() {
                         .send(draft(&odd, from, &format!("odd-{round}")))
                         .await
                         .unwrap();
+                    n += 1;
                 }
+                n += 1;
             }
             n
         }));
     }
+    let mut sends = 0;
     for task in tasks {
-        within("a sender", task).await.unwrap();
+        sends += within("a sender", task).await.unwrap();
     }
+    let commits = stores[0].commits() + stores[1].commits() - before;
+    println!("crossing traffic, two stores: {sends} sends in {commits} commits");
+    assert!(commits < sends);
     // Each user's inbox is dense and holds exactly the messages that
     // concern them, each once.
     for mid in 1..=USERS {
