@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::comet::{ConnSlot, Inner};
+use crate::im;
 use crate::limits::{check_accepts, check_room, parse_ops, parse_room};
 use crate::session::{CloseReason, Session};
 use crate::stats::{self, Wire};
@@ -397,6 +398,12 @@ async fn run<T: Transport>(
                 replies.push(encode(Frame::new(reply_op, frame.seq, frame.body)));
             }
             Op::AUTH => tracing::debug!("auth frame on an authenticated connection ignored"),
+            op if im::is_request(op) => {
+                replies.extend(Box::pin(im_request(inner, session, frame)).await);
+            }
+            op if im::is_push(op) => {
+                tracing::debug!(op = op.0, "server-to-client IM op from a client ignored");
+            }
             op => {
                 let ack = encode(Frame::new(op, frame.seq, Bytes::new()));
                 Box::pin(receive(inner, session, frame)).await;
@@ -466,7 +473,7 @@ async fn receive(inner: &Inner, session: &Session, frame: Frame) {
     };
     // Per frame and at the client's will: debug lines, and counters.
     match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.receive(req)).await {
-        Ok(Ok(())) => stats::incr(&inner.stats.upstream_ok),
+        Ok(Ok(_)) => stats::incr(&inner.stats.upstream_ok),
         Ok(Err(err)) => {
             stats::incr(&inner.stats.upstream_failed);
             tracing::debug!(reason = ?err.to_string(), "upstream frame not accepted by logic");
@@ -476,6 +483,43 @@ async fn receive(inner: &Inner, session: &Session, frame: Frame) {
             tracing::debug!("logic did not take the upstream frame in time");
         }
     }
+}
+
+/// Hands an IM request to logic and returns the frames it answers (its
+/// reply op with the request's seq). When logic cannot be reached the
+/// client still gets its reply op, with code 5: nothing was stored, resend
+/// later (a SEND with the same cmid is deduplicated).
+async fn im_request(inner: &Inner, session: &Session, frame: Frame) -> Vec<Bytes> {
+    let (op, seq) = (frame.op, frame.seq);
+    let req = logic::ReceiveRequest {
+        mid: session.mid,
+        key: session.key.to_string(),
+        proto: Some(frame.into()),
+    };
+    let failure = match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.receive(req)).await {
+        Ok(Ok(reply)) => {
+            stats::incr(&inner.stats.upstream_ok);
+            return reply
+                .replies
+                .into_iter()
+                .filter_map(|proto| match Frame::try_from(proto) {
+                    Ok(frame) => frame.to_bytes().ok(),
+                    Err(err) => {
+                        tracing::warn!(%err, "logic answered an unusable IM reply frame");
+                        None
+                    }
+                })
+                .collect();
+        }
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => "logic did not answer in time".to_owned(),
+    };
+    stats::incr(&inner.stats.upstream_failed);
+    tracing::debug!(op = op.0, reason = ?failure, "IM request not handled by logic");
+    im::reply_op(op)
+        .map(|reply| encode(Frame::new(reply, seq, im::unavailable_body())))
+        .into_iter()
+        .collect()
 }
 
 /// Returns a frame's size on the wire (header included).

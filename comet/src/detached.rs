@@ -38,8 +38,8 @@ impl LogicApi for NoLogic {
     ) -> RpcResult<logic::RenewOnlineReply> {
         Ok(logic::RenewOnlineReply::default())
     }
-    async fn receive(&self, _: logic::ReceiveRequest) -> RpcResult<()> {
-        Ok(())
+    async fn receive(&self, _: logic::ReceiveRequest) -> RpcResult<logic::ReceiveReply> {
+        Ok(logic::ReceiveReply::default())
     }
     async fn nodes(&self, _: logic::NodesRequest) -> RpcResult<logic::NodesReply> {
         Err(RpcError::Unavailable("no logic behind this comet".into()))

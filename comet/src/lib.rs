@@ -27,6 +27,7 @@ mod comet;
 mod connection;
 mod detached;
 mod error;
+mod im;
 mod limits;
 mod listener;
 mod log_limit;

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -301,6 +302,82 @@ async fn other_ops_go_to_logic_and_are_acknowledged() {
     assert_eq!(received.len(), 2);
     assert_eq!((received[0].1, &received[0].2[..]), (2000, &b"hello"[..]));
     comet.stop().await;
+}
+
+#[tokio::test]
+async fn im_requests_get_logics_reply_and_no_echo() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    for kind in KINDS {
+        let mut client = comet
+            .client(kind, token(1, &format!("im-{kind:?}"), "", &[]))
+            .await;
+        // SEND (18) is answered by logic's SEND_REPLY (19) with the seq.
+        client
+            .send(Frame::new(Op(18), 41, Bytes::from("{}")))
+            .await
+            .unwrap();
+        let reply = next_non_heartbeat(&mut client).await;
+        assert_eq!(
+            (reply.op, reply.seq, &reply.body[..]),
+            (Op(19), 41, &b"re:{}"[..])
+        );
+        // ACK (20) and READ (26) have no reply; a client sending a server
+        // op (21) is ignored; the next request is answered in order.
+        for op in [20, 26, 21] {
+            client
+                .send(Frame::new(Op(op), 42, Bytes::from("{}")))
+                .await
+                .unwrap();
+        }
+        client
+            .send(Frame::new(Op(22), 43, Bytes::from("s")))
+            .await
+            .unwrap();
+        let reply = next_non_heartbeat(&mut client).await;
+        assert_eq!(
+            (reply.op, reply.seq),
+            (Op(23), 43),
+            "no echo of 20, 26 or 21"
+        );
+        // With logic unreachable, the client still gets its reply op: code 5.
+        comet.logic.receive_down.store(true, Ordering::Release);
+        client
+            .send(Frame::new(Op(24), 44, Bytes::from("{}")))
+            .await
+            .unwrap();
+        let reply = next_non_heartbeat(&mut client).await;
+        assert_eq!((reply.op, reply.seq), (Op(25), 44));
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["code"], 5);
+        comet.logic.receive_down.store(false, Ordering::Release);
+    }
+    let ops: Vec<i32> = comet
+        .logic
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, op, _)| *op)
+        .collect();
+    assert_eq!(
+        ops,
+        [18, 20, 26, 22, 18, 20, 26, 22],
+        "21 never reaches logic"
+    );
+    comet.stop().await;
+}
+
+async fn next_non_heartbeat(client: &mut Client) -> Frame {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), client.next_frame())
+            .await
+            .expect("a reply within 5 s")
+            .unwrap()
+            .expect("connection open");
+        if frame.op != Op::HEARTBEAT_REPLY {
+            return frame;
+        }
+    }
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 
 mod cidr;
 mod error;
+mod im;
 mod load;
 mod roles;
 mod sections;
@@ -17,6 +18,7 @@ mod serde_list;
 
 pub use cidr::Cidr;
 pub use error::{ConfigError, Result};
+pub use im::{ImConfig, ImStore, SqliteSync};
 pub use load::{ENV_PREFIX, Load};
 pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, OpenListener, StandaloneConfig};
 pub use sections::{

@@ -15,7 +15,7 @@ pub const ENV_PREFIX: &str = "RIM_";
 /// Every section any role has. An environment override for a section of
 /// another role is ignored (one environment can serve several roles); a
 /// section no role has is an error, so typos are caught.
-pub(crate) const ALL_SECTIONS: [&str; 9] = [
+pub(crate) const ALL_SECTIONS: [&str; 10] = [
     "node",
     "comet",
     "logic",
@@ -25,6 +25,7 @@ pub(crate) const ALL_SECTIONS: [&str; 9] = [
     "job",
     "discovery",
     "metrics",
+    "im",
 ];
 
 /// A role config that loads in layers and validates itself.

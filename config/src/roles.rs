@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ApiConfig, CometConfig, DiscoveryBackend, DiscoveryConfig, JobConfig, Load, LogicConfig,
-    MetricsConfig, NodeConfig, QueueBackend, QueueConfig, Result, RouterBackend, RouterConfig,
+    ApiConfig, CometConfig, DiscoveryBackend, DiscoveryConfig, ImConfig, JobConfig, Load,
+    LogicConfig, MetricsConfig, NodeConfig, QueueBackend, QueueConfig, Result, RouterBackend,
+    RouterConfig,
 };
 
 /// `rim standalone`: every role in one process. Defaults need no external
@@ -35,6 +36,8 @@ pub struct StandaloneConfig {
     /// A separate listener for `GET /metrics` (default: none; metrics are
     /// always served on `api.http_bind` too).
     pub metrics: MetricsConfig,
+    /// The IM layer (default: SQLite under `rim-data/`).
+    pub im: ImConfig,
 }
 
 impl Default for StandaloneConfig {
@@ -54,6 +57,7 @@ impl Default for StandaloneConfig {
             queue: QueueConfig::default(),
             job: JobConfig::default(),
             metrics: MetricsConfig::default(),
+            im: ImConfig::standalone(),
         }
     }
 }
@@ -68,6 +72,7 @@ impl Load for StandaloneConfig {
         self.queue.validate()?;
         self.job.validate(&self.node)?;
         self.metrics.validate()?;
+        self.im.validate()?;
         presence_renew_within_lease(&self.comet, &self.logic)?;
         refuse_open(&self.node, &self.open_listeners())
     }
@@ -140,6 +145,8 @@ pub struct LogicRoleConfig {
     pub queue: QueueConfig,
     /// How this logic registers itself and sees the comets.
     pub discovery: DiscoveryConfig,
+    /// The IM layer (default: off; set `store = "postgres"`).
+    pub im: ImConfig,
 }
 
 impl Default for LogicRoleConfig {
@@ -154,6 +161,7 @@ impl Default for LogicRoleConfig {
             },
             queue: kafka_queue(),
             discovery: distributed_discovery(),
+            im: ImConfig::default(),
         }
     }
 }
@@ -166,6 +174,7 @@ impl Load for LogicRoleConfig {
         self.router.validate()?;
         self.queue.validate()?;
         self.discovery.validate()?;
+        self.im.validate()?;
         refuse_open(&self.node, &self.open_listeners())
     }
 

@@ -15,14 +15,14 @@ pub(crate) fn addr(s: &str) -> SocketAddr {
         .unwrap_or_else(|_| panic!("bad built-in address {s}"))
 }
 
-fn positive(key: &str, value: Duration) -> Result<()> {
+pub(crate) fn positive(key: &str, value: Duration) -> Result<()> {
     if value.is_zero() {
         return Err(ConfigError::invalid(key, "must be greater than zero"));
     }
     Ok(())
 }
 
-fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<()> {
+pub(crate) fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<()> {
     if value < min || value > max {
         return Err(ConfigError::invalid(
             key,
@@ -58,7 +58,7 @@ fn host_name_or_empty(key: &str, value: &str) -> Result<()> {
 
 /// Checks a bearer token: not empty, and only visible ASCII, so that it
 /// travels unchanged in an HTTP header or gRPC metadata.
-fn secret(key: &str, value: &str) -> Result<()> {
+pub(crate) fn secret(key: &str, value: &str) -> Result<()> {
     not_blank(key, value)?;
     if !value.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ConfigError::invalid(
@@ -69,7 +69,7 @@ fn secret(key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-fn not_blank(key: &str, value: &str) -> Result<()> {
+pub(crate) fn not_blank(key: &str, value: &str) -> Result<()> {
     if value.trim().is_empty() {
         return Err(ConfigError::invalid(key, "must not be empty"));
     }

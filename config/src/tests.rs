@@ -571,3 +571,58 @@ fn tokens_are_visible_ascii() {
         }
     }
 }
+
+#[test]
+fn im_settings_name_their_key() {
+    let cases: [(&[(&str, &str)], &str); 6] = [
+        (&[("RIM_IM__STORE", "postgres")], "im.postgres"),
+        (
+            &[
+                ("RIM_IM__STORE", "postgres"),
+                ("RIM_IM__POSTGRES", "mysql://x"),
+            ],
+            "im.postgres",
+        ),
+        (&[("RIM_IM__NODE", "1024")], "im.node"),
+        (&[("RIM_IM__MAX_BODY", "0")], "im.max_body"),
+        (&[("RIM_IM__ACK_TIMEOUT", "0s")], "im.ack_timeout"),
+        (&[("RIM_IM__API_TOKEN", "has space")], "im.api_token"),
+    ];
+    for (vars, key) in cases {
+        let err = load_err::<StandaloneConfig>(None, vars);
+        assert!(
+            err.starts_with(&format!("invalid value for {key}")),
+            "{vars:?}: {err}"
+        );
+    }
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_IM__STORE", "mongo")]);
+    assert!(err.contains("im.store"), "{err}");
+}
+
+#[test]
+fn standalone_keeps_im_in_sqlite_and_logic_needs_a_store() {
+    let standalone = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(standalone.im.store, crate::ImStore::Sqlite);
+    assert_eq!(standalone.im.sqlite_synchronous, crate::SqliteSync::Full);
+    let open = ("RIM_NODE__ALLOW_UNAUTHENTICATED", "true");
+    let logic = LogicRoleConfig::load_from(None, env(&[open])).unwrap();
+    assert_eq!(logic.im.store, crate::ImStore::Off);
+    let logic = LogicRoleConfig::load_from(
+        None,
+        env(&[
+            open,
+            ("RIM_IM__STORE", "postgres"),
+            ("RIM_IM__POSTGRES", "postgres://rim@127.0.0.1:5432/rim"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(logic.im.postgres, ["postgres://rim@127.0.0.1:5432/rim"]);
+    // The id node is stable for a node id, and explicit when set.
+    assert_eq!(logic.im.id_node("logic-1"), logic.im.id_node("logic-1"));
+    assert!(logic.im.id_node("logic-1") <= 1023);
+    let pinned = crate::ImConfig {
+        node: Some(7),
+        ..crate::ImConfig::default()
+    };
+    assert_eq!(pinned.id_node("anything"), 7);
+}

@@ -33,11 +33,11 @@ use crate::store::{
 };
 
 /// The pooled connections a [`PostgresStore`] opens by default.
-pub const DEFAULT_POOL_SIZE: usize = 8;
+const DEFAULT_POOL_SIZE: usize = 8;
 /// The store timeout by default.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most sends one batch carries by default.
-pub const DEFAULT_MAX_BATCH: usize = 256;
+const DEFAULT_MAX_BATCH: usize = 256;
 /// Send batches in flight at once at most (each on its own connection).
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
 

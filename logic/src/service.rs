@@ -16,6 +16,7 @@ use rim_router::Router;
 use crate::auth::{AuthError, Authenticator};
 use crate::comets::Comets;
 use crate::facade::{LogicFacade, NodeQuery};
+use crate::im::Im;
 use crate::metrics::LogicMetrics;
 use crate::nodes::NodeSelector;
 use crate::webhook::HttpClient;
@@ -33,6 +34,7 @@ pub struct Logic {
     comets: Arc<Comets>,
     selector: NodeSelector,
     metrics: LogicMetrics,
+    im: Option<Arc<Im>>,
 }
 
 impl std::fmt::Debug for Logic {
@@ -98,7 +100,22 @@ impl Logic {
                 config.heartbeat_max,
             ),
             metrics: LogicMetrics::default(),
+            im: None,
         }
+    }
+
+    /// Serves the IM ops (18–27) from `im`; without it they are refused
+    /// with code 2 (IM off).
+    pub fn with_im(self, im: Arc<Im>) -> Logic {
+        Logic {
+            im: Some(im),
+            ..self
+        }
+    }
+
+    /// Returns the IM service, if this logic has one.
+    pub fn im(&self) -> Option<&Arc<Im>> {
+        self.im.as_ref()
     }
 
     /// Registers logic's metrics (`rim_logic_*`) in `registry`.
@@ -229,14 +246,21 @@ impl LogicApi for Logic {
         })
     }
 
-    async fn receive(&self, req: pb::ReceiveRequest) -> RpcResult<()> {
+    async fn receive(&self, req: pb::ReceiveRequest) -> RpcResult<pb::ReceiveReply> {
         let proto = req.proto.unwrap_or_default();
+        if rim_proto::Op(proto.op).is_im() {
+            let replies = match &self.im {
+                Some(im) => im.request(req.mid, &req.key, proto).await,
+                None => crate::im::off_reply(&proto),
+            };
+            return Ok(pb::ReceiveReply { replies });
+        }
         let Some(url) = &self.receive_webhook else {
             // Per frame and at the client's will: a debug line and a counter
             // (the startup line said where these frames go).
             self.metrics.upstream("no_webhook");
             tracing::debug!(mid = req.mid, key = ?req.key, op = proto.op, len = proto.body.len(), "upstream frame dropped: no receive webhook configured");
-            return Ok(());
+            return Ok(pb::ReceiveReply::default());
         };
         let body = Upstream {
             mid: req.mid,
@@ -246,7 +270,7 @@ impl LogicApi for Logic {
             body: base64::engine::general_purpose::STANDARD.encode(&proto.body),
         };
         let result = match self.http.post_json(url, &body, self.receive_timeout).await {
-            Ok((status, _)) if (200..300).contains(&status) => Ok(()),
+            Ok((status, _)) if (200..300).contains(&status) => Ok(pb::ReceiveReply::default()),
             Ok((status, _)) => Err(RpcError::Unavailable(format!(
                 "receive webhook answered HTTP {status}"
             ))),

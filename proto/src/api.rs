@@ -198,8 +198,10 @@ pub trait LogicApi: Send + Sync + 'static {
         &self,
         req: logic::RenewOnlineRequest,
     ) -> RpcResult<logic::RenewOnlineReply>;
-    /// Hands an upstream client frame to the business.
-    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<()>;
+    /// Hands an upstream client frame to logic: an IM request (ops 18–27)
+    /// is handled there and may answer frames for the connection; any other
+    /// op goes to the business.
+    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<logic::ReceiveReply>;
     /// Selects comets for a client.
     async fn nodes(&self, req: logic::NodesRequest) -> RpcResult<logic::NodesReply>;
 }
@@ -287,9 +289,13 @@ impl LogicApi for RemoteLogic {
             .into_inner())
     }
 
-    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<()> {
-        self.client.clone().receive(self.token.request(req)).await?;
-        Ok(())
+    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<logic::ReceiveReply> {
+        Ok(self
+            .client
+            .clone()
+            .receive(self.token.request(req))
+            .await?
+            .into_inner())
     }
 
     async fn nodes(&self, req: logic::NodesRequest) -> RpcResult<logic::NodesReply> {
@@ -453,8 +459,7 @@ impl<T: LogicApi> logic::logic_server::Logic for LogicGrpc<T> {
         &self,
         req: Request<logic::ReceiveRequest>,
     ) -> Result<Response<logic::ReceiveReply>, Status> {
-        self.0.receive(req.into_inner()).await?;
-        Ok(Response::new(logic::ReceiveReply {}))
+        Ok(Response::new(self.0.receive(req.into_inner()).await?))
     }
 
     async fn nodes(

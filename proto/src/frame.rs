@@ -58,7 +58,29 @@ impl Op {
     /// Unsubscribe reply.
     pub const UNSUB_REPLY: Op = Op(17);
 
-    /// Every op the protocol names, in numeric order.
+    /// IM SEND (c→s): a message to store; body [`im::SendRequest`](crate::im::SendRequest).
+    pub const IM_SEND: Op = Op(18);
+    /// IM SEND_REPLY (s→c), echoing the SEND's seq; body [`im::SendReply`](crate::im::SendReply).
+    pub const IM_SEND_REPLY: Op = Op(19);
+    /// IM ACK (c→s), no reply; body [`im::Ack`](crate::im::Ack).
+    pub const IM_ACK: Op = Op(20);
+    /// IM MSG (s→c, pushed, may be inside op-9 batches); body [`im::Msg`](crate::im::Msg).
+    pub const IM_MSG: Op = Op(21);
+    /// IM SYNC (c→s): inbox entries after a sync; body [`im::SyncRequest`](crate::im::SyncRequest).
+    pub const IM_SYNC: Op = Op(22);
+    /// IM SYNC_REPLY (s→c), echoing the SYNC's seq; body [`im::SyncReply`](crate::im::SyncReply).
+    pub const IM_SYNC_REPLY: Op = Op(23);
+    /// IM PULL (c→s): a page of a conversation; body [`im::PullRequest`](crate::im::PullRequest).
+    pub const IM_PULL: Op = Op(24);
+    /// IM PULL_REPLY (s→c), echoing the PULL's seq; body [`im::PullReply`](crate::im::PullReply).
+    pub const IM_PULL_REPLY: Op = Op(25);
+    /// IM READ (c→s), no reply; body [`im::ReadRequest`](crate::im::ReadRequest).
+    pub const IM_READ: Op = Op(26);
+    /// IM NOTIFY (s→c, pushed); body [`im::Notify`](crate::im::Notify).
+    pub const IM_NOTIFY: Op = Op(27);
+
+    /// Every op goim names (0–17), in numeric order; rim's IM ops are in
+    /// [`Op::IM`].
     pub const KNOWN: [Op; 18] = [
         Op::HANDSHAKE,
         Op::HANDSHAKE_REPLY,
@@ -80,9 +102,32 @@ impl Op {
         Op::UNSUB_REPLY,
     ];
 
-    /// Returns the protocol name of a known op.
+    /// rim's IM ops (18–27, im.md "Client ops"), in numeric order.
+    pub const IM: [Op; 10] = [
+        Op::IM_SEND,
+        Op::IM_SEND_REPLY,
+        Op::IM_ACK,
+        Op::IM_MSG,
+        Op::IM_SYNC,
+        Op::IM_SYNC_REPLY,
+        Op::IM_PULL,
+        Op::IM_PULL_REPLY,
+        Op::IM_READ,
+        Op::IM_NOTIFY,
+    ];
+
+    /// The IM ops a server pushes unasked (MSG, NOTIFY): a connection gets
+    /// them only if its Auth `accepts` lists them.
+    pub const IM_PUSHED: [Op; 2] = [Op::IM_MSG, Op::IM_NOTIFY];
+
+    /// Returns whether this is one of rim's IM ops (18–27).
+    pub fn is_im(self) -> bool {
+        (Op::IM_SEND.0..=Op::IM_NOTIFY.0).contains(&self.0)
+    }
+
+    /// Returns the protocol name of a known op (goim's or IM's).
     pub fn name(self) -> Option<&'static str> {
-        const NAMES: [&str; 18] = [
+        const NAMES: [&str; 28] = [
             "handshake",
             "handshake_reply",
             "heartbeat",
@@ -101,6 +146,16 @@ impl Op {
             "sub_reply",
             "unsub",
             "unsub_reply",
+            "im_send",
+            "im_send_reply",
+            "im_ack",
+            "im_msg",
+            "im_sync",
+            "im_sync_reply",
+            "im_pull",
+            "im_pull_reply",
+            "im_read",
+            "im_notify",
         ];
         usize::try_from(self.0)
             .ok()

@@ -8,6 +8,9 @@
 //! client) implementations, so that comet, logic and job depend on the
 //! contract rather than on each other.
 //!
+//! [`im`] holds the JSON bodies of rim's IM ops (18–27): what a client
+//! sends and what the server answers or pushes.
+//!
 //! It does not own transports: sockets, WebSocket upgrades and gRPC servers
 //! live in the roles that use these types.
 
@@ -16,6 +19,7 @@ mod batch;
 mod codec;
 mod error;
 mod frame;
+pub mod im;
 
 pub use batch::{BatchBuilder, BatchFrames};
 pub use codec::FrameCodec;

@@ -42,8 +42,18 @@ pub trait Router: Send + Sync + 'static {
     /// Returns the server of each key, in the order given (None = offline or expired).
     async fn servers_of_keys(&self, keys: &[String]) -> Result<Vec<Option<String>>>;
 
+    /// Returns the live connections of the given users (each user once,
+    /// however often it is named), in no particular order.
+    async fn devices(&self, mids: &[i64]) -> Result<Vec<Device>>;
+
     /// Returns the live keys of the given users grouped by server: server -> keys.
-    async fn keys_by_server(&self, mids: &[i64]) -> Result<HashMap<String, Vec<String>>>;
+    async fn keys_by_server(&self, mids: &[i64]) -> Result<HashMap<String, Vec<String>>> {
+        let mut by_server: HashMap<String, Vec<String>> = HashMap::new();
+        for device in self.devices(mids).await? {
+            by_server.entry(device.server).or_default().push(device.key);
+        }
+        Ok(by_server)
+    }
 
     /// Replaces comet `server`'s room counts (room -> members), stamped now.
     async fn set_room_counts(&self, server: &str, counts: &HashMap<String, i32>) -> Result<()>;
@@ -58,6 +68,17 @@ pub trait Router: Send + Sync + 'static {
 
     /// Checks the backend is reachable (for /readyz).
     async fn ping(&self) -> Result<()>;
+}
+
+/// One live connection of a user.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Device {
+    /// The user.
+    pub mid: i64,
+    /// The connection key.
+    pub key: String,
+    /// The comet (node id) holding it.
+    pub server: String,
 }
 
 /// One comet's last room-count report.

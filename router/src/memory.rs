@@ -281,11 +281,11 @@ impl Router for MemoryRouter {
         Ok(servers)
     }
 
-    async fn keys_by_server(&self, mids: &[i64]) -> Result<HashMap<String, Vec<String>>> {
+    async fn devices(&self, mids: &[i64]) -> Result<Vec<crate::Device>> {
         let inner = &*self.inner;
         let now = Instant::now();
         let mut seen = HashSet::with_capacity(mids.len());
-        let mut by_server: HashMap<String, Vec<String>> = HashMap::new();
+        let mut found = Vec::new();
         for &mid in mids {
             if !seen.insert(mid) {
                 continue;
@@ -299,16 +299,13 @@ impl Router for MemoryRouter {
                 users.remove(&mid);
                 continue;
             }
-            for device in devices.iter() {
-                match by_server.get_mut(&*device.server) {
-                    Some(keys) => keys.push(device.key.to_string()),
-                    None => {
-                        by_server.insert(device.server.to_string(), vec![device.key.to_string()]);
-                    }
-                }
-            }
+            found.extend(devices.iter().map(|device| crate::Device {
+                mid,
+                key: device.key.to_string(),
+                server: device.server.to_string(),
+            }));
         }
-        Ok(by_server)
+        Ok(found)
     }
 
     async fn set_room_counts(&self, server: &str, counts: &HashMap<String, i32>) -> Result<()> {

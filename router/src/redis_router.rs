@@ -41,7 +41,7 @@ use self::connection::Connection;
 use self::scripts::{
     ADD_DEVICE, PRUNE_DEVICE, REMOVE_DEVICE, REMOVE_KEY, RENEW_DEVICE, RENEW_KEY, REPLACE_ROOMS,
 };
-use crate::{Error, Result, Router, ServerReport, millis, unix_ms};
+use crate::{Device, Error, Result, Router, ServerReport, millis, unix_ms};
 
 /// Default bound on one Redis request (or batch) before it fails as unavailable.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -444,7 +444,7 @@ impl Router for RedisRouter {
             .collect()
     }
 
-    async fn keys_by_server(&self, mids: &[i64]) -> Result<HashMap<String, Vec<String>>> {
+    async fn devices(&self, mids: &[i64]) -> Result<Vec<Device>> {
         let mut seen = HashSet::with_capacity(mids.len());
         let mids: Vec<i64> = mids
             .iter()
@@ -452,7 +452,7 @@ impl Router for RedisRouter {
             .filter(|mid| seen.insert(*mid))
             .collect();
         if mids.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Vec::new());
         }
         let commands = mids
             .iter()
@@ -462,18 +462,17 @@ impl Router for RedisRouter {
             .call("look up users", self.connection.batch(commands))
             .await?;
         let now = unix_ms();
-        let mut by_server: HashMap<String, Vec<String>> = HashMap::new();
+        let mut found = Vec::new();
         let mut expired = Vec::new();
         for (mid, reply) in mids.into_iter().zip(replies) {
             let devices: HashMap<String, String> = self.parse("HGETALL of a user", reply)?;
             for (key, value) in devices {
                 match parse_device(&value) {
-                    Some((server, expires)) if expires > now => match by_server.get_mut(server) {
-                        Some(keys) => keys.push(key),
-                        None => {
-                            by_server.insert(server.to_owned(), vec![key]);
-                        }
-                    },
+                    Some((server, expires)) if expires > now => found.push(Device {
+                        mid,
+                        key,
+                        server: server.to_owned(),
+                    }),
                     _ => expired.push((mid, key, value)),
                 }
             }
@@ -481,7 +480,7 @@ impl Router for RedisRouter {
         if !expired.is_empty() {
             self.prune(expired).await;
         }
-        Ok(by_server)
+        Ok(found)
     }
 
     async fn set_room_counts(&self, server: &str, counts: &HashMap<String, i32>) -> Result<()> {

@@ -212,6 +212,9 @@ impl Router for DownRouter {
     ) -> rim_router::Result<bool> {
         down()
     }
+    async fn devices(&self, _mids: &[i64]) -> rim_router::Result<Vec<rim_router::Device>> {
+        down()
+    }
     async fn servers_of_keys(&self, _keys: &[String]) -> rim_router::Result<Vec<Option<String>>> {
         down()
     }

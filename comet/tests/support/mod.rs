@@ -36,6 +36,8 @@ pub struct ScriptedLogic {
     pub generated: AtomicU64,
     /// While set, Connect fails as unavailable (logic down).
     pub down: std::sync::atomic::AtomicBool,
+    /// While set, Receive fails as unavailable.
+    pub receive_down: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -114,13 +116,27 @@ impl LogicApi for ScriptedLogic {
         })
     }
 
-    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<()> {
+    /// Records the frame; an IM request with a reply op (18, 22, 24) is
+    /// answered with op + 1, its seq, and `re:` + its body.
+    async fn receive(&self, req: logic::ReceiveRequest) -> RpcResult<logic::ReceiveReply> {
+        if self.receive_down.load(Ordering::Acquire) {
+            return Err(RpcError::Unavailable("logic is down (test)".into()));
+        }
         let proto = req.proto.unwrap_or_default();
         self.received
             .lock()
             .unwrap()
-            .push((req.key, proto.op, proto.body));
-        Ok(())
+            .push((req.key, proto.op, proto.body.clone()));
+        let replies = match proto.op {
+            18 | 22 | 24 => vec![Proto {
+                ver: 1,
+                op: proto.op + 1,
+                seq: proto.seq,
+                body: [&b"re:"[..], &proto.body].concat().into(),
+            }],
+            _ => Vec::new(),
+        };
+        Ok(logic::ReceiveReply { replies })
     }
 
     async fn nodes(&self, _req: logic::NodesRequest) -> RpcResult<logic::NodesReply> {

@@ -34,6 +34,7 @@ fn decode_all(codec: &mut FrameCodec, buf: &mut BytesMut) -> Result<Vec<Frame>, 
 #[test]
 fn every_op_round_trips_on_a_stream_and_as_a_message() {
     let mut ops: Vec<Op> = Op::KNOWN.to_vec();
+    ops.extend(Op::IM);
     ops.extend([Op(1000), Op(1001), Op(-1), Op(i32::MAX), Op(i32::MIN)]);
     let frames: Vec<Frame> = ops
         .iter()

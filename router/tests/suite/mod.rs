@@ -150,6 +150,24 @@ pub async fn add_then_look_up_by_key_and_by_user(r: &dyn Router) {
         by_server(r, &[1, 2, 1]).await,
         expect(&[("c1", &["k1", "k3"]), ("c2", &["k2"])])
     );
+    // Per user: each connection once, with its user and comet.
+    let mut devices: Vec<(i64, String, String)> = r
+        .devices(&[2, 1, 2, 9])
+        .await
+        .expect("devices")
+        .into_iter()
+        .map(|d| (d.mid, d.key, d.server))
+        .collect();
+    devices.sort();
+    let owned = |mid: i64, key: &str, server: &str| (mid, key.to_owned(), server.to_owned());
+    assert_eq!(
+        devices,
+        [
+            owned(1, "k1", "c1"),
+            owned(1, "k2", "c2"),
+            owned(2, "k3", "c1")
+        ]
+    );
 }
 
 /// Re-adding a key moves it to the new comet (and to the new user), and the

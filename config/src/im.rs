@@ -1,0 +1,172 @@
+//! `[im]`: the IM layer (../shared/docs/im.md) — where messages are stored
+//! and the limits of the chat ops. `rim standalone` keeps them in SQLite
+//! under `rim-data/`; a logic cluster shares PostgreSQL.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sections::{in_range, not_blank, positive, secret};
+use crate::{ConfigError, Result};
+
+/// Which message store the IM layer uses.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ImStore {
+    /// No IM: IM requests are refused with code 2 and the /im/v1 endpoints
+    /// answer 404 (the default of `rim logic`, which needs a shared store).
+    Off,
+    /// An embedded SQLite file (`im.sqlite_path`; the default of `rim
+    /// standalone`). One process only.
+    Sqlite,
+    /// PostgreSQL (`im.postgres`), shared by every logic.
+    Postgres,
+}
+
+/// How hard SQLite syncs a commit to disk.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSync {
+    /// fsync on every commit: an acknowledged message survives power loss.
+    Full,
+    /// No fsync per commit (WAL): survives a process crash, but a power
+    /// loss may take the last commits (never corrupting the file).
+    Normal,
+}
+
+/// `[im]`: the IM layer's store and limits.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImConfig {
+    /// Where messages are stored: off, sqlite or postgres.
+    pub store: ImStore,
+    /// The SQLite file (created with its directory).
+    pub sqlite_path: PathBuf,
+    /// SQLite's `synchronous`: full (default) or normal.
+    pub sqlite_synchronous: SqliteSync,
+    /// PostgreSQL URLs, `postgres://user@host:port/db` (one primary for now).
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    pub postgres: Vec<String>,
+    /// Connections per PostgreSQL primary.
+    pub postgres_pool: usize,
+    /// How long a store operation may take before the request gets code 5.
+    #[serde(with = "humantime_serde")]
+    pub store_timeout: Duration,
+    /// Sends committed together at most (group commit).
+    pub max_batch: usize,
+    /// This process's number in message ids (0..=1023); distinct per logic
+    /// sharing a store. Default: derived from `node.id`.
+    pub node: Option<u16>,
+    /// The largest message body, in bytes.
+    pub max_body: usize,
+    /// A connected device that has not acked a pushed message this long is
+    /// told to SYNC (NOTIFY sync) instead of getting the message again.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// The most members a group may have (write diffusion: one inbox entry
+    /// per member per message).
+    pub big_group_members: u32,
+    /// Bearer token for the /im/v1 endpoints; unset = `api.admin_token`.
+    pub api_token: Option<String>,
+}
+
+impl ImConfig {
+    /// The defaults of `rim standalone`: SQLite under `rim-data/`.
+    pub fn standalone() -> ImConfig {
+        ImConfig {
+            store: ImStore::Sqlite,
+            ..ImConfig::default()
+        }
+    }
+
+    /// The id-generator node: `im.node`, or one derived from `node_id`
+    /// (FNV-1a, stable across versions).
+    pub fn id_node(&self, node_id: &str) -> u16 {
+        self.node.unwrap_or_else(|| {
+            let hash = node_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            (hash % (u64::from(MAX_ID_NODE) + 1)) as u16
+        })
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.store == ImStore::Sqlite && self.sqlite_path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "im.sqlite_path",
+                "store is sqlite but no path is set",
+            ));
+        }
+        if self.store == ImStore::Postgres {
+            match self.postgres.as_slice() {
+                [] => {
+                    return Err(ConfigError::invalid(
+                        "im.postgres",
+                        "store is postgres but no URL is set",
+                    ));
+                }
+                [url] => postgres_url("im.postgres", url)?,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "im.postgres",
+                        "one primary for now (sharding over several is not built yet)",
+                    ));
+                }
+            }
+        }
+        in_range("im.postgres_pool", self.postgres_pool as u64, 1, 1024)?;
+        positive("im.store_timeout", self.store_timeout)?;
+        in_range("im.max_batch", self.max_batch as u64, 1, 10_000)?;
+        if let Some(node) = self.node {
+            in_range("im.node", u64::from(node), 0, u64::from(MAX_ID_NODE))?;
+        }
+        // A SEND must fit goim's 4096-byte frame with its JSON around it.
+        in_range("im.max_body", self.max_body as u64, 1, 1 << 20)?;
+        positive("im.ack_timeout", self.ack_timeout)?;
+        in_range(
+            "im.big_group_members",
+            u64::from(self.big_group_members),
+            2,
+            1_000_000,
+        )?;
+        if let Some(token) = &self.api_token {
+            secret("im.api_token", token)?;
+        }
+        Ok(())
+    }
+}
+
+/// The largest id-generator node number (10 bits).
+const MAX_ID_NODE: u16 = 1023;
+
+fn postgres_url(key: &str, url: &str) -> Result<()> {
+    not_blank(key, url)?;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{url:?} is not a postgres:// URL"),
+        ));
+    }
+    Ok(())
+}
+
+impl Default for ImConfig {
+    /// The defaults of `rim logic`: IM off until a store is configured.
+    fn default() -> Self {
+        ImConfig {
+            store: ImStore::Off,
+            sqlite_path: PathBuf::from("rim-data/im.sqlite3"),
+            sqlite_synchronous: SqliteSync::Full,
+            postgres: Vec::new(),
+            postgres_pool: 8,
+            store_timeout: Duration::from_secs(5),
+            max_batch: 256,
+            node: None,
+            max_body: 4000,
+            ack_timeout: Duration::from_secs(10),
+            big_group_members: 500,
+            api_token: None,
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The behaviour suite over the SQLite store, and what only SQLite has:
+//! its pragmas and its schema version.
+
+mod suite;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rim_im::{
+    ConvId, Error, IdGenerator, MessageStore, Page, Reader, SqliteOptions, SqliteStore, Synchronous,
+};
+use suite::Backend;
+
+/// How long a store waits for a lock another connection holds: short, so
+/// the blocked-writes case fails fast.
+const TIMEOUT: Duration = Duration::from_millis(300);
+
+struct Sqlite {
+    dir: tempfile::TempDir,
+    ids: Arc<IdGenerator>,
+}
+
+impl Sqlite {
+    fn new() -> Sqlite {
+        Sqlite {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            ids: Arc::new(IdGenerator::new(1).expect("node 1")),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("im").join("store.db")
+    }
+
+    fn options(&self) -> SqliteOptions {
+        SqliteOptions {
+            timeout: TIMEOUT,
+            ..SqliteOptions::new(self.ids.clone())
+        }
+    }
+
+    fn store(&self) -> SqliteStore {
+        SqliteStore::open(&self.path(), self.options()).expect("the store opens")
+    }
+}
+
+#[async_trait]
+impl Backend for Sqlite {
+    async fn open(&self) -> Arc<dyn MessageStore> {
+        Arc::new(self.store())
+    }
+
+    async fn reopen(&self) -> Arc<dyn MessageStore> {
+        Arc::new(self.store())
+    }
+
+    async fn block_writes(&self) -> Box<dyn Send> {
+        let conn = rusqlite::Connection::open(self.path()).expect("a second connection");
+        conn.execute_batch("BEGIN EXCLUSIVE")
+            .expect("the write lock");
+        Box::new(conn)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seq_is_dense_under_concurrent_senders() {
+    suite::seq_is_dense_under_concurrent_senders(&Sqlite::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dedup_holds_under_concurrent_resends() {
+    suite::dedup_holds_under_concurrent_resends(&Sqlite::new()).await;
+}
+
+#[tokio::test]
+async fn inbox_sync_is_dense_per_user() {
+    suite::inbox_sync_is_dense_per_user(&Sqlite::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn history_pages_both_ways_with_clamps() {
+    suite::history_pages_both_ways_with_clamps(&Sqlite::new()).await;
+}
+
+#[tokio::test]
+async fn read_position_is_monotonic() {
+    suite::read_position_is_monotonic(&Sqlite::new()).await;
+}
+
+#[tokio::test]
+async fn conversations_list_most_recent_first() {
+    suite::conversations_list_most_recent_first(&Sqlite::new()).await;
+}
+
+#[tokio::test]
+async fn membership_add_remove_and_limits() {
+    suite::membership_add_remove_and_limits(&Sqlite::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_error_is_code_5_and_stores_nothing() {
+    suite::a_store_error_is_code_5_and_stores_nothing(&Sqlite::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sends_share_commits() {
+    let commits = suite::concurrent_sends_share_commits(&Sqlite::new()).await;
+    eprintln!("sqlite: 1000 concurrent sends (50 senders x 20) took {commits} commits");
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_reopen() {
+    suite::acknowledged_writes_survive_a_reopen(&Sqlite::new()).await;
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let backend = Sqlite::new();
+    drop(backend.store());
+    let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
+    conn.pragma_update(None, "user_version", 2)
+        .expect("user_version set");
+    drop(conn);
+    let err = SqliteStore::open(&backend.path(), backend.options()).expect_err("refused");
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("schema version 2") && text.contains("version 1"),
+        "names both versions: {text}"
+    );
+}
+
+#[tokio::test]
+async fn the_file_is_wal_and_full_by_default_normal_when_asked() {
+    let backend = Sqlite::new();
+    let store = backend.store();
+    assert_eq!(store.pragmas().journal_mode, "wal");
+    assert_eq!(store.pragmas().synchronous, Synchronous::Full);
+    drop(store);
+    // WAL is a property of the file: a fresh connection sees it.
+    let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+        .expect("journal mode");
+    assert_eq!(mode, "wal");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .expect("user_version");
+    assert_eq!(version, 1);
+
+    let normal = SqliteStore::open(
+        &backend.path(),
+        SqliteOptions {
+            synchronous: Synchronous::Normal,
+            ..backend.options()
+        },
+    )
+    .expect("opens");
+    assert_eq!(normal.pragmas().synchronous, Synchronous::Normal);
+}
+
+#[tokio::test]
+async fn ids_increase_with_seq_and_ts_is_the_ids_time() {
+    let backend = Sqlite::new();
+    let store = backend.store();
+    let c = ConvId::peer(1, 2).expect("conv");
+    for i in 0..50 {
+        let draft = rim_im::Draft::new(c.clone(), 1 + i % 2, format!("c{i}"), 0, "x".into(), 4000)
+            .expect("draft");
+        store.send(draft).await.expect("sent");
+    }
+    let page = store
+        .pull(&c, Reader::Business, Page::After(0), 100)
+        .await
+        .expect("pull");
+    assert_eq!(page.messages.len(), 50);
+    for pair in page.messages.windows(2) {
+        assert!(pair[0].id < pair[1].id, "ids follow seqs");
+    }
+    for m in &page.messages {
+        assert_eq!(m.ts, m.id.unix_ms() as i64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_while_writes_are_blocked() {
+    let backend = Sqlite::new();
+    let store = backend.store();
+    let c = ConvId::peer(1, 2).expect("conv");
+    let draft = rim_im::Draft::new(c.clone(), 1, "a".into(), 0, "x".into(), 4000).expect("draft");
+    store.send(draft).await.expect("sent");
+
+    let guard = backend.block_writes().await;
+    let page = store
+        .pull(&c, Reader::Member(2), Page::Latest, 0)
+        .await
+        .expect("a read beside a writer (WAL)");
+    assert_eq!(page.max_seq, 1);
+    assert_eq!(store.sync(2, 0, 0).await.expect("sync").entries.len(), 1);
+    let draft = rim_im::Draft::new(c.clone(), 1, "b".into(), 0, "x".into(), 4000).expect("draft");
+    assert!(matches!(
+        store.send(draft).await,
+        Err(Error::Unavailable(_))
+    ));
+    drop(guard);
+}

@@ -1,0 +1,330 @@
+//! The IM layer in logic (../shared/docs/im.md): the client ops comets hand
+//! over (SEND 18, ACK 20, SYNC 22, PULL 24, READ 26) answered from the
+//! message store, and the frames pushed after a commit (MSG 21, NOTIFY 27).
+//!
+//! A SEND is answered only after the store committed it durably; its MSG
+//! frames are then queued in the background (deliver.rs). Replies echo the
+//! request's header seq; a malformed request gets its reply op with a
+//! non-zero code and the connection stays open. ACK and READ have no reply:
+//! a bad one is logged and counted.
+
+mod deliver;
+mod metrics;
+mod wire;
+
+use std::sync::Arc;
+
+use rim_config::ImConfig;
+use rim_im::{
+    ConvId, DEFAULT_SYNC_LIMIT, Draft, MAX_SYNC_LIMIT, MessageStore, Page, Reader, Sent,
+    clamp_limit,
+};
+use rim_proto::Op;
+use rim_proto::im::{
+    Ack, Body, Code, Notify, PullReply, PullRequest, ReadRequest, SendReply, SendRequest,
+    SyncReply, SyncRequest,
+};
+use rim_proto::pb::frame::v1::Proto;
+use rim_queue::Producer;
+use rim_router::Router;
+
+use self::deliver::Deliverer;
+use self::metrics::ImMetrics;
+use self::wire::Refusal;
+
+/// The most body bytes of messages one SYNC or PULL reply carries; a page
+/// that would be larger is cut (SYNC says `more`, PULL continues from its
+/// last seq), so a reply stays a reasonable frame.
+const MAX_REPLY_BODY_BYTES: usize = 256 << 10;
+
+/// The IM service: the store behind it and the queue its pushes go to.
+pub struct Im {
+    store: Arc<dyn MessageStore>,
+    deliver: Deliverer,
+    max_body: usize,
+    metrics: Arc<ImMetrics>,
+}
+
+impl std::fmt::Debug for Im {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Im")
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Im {
+    /// Creates the IM service over a store, the online map (to find the
+    /// recipients' connections) and the push queue.
+    pub fn new(
+        store: Arc<dyn MessageStore>,
+        router: Arc<dyn Router>,
+        queue: Arc<dyn Producer>,
+        config: &ImConfig,
+    ) -> Im {
+        let metrics = Arc::new(ImMetrics::default());
+        Im {
+            store,
+            deliver: Deliverer::new(router, queue, Arc::clone(&metrics)),
+            max_body: config.max_body,
+            metrics,
+        }
+    }
+
+    /// Registers the IM metrics (`rim_logic_im_*`) in `registry`.
+    pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
+        self.metrics.register(registry, Arc::clone(&self.store));
+    }
+
+    /// Returns the store (the HTTP endpoints read through it).
+    pub fn store(&self) -> &Arc<dyn MessageStore> {
+        &self.store
+    }
+
+    /// Stores a message and, once it is durable, queues its MSG frames to
+    /// every member's connections except `sender_key` (the connection that
+    /// sent it, which gets SEND_REPLY instead). A resend (duplicate cmid)
+    /// stores and pushes nothing.
+    pub async fn send(&self, draft: Draft, sender_key: Option<&str>) -> rim_im::Result<Sent> {
+        let sent = self.store.send(draft).await?;
+        if !sent.duplicate {
+            self.deliver.message(&sent, sender_key).await;
+        }
+        Ok(sent)
+    }
+
+    /// Moves `mid`'s read position in `conv` and, when it moved, tells the
+    /// user's other connections (NOTIFY read) except `reader_key`.
+    pub async fn read(
+        &self,
+        conv: &ConvId,
+        mid: i64,
+        seq: u64,
+        reader_key: Option<&str>,
+    ) -> rim_im::Result<rim_im::ReadPos> {
+        let pos = self.store.read(conv, mid, seq).await?;
+        if pos.advanced {
+            let notify = Notify::Read {
+                conv: conv.to_string(),
+                seq: pos.read_seq,
+            };
+            self.deliver.notify(mid, &notify, reader_key).await;
+        }
+        Ok(pos)
+    }
+
+    /// Handles one IM frame of connection `key` of user `mid`; returns the
+    /// frames it answers (none for ACK, READ and server-only ops).
+    pub(crate) async fn request(&self, mid: i64, key: &str, frame: Proto) -> Vec<Proto> {
+        let (seq, body) = (frame.seq, &frame.body[..]);
+        match Op(frame.op) {
+            Op::IM_SEND => {
+                let reply = self.client_send(mid, key, body).await;
+                self.metrics.request("send", reply.code.0);
+                vec![reply.to_frame(seq).into()]
+            }
+            Op::IM_SYNC => {
+                let reply = self.client_sync(mid, body).await;
+                self.metrics.request("sync", reply.code.0);
+                vec![reply.to_frame(seq).into()]
+            }
+            Op::IM_PULL => {
+                let reply = self.client_pull(mid, body).await;
+                self.metrics.request("pull", reply.code.0);
+                vec![reply.to_frame(seq).into()]
+            }
+            Op::IM_ACK => {
+                let code = match Ack::decode(body) {
+                    Ok(_) => Code::OK,
+                    Err(err) => Self::dropped("ACK", mid, &Refusal::undecodable("ACK", &err)),
+                };
+                self.metrics.request("ack", code.0);
+                Vec::new()
+            }
+            Op::IM_READ => {
+                let code = match self.client_read(mid, key, body).await {
+                    Ok(()) => Code::OK,
+                    Err(refusal) => Self::dropped("READ", mid, &refusal),
+                };
+                self.metrics.request("read", code.0);
+                Vec::new()
+            }
+            op => {
+                tracing::debug!(
+                    op = op.0,
+                    mid,
+                    "server-to-client IM op from a client ignored"
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Logs a refused request that has no reply; returns its code.
+    fn dropped(op: &str, mid: i64, refusal: &Refusal) -> Code {
+        tracing::debug!(op, mid, code = refusal.code.0, error = ?refusal.error, "IM request refused");
+        refusal.code
+    }
+
+    async fn client_send(&self, mid: i64, key: &str, body: &[u8]) -> SendReply {
+        let req = match SendRequest::decode(body) {
+            Ok(req) => req,
+            Err(err) => return refused_send(Refusal::undecodable("SEND", &err), ""),
+        };
+        let cmid = req.cmid.clone();
+        match self.try_send(mid, key, req).await {
+            Ok(sent) => SendReply {
+                cmid,
+                conv: sent.message.conv.to_string(),
+                seq: sent.message.seq,
+                id: sent.message.id.to_string(),
+                ts: sent.message.ts,
+                ..SendReply::default()
+            },
+            Err(refusal) => refused_send(refusal, &cmid),
+        }
+    }
+
+    async fn try_send(&self, mid: i64, key: &str, req: SendRequest) -> Result<Sent, Refusal> {
+        let conv = match (req.to, req.conv.as_deref()) {
+            (Some(to), None) => ConvId::peer(mid, to)?,
+            (None, Some(conv)) => wire::conv(conv)?,
+            (Some(_), Some(_)) => return Err(Refusal::bad("give `to` or `conv`, not both")),
+            (None, None) => return Err(Refusal::bad("missing `to` (a user) or `conv` (a group)")),
+        };
+        let draft = Draft::new(conv, mid, req.cmid, req.kind, req.body, self.max_body)?;
+        Ok(self.send(draft, Some(key)).await?)
+    }
+
+    async fn client_sync(&self, mid: i64, body: &[u8]) -> SyncReply {
+        let req = match SyncRequest::decode(body) {
+            Ok(req) => req,
+            Err(err) => return refused_sync(Refusal::undecodable("SYNC", &err)),
+        };
+        let limit = clamp_limit(req.limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT);
+        let page = match self.store.sync(mid, req.sync, limit).await {
+            Ok(page) => page,
+            Err(err) => return refused_sync(err.into()),
+        };
+        let mut reply = SyncReply {
+            sync: page.sync,
+            more: page.more,
+            reset: page.reset,
+            ..SyncReply::default()
+        };
+        let mut bytes = 0;
+        for entry in page.entries {
+            bytes += entry.message.body.len();
+            if !reply.msgs.is_empty() && bytes > MAX_REPLY_BODY_BYTES {
+                // Cut here: the device continues after the last entry sent.
+                reply.more = true;
+                reply.sync = reply.msgs.last().and_then(|m| m.sync).unwrap_or(reply.sync);
+                break;
+            }
+            reply.msgs.push(wire::msg(&entry.message, Some(entry.sync)));
+        }
+        reply
+    }
+
+    async fn client_pull(&self, mid: i64, body: &[u8]) -> PullReply {
+        let req = match PullRequest::decode(body) {
+            Ok(req) => req,
+            Err(err) => return refused_pull(Refusal::undecodable("PULL", &err), ""),
+        };
+        let page = match (req.before, req.after) {
+            (Some(before), None) => Page::Before(before),
+            (None, Some(after)) => Page::After(after),
+            (None, None) => Page::Latest,
+            (Some(_), Some(_)) => {
+                return refused_pull(
+                    Refusal::bad("give `before` or `after`, not both"),
+                    &req.conv,
+                );
+            }
+        };
+        let conv = match wire::conv(&req.conv) {
+            Ok(conv) => conv,
+            Err(refusal) => return refused_pull(refusal, &req.conv),
+        };
+        match self
+            .store
+            .pull(&conv, Reader::Member(mid), page, req.limit)
+            .await
+        {
+            Ok(page) => {
+                let mut bytes = 0;
+                let msgs = page
+                    .messages
+                    .iter()
+                    .enumerate()
+                    .take_while(|(i, m)| {
+                        bytes += m.body.len();
+                        *i == 0 || bytes <= MAX_REPLY_BODY_BYTES
+                    })
+                    .map(|(_, m)| wire::msg(m, None))
+                    .collect();
+                PullReply {
+                    conv: req.conv,
+                    msgs,
+                    max_seq: page.max_seq,
+                    min_seq: page.min_seq,
+                    reset: page.reset,
+                    ..PullReply::default()
+                }
+            }
+            Err(err) => refused_pull(err.into(), &req.conv),
+        }
+    }
+
+    async fn client_read(&self, mid: i64, key: &str, body: &[u8]) -> Result<(), Refusal> {
+        let req = ReadRequest::decode(body).map_err(|err| Refusal::undecodable("READ", &err))?;
+        let conv = wire::conv(&req.conv)?;
+        self.read(&conv, mid, req.seq, Some(key)).await?;
+        Ok(())
+    }
+}
+
+/// What a deployment without a message store answers an IM request.
+pub(crate) fn off_reply(frame: &Proto) -> Vec<Proto> {
+    const ERROR: &str = "IM is off on this deployment (im.store = \"off\")";
+    let seq = frame.seq;
+    let reply = match Op(frame.op) {
+        Op::IM_SEND => SendReply::refused(Code::NOT_ALLOWED, ERROR, "").to_frame(seq),
+        Op::IM_SYNC => refused_sync(Refusal {
+            code: Code::NOT_ALLOWED,
+            error: ERROR.into(),
+        })
+        .to_frame(seq),
+        Op::IM_PULL => refused_pull(
+            Refusal {
+                code: Code::NOT_ALLOWED,
+                error: ERROR.into(),
+            },
+            "",
+        )
+        .to_frame(seq),
+        _ => return Vec::new(),
+    };
+    vec![reply.into()]
+}
+
+fn refused_send(refusal: Refusal, cmid: &str) -> SendReply {
+    SendReply::refused(refusal.code, refusal.error, cmid)
+}
+
+fn refused_sync(refusal: Refusal) -> SyncReply {
+    SyncReply {
+        code: refusal.code,
+        error: refusal.error,
+        ..SyncReply::default()
+    }
+}
+
+fn refused_pull(refusal: Refusal, conv: &str) -> PullReply {
+    PullReply {
+        code: refusal.code,
+        error: refusal.error,
+        conv: conv.to_owned(),
+        ..PullReply::default()
+    }
+}
