@@ -614,15 +614,17 @@ impl MessageStore for PostgresStore {
                 .await
                 .map_err(db("starting a group change"))?;
             // The conversation's row first (created or locked), as in
-            // every transaction.
+            // every transaction. A new group is listed in its members'
+            // conversations from its creation time.
+            let now = now_ms();
             let lock = tx
                 .prepare_cached(
-                    "INSERT INTO convs (conv, max_seq, last_ts) VALUES ($1, 0, 0) \
+                    "INSERT INTO convs (conv, max_seq, last_ts) VALUES ($1, 0, $2) \
                          ON CONFLICT (conv) DO UPDATE SET max_seq = convs.max_seq",
                 )
                 .await
                 .map_err(db("preparing a group change"))?;
-            tx.execute(&lock, &[&conv_text])
+            tx.execute(&lock, &[&conv_text, &now])
                 .await
                 .map_err(db("locking a group's conversation"))?;
             let update = tx
@@ -646,7 +648,7 @@ impl MessageStore for PostgresStore {
                         )
                         .await
                         .map_err(db("preparing a group change"))?;
-                    tx.execute(&insert, &[&conv_text, &spec.name, &max_members, &now_ms()])
+                    tx.execute(&insert, &[&conv_text, &spec.name, &max_members, &now])
                         .await
                         .map_err(db("creating a group"))?;
                     (0, true)
@@ -722,9 +724,7 @@ impl MessageStore for PostgresStore {
                 .filter(|mid| !current.contains(mid))
                 .collect();
             let members = i64::from(count) - removed.len() as i64 + added.len() as i64;
-            // Only a change that adds is refused: removals alone are
-            // always allowed (below a lowered limit included).
-            if !added.is_empty() && members > i64::from(limit) {
+            if members > i64::from(limit) {
                 return Err(Error::GroupFull {
                     conv,
                     members: u64::try_from(members).unwrap_or(0),
