@@ -89,7 +89,7 @@ impl Schema {
         session(&self.url).await
     }
 
-    async fn drop(self) {
+    async fn remove(self) {
         self.admin
             .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
             .await
@@ -236,7 +236,7 @@ macro_rules! suite_cases {
         async fn $case() {
             let backend = Postgres::new().await;
             suite::$case(&backend).await;
-            backend.schema.drop().await;
+            backend.schema.remove().await;
         }
     )*};
 }
@@ -259,7 +259,7 @@ async fn concurrent_sends_share_commits() {
     let backend = Postgres::new().await;
     let commits = suite::concurrent_sends_share_commits(&backend).await;
     eprintln!("postgres: 1000 concurrent sends (50 senders x 20) took {commits} commits");
-    backend.schema.drop().await;
+    backend.schema.remove().await;
 }
 
 #[tokio::test]
@@ -464,7 +464,7 @@ async fn sends_reads_and_groups_work_as_the_trait_says() {
 
     assert!(store.commits() > 0);
     drop(store);
-    schema.drop().await;
+    schema.remove().await;
 }
 
 /// 50 senders, 20 messages each, to one group through `stores`: seq 1..1000
@@ -522,7 +522,7 @@ async fn two_stores_on_one_database_keep_seq_dense() {
     let a = Arc::new(schema.store().await);
     let b = Arc::new(schema.store().await);
     fifty_senders(vec![a, b], "two stores").await;
-    schema.drop().await;
+    schema.remove().await;
 }
 
 #[tokio::test]
@@ -562,7 +562,7 @@ async fn concurrent_resends_store_one_message() {
     // One entry per message in each inbox.
     assert_eq!(inbox(&*stores[1], 3).await.len(), 2);
     assert_eq!(inbox(&*stores[1], 5).await.len(), 1);
-    schema.drop().await;
+    schema.remove().await;
 }
 
 #[tokio::test]
@@ -645,7 +645,7 @@ async fn inboxes_stay_dense_under_crossing_traffic() {
     assert_eq!(pair.len(), 6, "3 rounds from each side");
     let me = history(&*stores[0], &ConvId::peer(4, 4).unwrap()).await;
     assert_eq!(me.len(), 3);
-    schema.drop().await;
+    schema.remove().await;
 }
 
 #[tokio::test]
@@ -665,7 +665,7 @@ async fn a_newer_schema_is_refused() {
     let text = err.to_string();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     assert!(text.contains("99") && text.contains("version 1"), "{text}");
-    schema.drop().await;
+    schema.remove().await;
 }
 
 #[tokio::test]
@@ -696,7 +696,7 @@ async fn four_stores_migrate_one_database_at_once() {
         let sent = store.send(draft(&conv, 1, &format!("c{i}"))).await.unwrap();
         assert_eq!(sent.message.seq, i as u64 + 1);
     }
-    schema.drop().await;
+    schema.remove().await;
 }
 
 #[tokio::test]
@@ -733,7 +733,7 @@ async fn a_write_blocked_past_the_timeout_is_unavailable_and_stores_nothing() {
     // The same cmid goes through once the table is free, with the next seq.
     let sent = store.send(draft(&pair, 2, "blocked")).await.unwrap();
     assert_eq!((sent.message.seq, sent.duplicate), (2, false));
-    schema.drop().await;
+    schema.remove().await;
 }
 
 #[tokio::test]
@@ -779,7 +779,7 @@ async fn refusals_do_not_fail_the_other_sends_of_their_batch() {
     }
     assert_dense(stored, 20, "the members' sends");
     assert_eq!(history(&*store, &conv).await.len(), 20);
-    schema.drop().await;
+    schema.remove().await;
 }
 
 #[tokio::test]
@@ -827,5 +827,5 @@ async fn sends_go_on_after_the_server_drops_every_connection() {
             .unwrap_or_else(|e| panic!("send {i} after the connections dropped: {e:?}"));
         assert_eq!(sent.message.seq, 21 + i);
     }
-    schema.drop().await;
+    schema.remove().await;
 }
