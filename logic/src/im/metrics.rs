@@ -26,9 +26,7 @@ impl ImMetrics {
             .ok()
             .and_then(|i| CODES.get(i).copied())
             .unwrap_or("other");
-        self.requests
-            .get_or_create(&[("op", op), ("code", code)])
-            .inc();
+        self.requests.get_or_create(&[("op", op), ("code", code)]).inc();
     }
 
     /// Counts one delivery step: queued, router_failed, queue_failed.

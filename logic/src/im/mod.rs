@@ -150,11 +150,7 @@ impl Im {
                 Vec::new()
             }
             op => {
-                tracing::debug!(
-                    op = op.0,
-                    mid,
-                    "server-to-client IM op from a client ignored"
-                );
+                tracing::debug!(op = op.0, mid, "server-to-client IM op from a client ignored");
                 Vec::new()
             }
         }
@@ -236,10 +232,7 @@ impl Im {
             (None, Some(after)) => Page::After(after),
             (None, None) => Page::Latest,
             (Some(_), Some(_)) => {
-                return refused_pull(
-                    Refusal::bad("give `before` or `after`, not both"),
-                    &req.conv,
-                );
+                return refused_pull(Refusal::bad("give `before` or `after`, not both"), &req.conv);
             }
         };
         let conv = match wire::conv(&req.conv) {
