@@ -11,6 +11,14 @@
 //! the transaction that stores the rows, so a rollback or a crash gives
 //! them back: no hole and no reuse. Reads, read positions and group
 //! changes run on the pool directly. The schema is versioned ([`schema`]).
+//!
+//! A send is answered once PostgreSQL has confirmed its batch's commit:
+//! durable as the server's `synchronous_commit` says (`on` by default: in
+//! the WAL on disk; with synchronous standbys, on them too). A batch whose
+//! connection is lost before the commit runs again on another connection;
+//! one lost during the commit is answered `Unavailable`, as its outcome is
+//! unknown: the sender's resend with the same cmid then finds it stored
+//! (`duplicate`) or stores it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
