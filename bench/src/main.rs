@@ -11,6 +11,11 @@ mod cluster;
 mod connections;
 mod fanout;
 mod fleet;
+mod im_catchup;
+mod im_device;
+mod im_history;
+mod im_raw;
+mod im_send;
 mod latency;
 mod options;
 mod pacing;
@@ -45,6 +50,19 @@ enum Command {
     /// unbatched and op-9 batched, next to a raw tokio baseline. Plots:
     /// deliveries/s over time, latency CDF, deliveries per CPU-second by rate.
     Fanout(fanout::Args),
+    /// 1:1 chat through `rim standalone` (SQLite, synchronous FULL): msg/s
+    /// and p50/p99 SEND → SEND_REPLY and SEND → MSG at offered rates, beside
+    /// raw batched SQLite inserts of the same rows. Plots: latency CDFs,
+    /// achieved vs offered rate, latency by rate.
+    ImSend(im_send::Args),
+    /// Offline catch-up through `rim standalone`: a user offline while
+    /// messages pile up over many conversations reconnects and SYNCs;
+    /// round trips and time.
+    ImCatchup(im_catchup::Args),
+    /// History pages of a big conversation (written by raw inserts with
+    /// rim's schema before rim starts): p50/p99 per PULL, newest pages and
+    /// random depths. Plot: page latency CDF.
+    ImHistory(im_history::Args),
     /// The raw tokio fan-out server `fanout` compares rim with.
     Baseline(baseline::Args),
     /// A load-generator child process driven over stdin (used by the other
@@ -71,6 +89,9 @@ fn main() -> ExitCode {
             Command::Connections(args) => connections::run(args).await,
             Command::Fanout(args) => fanout::run(args).await,
             Command::Baseline(args) => baseline::run(args).await,
+            Command::ImSend(args) => im_send::run(args).await,
+            Command::ImCatchup(args) => im_catchup::run(args).await,
+            Command::ImHistory(args) => im_history::run(args).await,
             Command::ClientProc(args) => clientproc::run(args).await,
         }
     });
@@ -141,5 +162,53 @@ mod tests {
             (Some("tcp"), Some(5))
         );
         assert_eq!(json["source_addrs"], 8);
+    }
+
+    /// The IM subcommands keep their flags, defaults and JSON keys.
+    #[test]
+    fn im_subcommands_keep_their_flags_and_defaults() {
+        let cli = Cli::try_parse_from(["rim-bench", "im-send", "--rates", "500,4000"]).unwrap();
+        let Command::ImSend(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(json["rim"], "target/release/rim");
+        assert_eq!(json["port_base"], 32_000);
+        assert_eq!(json["rates"], serde_json::json!([500.0, 4000.0]));
+        assert_eq!(json["pairs"], 200);
+        assert_eq!(
+            (json["duration"].as_u64(), json["warmup"].as_u64()),
+            (Some(15), Some(3))
+        );
+        assert_eq!(json["raw_batch"], serde_json::json!([256, 1]));
+        assert_eq!(json["raw_messages"], 200_000);
+        assert!(Cli::try_parse_from(["rim-bench", "im-send", "--rates", "0"]).is_err());
+        assert!(Cli::try_parse_from(["rim-bench", "im-send", "--pairs", "0"]).is_err());
+        assert!(Cli::try_parse_from(["rim-bench", "im-send", "--body-bytes", "10"]).is_err());
+
+        let cli = Cli::try_parse_from(["rim-bench", "im-catchup"]).unwrap();
+        let Command::ImCatchup(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(
+            (json["messages"].as_u64(), json["convs"].as_u64()),
+            (Some(10_000), Some(50))
+        );
+        assert_eq!(json["limit"], 200);
+        assert!(Cli::try_parse_from(["rim-bench", "im-catchup", "--limit", "201"]).is_err());
+
+        let cli = Cli::try_parse_from(["rim-bench", "im-history", "--json", "h.json"]).unwrap();
+        let Command::ImHistory(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(json["messages"], 1_000_000);
+        assert_eq!(
+            (json["limit"].as_u64(), json["pages"].as_u64()),
+            (Some(50), Some(2_000))
+        );
+        assert_eq!(json["json"], "h.json");
+        assert!(Cli::try_parse_from(["rim-bench", "im-history", "--limit", "101"]).is_err());
     }
 }

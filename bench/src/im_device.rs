@@ -1,0 +1,163 @@
+//! What the IM benchmarks share: the `rim standalone` they start (options,
+//! ports, its SQLite file), chat devices (rim-client connections
+//! authenticated as a user and accepting MSG and NOTIFY), and the store's
+//! commit counter read from the standalone's `/metrics`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use rim_client::{AuthToken, Client};
+use serde::Serialize;
+
+/// How long one device may take to connect and authenticate.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `rim standalone` an IM benchmark starts.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct Standalone {
+    /// The rim binary to start `rim standalone` from.
+    #[arg(long, default_value = "target/release/rim")]
+    pub rim: PathBuf,
+    /// Directory for rim's log and its SQLite file `im.sqlite3` (default: a
+    /// temp directory).
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// First port: the HTTP API (and /metrics) takes base+1, the comet
+    /// base+10 (TCP), +11 (WebSocket), +19 (gRPC).
+    #[arg(long, default_value_t = 32_000)]
+    pub port_base: u16,
+}
+
+/// CLOCK_REALTIME now, in nanoseconds.
+pub fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Connects a chat device of user `mid` (accepts MSG and NOTIFY) to `tcp`.
+pub async fn device(tcp: SocketAddr, mid: i64, key: String) -> anyhow::Result<Client> {
+    let connect = async {
+        let mut client = Client::connect_tcp(tcp).await?;
+        client
+            .auth(
+                &AuthToken {
+                    mid,
+                    key,
+                    ..AuthToken::default()
+                }
+                .accepting_im(),
+            )
+            .await?;
+        anyhow::Ok(client)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .with_context(|| format!("user {mid} did not connect within {CONNECT_TIMEOUT:?}"))?
+        .with_context(|| format!("connecting user {mid}"))
+}
+
+/// The store's durable commits so far, from the standalone's `/metrics`
+/// (`rim_logic_im_store_commits`); `None` when it cannot be read.
+pub async fn store_commits(http: &reqwest::Client, api: SocketAddr) -> Option<u64> {
+    let text = http
+        .get(format!("http://{api}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    parse_commits(&text)
+}
+
+fn parse_commits(text: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.starts_with("rim_logic_im_store_commits"))
+        .find_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// A small xorshift generator (random page depths).
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator from `seed` (any value; 0 is replaced).
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A value in `0..n` (`n` > 0; the modulo bias is negligible for the
+    /// sizes used here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The host: cores and memory, for the results.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    /// Online CPUs.
+    pub cores: usize,
+    /// MemTotal, bytes.
+    pub memory_bytes: u64,
+    /// 1-minute load average at the start.
+    pub load_average: Option<f64>,
+}
+
+impl Machine {
+    /// Reads the host now.
+    pub fn now() -> Machine {
+        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kb| kb * 1024);
+        Machine {
+            cores: std::thread::available_parallelism().map_or(0, usize::from),
+            memory_bytes,
+            load_average: crate::procstat::load_average(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_commit_counter() {
+        let text = "# HELP rim_logic_im_store_commits Durable commits\n\
+                    # TYPE rim_logic_im_store_commits counter\n\
+                    rim_logic_im_store_commits_total 1234\n";
+        assert_eq!(parse_commits(text), Some(1234));
+        assert_eq!(parse_commits("other 5\n"), None);
+        assert!(Machine::now().cores > 0);
+        let mut rng = XorShift::new(0);
+        assert!((0..1000).all(|_| rng.below(7) < 7));
+    }
+}
