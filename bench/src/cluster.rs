@@ -182,6 +182,17 @@ impl Cluster {
     /// ports of comet 0 of [`comet_ports`] and its HTTP API on `base + 1`.
     /// The cluster's logic and its one comet are that process.
     pub async fn standalone(rim: &Path, base: u16, log_dir: &Path) -> anyhow::Result<Cluster> {
+        Cluster::standalone_with(rim, base, log_dir, &[]).await
+    }
+
+    /// [`Cluster::standalone`] with `extra_env` set for the process (after
+    /// the benchmark's own settings, so it may override them).
+    pub async fn standalone_with(
+        rim: &Path,
+        base: u16,
+        log_dir: &Path,
+        extra_env: &[(String, String)],
+    ) -> anyhow::Result<Cluster> {
         let (tcp, ws, grpc) = comet_ports(base, 0);
         for port in [base + 1, tcp, ws, grpc] {
             if std::net::TcpListener::bind(addr(port)).is_err() {
@@ -200,6 +211,7 @@ impl Cluster {
             .env("RIM_API__HTTP_BIND", addr(base + 1).to_string())
             // Chat history of this run beside its logs, not in the working dir.
             .env("RIM_IM__SQLITE_PATH", log_dir.join("im.sqlite3"))
+            .envs(extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log_file(log_dir, "standalone.log")?)
             .stderr(log_file(log_dir, "standalone.err")?)

@@ -59,6 +59,13 @@ pub struct Args {
     #[arg(long, default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub limit: u32,
+    /// Measure on PostgreSQL instead of SQLite: a loopback URL of an empty
+    /// database rim may fill (`postgres://rim@127.0.0.1:PORT/rim`). The
+    /// rows are written by SQL on the server (generate_series) into the
+    /// tables rim-im creates, then rim standalone starts with
+    /// `im.store = postgres`.
+    #[arg(long)]
+    pub postgres: Option<String>,
     /// Seconds the reading may take at most, per kind.
     #[arg(long, default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -103,46 +110,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(cluster::default_log_dir);
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let path = log_dir.join("im.sqlite3");
-    eprintln!(
-        "loading {} messages into {} ({} per commit)",
-        args.messages,
-        path.display(),
-        args.load_batch
-    );
-    let plan = im_raw::Plan {
-        pairs: vec![(1, 2)],
-        messages: args.messages,
-        batch: args.load_batch,
-        body_bytes: usize::try_from(args.body_bytes).unwrap_or(100),
-        full_sync: true,
-        max_secs: 3600.0,
+    let (load, sqlite_bytes, env) = match &args.postgres {
+        None => {
+            let load = load_sqlite(&args, &path).await?;
+            (load, im_raw::file_bytes(&path), Vec::new())
+        }
+        Some(url) => {
+            let load = load_postgres(&args, url).await?;
+            let env = vec![
+                ("RIM_IM__STORE".to_owned(), "postgres".to_owned()),
+                ("RIM_IM__POSTGRES".to_owned(), url.clone()),
+            ];
+            (load, 0, env)
+        }
     };
-    let load_path = path.clone();
-    let load = tokio::task::spawn_blocking(move || {
-        let mut last = std::time::Instant::now();
-        im_raw::write(&load_path, &plan, |n| {
-            if last.elapsed() >= Duration::from_secs(1) {
-                last = std::time::Instant::now();
-                eprintln!("  loaded {n}");
-            }
-        })
-    })
-    .await
-    .context("load task")??;
-    ensure!(
-        load.messages == args.messages,
-        "loaded {} messages of {}",
-        load.messages,
-        args.messages
-    );
     eprintln!(
         "loaded in {:.1}s ({:.0} msg/s, {:.0} rows/s); starting rim standalone",
         load.secs, load.msgs_per_sec, load.rows_per_sec
     );
-    let sqlite_bytes = im_raw::file_bytes(&path);
     let rim_started = Instant::now();
-    let cluster =
-        Cluster::standalone(&args.standalone.rim, args.standalone.port_base, &log_dir).await?;
+    let cluster = Cluster::standalone_with(
+        &args.standalone.rim,
+        args.standalone.port_base,
+        &log_dir,
+        &env,
+    )
+    .await?;
     let rim_start_secs = rim_started.elapsed().as_secs_f64();
     let tcp = cluster.comets[0].tcp;
     let outcome = async {
@@ -166,7 +159,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         sqlite_bytes,
         rim_start_secs,
         results,
-        goal_p99_ms: 5.0,
+        goal_p99_ms: if args.postgres.is_some() { 10.0 } else { 5.0 },
     };
     println!(
         "rim-bench im-history: conversation of {} messages, pages of {}",
@@ -174,15 +167,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("  command: {}", report.command);
     println!(
-        "  load: {:.1}s, {:.0} msg/s, {:.0} rows/s, file {:.0} MiB",
+        "  load: {:.1}s, {:.0} msg/s, {:.0} rows/s{}",
         report.load.secs,
         report.load.msgs_per_sec,
         report.load.rows_per_sec,
-        report.sqlite_bytes as f64 / 1048576.0
+        if args.postgres.is_some() {
+            " (PostgreSQL, on the server)".to_owned()
+        } else {
+            format!(", file {:.0} MiB", report.sqlite_bytes as f64 / 1048576.0)
+        }
     );
     for r in &report.results {
         println!(
-            "  {:>6} pages: {} measured, p50 {} p90 {} p99 {} max {} (goal p99 ≤ {} ms for newest)",
+            "  {:>6} pages: {} measured, p50 {} p90 {} p99 {} max {} (goal p99 ≤ {} ms for newest pages)",
             r.kind,
             r.pages,
             human(r.page_us.p50),
@@ -200,6 +197,138 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(p, plot(&report)).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// Fills the SQLite file with the raw writer.
+async fn load_sqlite(args: &Args, path: &std::path::Path) -> anyhow::Result<im_raw::Outcome> {
+    eprintln!(
+        "loading {} messages into {} ({} per commit)",
+        args.messages,
+        path.display(),
+        args.load_batch
+    );
+    let plan = im_raw::Plan {
+        pairs: vec![(1, 2)],
+        messages: args.messages,
+        batch: args.load_batch,
+        body_bytes: usize::try_from(args.body_bytes).unwrap_or(100),
+        full_sync: true,
+        max_secs: 3600.0,
+    };
+    let load_path = path.to_owned();
+    let load = tokio::task::spawn_blocking(move || {
+        let mut last = std::time::Instant::now();
+        im_raw::write(&load_path, &plan, |n| {
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = std::time::Instant::now();
+                eprintln!("  loaded {n}");
+            }
+        })
+    })
+    .await
+    .context("load task")??;
+    ensure!(
+        load.messages == args.messages,
+        "loaded {} messages of {}",
+        load.messages,
+        args.messages
+    );
+    Ok(load)
+}
+
+/// Creates rim's tables in an empty PostgreSQL database (through rim-im)
+/// and fills them on the server with the rows rim writes for `p:1:2`:
+/// messages from user 1, an inbox entry for each user, the counters, the
+/// members with user 1 having read everything.
+async fn load_postgres(args: &Args, url: &str) -> anyhow::Result<im_raw::Outcome> {
+    use std::sync::Arc;
+
+    use rim_im::{IdGenerator, MAX_NODE, PostgresOptions, PostgresStore};
+
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("--postgres {url}"))?;
+    ensure!(
+        crate::addrs::is_loopback_url(&parsed),
+        "--postgres {url}: the benchmark's database is on 127.0.0.0/8 only"
+    );
+    let ids = Arc::new(IdGenerator::new(MAX_NODE).context("id generator")?);
+    let first = ids.next();
+    drop(
+        PostgresStore::connect(PostgresOptions::new(url, Arc::clone(&ids)))
+            .await
+            .context("creating rim's tables through rim-im")?,
+    );
+    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let conn = tokio::spawn(conn);
+    let n = i64::try_from(args.messages).context("--messages")?;
+    let existing: i64 = client
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await?
+        .get(0);
+    ensure!(
+        existing == 0,
+        "{url} holds {existing} messages already: the benchmark needs an empty database"
+    );
+    let id0 = i64::try_from(first.as_u64()).context("message id")?;
+    let ts = i64::try_from(first.unix_ms()).context("timestamp")?;
+    let body = "x".repeat(usize::try_from(args.body_bytes).unwrap_or(100));
+    eprintln!("loading {n} messages into PostgreSQL on the server");
+    let cpu_before = crate::procstat::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let started = std::time::Instant::now();
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO messages (conv, seq, id, sender, cmid, kind, body, ts) \
+         SELECT 'p:1:2', s, $2::BIGINT + s, 1, 'r' || s, 0, $3, $4 \
+         FROM generate_series(1::BIGINT, $1::BIGINT) AS s",
+        &[&n, &id0, &body, &ts],
+    )
+    .await
+    .context("loading messages")?;
+    tx.execute(
+        "INSERT INTO inbox (mid, sync, conv, seq) \
+         SELECT m, s, 'p:1:2', s FROM generate_series(1::BIGINT, $1::BIGINT) AS s, \
+         (VALUES (1::BIGINT), (2::BIGINT)) AS v(m)",
+        &[&n],
+    )
+    .await
+    .context("loading inbox entries")?;
+    tx.execute(
+        "INSERT INTO convs (conv, max_seq, last_ts) VALUES ('p:1:2', $1, $2)",
+        &[&n, &ts],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO members (conv, mid, read_seq) VALUES ('p:1:2', 1, $1), ('p:1:2', 2, 0)",
+        &[&n],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO users (mid, max_sync) VALUES (1, $1), (2, $1)",
+        &[&n],
+    )
+    .await?;
+    tx.commit().await.context("committing the load")?;
+    client.batch_execute("ANALYZE").await?;
+    let secs = started.elapsed().as_secs_f64();
+    drop(client);
+    let _ = conn.await;
+    let rows = args.messages * 3 + 5;
+    Ok(im_raw::Outcome {
+        messages: args.messages,
+        rows,
+        commits: 1,
+        batch: args.messages,
+        secs,
+        msgs_per_sec: args.messages as f64 / secs.max(1e-9),
+        rows_per_sec: rows as f64 / secs.max(1e-9),
+        commits_per_sec: 1.0 / secs.max(1e-9),
+        cpu_seconds: crate::procstat::cpu_seconds(std::process::id()).unwrap_or(cpu_before)
+            - cpu_before,
+        journal_mode: "postgresql".into(),
+        synchronous: 0,
+        file_bytes: 0,
+    })
 }
 
 /// Reads warmup + `--pages` pages of `kind` and summarizes the measured
@@ -264,8 +393,14 @@ fn plot(r: &Report) -> String {
     use crate::plot::{Chart, Series, render};
     render(&[Chart {
         title: format!(
-            "im-history: PULL of {} messages from a {}-message conversation (SQLite)",
-            r.args.limit, r.args.messages
+            "im-history: PULL of {} messages from a {}-message conversation ({})",
+            r.args.limit,
+            r.args.messages,
+            if r.args.postgres.is_some() {
+                "PostgreSQL"
+            } else {
+                "SQLite"
+            }
         ),
         x_label: "PULL → PULL_REPLY, ms (log)".into(),
         y_label: "% of pages".into(),
