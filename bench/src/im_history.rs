@@ -325,6 +325,7 @@ async fn load_postgres(args: &Args, url: &str) -> anyhow::Result<im_raw::Outcome
         commits_per_sec: 1.0 / secs.max(1e-9),
         cpu_seconds: crate::procstat::cpu_seconds(std::process::id()).unwrap_or(cpu_before)
             - cpu_before,
+        write_bytes: None,
         journal_mode: "postgresql".into(),
         synchronous: 0,
         file_bytes: 0,

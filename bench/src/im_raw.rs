@@ -69,6 +69,8 @@ pub struct Outcome {
     pub commits_per_sec: f64,
     /// CPU seconds of this process over the run (the writer is all it does).
     pub cpu_seconds: f64,
+    /// Bytes this process wrote to storage over the run (`/proc/self/io`).
+    pub write_bytes: Option<u64>,
     /// `journal_mode` and `synchronous` as SQLite reported them.
     pub journal_mode: String,
     /// 2 = FULL, 1 = NORMAL.
@@ -109,6 +111,7 @@ pub fn write(path: &Path, plan: &Plan, mut progress: impl FnMut(u64)) -> anyhow:
     let mut seqs = vec![0i64; convs.len()];
     let mut syncs: HashMap<i64, i64> = HashMap::new();
     let cpu_before = crate::procstat::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let written_before = crate::procstat::write_bytes(std::process::id());
     let started = Instant::now();
     let mut out = Outcome {
         journal_mode,
@@ -189,6 +192,9 @@ pub fn write(path: &Path, plan: &Plan, mut progress: impl FnMut(u64)) -> anyhow:
         out.commits_per_sec = out.commits as f64 / out.secs;
     }
     drop(conn);
+    out.write_bytes = crate::procstat::write_bytes(std::process::id())
+        .zip(written_before)
+        .map(|(after, before)| after.saturating_sub(before));
     out.file_bytes = file_bytes(path);
     Ok(out)
 }

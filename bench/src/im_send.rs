@@ -43,7 +43,7 @@ use crate::im_raw;
 use crate::latency::{Percentiles, Recorder, cdf_points, human};
 use crate::options::Output;
 use crate::pacing::{Pacer, parse_rate};
-use crate::procstat::{CpuUse, Snapshot, Watched};
+use crate::procstat::{self, CpuUse, Snapshot, Watched};
 
 /// Largest offered rate, msg/s.
 const MAX_RATE: f64 = 100_000.0;
@@ -210,6 +210,9 @@ struct StepReport {
     cpu: Vec<CpuUse>,
     rim_cpu_us_per_msg: Option<f64>,
     store_commits: Option<u64>,
+    /// Bytes rim wrote to storage in the measured window (`/proc/<pid>/io`).
+    rim_write_bytes: Option<u64>,
+    rim_write_bytes_per_msg: Option<f64>,
     commits_per_sec: Option<f64>,
     msgs_per_commit: Option<f64>,
     /// (ms, % at or below).
@@ -473,9 +476,13 @@ async fn measure(
         tokio::time::sleep_until(window_start).await;
         let cpu_before = Snapshot::take(&watched);
         let commits_before = im_device::store_commits(&http, api).await;
+        let written_before = procstat::write_bytes(rim_pid);
         tokio::time::sleep_until(window_start + Duration::from_secs(args.duration)).await;
         let cpu = cpu_before.used_until(&Snapshot::take(&watched), args.duration as f64);
         let commits_after = im_device::store_commits(&http, api).await;
+        let written = procstat::write_bytes(rim_pid)
+            .zip(written_before)
+            .map(|(after, before)| after.saturating_sub(before));
         while let Some(joined) = tasks.join_next().await {
             if let Ok((i, Some(client))) = joined {
                 senders[i] = Some(client);
@@ -495,6 +502,7 @@ async fn measure(
             window_start_nanos,
             cpu,
             commits_before.zip(commits_after).map(|(a, b)| b - a),
+            written,
         );
         eprintln!(
             "  => {:.0} msg/s achieved of {rate}, SEND→SEND_REPLY p50 {} p99 {}, SEND→MSG p50 {} p99 {}{}",
@@ -527,6 +535,7 @@ fn step_report(
     window_start_nanos: u64,
     cpu: Vec<CpuUse>,
     commits: Option<u64>,
+    written: Option<u64>,
 ) -> StepReport {
     let reply = s.reply.total();
     let msg = s.msg.total();
@@ -587,6 +596,10 @@ fn step_report(
             .map(|c| c * 1e6 / (achieved * duration).max(1.0)),
         cpu,
         store_commits: commits,
+        rim_write_bytes: written,
+        rim_write_bytes_per_msg: written
+            .filter(|_| ok > 0)
+            .map(|w| w as f64 / (achieved * duration).max(1.0)),
         commits_per_sec: commits.map(|c| c as f64 / duration),
         msgs_per_commit: commits
             .filter(|c| *c > 0)
@@ -890,17 +903,27 @@ fn print_report(r: &Report) {
                 c.name, c.pid, c.cpu_seconds, c.cores
             );
         }
+        if let Some(w) = s.rim_write_bytes {
+            println!(
+                "           rim wrote {:.1} MB to storage = {:.1} MB/s, {:.0} bytes per message",
+                w as f64 / 1e6,
+                w as f64 / 1e6 / r.args.duration as f64,
+                s.rim_write_bytes_per_msg.unwrap_or(0.0)
+            );
+        }
     }
     for raw in &r.raw {
         println!(
-            "  raw SQLite: {} msgs in {:.1}s = {:.0} msg/s ({:.0} rows/s, {:.0} commits/s of {} msgs, {:.2} cpu-s)",
+            "  raw SQLite: {} msgs in {:.1}s = {:.0} msg/s ({:.0} rows/s, {:.0} commits/s of {} msgs, {:.2} cpu-s, {:.1} MB/s written, {:.0} bytes per message)",
             raw.messages,
             raw.secs,
             raw.msgs_per_sec,
             raw.rows_per_sec,
             raw.commits_per_sec,
             raw.batch,
-            raw.cpu_seconds
+            raw.cpu_seconds,
+            raw.write_bytes.unwrap_or(0) as f64 / 1e6 / raw.secs.max(1e-9),
+            raw.write_bytes.unwrap_or(0) as f64 / (raw.messages.max(1)) as f64
         );
     }
     let s = &r.summary;

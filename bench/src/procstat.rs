@@ -58,6 +58,18 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Bytes a process caused to be written to storage (`write_bytes` of
+/// `/proc/<pid>/io`); `None` when it cannot be read.
+pub fn write_bytes(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The 1-minute load average of the host, from `/proc/loadavg`.
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
@@ -130,6 +142,7 @@ mod tests {
         assert!(cpu_seconds(std::process::id()).is_some());
         assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
         assert!(load_average().is_some());
+        assert!(write_bytes(std::process::id()).is_some());
         assert_eq!(
             parse_vm_rss("Name:\tx\nVmRSS:\t  1234 kB\n"),
             Some(1234 * 1024)
