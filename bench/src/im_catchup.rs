@@ -73,6 +73,8 @@ struct Round {
     messages: u64,
     total_ms: f64,
     page_us: Percentiles,
+    /// Each SYNC's round trip, ms, in order.
+    pages_ms: Vec<f64>,
 }
 
 /// Everything the run reports (also the JSON).
@@ -162,7 +164,39 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(path) = &args.output.svg {
+        std::fs::write(path, plot(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// Each SYNC's round trip by page, one line per catch-up.
+fn plot(r: &Report) -> String {
+    use crate::plot::{Chart, Series, render};
+    render(&[Chart {
+        title: format!(
+            "im-catchup: {} messages over {} conversations, SYNC limit {}",
+            r.args.messages, r.args.convs, r.args.limit
+        ),
+        x_label: "SYNC round trip number".into(),
+        y_label: "ms".into(),
+        log_x: false,
+        series: r
+            .rounds
+            .iter()
+            .enumerate()
+            .map(|(i, round)| Series {
+                label: format!("catch-up {}", i + 1),
+                points: round
+                    .pages_ms
+                    .iter()
+                    .enumerate()
+                    .map(|(n, ms)| ((n + 1) as f64, *ms))
+                    .collect(),
+            })
+            .collect(),
+    }])
 }
 
 async fn measure(args: &Args, tcp: SocketAddr) -> anyhow::Result<(f64, Vec<Round>)> {
@@ -202,6 +236,7 @@ async fn measure(args: &Args, tcp: SocketAddr) -> anyhow::Result<(f64, Vec<Round
     for round in 0..args.rounds {
         let mut device = im_device::device(tcp, READER, format!("r{round}")).await?;
         let mut pages = latency::histogram();
+        let mut pages_ms = Vec::new();
         let (mut cursor, mut got, mut trips) = (0u64, 0u64, 0u32);
         let max_trips =
             u32::try_from(args.messages / u64::from(args.limit) + 10).unwrap_or(u32::MAX);
@@ -222,7 +257,9 @@ async fn measure(args: &Args, tcp: SocketAddr) -> anyhow::Result<(f64, Vec<Round
                 )
                 .await
                 .with_context(|| format!("round {round}: SYNC after {cursor}"))?;
-            pages.saturating_record((asked.elapsed().as_micros() as u64).max(1));
+            let took = asked.elapsed();
+            pages.saturating_record((took.as_micros() as u64).max(1));
+            pages_ms.push(took.as_secs_f64() * 1e3);
             trips += 1;
             ensure!(
                 reply.code == Code::OK,
@@ -260,6 +297,7 @@ async fn measure(args: &Args, tcp: SocketAddr) -> anyhow::Result<(f64, Vec<Round
             messages: got,
             total_ms,
             page_us: Percentiles::of(&pages),
+            pages_ms,
         });
     }
     Ok((fill_secs, rounds))

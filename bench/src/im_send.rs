@@ -71,7 +71,7 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=5_000))]
     pub pairs: u32,
     /// Offered rates, msg/s in all, comma-separated; measured in this order.
-    #[arg(long, default_value = "1000,2000,4000,6000,8000", value_delimiter = ',',
+    #[arg(long, default_value = "500,1000,2000,3000,4000,6000", value_delimiter = ',',
           value_parser = |s: &str| parse_rate(s, MAX_RATE))]
     pub rates: Vec<f64>,
     /// Measured seconds per rate, after the warmup.
@@ -96,8 +96,8 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(48..=4000))]
     pub body_bytes: u64,
     /// A rate is sustained when the achieved rate is at least 95 % of it,
-    /// nothing is refused, skipped or lost, and p99 SEND → SEND_REPLY is at
-    /// most this many ms.
+    /// nothing is refused, skipped or lost, every MSG arrives, and p99
+    /// SEND → SEND_REPLY is at most this many ms.
     #[arg(long, default_value_t = 100.0)]
     pub sustained_p99_ms: f64,
     /// Messages the raw baseline writes (0: no baseline).

@@ -57,7 +57,7 @@ enum Command {
     ImSend(im_send::Args),
     /// Offline catch-up through `rim standalone`: a user offline while
     /// messages pile up over many conversations reconnects and SYNCs;
-    /// round trips and time.
+    /// round trips and time. Plot: each SYNC's round trip by page.
     ImCatchup(im_catchup::Args),
     /// History pages of a big conversation (written by raw inserts with
     /// rim's schema before rim starts): p50/p99 per PULL, newest pages and
