@@ -177,9 +177,11 @@ struct DeviceReport {
     reconnects: usize,
     pushed: usize,
     synced: usize,
-    /// Pushed MSGs for an entry this device already had (the server
-    /// delivered it twice, e.g. a queue redelivery).
+    /// Pushed MSGs for an entry this device already had (by SYNC or an
+    /// earlier push: a queue redelivery, or a push slower than a SYNC).
     pushed_again: usize,
+    /// Entries whose first arrival was a push (the rest came first by SYNC).
+    first_by_push: usize,
     notify_syncs: usize,
 }
 
@@ -568,8 +570,10 @@ mod load {
                 msg.seq
             );
             entry.times += 1;
-            if pushed && entry.times > 1 {
-                self.report.pushed_again += 1;
+            match (pushed, entry.times) {
+                (true, 1) => self.report.first_by_push += 1,
+                (true, _) => self.report.pushed_again += 1,
+                (false, _) => {}
             }
             while self.syncs.contains_key(&(self.contiguous + 1)) {
                 self.contiguous += 1;
@@ -610,6 +614,8 @@ struct Figures {
     synced: usize,
     duplicates: usize,
     pushed_again: usize,
+    distinct_received: usize,
+    first_by_push: usize,
 }
 
 /// Sends a request on a verifier's connection and returns its reply,
@@ -741,6 +747,8 @@ async fn verify(addr: SocketAddr, plan: &Plan, tag: &str, reports: &[DeviceRepor
         synced: reports.iter().map(|r| r.synced).sum(),
         duplicates: reports.iter().map(DeviceReport::duplicates).sum(),
         pushed_again: reports.iter().map(|r| r.pushed_again).sum(),
+        distinct_received: reports.iter().map(|r| r.received.len()).sum(),
+        first_by_push: reports.iter().map(|r| r.first_by_push).sum(),
         ..Figures::default()
     };
     // Every conversation acknowledged, verified by its smallest member.
@@ -911,7 +919,7 @@ fn print_figures(test: &str, figures: &Figures, took: Duration) {
         "{test}: {} messages planned, {} acknowledged, {} stored in {} conversations; \
          {} resends, {} code-5 replies, {} reply timeouts, {} reconnects, {} NOTIFY sync; \
          received {} pushed + {} synced, {} duplicates on the wire ({} of them pushed again); \
-         run time {:.1} s",
+         {} distinct entries received over all devices, {} of them first by push; run time {:.1} s",
         figures.planned,
         figures.acknowledged,
         figures.stored,
@@ -925,6 +933,8 @@ fn print_figures(test: &str, figures: &Figures, took: Duration) {
         figures.synced,
         figures.duplicates,
         figures.pushed_again,
+        figures.distinct_received,
+        figures.first_by_push,
         took.as_secs_f64()
     );
 }
@@ -994,11 +1004,12 @@ struct Cluster {
     redis: String,
     topic: String,
     store: String,
-    /// (process, client TCP address) per comet.
-    comets: Vec<(support::Proc, SocketAddr)>,
-    /// (process, HTTP address) per logic.
+    /// (process, client TCP address, metrics address) per comet.
+    comets: Vec<(support::Proc, SocketAddr, SocketAddr)>,
+    /// (process, HTTP address, which serves its metrics too) per logic.
     logics: Vec<(support::Proc, SocketAddr)>,
-    job: Option<support::Proc>,
+    /// (process, metrics address).
+    job: Option<(support::Proc, SocketAddr)>,
     http: reqwest::Client,
 }
 
@@ -1035,7 +1046,7 @@ impl Cluster {
         (logic, http)
     }
 
-    fn start_comet(&self, n: usize) -> (support::Proc, SocketAddr) {
+    fn start_comet(&self, n: usize) -> (support::Proc, SocketAddr, SocketAddr) {
         let mut env = self.common(format!("comet-{n}-{}", self.run));
         env.extend([
             ("RIM_COMET__TCP_BIND", "127.0.0.1:0".to_string()),
@@ -1048,17 +1059,47 @@ impl Cluster {
             &env,
         );
         let tcp = comet.addr_after("accepting clients listener=\"tcp\"");
-        (comet, tcp)
+        let metrics = comet.addr_after("metrics serving");
+        (comet, tcp, metrics)
     }
 
-    fn start_job(&self) -> support::Proc {
+    fn start_job(&self) -> (support::Proc, SocketAddr) {
         let mut env = self.common(format!("job-{}", self.run));
         env.push(("RIM_JOB__GROUP", format!("rim-imf-job-{}", self.run)));
-        support::Proc::start(&["job", "--config", &support::shipped_config("job")], &env)
+        let mut job =
+            support::Proc::start(&["job", "--config", &support::shipped_config("job")], &env);
+        let metrics = job.addr_after("metrics serving");
+        (job, metrics)
     }
 
     fn comet_targets(&self) -> Vec<SocketAddr> {
-        self.comets.iter().map(|(_, tcp)| *tcp).collect()
+        self.comets.iter().map(|(_, tcp, _)| *tcp).collect()
+    }
+
+    /// Prints the push path's counters of the processes running now (those
+    /// of killed processes died with them): where MSGs went, not asserted.
+    async fn print_push_path(&self) {
+        let mut scrapes = Vec::new();
+        for (n, (_, http)) in self.logics.iter().enumerate() {
+            scrapes.push((format!("logic {n}"), *http, "rim_logic_im_deliveries"));
+        }
+        for (n, (_, _, metrics)) in self.comets.iter().enumerate() {
+            scrapes.push((format!("comet {n}"), *metrics, "rim_comet_dropped_frames"));
+            scrapes.push((format!("comet {n}"), *metrics, "rim_comet_push_recipients"));
+        }
+        if let Some((_, metrics)) = &self.job {
+            scrapes.push(("job".into(), *metrics, "rim_job_messages"));
+            scrapes.push(("job".into(), *metrics, "rim_job_comet_rpc_errors"));
+            scrapes.push(("job".into(), *metrics, "rim_job_consumer_lag"));
+            scrapes.push(("job".into(), *metrics, "rim_job_push_latency_seconds_sum"));
+            scrapes.push(("job".into(), *metrics, "rim_job_push_latency_seconds_count"));
+        }
+        for (who, addr, prefix) in scrapes {
+            let metrics = support::exposition::scrape(&self.http, addr).await;
+            for sample in metrics.samples.iter().filter(|s| s.name.starts_with(prefix)) {
+                println!("  {who}: {} {:?} = {}", sample.name, sample.labels, sample.value);
+            }
+        }
     }
 
     /// Waits (bounded) until every logic lists `comets` comets.
@@ -1081,10 +1122,10 @@ impl Cluster {
     }
 
     fn stop(self) {
-        if let Some(job) = self.job {
+        if let Some((job, _)) = self.job {
             job.stop();
         }
-        for (comet, _) in self.comets {
+        for (comet, _, _) in self.comets {
             comet.stop();
         }
         for (logic, _) in self.logics {
@@ -1173,7 +1214,7 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
     let acked = || run_state.acked.load(Ordering::SeqCst);
 
     progress(15).await;
-    let (comet, _) = cluster.comets.remove(0);
+    let (comet, _, _) = cluster.comets.remove(0);
     comet.crash();
     println!("SIGKILL comet 0 at {} acknowledged", acked());
     run_state.set_targets(cluster.comet_targets());
@@ -1182,7 +1223,7 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
     run_state.set_targets(cluster.comet_targets());
 
     progress(35).await;
-    cluster.job.take().expect("the job runs").crash();
+    cluster.job.take().expect("the job runs").0.crash();
     println!("SIGKILL job at {} acknowledged", acked());
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.job = Some(cluster.start_job());
@@ -1212,6 +1253,7 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
     let reports = collect(devices).await;
     let figures = verify(run_state.target(0), &plan, &tag, &reports).await;
     print_figures("cluster", &figures, started.elapsed());
+    cluster.print_push_path().await;
     cluster.stop();
     drop(postgres);
 }
