@@ -14,7 +14,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -732,9 +732,116 @@ async fn read_back(
     (inbox, pages)
 }
 
+/// Every row of the store's `messages` (conv, seq, sender, cmid, id) and
+/// `inbox` (mid, sync, conv, seq) tables; the SQLite and PostgreSQL
+/// schemas name them alike.
+#[derive(Debug, Default, PartialEq)]
+struct Rows {
+    messages: BTreeSet<(String, u64, i64, String, String)>,
+    inbox: BTreeSet<(i64, u64, String, u64)>,
+}
+
+impl Rows {
+    /// Fails unless the rows read from the store's tables are exactly
+    /// those read over the wire (nothing hidden from PULL or SYNC).
+    fn assert_same_as(&self, wire: &Rows, store: &str) {
+        let messages: Vec<_> = self
+            .messages
+            .symmetric_difference(&wire.messages)
+            .take(5)
+            .collect();
+        let inbox: Vec<_> = self
+            .inbox
+            .symmetric_difference(&wire.inbox)
+            .take(5)
+            .collect();
+        assert!(
+            messages.is_empty() && inbox.is_empty(),
+            "the {store} tables and the wire disagree ({} vs {} messages, {} vs {} inbox entries); \
+             first differences: {messages:?} {inbox:?}",
+            self.messages.len(),
+            wire.messages.len(),
+            self.inbox.len(),
+            wire.inbox.len()
+        );
+    }
+}
+
+/// Reads every message and inbox row of a SQLite store file.
+fn sqlite_rows(path: &str) -> Rows {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    let mut rows = Rows::default();
+    let mut stmt = conn
+        .prepare("SELECT conv, seq, sender, cmid, id FROM messages")
+        .unwrap();
+    let messages = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get(2)?,
+                r.get(3)?,
+                r.get::<_, i64>(4)?.to_string(),
+            ))
+        })
+        .unwrap();
+    rows.messages = messages.map(Result::unwrap).collect();
+    let mut stmt = conn
+        .prepare("SELECT mid, sync, conv, seq FROM inbox")
+        .unwrap();
+    let inbox = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get(2)?,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })
+        .unwrap();
+    rows.inbox = inbox.map(Result::unwrap).collect();
+    rows
+}
+
+/// Reads every message and inbox row of a PostgreSQL store.
+async fn postgres_rows(url: &str) -> Rows {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    tokio::spawn(connection);
+    let mut rows = Rows::default();
+    for r in client
+        .query("SELECT conv, seq, sender, cmid, id FROM messages", &[])
+        .await
+        .unwrap()
+    {
+        let (seq, id): (i64, i64) = (r.get(1), r.get(4));
+        rows.messages
+            .insert((r.get(0), seq as u64, r.get(2), r.get(3), id.to_string()));
+    }
+    for r in client
+        .query("SELECT mid, sync, conv, seq FROM inbox", &[])
+        .await
+        .unwrap()
+    {
+        let (sync, seq): (i64, i64) = (r.get(1), r.get(3));
+        rows.inbox
+            .insert((r.get(0), sync as u64, r.get(2), seq as u64));
+    }
+    rows
+}
+
 /// Reads the store back over the wire and checks every invariant against
-/// what the devices were acknowledged and received; returns the figures.
-async fn verify(addr: SocketAddr, plan: &Plan, tag: &str, reports: &[DeviceReport]) -> Figures {
+/// what the devices were acknowledged and received; returns the figures
+/// and the rows read (for a comparison with the store's tables).
+async fn verify(
+    addr: SocketAddr,
+    plan: &Plan,
+    tag: &str,
+    reports: &[DeviceReport],
+) -> (Figures, Rows) {
     let mut figures = Figures {
         planned: reports.iter().map(|r| r.planned).sum(),
         acknowledged: reports.iter().map(|r| r.acked.len()).sum(),
@@ -894,7 +1001,21 @@ async fn verify(addr: SocketAddr, plan: &Plan, tag: &str, reports: &[DeviceRepor
         figures.acknowledged, figures.planned,
         "not every send was acknowledged before the run's deadline"
     );
-    figures
+    let rows = Rows {
+        messages: stored
+            .values()
+            .map(|m| (m.conv.clone(), m.seq, m.from, m.cmid.clone(), m.id.clone()))
+            .collect(),
+        inbox: inboxes
+            .iter()
+            .flat_map(|(mid, inbox)| {
+                inbox
+                    .iter()
+                    .map(|(sync, conv, seq, _)| (*mid, *sync, conv.clone(), *seq))
+            })
+            .collect(),
+    };
+    (figures, rows)
 }
 
 /// Waits (bounded) until `done` holds, checking every 50 ms.
@@ -991,9 +1112,10 @@ async fn standalone_killed_mid_run_loses_nothing_acknowledged() {
     tokio::time::sleep(QUIET).await;
     run.finish.store(true, Ordering::SeqCst);
     let reports = collect(devices).await;
-    let figures = verify(run.target(0), &plan, &tag, &reports).await;
+    let (figures, wire) = verify(run.target(0), &plan, &tag, &reports).await;
     print_figures("standalone", &figures, started.elapsed());
     rim.stop();
+    sqlite_rows(&path).assert_same_as(&wire, "SQLite");
 }
 
 /// The processes of the cluster test: every role its own `rim`.
@@ -1096,8 +1218,15 @@ impl Cluster {
         }
         for (who, addr, prefix) in scrapes {
             let metrics = support::exposition::scrape(&self.http, addr).await;
-            for sample in metrics.samples.iter().filter(|s| s.name.starts_with(prefix)) {
-                println!("  {who}: {} {:?} = {}", sample.name, sample.labels, sample.value);
+            for sample in metrics
+                .samples
+                .iter()
+                .filter(|s| s.name.starts_with(prefix))
+            {
+                println!(
+                    "  {who}: {} {:?} = {}",
+                    sample.name, sample.labels, sample.value
+                );
             }
         }
     }
@@ -1251,9 +1380,12 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
     tokio::time::sleep(QUIET).await;
     run_state.finish.store(true, Ordering::SeqCst);
     let reports = collect(devices).await;
-    let figures = verify(run_state.target(0), &plan, &tag, &reports).await;
+    let (figures, wire) = verify(run_state.target(0), &plan, &tag, &reports).await;
     print_figures("cluster", &figures, started.elapsed());
     cluster.print_push_path().await;
+    postgres_rows(&postgres.url())
+        .await
+        .assert_same_as(&wire, "PostgreSQL");
     cluster.stop();
     drop(postgres);
 }
