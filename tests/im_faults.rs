@@ -81,6 +81,39 @@ impl Plan {
     }
 }
 
+/// Creates the plan's groups through the HTTP API at `api` (im.md: PUT
+/// /im/v1/groups/{gid}, POST /im/v1/groups/{gid}/members) when the plan
+/// sends to groups; nothing otherwise (the endpoints are not on main yet).
+async fn create_groups(api: SocketAddr, plan: &Plan) {
+    if plan.group_percent == 0 {
+        return;
+    }
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    for (conv, members) in plan.groups() {
+        let gid = conv.strip_prefix("g:").expect("a group conversation");
+        let base = format!("http://{api}/im/v1/groups/{gid}");
+        let answer: serde_json::Value = http
+            .put(&base)
+            .json(&serde_json::json!({"name": gid, "max_members": members.len()}))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .unwrap_or_else(|e| panic!("PUT {base}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("PUT {base}: not JSON: {e}"));
+        assert_eq!(answer["code"], 0, "PUT {base}: {answer}");
+        let url = format!("{base}/members");
+        support::post_ok(
+            &http,
+            &url,
+            &serde_json::json!({"add": members}).to_string(),
+        )
+        .await;
+    }
+}
+
 /// A small deterministic generator (splitmix64): reproducible loads
 /// without a dependency.
 struct Rng(u64);
@@ -1076,6 +1109,7 @@ async fn standalone_killed_mid_run_loses_nothing_acknowledged() {
     ];
     let mut rim = support::start_standalone("im-faults", &env);
     let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
+    let api = rim.addr_after("http api serving");
     let plan = Plan {
         first_mid: 1000,
         users: 50,
@@ -1086,6 +1120,7 @@ async fn standalone_killed_mid_run_loses_nothing_acknowledged() {
         group_percent: 0,
         seed: 13,
     };
+    create_groups(api, &plan).await;
     let run = Run::new(vec![tcp], Duration::from_secs(240));
     let devices = load::spawn(&plan, &run, &tag);
     for percent in [30, 70] {
@@ -1328,6 +1363,7 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
         group_percent: 0,
         seed: 8,
     };
+    create_groups(cluster.logics[0].1, &plan).await;
     let run_state = Run::new(cluster.comet_targets(), Duration::from_secs(600));
     let devices = load::spawn(&plan, &run_state, &tag);
     let progress = |percent: usize| {
