@@ -114,6 +114,12 @@ async fn create_groups(api: SocketAddr, plan: &Plan) {
     }
 }
 
+/// Now in unix milliseconds (the server's `ts` clock: same host).
+fn unix_ms() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A small deterministic generator (splitmix64): reproducible loads
 /// without a dependency.
 struct Rng(u64);
@@ -202,6 +208,10 @@ struct DeviceReport {
     received: HashMap<(String, u64), Received>,
     /// SENDs written again for a cmid already written once.
     resends: usize,
+    /// Resends answered with a message stored before the resend was
+    /// written (its `ts` is older): an earlier attempt had committed, and
+    /// the resend was deduplicated.
+    deduplicated: usize,
     /// Code 5 replies (SEND or SYNC).
     unavailable: usize,
     /// Requests without a reply in time.
@@ -385,8 +395,12 @@ mod load {
                     self.report.resends += 1;
                 }
                 attempts += 1;
+                let written_ms = unix_ms();
                 match self.exchange(&request).await {
                     Ok(reply) if reply.code == Code::OK => {
+                        if attempts > 1 && reply.ts < written_ms {
+                            self.report.deduplicated += 1;
+                        }
                         assert_eq!(reply.cmid, cmid, "a SEND_REPLY for another cmid");
                         self.report.acked.push(Acked {
                             cmid,
@@ -639,6 +653,7 @@ struct Figures {
     stored: usize,
     conversations: usize,
     resends: usize,
+    deduplicated: usize,
     unavailable: usize,
     timeouts: usize,
     reconnects: usize,
@@ -663,8 +678,9 @@ where
             .send(request.to_frame(*seq))
             .await
             .expect("verifier send");
+        let deadline = tokio::time::Instant::now() + load::REPLY_WAIT;
         let frame = loop {
-            let frame = tokio::time::timeout(load::REPLY_WAIT, client.next_frame())
+            let frame = tokio::time::timeout_at(deadline, client.next_frame())
                 .await
                 .expect("a verifier reply in time")
                 .expect("verifier read")
@@ -879,6 +895,7 @@ async fn verify(
         planned: reports.iter().map(|r| r.planned).sum(),
         acknowledged: reports.iter().map(|r| r.acked.len()).sum(),
         resends: reports.iter().map(|r| r.resends).sum(),
+        deduplicated: reports.iter().map(|r| r.deduplicated).sum(),
         unavailable: reports.iter().map(|r| r.unavailable).sum(),
         timeouts: reports.iter().map(|r| r.timeouts).sum(),
         reconnects: reports.iter().map(|r| r.reconnects).sum(),
@@ -1071,7 +1088,7 @@ async fn collect(handles: Vec<tokio::task::JoinHandle<DeviceReport>>) -> Vec<Dev
 fn print_figures(test: &str, figures: &Figures, took: Duration) {
     println!(
         "{test}: {} messages planned, {} acknowledged, {} stored in {} conversations; \
-         {} resends, {} code-5 replies, {} reply timeouts, {} reconnects, {} NOTIFY sync; \
+         {} resends ({} answered from an earlier attempt's commit), {} code-5 replies, {} reply timeouts, {} reconnects, {} NOTIFY sync; \
          received {} pushed + {} synced, {} duplicates on the wire ({} of them pushed again); \
          {} distinct entries received over all devices, {} of them first by push; run time {:.1} s",
         figures.planned,
@@ -1079,6 +1096,7 @@ fn print_figures(test: &str, figures: &Figures, took: Duration) {
         figures.stored,
         figures.conversations,
         figures.resends,
+        figures.deduplicated,
         figures.unavailable,
         figures.timeouts,
         figures.reconnects,
