@@ -155,6 +155,13 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     }
     println!("  push API:            http://{http_addr}/goim/push/...");
     println!("  metrics:             http://{http_addr}/metrics");
+    if config.im.store == rim_config::ImStore::Sqlite {
+        println!(
+            "  chat (IM) store:     {} (SQLite, synchronous={:?})",
+            config.im.sqlite_path.display(),
+            config.im.sqlite_synchronous
+        );
+    }
     if let Some(addr) = metrics_addr {
         println!(
             "  metrics, own port:   http://{}/metrics",
