@@ -39,6 +39,10 @@ use self::wire::Refusal;
 /// last seq), so a reply stays a reasonable frame.
 const MAX_REPLY_BODY_BYTES: usize = 256 << 10;
 
+/// A SYNC position past any inbox: the page answers the user's latest
+/// entry (the largest position a store can hold).
+const LATEST_SYNC: u64 = i64::MAX as u64;
+
 /// The IM service: the store behind it and the queue its pushes go to.
 pub struct Im {
     store: Arc<dyn MessageStore>,
@@ -89,10 +93,59 @@ impl Im {
     /// stores and pushes nothing.
     pub async fn send(&self, draft: Draft, sender_key: Option<&str>) -> rim_im::Result<Sent> {
         let sent = self.store.send(draft).await?;
-        if !sent.duplicate {
+        if sent.duplicate {
+            self.hint_resent(&sent.message.conv, sender_key).await;
+        } else {
             self.deliver.message(&sent, sender_key).await;
         }
         Ok(sent)
+    }
+
+    /// After a resend: the first send may have been committed without its
+    /// MSG frames going out (its sender lost the reply when logic died
+    /// after the commit), so the members' online devices get NOTIFY sync
+    /// with their latest inbox entry — never a lost last message without a
+    /// hint. Best effort: a failure here is logged, the resend still
+    /// answers.
+    async fn hint_resent(&self, conv: &ConvId, sender_key: Option<&str>) {
+        let mids = match self.members_of(conv).await {
+            Ok(mids) => mids,
+            Err(err) => {
+                tracing::warn!(%err, %conv, "IM resend hint: members unknown; skipped");
+                return;
+            }
+        };
+        for mid in mids {
+            match self.store.sync(mid, LATEST_SYNC, 1).await {
+                Ok(page) if page.sync > 0 => {
+                    let notify = Notify::Sync { sync: page.sync };
+                    self.deliver.notify(mid, &notify, sender_key).await;
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, mid, "IM resend hint: inbox unknown; skipped"),
+            }
+        }
+    }
+
+    /// Every member of a conversation (a group's, page by page).
+    async fn members_of(&self, conv: &ConvId) -> rim_im::Result<Vec<i64>> {
+        if let ConvId::Peer { low, high } = conv {
+            return Ok(if low == high {
+                vec![*low]
+            } else {
+                vec![*low, *high]
+            });
+        }
+        let mut mids = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.store.members(conv, after, 0).await?;
+            mids.extend(page.mids);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(mids),
+            }
+        }
     }
 
     /// Moves `mid`'s read position in `conv` and, when it moved, tells the
