@@ -116,6 +116,7 @@ pub async fn run(
     };
     let api = Api::new(
         &config.api,
+        &config.im,
         Arc::clone(&logic) as Arc<dyn LogicFacade>,
         producer,
     );

@@ -21,9 +21,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rim_api::Api;
 use rim_config::{
-    ApiConfig, Cidr, LogicConfig, NodesConfig, RegionCidr, RouterBackend, RouterConfig,
+    ApiConfig, Cidr, ImConfig, LogicConfig, NodesConfig, RegionCidr, RouterBackend, RouterConfig,
 };
-use rim_logic::{CometNode, Comets, HttpClient, Logic, LogicFacade};
+use rim_im::{IdGenerator, SqliteOptions, SqliteStore};
+use rim_logic::{CometNode, Comets, HttpClient, Im, Logic, LogicFacade};
 use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as comet;
 use rim_proto::pb::logic::v1 as logic;
@@ -283,6 +284,10 @@ pub struct Setup {
     /// `queue.capacity` and `queue.max_bytes` of the in-process queue.
     queue: (usize, usize),
     api: ApiConfig,
+    /// `[im]`: the API's IM token and group limit, the service's limits.
+    im: ImConfig,
+    /// Serves IM over a SQLite store in a temporary directory.
+    im_store: bool,
 }
 
 impl Default for Setup {
@@ -297,6 +302,8 @@ impl Default for Setup {
             domain: "im.example".into(),
             queue: (64, 64 << 20),
             api: ApiConfig::default(),
+            im: ImConfig::default(),
+            im_store: false,
         }
     }
 }
@@ -322,6 +329,19 @@ impl Setup {
     /// token come from the other setters).
     pub fn api(mut self, change: impl FnOnce(&mut ApiConfig)) -> Setup {
         change(&mut self.api);
+        self
+    }
+
+    /// Serves IM (logic's IM service) over a real SQLite store in a
+    /// temporary directory.
+    pub fn im_store(mut self) -> Setup {
+        self.im_store = true;
+        self
+    }
+
+    /// Changes the `[im]` section.
+    pub fn im(mut self, change: impl FnOnce(&mut ImConfig)) -> Setup {
+        change(&mut self.im);
         self
     }
 
@@ -400,12 +420,6 @@ impl Setup {
             },
             ..LogicConfig::default()
         };
-        let logic = Arc::new(Logic::new(
-            &config,
-            Arc::clone(&router),
-            Arc::clone(&comets),
-            webhooks,
-        ));
         let (memory, queue) = rim_queue::memory_queue(self.queue.0, self.queue.1);
         // The queue itself is not kept: dropping the consumer closes it.
         let consumer = queue.consumer(64).expect("the queue's consumer");
@@ -413,6 +427,23 @@ impl Setup {
             Some(wrap) => wrap(memory),
             None => Arc::new(memory),
         };
+        let mut logic = Logic::new(&config, Arc::clone(&router), Arc::clone(&comets), webhooks);
+        let mut im_dir = None;
+        if self.im_store {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let ids = Arc::new(IdGenerator::new(1).expect("id generator"));
+            let store = SqliteStore::open(&dir.path().join("im.sqlite3"), SqliteOptions::new(ids))
+                .expect("sqlite store");
+            let im = Im::new(
+                Arc::new(store),
+                Arc::clone(&router),
+                Arc::clone(&producer),
+                &self.im,
+            );
+            logic = logic.with_im(Arc::new(im));
+            im_dir = Some(dir);
+        }
+        let logic = Arc::new(logic);
         let api_config = ApiConfig {
             http_bind: "127.0.0.1:0".parse().expect("addr"),
             max_body: self.max_body,
@@ -421,7 +452,7 @@ impl Setup {
         };
         // The API sees logic only through its facade.
         let facade: Arc<dyn LogicFacade> = Arc::clone(&logic) as _;
-        let api = Api::new(&api_config, facade, producer);
+        let api = Api::new(&api_config, &self.im, facade, producer);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let stop = CancellationToken::new();
@@ -449,6 +480,7 @@ impl Setup {
             consumer: Some(consumer),
             stop,
             server: Some(server),
+            _im_dir: im_dir,
         }
     }
 }
@@ -464,6 +496,8 @@ pub struct Harness {
     consumer: Option<MemoryConsumer>,
     stop: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
+    /// The SQLite store's directory, removed when the harness is dropped.
+    _im_dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Harness {
@@ -571,7 +605,12 @@ impl Harness {
 
     /// Connects a session through logic (auth policy `none`, goim's JSON token).
     pub async fn connect(&self, server: &str, mid: i64, key: &str) {
-        let token = serde_json::json!({ "mid": mid, "key": key, "room_id": "", "platform": "web", "accepts": [1000] });
+        self.connect_accepting(server, mid, key, &[1000]).await;
+    }
+
+    /// Connects a session that accepts the pushed ops `accepts`.
+    pub async fn connect_accepting(&self, server: &str, mid: i64, key: &str, accepts: &[i32]) {
+        let token = serde_json::json!({ "mid": mid, "key": key, "room_id": "", "platform": "web", "accepts": accepts });
         let reply = self
             .logic
             .connect(logic::ConnectRequest {
@@ -608,6 +647,18 @@ impl Harness {
             out.push(delivery.msg);
         }
         out
+    }
+
+    /// Waits (at most [`WAIT`]) for the next enqueued message.
+    pub async fn next_enqueued(&mut self) -> PushMsg {
+        let consumer = self.consumer.as_mut().expect("the consumer was dropped");
+        let delivery = tokio::time::timeout(WAIT, consumer.recv())
+            .await
+            .expect("nothing was enqueued in time")
+            .expect("the in-process queue")
+            .expect("the queue closed");
+        delivery.receipt.handled();
+        delivery.msg
     }
 
     /// Returns everything enqueued so far, sorted by target comet.
