@@ -582,3 +582,47 @@ async fn every_endpoint_is_404_when_im_is_off() {
         refused(&answer, 404, 2, &["im.store", "off"]);
     }
 }
+
+/// A store outage is 503 with code 5 and `Retry-After: 1` on every
+/// endpoint, and nothing is queued.
+#[tokio::test]
+async fn a_store_outage_is_503_with_retry_after() {
+    let mut h = Setup::new().im_store_down().start().await;
+    h.connect_accepting("comet-a", 2, "k2", &[Op::IM_MSG.0])
+        .await;
+    let requests = [
+        h.http
+            .post(h.url("/im/v1/messages"))
+            .body(json!({ "from": 1, "to": 2, "cmid": "c" }).to_string()),
+        h.http.get(h.url("/im/v1/conversations/p:1:2/messages")),
+        h.http
+            .post(h.url("/im/v1/conversations/p:1:2/read"))
+            .body(json!({ "mid": 1, "seq": 1 }).to_string()),
+        h.http.get(h.url("/im/v1/users/1/conversations")),
+        h.http.get(h.url("/im/v1/users/1/sync")),
+        h.http
+            .put(h.url("/im/v1/groups/team"))
+            .body(json!({ "name": "x" }).to_string()),
+        h.http.get(h.url("/im/v1/groups/team")),
+        h.http
+            .post(h.url("/im/v1/groups/team/members"))
+            .body(json!({ "add": [1] }).to_string()),
+        h.http.get(h.url("/im/v1/groups/team/members")),
+    ];
+    for request in requests {
+        let response = request.send().await.expect("http request");
+        let retry = response.headers().get("retry-after").cloned();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(
+            retry.as_ref().and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "{body}"
+        );
+        assert_eq!(body["code"], 5, "{body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("message store unavailable"), "{body}");
+    }
+    assert!(h.drain().await.is_empty(), "nothing stored, nothing queued");
+}

@@ -23,7 +23,10 @@ use rim_api::Api;
 use rim_config::{
     ApiConfig, Cidr, ImConfig, LogicConfig, NodesConfig, RegionCidr, RouterBackend, RouterConfig,
 };
-use rim_im::{IdGenerator, SqliteOptions, SqliteStore};
+use rim_im::{
+    ConvId, ConvSummary, Draft, Group, GroupSpec, IdGenerator, MembersChanged, MembersPage,
+    MessageStore, Page, PullPage, ReadPos, Reader, Sent, SqliteOptions, SqliteStore, SyncPage,
+};
 use rim_logic::{CometNode, Comets, HttpClient, Im, Logic, LogicFacade};
 use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as comet;
@@ -243,6 +246,66 @@ impl Router for DownRouter {
     }
 }
 
+/// A message store that is down: every call fails as unavailable.
+pub struct DownStore;
+
+fn store_down<T>() -> rim_im::Result<T> {
+    Err(rim_im::Error::unavailable(
+        "the message store is down (test)",
+        std::io::Error::other("connection refused"),
+    ))
+}
+
+#[async_trait]
+impl MessageStore for DownStore {
+    async fn send(&self, _draft: Draft) -> rim_im::Result<Sent> {
+        store_down()
+    }
+    async fn sync(&self, _mid: i64, _after: u64, _limit: u32) -> rim_im::Result<SyncPage> {
+        store_down()
+    }
+    async fn pull(
+        &self,
+        _conv: &ConvId,
+        _reader: Reader,
+        _page: Page,
+        _limit: u32,
+    ) -> rim_im::Result<PullPage> {
+        store_down()
+    }
+    async fn read(&self, _conv: &ConvId, _mid: i64, _seq: u64) -> rim_im::Result<ReadPos> {
+        store_down()
+    }
+    async fn conversations(&self, _mid: i64, _limit: u32) -> rim_im::Result<Vec<ConvSummary>> {
+        store_down()
+    }
+    async fn put_group(&self, _conv: &ConvId, _spec: GroupSpec) -> rim_im::Result<Group> {
+        store_down()
+    }
+    async fn change_members(
+        &self,
+        _conv: &ConvId,
+        _add: &[i64],
+        _remove: &[i64],
+    ) -> rim_im::Result<MembersChanged> {
+        store_down()
+    }
+    async fn members(
+        &self,
+        _conv: &ConvId,
+        _after: Option<i64>,
+        _limit: u32,
+    ) -> rim_im::Result<MembersPage> {
+        store_down()
+    }
+    async fn group(&self, _conv: &ConvId) -> rim_im::Result<Group> {
+        store_down()
+    }
+    fn commits(&self) -> u64 {
+        0
+    }
+}
+
 /// A producer that refuses every message for one comet and passes the
 /// others to the in-memory queue.
 pub struct FailFor {
@@ -286,8 +349,19 @@ pub struct Setup {
     api: ApiConfig,
     /// `[im]`: the API's IM token and group limit, the service's limits.
     im: ImConfig,
-    /// Serves IM over a SQLite store in a temporary directory.
-    im_store: bool,
+    /// The message store behind logic's IM service, if any.
+    im_store: ImStore,
+}
+
+/// Which message store a harness serves IM from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ImStore {
+    /// None: IM is off.
+    Off,
+    /// A real SQLite store in a temporary directory.
+    Sqlite,
+    /// [`DownStore`].
+    Down,
 }
 
 impl Default for Setup {
@@ -303,7 +377,7 @@ impl Default for Setup {
             queue: (64, 64 << 20),
             api: ApiConfig::default(),
             im: ImConfig::default(),
-            im_store: false,
+            im_store: ImStore::Off,
         }
     }
 }
@@ -335,7 +409,13 @@ impl Setup {
     /// Serves IM (logic's IM service) over a real SQLite store in a
     /// temporary directory.
     pub fn im_store(mut self) -> Setup {
-        self.im_store = true;
+        self.im_store = ImStore::Sqlite;
+        self
+    }
+
+    /// Serves IM over a store that is down ([`DownStore`]).
+    pub fn im_store_down(mut self) -> Setup {
+        self.im_store = ImStore::Down;
         self
     }
 
@@ -429,19 +509,22 @@ impl Setup {
         };
         let mut logic = Logic::new(&config, Arc::clone(&router), Arc::clone(&comets), webhooks);
         let mut im_dir = None;
-        if self.im_store {
-            let dir = tempfile::tempdir().expect("temporary directory");
-            let ids = Arc::new(IdGenerator::new(1).expect("id generator"));
-            let store = SqliteStore::open(&dir.path().join("im.sqlite3"), SqliteOptions::new(ids))
-                .expect("sqlite store");
-            let im = Im::new(
-                Arc::new(store),
-                Arc::clone(&router),
-                Arc::clone(&producer),
-                &self.im,
-            );
+        let store: Option<Arc<dyn MessageStore>> = match self.im_store {
+            ImStore::Off => None,
+            ImStore::Down => Some(Arc::new(DownStore)),
+            ImStore::Sqlite => {
+                let dir = tempfile::tempdir().expect("temporary directory");
+                let ids = Arc::new(IdGenerator::new(1).expect("id generator"));
+                let path = dir.path().join("im.sqlite3");
+                let store =
+                    SqliteStore::open(&path, SqliteOptions::new(ids)).expect("sqlite store");
+                im_dir = Some(dir);
+                Some(Arc::new(store))
+            }
+        };
+        if let Some(store) = store {
+            let im = Im::new(store, Arc::clone(&router), Arc::clone(&producer), &self.im);
             logic = logic.with_im(Arc::new(im));
-            im_dir = Some(dir);
         }
         let logic = Arc::new(logic);
         let api_config = ApiConfig {
