@@ -9,7 +9,8 @@
 #    (initdb'd as the postgres user, database "rim", trust auth on loopback)
 #    and tansu servers on 127.0.0.1 with their data in a temp dir, and creates
 #    the topic rim-push.
-# 3. Runs `cargo test --workspace --all-targets -- --include-ignored` with
+# 3. Runs `cargo test --workspace --all-targets -- --include-ignored` (or,
+#    given arguments, `cargo test <arguments> -- --include-ignored`) with
 #    RIM_TEST_REDIS, RIM_TEST_REDIS_CLUSTER (comma-separated seed URLs),
 #    RIM_TEST_ZK, RIM_TEST_KAFKA and RIM_TEST_POSTGRES pointing at them, and
 #    RIM_TEST_LOCAL_CLUSTER=1 (the deploy kit's local-cluster test).
@@ -411,8 +412,12 @@ main() {
     export RIM_TEST_LOCAL_CLUSTER=1
     log "RIM_TEST_REDIS=$RIM_TEST_REDIS RIM_TEST_REDIS_CLUSTER=$RIM_TEST_REDIS_CLUSTER"
     log "RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA RIM_TEST_POSTGRES=$RIM_TEST_POSTGRES"
-    log "cargo test --workspace --all-targets -- --include-ignored"
-    if ! cargo test --workspace --all-targets -- --include-ignored </dev/null; then
+    # Arguments narrow the run while iterating (deploy/test.sh -p rim --test cluster);
+    # without them, everything runs.
+    local args=(--workspace --all-targets)
+    (($#)) && args=("$@")
+    log "cargo test ${args[*]} -- --include-ignored"
+    if ! cargo test "${args[@]}" -- --include-ignored </dev/null; then
         echo "error: cargo test failed; tansu log:" >&2
         show_log "$WORK/tansu.log"
         exit 1

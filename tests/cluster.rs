@@ -1,6 +1,7 @@
 //! The distributed end-to-end suite: two regions of two comets each, two
 //! logics and one job per region, every role its own `rim` process, on the
-//! real ZooKeeper, Redis and Kafka-protocol broker deploy/test.sh starts.
+//! real ZooKeeper, Redis, Kafka-protocol broker and PostgreSQL (the IM
+//! store) deploy/test.sh starts.
 
 mod support;
 
@@ -54,14 +55,19 @@ async fn start_cluster(run: &str) -> Cluster {
             ("RIM_QUEUE__TOPIC", topic.clone()),
         ]
     };
+    // Both logics share one message store (a schema of this run's own).
+    let store = support::postgres_schema(&format!("rim_e2e_{run}").replace('-', "_")).await;
     let mut logics = Vec::new();
-    for name in ["a", "b"] {
+    for (n, name) in ["a", "b"].into_iter().enumerate() {
         let mut env = common(format!("logic-{name}-{run}"), "r1");
         env.extend([
             ("RIM_LOGIC__GRPC_BIND", "127.0.0.1:0".to_string()),
             ("RIM_API__HTTP_BIND", "127.0.0.1:0".into()),
             ("RIM_LOGIC__AUTH__POLICY", "none".into()),
             ("RIM_ROUTER__REDIS", redis.clone()),
+            ("RIM_IM__STORE", "postgres".into()),
+            ("RIM_IM__POSTGRES", store.clone()),
+            ("RIM_IM__NODE", n.to_string()),
         ]);
         let mut logic = Proc::start(&["logic", "--config", &shipped_config("logic")], &env);
         let http = logic.addr_after("http api serving");
@@ -150,7 +156,7 @@ impl Cluster {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs ZooKeeper, Redis and Kafka: run deploy/test.sh"]
+#[ignore = "needs ZooKeeper, Redis, Kafka and PostgreSQL: run deploy/test.sh"]
 async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
     let run = format!("{}", std::process::id());
     let cluster = start_cluster(&run).await;
@@ -308,7 +314,7 @@ async fn pushes_reach_exactly_their_recipients_across_comets_and_regions() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs ZooKeeper, Redis and Kafka: run deploy/test.sh"]
+#[ignore = "needs ZooKeeper, Redis, Kafka and PostgreSQL: run deploy/test.sh"]
 async fn clients_of_a_stopped_comet_reconnect_to_one_node_selection_picks() {
     let run = format!("{}-b", std::process::id());
     let mut cluster = start_cluster(&run).await;
@@ -374,5 +380,77 @@ async fn clients_of_a_stopped_comet_reconnect_to_one_node_selection_picks() {
     assert_eq!(answer["data"]["connections"], 1, "{answer}");
     assert_eq!(next_push(&mut client).await, "after");
     drop(client);
+    cluster.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs ZooKeeper, Redis, Kafka and PostgreSQL: run deploy/test.sh"]
+async fn chat_messages_are_stored_once_and_reach_every_device_across_regions() {
+    use rim_proto::im::{Body, Code, Msg, SendReply, SendRequest, SyncReply, SyncRequest};
+    use rim_proto::{Frame, Op};
+
+    let run = format!("im{}", std::process::id());
+    let cluster = start_cluster(&run).await;
+    let device = |mid: i64, key: &str| AuthToken {
+        mid,
+        key: format!("{key}-{run}"),
+        accepts: vec![21, 27],
+        ..AuthToken::default()
+    };
+    async fn next_im(client: &mut Client) -> Frame {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(30), client.next_frame())
+                .await
+                .expect("a frame within 30 s")
+                .unwrap()
+                .expect("open");
+            if frame.op != rim_proto::Op::HEARTBEAT_REPLY {
+                return frame;
+            }
+        }
+    }
+    // Alice on comet 1 (r1); Bob on comet 2 (r1) and comet 3 (r2).
+    let mut alice = Client::connect_tcp(cluster.comets[0].1).await.unwrap();
+    alice.auth(&device(1, "alice")).await.unwrap();
+    let mut bob_r1 = Client::connect_tcp(cluster.comets[1].1).await.unwrap();
+    bob_r1.auth(&device(2, "bob-r1")).await.unwrap();
+    let mut bob_r2 = Client::connect_tcp(cluster.comets[2].1).await.unwrap();
+    bob_r2.auth(&device(2, "bob-r2")).await.unwrap();
+
+    for (i, seq) in [(1, 1u64), (2, 2), (1, 1)] {
+        // The third send repeats the first cmid: the same message.
+        let send = SendRequest {
+            cmid: format!("c-{i}"),
+            to: Some(2),
+            body: format!("hello {i}"),
+            ..SendRequest::default()
+        };
+        alice.send(send.to_frame(i)).await.unwrap();
+        let reply = next_im(&mut alice).await;
+        assert_eq!((reply.op, reply.seq), (Op::IM_SEND_REPLY, i));
+        let reply = SendReply::decode(&reply.body).unwrap();
+        assert_eq!((reply.code, reply.seq), (Code::OK, seq), "{reply:?}");
+    }
+    // Each of Bob's devices, in both regions, gets each message once.
+    for bob in [&mut bob_r1, &mut bob_r2] {
+        for seq in [1u64, 2] {
+            let frame = next_im(bob).await;
+            assert_eq!(frame.op, Op::IM_MSG);
+            let msg = Msg::decode(&frame.body).unwrap();
+            assert_eq!((msg.seq, msg.sync, msg.from), (seq, Some(seq), 1));
+        }
+    }
+    // A new device of Bob on comet 4 syncs through either logic.
+    let mut bob_new = Client::connect_tcp(cluster.comets[3].1).await.unwrap();
+    bob_new.auth(&device(2, "bob-new")).await.unwrap();
+    bob_new
+        .send(SyncRequest { sync: 0, limit: 0 }.to_frame(5))
+        .await
+        .unwrap();
+    let reply = next_im(&mut bob_new).await;
+    assert_eq!((reply.op, reply.seq), (Op::IM_SYNC_REPLY, 5));
+    let sync = SyncReply::decode(&reply.body).unwrap();
+    let bodies: Vec<&str> = sync.msgs.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["hello 1", "hello 2"]);
     cluster.stop();
 }

@@ -244,3 +244,43 @@ async fn history_survives_a_restart_on_the_same_file() {
     assert_eq!(next_one.seq, 4);
     rim.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unacked_push_gets_notify_sync_and_an_acked_one_does_not() {
+    use rim_proto::im::Ack;
+
+    let mut rim = start_standalone("im-acks", &[("RIM_IM__ACK_TIMEOUT", "300ms")]);
+    let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
+    let api = rim.addr_after("http api serving");
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let mut sender = chat_device(tcp, 7, "s").await;
+    // Two devices of user 8: one acks what it gets, one never does.
+    let mut acking = device(tcp, 8, "acking", &[21, 27, 1000]).await;
+    let mut silent = chat_device(tcp, 8, "silent").await;
+
+    let reply: SendReply = ask(&mut sender, send_to(8, "a-1", "ack me").to_frame(1)).await;
+    assert_eq!(reply.code, Code::OK);
+    let msg = next_msg(&mut acking).await;
+    acking
+        .send(
+            Ack {
+                sync: msg.sync.unwrap(),
+            }
+            .to_frame(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_msg(&mut silent).await.sync, Some(1));
+
+    // The silent device is told to SYNC (not sent the message again).
+    let frame = next(&mut silent).await;
+    assert_eq!(frame.op, Op::IM_NOTIFY);
+    assert_eq!(
+        Notify::decode(&frame.body).unwrap(),
+        Notify::Sync { sync: 1 }
+    );
+    // The acking device got nothing more, well past the timeout.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    nothing_pending(&mut acking, api, "acking").await;
+    rim.stop();
+}

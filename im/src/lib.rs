@@ -11,6 +11,7 @@ mod conv;
 mod error;
 mod id;
 mod message;
+mod postgres;
 mod sqlite;
 mod store;
 
@@ -18,6 +19,7 @@ pub use crate::conv::{ConvId, MAX_GID_LEN};
 pub use crate::error::{Code, Error, Result, StoreFailure};
 pub use crate::id::{IdGenerator, MAX_NODE, MessageId};
 pub use crate::message::{Draft, MAX_CMID_LEN};
+pub use crate::postgres::{PostgresOptions, PostgresStore};
 pub use crate::sqlite::{Pragmas, SqliteOptions, SqliteStore, Synchronous};
 pub use crate::store::{
     ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, InboxEntry, MAX_CONVERSATIONS_LIMIT,

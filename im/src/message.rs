@@ -31,7 +31,7 @@ pub struct Draft {
 
 impl Draft {
     /// Checks a send request: `cmid` 1–64 characters without control
-    /// characters, `body` at most `max_body` bytes, `from` one of a 1:1
+    /// characters, `body` at most `max_body` bytes without NUL, `from` one of a 1:1
     /// conversation's users.
     pub fn new(
         conv: ConvId,
@@ -50,6 +50,10 @@ impl Draft {
         }
         if cmid.chars().any(char::is_control) {
             return Err(Error::invalid("cmid", "a cmid has no control characters"));
+        }
+        if body.contains('\0') {
+            // PostgreSQL's text cannot hold it: refused alike on every store.
+            return Err(Error::invalid("body", "a body has no NUL characters"));
         }
         if body.len() > max_body {
             return Err(Error::TooLarge {
@@ -119,6 +123,7 @@ mod tests {
             Code::BadRequest
         );
         assert_eq!(code(draft("p:1:2", 1, "a\nb", "x")), Code::BadRequest);
+        assert_eq!(code(draft("p:1:2", 1, "c", "a\0b")), Code::BadRequest);
         assert_eq!(
             code(draft("p:1:2", 1, "c", &"é".repeat(2001))),
             Code::TooLarge

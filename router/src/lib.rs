@@ -42,6 +42,16 @@ pub trait Router: Send + Sync + 'static {
     /// Returns the server of each key, in the order given (None = offline or expired).
     async fn servers_of_keys(&self, keys: &[String]) -> Result<Vec<Option<String>>>;
 
+    /// Records that connection `key` of user `mid` has every IM inbox entry
+    /// up to `sync` (a device's cumulative ACK); the position never moves
+    /// back, and is kept for `lease` after the last ACK or until the
+    /// session is removed.
+    async fn set_acked(&self, mid: i64, key: &str, sync: u64, lease: Duration) -> Result<()>;
+
+    /// Returns the acked inbox position of each of `mid`'s connections
+    /// `keys`, in order (0 when none is known).
+    async fn acked(&self, mid: i64, keys: &[String]) -> Result<Vec<u64>>;
+
     /// Returns the live connections of the given users (each user once,
     /// however often it is named), in no particular order.
     async fn devices(&self, mids: &[i64]) -> Result<Vec<Device>>;

@@ -62,12 +62,16 @@ struct Report {
 
 type KeyShard = HashMap<Arc<str>, KeyEntry>;
 type UserShard = HashMap<i64, Vec<Device>>;
+/// IM ack positions by connection key: (mid, acked sync, expiry). Apart from
+/// the sessions so that connections without IM pay nothing for them.
+type AckShard = HashMap<Box<str>, (i64, u64, Instant)>;
 
 #[derive(Debug)]
 struct Inner {
     hasher: RandomState,
     keys: Box<[Mutex<KeyShard>]>,
     users: Box<[Mutex<UserShard>]>,
+    acks: Box<[Mutex<AckShard>]>,
     reports: Mutex<HashMap<String, Report>>,
     max_age: Duration,
 }
@@ -89,6 +93,7 @@ impl MemoryRouter {
             hasher: RandomState::new(),
             keys: (0..SHARDS).map(|_| Mutex::default()).collect(),
             users: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            acks: (0..SHARDS).map(|_| Mutex::default()).collect(),
             reports: Mutex::default(),
             max_age: online_max_age,
         });
@@ -128,6 +133,10 @@ impl Inner {
 
     fn user_shard(&self, mid: i64) -> &Mutex<UserShard> {
         &self.users[self.shard_of(&mid)]
+    }
+
+    fn ack_shard(&self, key: &str) -> &Mutex<AckShard> {
+        &self.acks[self.shard_of(key)]
     }
 
     /// Sets the device entry of `key` under `mid`. Callers hold the key's shard.
@@ -178,6 +187,9 @@ impl Inner {
             devices.retain(|device| device.expires > now);
             !devices.is_empty()
         });
+        self.acks[shard]
+            .lock()
+            .retain(|_, (_, _, expires)| *expires > now);
         if shard == 0 {
             self.reports
                 .lock()
@@ -232,6 +244,7 @@ impl Router for MemoryRouter {
         };
         keys.remove(key);
         inner.drop_device(mid, key, Some(server));
+        inner.ack_shard(key).lock().remove(key);
         Ok(live)
     }
 
@@ -279,6 +292,31 @@ impl Router for MemoryRouter {
             })
             .collect();
         Ok(servers)
+    }
+
+    async fn set_acked(&self, mid: i64, key: &str, sync: u64, lease: Duration) -> Result<()> {
+        let expires = expiry(Instant::now(), lease);
+        let mut acks = self.inner.ack_shard(key).lock();
+        match acks.get_mut(key) {
+            Some(entry) if entry.0 == mid => *entry = (mid, entry.1.max(sync), expires),
+            _ => {
+                acks.insert(key.into(), (mid, sync, expires));
+            }
+        }
+        Ok(())
+    }
+
+    async fn acked(&self, mid: i64, keys: &[String]) -> Result<Vec<u64>> {
+        let now = Instant::now();
+        Ok(keys
+            .iter()
+            .map(
+                |key| match self.inner.ack_shard(key).lock().get(key.as_str()) {
+                    Some(&(owner, sync, expires)) if owner == mid && expires > now => sync,
+                    _ => 0,
+                },
+            )
+            .collect())
     }
 
     async fn devices(&self, mids: &[i64]) -> Result<Vec<crate::Device>> {

@@ -40,6 +40,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
 use self::connection::Connection;
 use self::scripts::{
     ADD_DEVICE, PRUNE_DEVICE, REMOVE_DEVICE, REMOVE_KEY, RENEW_DEVICE, RENEW_KEY, REPLACE_ROOMS,
+    SET_ACK,
 };
 use crate::{Device, Error, Result, Router, ServerReport, millis, unix_ms};
 
@@ -127,6 +128,11 @@ impl Names {
 
     fn user(&self, mid: i64) -> String {
         format!("{}:mid:{{{mid}}}", self.prefix)
+    }
+
+    /// The user's IM ack positions (same hash slot as the user's hash).
+    fn acks(&self, mid: i64) -> String {
+        format!("{}:acks:{{{mid}}}", self.prefix)
     }
 
     fn online(&self, server: &str) -> String {
@@ -380,11 +386,15 @@ impl Router for RedisRouter {
             .arg(key)
             .arg(server)
             .arg(now);
-        let (key_removed, device_removed): (i64, i64) = self
+        let mut ack_connection = self.connection.clone();
+        let mut drop_ack = redis::cmd("HDEL");
+        drop_ack.arg(self.names.acks(mid)).arg(key);
+        let (key_removed, device_removed, _): (i64, i64, i64) = self
             .call("remove session", async {
                 tokio::try_join!(
                     remove_key.invoke_async(&mut key_connection),
-                    remove_device.invoke_async(&mut device_connection)
+                    remove_device.invoke_async(&mut device_connection),
+                    drop_ack.query_async(&mut ack_connection)
                 )
             })
             .await?;
@@ -442,6 +452,32 @@ impl Router for RedisRouter {
                     .map(|(_, server)| server.to_owned()))
             })
             .collect()
+    }
+
+    async fn set_acked(&self, mid: i64, key: &str, sync: u64, lease: Duration) -> Result<()> {
+        let mut connection = self.connection.clone();
+        let mut set = SET_ACK.prepare_invoke();
+        set.key(self.names.acks(mid))
+            .arg(key)
+            .arg(sync)
+            .arg(millis(lease));
+        let _: u64 = self
+            .call("store an ack position", set.invoke_async(&mut connection))
+            .await?;
+        Ok(())
+    }
+
+    async fn acked(&self, mid: i64, keys: &[String]) -> Result<Vec<u64>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        let mut get = redis::cmd("HMGET");
+        get.arg(self.names.acks(mid)).arg(keys);
+        let values: Vec<Option<u64>> = self
+            .call("read ack positions", get.query_async(&mut connection))
+            .await?;
+        Ok(values.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     async fn devices(&self, mids: &[i64]) -> Result<Vec<Device>> {
@@ -628,6 +664,7 @@ mod tests {
         let names = Names::new("rim");
         assert_eq!(names.key("k-1"), "rim:key:{k-1}");
         assert_eq!(names.user(-42), "rim:mid:{-42}");
+        assert_eq!(names.acks(-42), "rim:acks:{-42}");
         assert_eq!(names.online("comet-1"), "rim:online:{comet-1}");
         assert_eq!(names.servers, "rim:online:servers");
     }

@@ -7,7 +7,10 @@ use anyhow::Context;
 use rim_api::{Api, serve_with_metrics};
 use rim_config::{ImConfig, ImStore, LogicConfig, LogicRoleConfig, NodeConfig, RouterConfig};
 use rim_discovery::{Addrs, Kind, NodeInfo};
-use rim_im::{IdGenerator, MessageStore, SqliteOptions, SqliteStore, Synchronous};
+use rim_im::{
+    IdGenerator, MessageStore, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore,
+    Synchronous,
+};
 use rim_logic::{CometNode, Comets, HttpClient, Im, Logic, LogicFacade};
 use rim_queue::Producer;
 use rim_shutdown::Shutdown;
@@ -190,7 +193,21 @@ async fn open_store(
             tracing::info!(path = %im.sqlite_path.display(), id_node, "IM messages are stored in SQLite");
             Ok(Some(Arc::new(store)))
         }
-        ImStore::Postgres => anyhow::bail!("im.store = \"postgres\" is not available yet"),
+        ImStore::Postgres => {
+            // Validation keeps exactly one URL until sharding lands.
+            let url = im.postgres.first().context("im.postgres")?;
+            let options = PostgresOptions {
+                pool_size: im.postgres_pool,
+                timeout: im.store_timeout,
+                max_batch: im.max_batch,
+                ..PostgresOptions::new(url.clone(), ids)
+            };
+            let store = PostgresStore::connect(options)
+                .await
+                .context("im.postgres: cannot open the message store")?;
+            tracing::info!(id_node, "IM messages are stored in PostgreSQL");
+            Ok(Some(Arc::new(store)))
+        }
     }
 }
 

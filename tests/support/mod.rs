@@ -51,6 +51,25 @@ pub fn service(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run deploy/test.sh"))
 }
 
+/// Creates an empty schema `name` in the PostgreSQL of RIM_TEST_POSTGRES
+/// (dropping an older one of that name) and returns a URL whose
+/// connections use it, for a store of its own.
+pub async fn postgres_schema(name: &str) -> String {
+    let url = service("RIM_TEST_POSTGRES");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at RIM_TEST_POSTGRES={url}: {e}"));
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+        ))
+        .await
+        .unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-csearch_path%3D{name}")
+}
+
 /// A running `rim` process whose log lines are collected.
 pub struct Proc {
     child: Child,

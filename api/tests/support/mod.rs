@@ -219,6 +219,18 @@ impl Router for DownRouter {
     async fn devices(&self, _mids: &[i64]) -> rim_router::Result<Vec<rim_router::Device>> {
         down()
     }
+    async fn set_acked(
+        &self,
+        _mid: i64,
+        _key: &str,
+        _sync: u64,
+        _lease: Duration,
+    ) -> rim_router::Result<()> {
+        down()
+    }
+    async fn acked(&self, _mid: i64, _keys: &[String]) -> rim_router::Result<Vec<u64>> {
+        down()
+    }
     async fn servers_of_keys(&self, _keys: &[String]) -> rim_router::Result<Vec<Option<String>>> {
         down()
     }

@@ -9,11 +9,12 @@
 //! SYNC (the ack-timeout NOTIFY sync, a sync gap in a later MSG, or the
 //! SYNC a client sends on reconnect). Deliveries run in the background,
 //! at most `MAX_IN_FLIGHT` at once: a full pipe slows new sends' replies
-//! rather than growing without bound.
+//! rather than growing without bound. Every MSG queued to a connection is
+//! remembered for the ack timeout (acks.rs), checked by a background loop.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rim_im::Sent;
@@ -22,40 +23,67 @@ use rim_proto::im::{Body, Notify};
 use rim_queue::{Producer, PushMsg, PushType};
 use rim_router::Router;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
+use super::acks::{Pending, Tracker};
 use super::metrics::ImMetrics;
 use super::wire;
 
 /// Deliveries running at once.
 const MAX_IN_FLIGHT: usize = 1024;
 
+/// How long a connection's ack position outlives its last ACK in the
+/// router (it also ends with the session).
+pub(crate) const ACK_TTL: Duration = Duration::from_secs(3600);
+
 /// Hands IM frames to the push queue.
 pub(crate) struct Deliverer {
-    router: Arc<dyn Router>,
-    queue: Arc<dyn Producer>,
+    shared: Arc<Shared>,
     permits: Arc<Semaphore>,
-    metrics: Arc<ImMetrics>,
 }
 
-/// One frame body per user, and a connection that must not get it.
+/// What the deliveries and the ack-timeout loop share.
+struct Shared {
+    router: Arc<dyn Router>,
+    queue: Arc<dyn Producer>,
+    metrics: Arc<ImMetrics>,
+    tracker: Tracker,
+}
+
+/// One frame body per user (with the inbox entry it carries, for MSG), and
+/// a connection that must not get it.
 struct Frames {
     op: Op,
-    bodies: BTreeMap<i64, Bytes>,
+    bodies: BTreeMap<i64, (Bytes, Option<u64>)>,
     except_key: Option<String>,
 }
 
 impl Deliverer {
+    /// Creates the deliverer and starts its ack-timeout loop on the current
+    /// runtime (it ends when the deliverer is dropped).
     pub(crate) fn new(
         router: Arc<dyn Router>,
         queue: Arc<dyn Producer>,
         metrics: Arc<ImMetrics>,
+        ack_timeout: Duration,
     ) -> Deliverer {
-        Deliverer {
+        let shared = Arc::new(Shared {
             router,
             queue,
-            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             metrics,
+            tracker: Tracker::new(ack_timeout),
+        });
+        tokio::spawn(check_acks(Arc::downgrade(&shared)));
+        Deliverer {
+            shared,
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         }
+    }
+
+    /// Records a device's cumulative ACK (kept in the router, where every
+    /// logic's ack-timeout check reads it).
+    pub(crate) async fn ack(&self, mid: i64, key: &str, sync: u64) -> rim_router::Result<()> {
+        self.shared.router.set_acked(mid, key, sync, ACK_TTL).await
     }
 
     /// Pushes a stored message as MSG to every connection of every member
@@ -66,7 +94,7 @@ impl Deliverer {
             .iter()
             .map(|entry| {
                 let body = wire::msg(&sent.message, Some(entry.sync)).encode();
-                (entry.mid, body)
+                (entry.mid, (body, Some(entry.sync)))
             })
             .collect();
         self.spawn(Frames {
@@ -81,7 +109,7 @@ impl Deliverer {
     pub(crate) async fn notify(&self, mid: i64, notify: &Notify, except_key: Option<&str>) {
         self.spawn(Frames {
             op: Op::IM_NOTIFY,
-            bodies: BTreeMap::from([(mid, notify.encode())]),
+            bodies: BTreeMap::from([(mid, (notify.encode(), None))]),
             except_key: except_key.map(str::to_owned),
         })
         .await;
@@ -95,59 +123,126 @@ impl Deliverer {
         let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
             return; // never closed
         };
-        let router = Arc::clone(&self.router);
-        let queue = Arc::clone(&self.queue);
-        let metrics = Arc::clone(&self.metrics);
+        let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
-            deliver(&*router, &*queue, &metrics, frames).await;
+            shared.deliver(frames).await;
             drop(permit);
         });
     }
 }
 
-async fn deliver(router: &dyn Router, queue: &dyn Producer, metrics: &ImMetrics, frames: Frames) {
-    let mids: Vec<i64> = frames.bodies.keys().copied().collect();
-    let devices = match router.devices(&mids).await {
-        Ok(devices) => devices,
-        Err(err) => {
-            metrics.delivery("router_failed");
-            tracing::warn!(%err, users = mids.len(), "IM delivery: router lookup failed; devices catch up by SYNC");
-            return;
-        }
-    };
-    // (comet, user) -> that user's connections on that comet.
-    let mut targets: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
-    for device in devices {
-        if frames.except_key.as_deref() == Some(device.key.as_str()) {
-            continue;
-        }
-        targets
-            .entry((device.server, device.mid))
-            .or_default()
-            .push(device.key);
-    }
-    let accepted_unix_nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-    for ((server, mid), keys) in targets {
-        let Some(body) = frames.bodies.get(&mid) else {
-            continue;
+impl Shared {
+    async fn deliver(&self, frames: Frames) {
+        let mids: Vec<i64> = frames.bodies.keys().copied().collect();
+        let devices = match self.router.devices(&mids).await {
+            Ok(devices) => devices,
+            Err(err) => {
+                self.metrics.delivery("router_failed");
+                tracing::warn!(%err, users = mids.len(), "IM delivery: router lookup failed; devices catch up by SYNC");
+                return;
+            }
         };
+        // (comet, user) -> that user's connections on that comet.
+        let mut targets: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
+        for device in devices {
+            if frames.except_key.as_deref() == Some(device.key.as_str()) {
+                continue;
+            }
+            targets
+                .entry((device.server, device.mid))
+                .or_default()
+                .push(device.key);
+        }
+        for ((server, mid), keys) in targets {
+            let Some((body, sync)) = frames.bodies.get(&mid) else {
+                continue;
+            };
+            let now = Instant::now();
+            let tracked = sync.map(|sync| (sync, keys.clone()));
+            if self.push(frames.op, &server, keys, body.clone()).await
+                && let Some((sync, keys)) = tracked
+            {
+                for key in &keys {
+                    if !self.tracker.pushed(mid, key, &server, sync, now) {
+                        self.metrics.delivery("untracked");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues one frame to connections `keys` of comet `server`; returns
+    /// whether the queue took it.
+    async fn push(&self, op: Op, server: &str, keys: Vec<String>, body: Bytes) -> bool {
+        let accepted_unix_nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         let msg = PushMsg {
             r#type: PushType::Push as i32,
-            operation: frames.op.0,
-            server,
+            operation: op.0,
+            server: server.to_owned(),
             keys,
-            msg: body.clone(),
+            msg: body,
             accepted_unix_nanos,
             ..PushMsg::default()
         };
-        match queue.send(msg).await {
-            Ok(()) => metrics.delivery("queued"),
-            Err(err) => {
-                metrics.delivery("queue_failed");
-                tracing::warn!(%err, mid, "IM delivery: queue write failed; devices catch up by SYNC");
+        match self.queue.send(msg).await {
+            Ok(()) => {
+                self.metrics.delivery("queued");
+                true
             }
+            Err(err) => {
+                self.metrics.delivery("queue_failed");
+                tracing::warn!(%err, server, "IM delivery: queue write failed; devices catch up by SYNC");
+                false
+            }
+        }
+    }
+
+    /// Tells the connections whose pushes timed out unacked to SYNC.
+    async fn notify_unacked(&self, due: Vec<(String, Pending)>) {
+        let mut by_user: HashMap<i64, Vec<(String, Pending)>> = HashMap::new();
+        for (key, pending) in due {
+            by_user.entry(pending.mid).or_default().push((key, pending));
+        }
+        for (mid, entries) in by_user {
+            let keys: Vec<String> = entries.iter().map(|(key, _)| key.clone()).collect();
+            let acked = match self.router.acked(mid, &keys).await {
+                Ok(acked) => acked,
+                Err(err) => {
+                    tracing::warn!(%err, mid, "IM ack check: router unavailable; skipped");
+                    continue;
+                }
+            };
+            for ((key, pending), acked) in entries.into_iter().zip(acked) {
+                if acked >= pending.sync {
+                    continue;
+                }
+                let notify = Notify::Sync { sync: pending.sync };
+                self.metrics.delivery("ack_timeout_notify");
+                self.push(Op::IM_NOTIFY, &pending.server, vec![key], notify.encode())
+                    .await;
+            }
+        }
+    }
+}
+
+/// Checks the pushes whose ack timeout passed, until the deliverer is gone.
+async fn check_acks(shared: Weak<Shared>) {
+    let tick = match shared.upgrade() {
+        Some(shared) => shared.tracker.tick(),
+        None => return,
+    };
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let due = shared.tracker.due(Instant::now());
+        if !due.is_empty() {
+            shared.notify_unacked(due).await;
         }
     }
 }

@@ -6,8 +6,10 @@
 //! frames are then queued in the background (deliver.rs). Replies echo the
 //! request's header seq; a malformed request gets its reply op with a
 //! non-zero code and the connection stays open. ACK and READ have no reply:
-//! a bad one is logged and counted.
+//! a bad one is logged and counted. ACKs are kept in the router; a device
+//! that leaves a push unacked for `im.ack_timeout` gets NOTIFY sync.
 
+mod acks;
 mod deliver;
 mod metrics;
 mod wire;
@@ -66,7 +68,7 @@ impl Im {
         let metrics = Arc::new(ImMetrics::default());
         Im {
             store,
-            deliver: Deliverer::new(router, queue, Arc::clone(&metrics)),
+            deliver: Deliverer::new(router, queue, Arc::clone(&metrics), config.ack_timeout),
             max_body: config.max_body,
             metrics,
         }
@@ -140,9 +142,9 @@ impl Im {
                 vec![reply.to_frame(seq).into()]
             }
             Op::IM_ACK => {
-                let code = match Ack::decode(body) {
-                    Ok(_) => Code::OK,
-                    Err(err) => Self::dropped("ACK", mid, &Refusal::undecodable("ACK", &err)),
+                let code = match self.client_ack(mid, key, body).await {
+                    Ok(()) => Code::OK,
+                    Err(refusal) => Self::dropped("ACK", mid, &refusal),
                 };
                 self.metrics.request("ack", code.0);
                 Vec::new()
@@ -295,6 +297,17 @@ impl Im {
             reset: page.reset,
             ..PullReply::default()
         })
+    }
+
+    async fn client_ack(&self, mid: i64, key: &str, body: &[u8]) -> Result<(), Refusal> {
+        let ack = Ack::decode(body).map_err(|err| Refusal::undecodable("ACK", &err))?;
+        self.deliver
+            .ack(mid, key, ack.sync)
+            .await
+            .map_err(|err| Refusal {
+                code: Code::UNAVAILABLE,
+                error: format!("router: {err}"),
+            })
     }
 
     async fn client_read(&self, mid: i64, key: &str, body: &[u8]) -> Result<(), Refusal> {

@@ -150,3 +150,26 @@ return 1
 ",
     )
 });
+
+/// Raises a connection's IM ack position (a field of the user's ack hash:
+/// key -> acked sync); it never moves back. The hash lives at least as long
+/// as the lease.
+///
+/// KEYS[1] ack hash; ARGV: key, sync, lease ms. Returns the position now.
+pub(crate) static SET_ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local new = tonumber(ARGV[2])
+if new > old then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+else
+  new = old
+end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return new
+",
+    )
+});

@@ -48,6 +48,7 @@ macro_rules! router_tests {
             large_batches: MAX_AGE,
             odd_characters_in_ids: MAX_AGE,
             ping: MAX_AGE,
+            ack_positions_are_monotonic_and_end_with_the_session: MAX_AGE,
         );
     };
     (@each $make:path, $attrs:tt, $($name:ident: $age:ident),* $(,)?) => {
@@ -410,4 +411,20 @@ fn unix_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock before 1970")
         .as_millis() as i64
+}
+
+/// A connection's IM ack position only moves forward, is per connection of
+/// its user, and goes with the session.
+pub async fn ack_positions_are_monotonic_and_end_with_the_session(r: &dyn Router) {
+    r.add(1, "k1", "c1", LEASE).await.unwrap();
+    r.add(1, "k2", "c1", LEASE).await.unwrap();
+    let keys = strings(&["k1", "k2", "nope"]);
+    assert_eq!(r.acked(1, &keys).await.unwrap(), [0, 0, 0]);
+    r.set_acked(1, "k1", 5, LEASE).await.unwrap();
+    r.set_acked(1, "k1", 3, LEASE).await.unwrap();
+    r.set_acked(1, "k2", 2, LEASE).await.unwrap();
+    assert_eq!(r.acked(1, &keys).await.unwrap(), [5, 2, 0]);
+    assert_eq!(r.acked(2, &keys[..1]).await.unwrap(), [0], "another user's");
+    assert!(r.remove(1, "k1", "c1").await.unwrap());
+    assert_eq!(r.acked(1, &keys).await.unwrap(), [0, 2, 0]);
 }

@@ -1,0 +1,113 @@
+//! The store's schema and its versioned migrations, applied at startup.
+//!
+//! `rim_im_schema` holds one row per applied version. The migrations run
+//! in one transaction under an advisory lock keyed by the current schema,
+//! so several rim processes starting at once apply each version exactly
+//! once; a database whose version is newer than this code knows is
+//! refused rather than written with the wrong layout.
+
+use crate::error::{Error, Result, StoreFailure};
+
+use super::{Shared, db, get};
+
+/// Every migration, in version order; a version is never edited once
+/// shipped, only followed by a new one.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE convs (
+        conv TEXT PRIMARY KEY,
+        max_seq BIGINT NOT NULL,
+        last_ts BIGINT NOT NULL
+    );
+    CREATE TABLE groups (
+        conv TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        max_members INT NOT NULL,
+        members INT NOT NULL,
+        created_ts BIGINT NOT NULL
+    );
+    CREATE TABLE members (
+        conv TEXT NOT NULL,
+        mid BIGINT NOT NULL,
+        read_seq BIGINT NOT NULL,
+        PRIMARY KEY (conv, mid)
+    );
+    CREATE INDEX members_by_mid ON members (mid, conv);
+    CREATE TABLE messages (
+        conv TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        id BIGINT NOT NULL,
+        sender BIGINT NOT NULL,
+        cmid TEXT NOT NULL,
+        kind INT NOT NULL,
+        body TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (conv, seq),
+        UNIQUE (conv, sender, cmid),
+        UNIQUE (id)
+    );
+    CREATE TABLE users (
+        mid BIGINT PRIMARY KEY,
+        max_sync BIGINT NOT NULL
+    );
+    CREATE TABLE inbox (
+        mid BIGINT NOT NULL,
+        sync BIGINT NOT NULL,
+        conv TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (mid, sync)
+    );",
+)];
+
+/// The schema version this code writes.
+pub(super) fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |(version, _)| *version)
+}
+
+/// Brings the database's schema to [`latest`], or refuses a newer one.
+pub(super) async fn migrate(shared: &Shared) -> Result<()> {
+    with_client!(shared, "migrating the schema", |client| {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db("starting the schema migration"))?;
+        // Keyed by schema: stores in different schemas of one database do
+        // not wait for each other.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('rim_im_schema ' || coalesce(current_schema(), '')))",
+            &[],
+        )
+        .await
+        .map_err(db("waiting for the schema migration lock"))?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS rim_im_schema (version INT NOT NULL)")
+            .await
+            .map_err(db("creating the schema version table"))?;
+        let row = tx
+            .query_one("SELECT coalesce(max(version), 0) FROM rim_im_schema", &[])
+            .await
+            .map_err(db("reading the schema version"))?;
+        let current: i32 = get(&row, 0)?;
+        let latest = latest();
+        if current > latest {
+            return Err(Error::Unavailable(StoreFailure::bare(format!(
+                "the database's schema is version {current}, newer than this rim knows \
+                 (version {latest}): run a rim that knows it"
+            ))));
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            tx.batch_execute(sql)
+                .await
+                .map_err(|e| Error::unavailable(format!("applying schema version {version}"), e))?;
+            tx.execute(
+                "INSERT INTO rim_im_schema (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(db("recording the schema version"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(db("committing the schema migration"))?;
+        Ok(())
+    })
+}
