@@ -154,6 +154,13 @@ async fn history_pages_go_both_ways() {
         h.get("/im/v1/conversations/p:5:6/messages").await.ok(),
         &json!({ "conv": "p:5:6", "msgs": [], "max_seq": 0, "min_seq": 1, "reset": false })
     );
+    // Request metrics are labelled by the route, not by the conversation.
+    let metrics = h.get("/metrics").await.raw;
+    assert!(
+        metrics.contains("endpoint=\"/im/v1/conversations/{conv}/messages\""),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("p:5:6"), "{metrics}");
 }
 
 /// The conversation list, most recent first, with read positions, unread
@@ -441,6 +448,12 @@ async fn malformed_requests_name_their_parameter() {
     let no_seq = post(&h, "/im/v1/conversations/p:1:2/read", json!({ "mid": 1 })).await;
     refused(&no_seq, 400, 1, &["`seq`"]);
     refused(&h.get("/im/v1/users/x/sync").await, 400, 1, &["\"mid\""]);
+    refused(
+        &h.get("/im/v1/users/%FF/sync").await,
+        400,
+        1,
+        &["invalid path"],
+    );
     refused(
         &h.get("/im/v1/users/-3/conversations").await,
         400,

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use rim_im::{ConvId, GroupSpec};
 use serde::{Deserialize, Serialize};
 
-use super::{bad, checked_mid, group, json, service};
+use super::{Segment, bad, checked_mid, group, json, service};
 use crate::error::{ImError, ok};
 use crate::params::Params;
 use crate::{Api, HttpError};
@@ -56,7 +56,7 @@ impl GroupAnswer {
 /// PUT /im/v1/groups/{gid}: creates the group or updates its settings.
 pub(super) async fn put(
     State(api): State<Arc<Api>>,
-    Path(gid): Path<String>,
+    Segment(gid): Segment,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ImError> {
@@ -91,7 +91,7 @@ pub(super) async fn put(
 /// GET /im/v1/groups/{gid}: the group's settings and member count.
 pub(super) async fn get(
     State(api): State<Arc<Api>>,
-    Path(gid): Path<String>,
+    Segment(gid): Segment,
 ) -> Result<Response, ImError> {
     let im = service(&api)?;
     let conv = group(&gid)?;
@@ -120,7 +120,7 @@ struct MembersChanged {
 /// POST /im/v1/groups/{gid}/members: removes, then adds members.
 pub(super) async fn change_members(
     State(api): State<Arc<Api>>,
-    Path(gid): Path<String>,
+    Segment(gid): Segment,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ImError> {
@@ -159,7 +159,7 @@ struct MembersPage {
 /// ascending.
 pub(super) async fn members(
     State(api): State<Arc<Api>>,
-    Path(gid): Path<String>,
+    Segment(gid): Segment,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ImError> {
     let im = service(&api)?;

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use rim_im::{Draft, Page, Reader};
 use rim_proto::im::Msg;
 use serde::{Deserialize, Serialize};
 
-use super::{LIMIT, bad, checked_mid, conv, json, mid, service};
+use super::{LIMIT, Segment, bad, checked_mid, conv, json, mid, service};
 use crate::Api;
 use crate::error::{ImError, ok};
 use crate::params::Params;
@@ -94,7 +94,7 @@ struct History {
 /// of history, newest first (`before`, or neither) or oldest first (`after`).
 pub(super) async fn history(
     State(api): State<Arc<Api>>,
-    Path(conv_id): Path<String>,
+    Segment(conv_id): Segment,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ImError> {
     let im = service(&api)?;
@@ -138,7 +138,7 @@ struct ConvLine {
 /// most recent first.
 pub(super) async fn conversations(
     State(api): State<Arc<Api>>,
-    Path(user): Path<String>,
+    Segment(user): Segment,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ImError> {
     let im = service(&api)?;
@@ -173,7 +173,7 @@ struct Inbox {
 /// after `since`.
 pub(super) async fn sync(
     State(api): State<Arc<Api>>,
-    Path(user): Path<String>,
+    Segment(user): Segment,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ImError> {
     let im = service(&api)?;
@@ -209,7 +209,7 @@ struct ReadAnswer {
 /// and tells all the user's devices (NOTIFY read).
 pub(super) async fn read(
     State(api): State<Arc<Api>>,
-    Path(conv_id): Path<String>,
+    Segment(conv_id): Segment,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ImError> {

@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::{FromRequestParts, Path};
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::middleware;
 use axum::routing::{get, post};
 use rim_im::ConvId;
@@ -75,6 +77,21 @@ async fn json<T: DeserializeOwned>(
     de.end()
         .map_err(|err| bad(format!("invalid JSON body: {err}")))?;
     Ok(value)
+}
+
+/// The one `{…}` segment of an /im/v1 path, percent-decoded; one that does
+/// not decode is refused in the envelope like any other parameter.
+pub(super) struct Segment(pub(super) String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Segment {
+    type Rejection = ImError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Segment, ImError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(segment)) => Ok(Segment(segment)),
+            Err(err) => Err(bad(format!("invalid path: {}", err.body_text()))),
+        }
+    }
 }
 
 /// Parses the `{conv}` of a path (400 naming `conv`).
