@@ -130,6 +130,7 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     let refresher = Arc::clone(&comets).refresh_every(super::logic::LOAD_REFRESH, stop.clone());
     let api = rim_api::Api::new(
         &config.api,
+        &config.im,
         Arc::clone(&logic) as Arc<dyn rim_logic::LogicFacade>,
         producer,
     );

@@ -33,6 +33,7 @@ use rim_router::Router;
 use self::deliver::Deliverer;
 use self::metrics::ImMetrics;
 use self::wire::Refusal;
+pub use self::wire::msg as wire_msg;
 
 /// The most body bytes of messages one SYNC or PULL reply carries; a page
 /// that would be larger is cut (SYNC says `more`, PULL continues from its
@@ -80,6 +81,11 @@ impl Im {
     /// Registers the IM metrics (`rim_logic_im_*`) in `registry`.
     pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
         self.metrics.register(registry, Arc::clone(&self.store));
+    }
+
+    /// Returns the largest message body it accepts (`im.max_body`).
+    pub fn max_body(&self) -> usize {
+        self.max_body
     }
 
     /// Returns the store (the HTTP endpoints read through it).
@@ -256,11 +262,18 @@ impl Im {
             Ok(req) => req,
             Err(err) => return refused_sync(Refusal::undecodable("SYNC", &err)),
         };
-        let limit = clamp_limit(req.limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT);
-        let page = match self.store.sync(mid, req.sync, limit).await {
-            Ok(page) => page,
-            Err(err) => return refused_sync(err.into()),
-        };
+        match self.sync(mid, req.sync, req.limit).await {
+            Ok(reply) => reply,
+            Err(err) => refused_sync(err.into()),
+        }
+    }
+
+    /// Returns `mid`'s inbox entries after `after` as a SYNC_REPLY: at most
+    /// `limit` (0 = 100, at most 200), cut earlier when their bodies pass
+    /// 256 KiB (`more` then says to continue).
+    pub async fn sync(&self, mid: i64, after: u64, limit: u32) -> rim_im::Result<SyncReply> {
+        let limit = clamp_limit(limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT);
+        let page = self.store.sync(mid, after, limit).await?;
         let mut reply = SyncReply {
             sync: page.sync,
             more: page.more,
@@ -278,7 +291,7 @@ impl Im {
             }
             reply.msgs.push(wire::msg(&entry.message, Some(entry.sync)));
         }
-        reply
+        Ok(reply)
     }
 
     async fn client_pull(&self, mid: i64, body: &[u8]) -> PullReply {
@@ -301,34 +314,42 @@ impl Im {
             Ok(conv) => conv,
             Err(refusal) => return refused_pull(refusal, &req.conv),
         };
-        match self
-            .store
-            .pull(&conv, Reader::Member(mid), page, req.limit)
-            .await
-        {
-            Ok(page) => {
-                let mut bytes = 0;
-                let msgs = page
-                    .messages
-                    .iter()
-                    .enumerate()
-                    .take_while(|(i, m)| {
-                        bytes += m.body.len();
-                        *i == 0 || bytes <= MAX_REPLY_BODY_BYTES
-                    })
-                    .map(|(_, m)| wire::msg(m, None))
-                    .collect();
-                PullReply {
-                    conv: req.conv,
-                    msgs,
-                    max_seq: page.max_seq,
-                    min_seq: page.min_seq,
-                    reset: page.reset,
-                    ..PullReply::default()
-                }
-            }
+        match self.pull(&conv, Reader::Member(mid), page, req.limit).await {
+            Ok(reply) => reply,
             Err(err) => refused_pull(err.into(), &req.conv),
         }
+    }
+
+    /// Returns a page of `conv`'s history for `reader` as a PULL_REPLY: at
+    /// most `limit` messages (0 = 100, at most 100), cut earlier when their
+    /// bodies pass 256 KiB (the reader continues from the last seq).
+    pub async fn pull(
+        &self,
+        conv: &ConvId,
+        reader: Reader,
+        page: Page,
+        limit: u32,
+    ) -> rim_im::Result<PullReply> {
+        let page = self.store.pull(conv, reader, page, limit).await?;
+        let mut bytes = 0;
+        let msgs = page
+            .messages
+            .iter()
+            .enumerate()
+            .take_while(|(i, m)| {
+                bytes += m.body.len();
+                *i == 0 || bytes <= MAX_REPLY_BODY_BYTES
+            })
+            .map(|(_, m)| wire::msg(m, None))
+            .collect();
+        Ok(PullReply {
+            conv: conv.to_string(),
+            msgs,
+            max_seq: page.max_seq,
+            min_seq: page.min_seq,
+            reset: page.reset,
+            ..PullReply::default()
+        })
     }
 
     async fn client_ack(&self, mid: i64, key: &str, body: &[u8]) -> Result<(), Refusal> {
