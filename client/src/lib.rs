@@ -1,6 +1,8 @@
 //! rim-client is a client of the goim frame protocol that rim speaks, over
 //! raw TCP or WebSocket: connect, authenticate, heartbeat, change room,
-//! subscribe, and receive pushed frames with op-9 batches unpacked.
+//! subscribe, and receive pushed frames with op-9 batches unpacked; and the
+//! IM ops (send, ack, sync, pull, read) with replies matched by header seq
+//! and pushed MSG and NOTIFY frames decoded as [`ImEvent`]s.
 //!
 //! It serves rim's tests and load tools; it is not a production SDK (no
 //! reconnect policy, no node selection).
@@ -17,6 +19,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::codec::Framed;
+
+mod im;
+
+pub use im::ImEvent;
 
 /// Largest frame body the client accepts from a server (batches can be big).
 pub const MAX_SERVER_BODY: usize = 16 << 20;
@@ -45,6 +51,25 @@ pub enum Error {
     /// The server sent something the protocol does not allow.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// No reply to an IM request within the caller's timeout.
+    #[error("no {op} reply to seq {seq} within {timeout:?}")]
+    ReplyTimeout {
+        /// The reply op waited for.
+        op: Op,
+        /// The request's header seq.
+        seq: i32,
+        /// How long the caller waited.
+        timeout: Duration,
+    },
+    /// A frame's JSON body did not decode as its op's body.
+    #[error("bad body of op {op}: {source}")]
+    Body {
+        /// The frame's op.
+        op: Op,
+        /// Why it did not decode.
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// Result of a client operation.
@@ -163,7 +188,7 @@ impl Client {
     }
 
     /// Reads the next frame off the wire; `None` when the server closed.
-    async fn read(&mut self) -> Result<Option<Frame>> {
+    async fn recv(&mut self) -> Result<Option<Frame>> {
         loop {
             match &mut self.conn {
                 Conn::Tcp(framed) => return framed.next().await.transpose().map_err(Into::into),
@@ -199,7 +224,7 @@ impl Client {
         if let Some(frame) = self.pending.pop_front() {
             return Ok(Some(frame));
         }
-        let Some(frame) = self.read().await? else {
+        let Some(frame) = self.recv().await? else {
             return Ok(None);
         };
         if frame.is_batch() && self.unpack_batches {
@@ -217,7 +242,7 @@ impl Client {
         let wait = async {
             let mut held = Vec::new();
             let found = loop {
-                match self.read().await? {
+                match self.recv().await? {
                     None => break Err(Error::Closed),
                     Some(frame) if frame.op == op && frame.seq == seq => break Ok(frame),
                     Some(frame) => held.push(frame),

@@ -4,9 +4,10 @@
 //! Field names, op numbers and codes are the contract: they are spelled here
 //! exactly as im.md spells them. Decoding ignores unknown fields (a newer
 //! client or server may add some), fills optional fields with their defaults,
-//! and refuses a missing required field with serde's `missing field `name``
-//! error, which the server answers with [`Code::BAD_REQUEST`]. Decoding never
-//! panics, whatever the bytes (serde_json also caps nesting depth).
+//! and refuses a body that is not a JSON object or lacks a required field
+//! (serde's "missing field" error names it); the server answers either with
+//! [`Code::BAD_REQUEST`]. Decoding never panics, whatever the bytes
+//! (serde_json also caps nesting depth).
 //!
 //! What is omitted when serializing, so that a refusal is small and a
 //! success is complete:
@@ -122,9 +123,17 @@ pub trait Body: Serialize + DeserializeOwned + sealed::Sealed {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
 
-    /// Decodes a body; unknown fields are ignored, a missing required field
-    /// is an error naming it. Never panics.
+    /// Decodes a body, which must be a JSON object (serde would also take
+    /// an array of the fields in order; the contract does not); unknown
+    /// fields are ignored, a missing required field is an error naming it.
+    /// Never panics.
     fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        let first = body
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+        if first.is_some_and(|b| *b != b'{') {
+            return Err(serde::de::Error::custom("a body must be a JSON object"));
+        }
         serde_json::from_slice(body)
     }
 

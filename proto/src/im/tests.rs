@@ -117,6 +117,11 @@ fn wrong_types_and_non_json_are_errors() {
     assert!(decode::<SyncRequest>(json!({"sync": 1, "limit": 1u64 << 40})).is_err());
     assert!(decode::<SendRequest>(json!({"cmid": 5})).is_err());
     assert!(SendRequest::decode(b"").is_err());
+    let err = SendRequest::decode(br#" ["c", 2, null, 0, "x"]"#).unwrap_err();
+    assert!(err.to_string().contains("JSON object"), "{err}");
+    assert!(ReadRequest::decode(b"\n\t {\"conv\":\"g:a\",\"seq\":1} ").is_ok());
+    assert!(Ack::decode(b"12").is_err());
+    assert!(Notify::decode(b"\"sync\"").is_err());
     assert!(SendRequest::decode(b"{\"cmid\":\"a\"").is_err());
     assert!(SendRequest::decode(b"\xff\xfe").is_err());
     assert!(
@@ -411,7 +416,12 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+    fn arbitrary_bytes_never_panic(
+        bytes in proptest::collection::vec(any::<u8>(), 0..256),
+        object in any::<bool>(),
+    ) {
+        // Half the cases open an object, so they reach serde_json's parser.
+        let bytes = if object { [&b"{"[..], &bytes].concat() } else { bytes };
         decode_all(&bytes);
     }
 
