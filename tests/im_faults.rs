@@ -42,9 +42,8 @@ struct Plan {
     partners: i64,
     /// One send in this many goes to the sender's own conversation `p:a:a`.
     self_every: usize,
-    /// Percent of sends that go to a group; 0 until the group endpoints
-    /// (PUT /im/v1/groups, POST …/members) are on main: then create
-    /// [`Plan::groups`] over HTTP before the run and raise this.
+    /// Percent of sends that go to one of the sender's groups
+    /// ([`Plan::groups`], created over HTTP before the run; 0 = 1:1 only).
     group_percent: usize,
     seed: u64,
 }
@@ -54,15 +53,21 @@ impl Plan {
         self.first_mid..self.first_mid + self.users
     }
 
-    /// The groups a group send picks from: one per ten users, each with its
-    /// ten users as members.
+    /// The groups a group send picks from: blocks of ten consecutive users,
+    /// and the same blocks shifted by five, so each user is in two groups
+    /// that overlap two others.
     fn groups(&self) -> Vec<(String, Vec<i64>)> {
-        (0..self.users / 10)
-            .map(|g| {
-                let members = (0..10).map(|i| self.first_mid + g * 10 + i).collect();
-                (format!("g:faults-{}-{g}", self.first_mid), members)
-            })
-            .collect()
+        let blocks = self.users / 10;
+        let mut groups = Vec::new();
+        for (family, shift) in [("a", 0), ("b", 5)] {
+            for g in 0..blocks {
+                let members = (0..10)
+                    .map(|i| self.first_mid + (g * 10 + shift + i) % self.users)
+                    .collect();
+                groups.push((format!("g:faults-{}-{family}{g}", self.first_mid), members));
+            }
+        }
+        groups
     }
 
     /// The members of a conversation the load can produce.
@@ -83,7 +88,7 @@ impl Plan {
 
 /// Creates the plan's groups through the HTTP API at `api` (im.md: PUT
 /// /im/v1/groups/{gid}, POST /im/v1/groups/{gid}/members) when the plan
-/// sends to groups; nothing otherwise (the endpoints are not on main yet).
+/// sends to groups.
 async fn create_groups(api: SocketAddr, plan: &Plan) {
     if plan.group_percent == 0 {
         return;
@@ -1135,7 +1140,7 @@ async fn standalone_killed_mid_run_loses_nothing_acknowledged() {
         messages: 4000,
         partners: 4,
         self_every: 50,
-        group_percent: 0,
+        group_percent: 30,
         seed: 13,
     };
     create_groups(api, &plan).await;
@@ -1378,7 +1383,7 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
         messages: 20_000,
         partners: 4,
         self_every: 50,
-        group_percent: 0,
+        group_percent: 30,
         seed: 8,
     };
     create_groups(cluster.logics[0].1, &plan).await;
