@@ -1,8 +1,9 @@
 //! A private PostgreSQL server for tests that crash and restart it: Debian's
-//! server binaries (package `postgresql`), a cluster initdb'd as the
-//! `postgres` user into a temp dir of its own (initdb refuses root) with
-//! database `rim` owned by role `rim` and trust auth, on a loopback port of
-//! its own, the way `deploy/test.sh` starts the shared one. Stopped by its
+//! server binaries (package `postgresql`), a cluster initdb'd into a temp dir
+//! of its own with database `rim` owned by role `rim` and trust auth, on a
+//! loopback port of its own, the way `deploy/test.sh` starts the shared one.
+//! As root (initdb refuses root) the server runs as the `postgres` user
+//! through `runuser`; otherwise as the current user. Stopped by its
 //! postmaster's PID on drop.
 
 use std::path::PathBuf;
@@ -34,12 +35,14 @@ impl PostgresServer {
             .prefix("rim-pg")
             .tempdir()
             .expect("creating the PostgreSQL temp dir");
-        // The postgres user must reach and own its directory.
-        run(Command::new("chmod").arg("755").arg(dir.path()), "chmod");
-        run(
-            Command::new("chown").arg("postgres:").arg(dir.path()),
-            "chown",
-        );
+        if is_root() {
+            // The postgres user must reach and own its directory.
+            run(Command::new("chmod").arg("755").arg(dir.path()), "chmod");
+            run(
+                Command::new("chown").arg("postgres:").arg(dir.path()),
+                "chown",
+            );
+        }
         let server = PostgresServer {
             dir,
             bin,
@@ -145,14 +148,20 @@ impl PostgresServer {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// Runs one of the server's tools, as `postgres` when this is root.
     fn as_postgres(&self, tool: &str, args: &[&str]) {
-        let out = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join(tool))
+        let mut cmd = if is_root() {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+            cmd
+        } else {
+            Command::new(self.bin.join(tool))
+        };
+        let out = cmd
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("running {tool} as postgres: {e}"));
+            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
         assert!(
             out.status.success(),
             "{tool} {args:?} failed: {}{}\n---- server log ----\n{}",
@@ -210,6 +219,17 @@ fn bin_dir() -> PathBuf {
                 "no PostgreSQL server binaries under {BIN_ROOT}: install the postgresql package (deploy/test.sh does)"
             )
         })
+}
+
+/// Whether this process runs as root (real uid 0, from /proc/self/status).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+            uids.split_whitespace().next().map(|uid| uid == "0")
+        })
+        .unwrap_or(false)
 }
 
 fn run(cmd: &mut Command, what: &str) {
