@@ -223,6 +223,8 @@ struct DeviceReport {
     timeouts: usize,
     /// Connections made after the first.
     reconnects: usize,
+    /// Where each connection went, in order.
+    connected_to: Vec<SocketAddr>,
     pushed: usize,
     synced: usize,
     /// Pushed MSGs for an entry this device already had (by SYNC or an
@@ -267,6 +269,9 @@ mod load {
     pub const REPLY_WAIT: Duration = Duration::from_secs(12);
     const CONNECT_WAIT: Duration = Duration::from_secs(5);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    /// Connection attempts of a patient device to its home target (`index %
+    /// targets`) before it tries the others: with the backoff, about 0.75 s.
+    const HOME_TRIES: usize = 4;
     /// SYNC pages one catch-up may read (200 entries each).
     const MAX_SYNC_PAGES: usize = 1000;
 
@@ -475,7 +480,19 @@ mod load {
             let mut attempt = 0;
             let first = self.report.reconnects == 0 && self.header_seq == 0;
             while !self.run.over() {
-                let addr = self.run.target(self.index + attempt);
+                // Home first (its comet may be back in a moment, on a new
+                // address the test puts in its place), then the others:
+                // half of the devices fail over at once, half wait a while.
+                let home_tries = if (self.index / 2).is_multiple_of(2) {
+                    1
+                } else {
+                    HOME_TRIES
+                };
+                let addr = if attempt < home_tries {
+                    self.run.target(self.index)
+                } else {
+                    self.run.target(self.index + attempt)
+                };
                 attempt += 1;
                 let token = &self.token;
                 let connected = tokio::time::timeout(CONNECT_WAIT, async move {
@@ -486,6 +503,7 @@ mod load {
                 .await;
                 if let Ok(Ok(client)) = connected {
                     self.client = Some(client);
+                    self.report.connected_to.push(addr);
                     if !first {
                         self.report.reconnects += 1;
                     }
@@ -1405,8 +1423,10 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
     let (comet, _, _) = cluster.comets.remove(0);
     comet.crash();
     println!("SIGKILL comet 0 at {} acknowledged", acked());
-    run_state.set_targets(cluster.comet_targets());
+    // Devices retry their home comet for a while, then fail over to the
+    // other; the restarted comet takes the dead one's place in the list.
     let comet = cluster.start_comet(0);
+    let restarted = comet.1;
     cluster.comets.insert(0, comet);
     run_state.set_targets(cluster.comet_targets());
 
@@ -1441,6 +1461,16 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
     let reports = collect(devices).await;
     let (figures, wire) = verify(run_state.target(0), &plan, &tag, &reports).await;
     print_figures("cluster", &figures, started.elapsed());
+    let moved: Vec<&SocketAddr> = reports
+        .iter()
+        .filter_map(|r| r.connected_to.get(1))
+        .collect();
+    println!(
+        "  {} devices reconnected: {} to the restarted comet, {} to the other",
+        moved.len(),
+        moved.iter().filter(|a| ***a == restarted).count(),
+        moved.iter().filter(|a| ***a != restarted).count()
+    );
     cluster.print_push_path().await;
     postgres_rows(&postgres.url())
         .await
