@@ -3,14 +3,18 @@
 //! was lost or doubled.
 //!
 //! The load driver ([`load`]) runs users with two devices each; every
-//! device sends its share of messages, keeps the one it has not had a
+//! device sends its share of messages (1:1 to users near it on a ring, a
+//! few to itself, 30% to its groups), keeps the one it has not had a
 //! SEND_REPLY for and resends it with the same cmid after a reply timeout, a
-//! lost connection or code 5, reconnects with bounded backoff to whichever
-//! address the test currently offers, and SYNCs from the end of its
-//! contiguous inbox prefix after every reconnect and every NOTIFY sync.
-//! [`verify`] then reads the store back over the wire from fresh
-//! connections (SYNC every inbox from 0, PULL every conversation from 1) and
-//! checks the invariants.
+//! lost connection or code 5, reconnects with bounded backoff (its home
+//! address first, then the others the test currently offers), ACKs its
+//! contiguous inbox prefix, and SYNCs from the end of that prefix after
+//! every reconnect and every NOTIFY sync. [`verify`] then reads the store
+//! back over the wire from fresh connections (SYNC every inbox from 0, PULL
+//! every conversation from 1), checks the invariants against what every
+//! device was acknowledged and received, and the test compares those rows
+//! with the store's own tables (the SQLite file, the PostgreSQL database).
+//! Duplicates on the wire are counted and printed, never asserted away.
 
 mod support;
 
