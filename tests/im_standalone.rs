@@ -122,9 +122,16 @@ async fn chat_between_two_users_with_two_devices() {
     let to_a2 = next_msg(&mut a2).await;
     assert_eq!((to_a2.seq, to_a2.sync), (1, Some(1)));
 
-    // A resend of the same cmid is the same message, stored and pushed once.
+    // A resend of the same cmid is the same message, stored and pushed once;
+    // the other devices are told to SYNC (the first send's MSG frames might
+    // not have left), not sent the message again.
     let again: SendReply = ask(&mut a1, send_to(2, "c-1", "hi bob").to_frame(8)).await;
     assert_eq!((again.seq, &again.id), (1, &reply.id));
+    for device in [&mut b1, &mut a2] {
+        let frame = next(device).await;
+        assert_eq!(frame.op, Op::IM_NOTIFY);
+        assert_eq!(Notify::decode(&frame.body).unwrap(), Notify::Sync { sync: 1 });
+    }
     let reply: SendReply = ask(&mut b1, send_to(1, "c-1", "hi alice").to_frame(1)).await;
     assert_eq!((reply.code, reply.seq), (Code::OK, 2), "{reply:?}");
     let to_a1 = next_msg(&mut a1).await;
