@@ -130,7 +130,10 @@ async fn chat_between_two_users_with_two_devices() {
     for device in [&mut b1, &mut a2] {
         let frame = next(device).await;
         assert_eq!(frame.op, Op::IM_NOTIFY);
-        assert_eq!(Notify::decode(&frame.body).unwrap(), Notify::Sync { sync: 1 });
+        assert_eq!(
+            Notify::decode(&frame.body).unwrap(),
+            Notify::Sync { sync: 1 }
+        );
     }
     let reply: SendReply = ask(&mut b1, send_to(1, "c-1", "hi alice").to_frame(1)).await;
     assert_eq!((reply.code, reply.seq), (Code::OK, 2), "{reply:?}");
