@@ -3,7 +3,8 @@
 // converge on the same list; B goes offline, misses messages and catches up
 // in order without duplicates; unread counts follow reads on other devices;
 // a message written while offline is sent once on reconnect; history loads
-// page by page on scroll up.
+// page by page on scroll up; a group created over HTTP works the same way,
+// and the newest conversation is listed first.
 // Usage: node chat.mjs http://127.0.0.1:PORT
 import { chromium } from "playwright-core";
 
@@ -159,6 +160,45 @@ try {
   if (a1All !== JSON.stringify(await shown(b))) throw new Error("B's history differs from what A sees");
   await until(b, "B says the history is complete",
     () => document.querySelector("#messages p.sys").textContent === "start of the conversation");
+
+  // A group, created by the business over HTTP; A writes from device 1.
+  const http = async (method, path, body) => {
+    const res = await fetch(base + path, { method, body: JSON.stringify(body) });
+    if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${await res.text()}`);
+  };
+  await http("PUT", "/im/v1/groups/team", { name: "Team", max_members: 10 });
+  await http("POST", "/im/v1/groups/team/members", { add: [A, B] });
+  const G = "g:team";
+  await a1.fill("#peer", G);
+  await a1.click("#start button");
+  await write(a1, "hello team");
+  await showsRun(a1, 1, 1);
+  await listed(b, G, 1, 1);
+  await listed(a2, G, 1, 0);
+  for (const page of [a1, a2, b]) {
+    await until(page, `${page.name} lists the group first (the newest conversation)`,
+      (G) => document.querySelector("#convs li")?.dataset.conv === G, G);
+  }
+  // B answers in the group; A read it on device 1, so device 2 counts nothing unread.
+  await openConv(b, G);
+  await write(b, "hi team");
+  await showsRun(a1, 1, 2);
+  await listed(a2, G, 2, 0);
+  await listed(a2, P, 69, 0);
+  await openConv(a2, G);
+  for (const page of [a2, b]) await showsRun(page, 1, 2);
+  const expectGroup = JSON.stringify([[1, A, "hello team"], [2, B, "hi team"]]);
+  for (const page of [a1, a2, b]) {
+    const seen = JSON.stringify(await shown(page));
+    if (seen !== expectGroup) throw new Error(`${page.name} shows the group as ${seen}, expected ${expectGroup}`);
+  }
+  // The 1:1 conversation moves back to the top when it gets a new message.
+  await openConv(b, P);
+  await write(b, "back to 1:1");
+  await until(a2, "A on device 2 lists the 1:1 conversation first again, with 1 unread", (P) => {
+    const li = document.querySelector("#convs li");
+    return li && li.dataset.conv === P && li.dataset.unread === "1";
+  }, P);
 
   await b.screenshot({ path: process.env.SCREENSHOT || "/tmp/rim-chat.png" });
   console.log("chat demo: ok");
