@@ -7,12 +7,14 @@
 #
 # `start` runs, on 127.0.0.1 and on its own ports (below), a throwaway Redis,
 # ZooKeeper (Debian's zkServer.sh), the Kafka-protocol broker tansu with the
-# topic rim-push, and rim processes for two regions:
+# topic rim-push, PostgreSQL (Debian's postgresql: the IM message store,
+# initdb'd into the state dir) and rim processes for two regions:
 #
 #   region a: logic-a (gRPC + HTTP API), comet-a1, comet-a2, job-a
 #   region b: logic-b (gRPC + HTTP API), comet-b1, comet-b2, job-b
 #
-# Both logics share Redis (one online map) and Kafka; every job group
+# Both logics share Redis (one online map), Kafka and PostgreSQL (one message
+# store, im.node 1 and 2); every job group
 # (rim-job-a, rim-job-b) consumes every message and delivers to its own
 # region's comets. Node selection (/goim/nodes/weighted) maps client
 # addresses 127.2.0.0/16 to region b and the rest of 127.0.0.0/8 to region a,
@@ -21,7 +23,8 @@
 # It builds nothing: it runs target/release/rim (or $RIM_BIN); build it with
 # `cargo build --release`. Redis, ZooKeeper and tansu must be installed, as
 # deploy/test.sh installs them (apt-get install redis-server zookeeperd;
-# cargo install tansu --version 0.6.0 --locked --features dynostore,libsql).
+# cargo install tansu --version 0.6.0 --locked --features dynostore,libsql;
+# apt-get install postgresql). As root, PostgreSQL runs as the postgres user.
 #
 # Processes, their PIDs and logs live in a state dir: $RIM_CLUSTER_DIR when
 # set, else a fresh temp dir whose path is recorded in
@@ -34,7 +37,8 @@
 #   RIM_CLUSTER_DIR        state dir, new or empty (default: a temp dir, see
 #                          above); `stop` removes it
 #   RIM_CLUSTER_PORT_BASE  first port (default 23000); the cluster uses
-#                          BASE+1..3 for Redis, ZooKeeper and Kafka and
+#                          BASE+1..4 for Redis, ZooKeeper, Kafka and
+#                          PostgreSQL and
 #                          BASE+100..199 (region a), BASE+200..299 (region b)
 #   RIM_CLUSTER_ADMIN_TOKEN  bearer token of the admin endpoints (default local-admin)
 #   RIM_CLUSTER_PUSH_TOKEN   bearer token of the push endpoints (default local-push)
@@ -52,6 +56,7 @@ readonly BASE="${RIM_CLUSTER_PORT_BASE:-23000}"
 readonly REDIS_PORT=$((BASE + 1))
 readonly ZK_PORT=$((BASE + 2))
 readonly KAFKA_PORT=$((BASE + 3))
+readonly PG_PORT=$((BASE + 4))
 readonly TOPIC="rim-push"
 readonly TOPIC_PARTITIONS=4
 readonly ADMIN_TOKEN="${RIM_CLUSTER_ADMIN_TOKEN:-local-admin}"
@@ -273,6 +278,49 @@ start_tansu() {
     }
 }
 
+# Debian's newest installed PostgreSQL server binaries (initdb, pg_ctl).
+pg_bindir() {
+    local dir
+    dir="$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)"
+    [[ -x "$dir/initdb" ]] || die "PostgreSQL server binaries not found under /usr/lib/postgresql (apt-get install postgresql)"
+    echo "$dir"
+}
+
+# as_pg CMD...: runs a PostgreSQL tool as the cluster's owner (initdb refuses root).
+as_pg() {
+    if ((EUID == 0)); then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+start_postgres() {
+    local bin dir="$STATE/pg"
+    bin="$(pg_bindir)"
+    mkdir -p "$dir"
+    if ((EUID == 0)); then
+        chmod 711 "$STATE"
+        chown postgres: "$dir"
+    fi
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    as_pg "$bin/initdb" -D "$dir/data" -U rim --auth=trust </dev/null >"$dir/initdb.log" 2>&1 || {
+        show_log "$dir/initdb.log"
+        die "initdb failed"
+    }
+    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
+        -o "-p $PG_PORT -k $dir -c listen_addresses=127.0.0.1" start \
+        </dev/null >"$dir/pg_ctl.log" 2>&1 || {
+        show_log "$dir/postgres.log"
+        die "PostgreSQL did not start"
+    }
+    record postgres service - "$(head -n 1 "$dir/data/postmaster.pid")" "$PG_PORT" "$dir/postgres.log"
+    as_pg "$bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U rim rim </dev/null >"$dir/createdb.log" 2>&1 || {
+        show_log "$dir/createdb.log"
+        die "createdb rim failed"
+    }
+}
+
 # ------------------------------------------------------------- rim
 
 # run_rim NAME ROLE REGION PORTS CONFIG VAR=VALUE...: starts one rim process
@@ -327,7 +375,10 @@ EOF
         RIM_LOGIC__AUTH__POLICY=none \
         RIM_ROUTER__REDIS="redis://127.0.0.1:$REDIS_PORT" \
         RIM_QUEUE__BROKERS="127.0.0.1:$KAFKA_PORT" \
-        RIM_QUEUE__TOPIC="$TOPIC"
+        RIM_QUEUE__TOPIC="$TOPIC" \
+        RIM_IM__STORE=postgres \
+        RIM_IM__POSTGRES="postgres://rim@127.0.0.1:$PG_PORT/rim" \
+        RIM_IM__NODE="$([[ "$region" == a ]] && echo 1 || echo 2)"
 }
 
 start_comet() {
@@ -447,6 +498,7 @@ cmd_start() {
     start_redis
     start_zookeeper
     start_tansu
+    start_postgres
 
     local r n b
     for r in a b; do
@@ -515,6 +567,8 @@ Push (either region's API; the push token is $PUSH_TOKEN, the admin token $ADMIN
 Connect a client (auth policy none: the token is goim's JSON):
   TCP 127.0.0.1:$((a + 21)) (comet-a1), WebSocket ws://127.0.0.1:$((b + 22))/sub (comet-b1)
   auth body: {"mid":42,"key":"","room_id":"live://1000","platform":"web","accepts":[1000]}
+  chat (IM): add 21 and 27 to accepts, send ops 18-26 (../shared/docs/im.md);
+  messages are stored in postgres://rim@127.0.0.1:$PG_PORT/rim
 
 Stop: $0 stop
 EOF
@@ -582,6 +636,7 @@ stop_all() {
         stop_group comet-a1 comet-a2 comet-b1 comet-b2
         stop_group logic-a logic-b
         stop_group tansu
+        stop_group postgres
         if [[ -f "$STATE/zk/zoo.cfg" ]]; then
             "$ZK_SERVER" stop "$STATE/zk/zoo.cfg" </dev/null >/dev/null 2>&1 || true
         fi

@@ -334,6 +334,11 @@ fn every_key(role: &str) -> Effective {
         env.push(("RIM_API__ADMIN_TOKEN".into(), "token".into()));
         env.push(("RIM_API__PUSH_TOKEN".into(), "token".into()));
     }
+    if matches!(role, "logic" | "standalone") {
+        // [im]'s optional keys.
+        env.push(("RIM_IM__NODE".into(), "1".into()));
+        env.push(("RIM_IM__API_TOKEN".into(), "token".into()));
+    }
     if matches!(role, "comet" | "standalone") {
         let existing = shipped(role).display().to_string();
         env.push(("RIM_COMET__TLS_CERT".into(), existing.clone()));
@@ -1112,7 +1117,7 @@ fn dirs_cargo_bin() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs redis, zookeeper and tansu: run deploy/test.sh"]
+#[ignore = "needs redis, zookeeper, tansu and postgresql: run deploy/test.sh"]
 async fn local_cluster_starts_two_regions_delivers_across_them_and_stops_every_pid() {
     assert_eq!(
         std::env::var("RIM_TEST_LOCAL_CLUSTER").as_deref(),
@@ -1153,6 +1158,7 @@ async fn local_cluster_starts_two_regions_delivers_across_them_and_stops_every_p
         "redis",
         "zookeeper",
         "tansu",
+        "postgres",
         "logic-a",
         "logic-b",
         "comet-a1",
@@ -1336,6 +1342,47 @@ async fn local_cluster_starts_two_regions_delivers_across_them_and_stops_every_p
         admin.status()
     );
     drop(client);
+
+    // Chat: a message sent on a comet of region a is stored (PostgreSQL,
+    // shared by both logics) and reaches the recipient on region b.
+    {
+        use rim_proto::im::{Body, Code, Msg, SendReply, SendRequest};
+        let chat = |mid: i64, key: &str| rim_client::AuthToken {
+            mid,
+            key: key.into(),
+            accepts: vec![21, 27],
+            ..rim_client::AuthToken::default()
+        };
+        let tcp_b1 = format!("127.0.0.1:{}", port(&procs, "comet-b1", "tcp"))
+            .parse()
+            .unwrap();
+        let mut bob = rim_client::Client::connect_tcp(tcp_b1).await.unwrap();
+        bob.auth(&chat(7003, "local-chat-bob")).await.unwrap();
+        let mut alice = rim_client::Client::connect_tcp(tcp_a1).await.unwrap();
+        alice.auth(&chat(7002, "local-chat-alice")).await.unwrap();
+        let send = SendRequest {
+            cmid: "local-1".into(),
+            to: Some(7003),
+            body: "across regions".into(),
+            ..SendRequest::default()
+        };
+        let reply: SendReply = alice
+            .request(&send, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!((reply.code, reply.seq), (Code::OK, 1), "{reply:?}");
+        let msg = loop {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(30), bob.next_frame())
+                .await
+                .expect("MSG within 30 s")
+                .unwrap()
+                .expect("open");
+            if frame.op == rim_proto::Op::IM_MSG {
+                break Msg::decode(&frame.body).unwrap();
+            }
+        };
+        assert_eq!((msg.body.as_str(), msg.sync), ("across regions", Some(1)));
+    }
 
     // stop ends every recorded process and removes the state; twice is fine.
     let out = guard.run("stop");

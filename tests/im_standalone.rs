@@ -2,8 +2,9 @@
 //! queue and job): SEND answered after the commit, MSG to the recipient and
 //! to the sender's other devices, dedup of a resend, SYNC for a device that
 //! was offline, PULL, READ with NOTIFY to the other devices, refusals with
-//! their codes on an open connection, goim clients untouched, and history
-//! kept across a restart on the same file.
+//! their codes on an open connection, goim clients untouched, history
+//! kept across a restart on the same file, and a business's send and read
+//! through the HTTP API /im/v1 reaching the devices.
 
 mod support;
 
@@ -121,9 +122,19 @@ async fn chat_between_two_users_with_two_devices() {
     let to_a2 = next_msg(&mut a2).await;
     assert_eq!((to_a2.seq, to_a2.sync), (1, Some(1)));
 
-    // A resend of the same cmid is the same message, stored and pushed once.
+    // A resend of the same cmid is the same message, stored and pushed once;
+    // the other devices are told to SYNC (the first send's MSG frames might
+    // not have left), not sent the message again.
     let again: SendReply = ask(&mut a1, send_to(2, "c-1", "hi bob").to_frame(8)).await;
     assert_eq!((again.seq, &again.id), (1, &reply.id));
+    for device in [&mut b1, &mut a2] {
+        let frame = next(device).await;
+        assert_eq!(frame.op, Op::IM_NOTIFY);
+        assert_eq!(
+            Notify::decode(&frame.body).unwrap(),
+            Notify::Sync { sync: 1 }
+        );
+    }
     let reply: SendReply = ask(&mut b1, send_to(1, "c-1", "hi alice").to_frame(1)).await;
     assert_eq!((reply.code, reply.seq), (Code::OK, 2), "{reply:?}");
     let to_a1 = next_msg(&mut a1).await;
@@ -282,5 +293,72 @@ async fn an_unacked_push_gets_notify_sync_and_an_acked_one_does_not() {
     // The acking device got nothing more, well past the timeout.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     nothing_pending(&mut acking, api, "acking").await;
+    rim.stop();
+}
+
+/// The business's side: a send through POST /im/v1/messages reaches every
+/// device of both users as MSG with their inbox sync (the API is none of
+/// the sender's devices), a device's SYNC and the HTTP history agree with
+/// it, and a read through the API tells the reader's devices.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_business_send_over_http_reaches_every_device() {
+    let mut rim = start_standalone("im-http", &[]);
+    let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
+    let api = rim.addr_after("http api serving");
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let mut a1 = chat_device(tcp, 1, "a1").await;
+    let mut b1 = chat_device(tcp, 2, "b1").await;
+
+    let body = r#"{"from":1,"to":2,"cmid":"h-1","type":7,"body":"from the business"}"#;
+    let sent = post_ok(&http, &format!("http://{api}/im/v1/messages"), body).await;
+    let sent = &sent["data"];
+    assert_eq!((&sent["conv"], &sent["seq"]), (&"p:1:2".into(), &1.into()));
+    for device in [&mut b1, &mut a1] {
+        let msg = next_msg(device).await;
+        assert_eq!(
+            (msg.conv.as_str(), msg.seq, msg.from, msg.kind, msg.sync),
+            ("p:1:2", 1, 1, 7, Some(1))
+        );
+        assert_eq!(
+            (msg.body.as_str(), msg.cmid.as_str()),
+            ("from the business", "h-1")
+        );
+        assert_eq!(Some(msg.id.as_str()), sent["id"].as_str());
+    }
+    let sync: SyncReply = ask(&mut b1, SyncRequest { sync: 0, limit: 0 }.to_frame(3)).await;
+    assert_eq!(sync.msgs.len(), 1);
+    assert_eq!(Some(sync.msgs[0].id.as_str()), sent["id"].as_str());
+    // Acked, so that im.ack_timeout sends no NOTIFY sync to b1 meanwhile.
+    b1.send(rim_proto::im::Ack { sync: 1 }.to_frame(4))
+        .await
+        .unwrap();
+    let history = support::get_json(
+        &http,
+        &format!("http://{api}/im/v1/conversations/p:1:2/messages"),
+    )
+    .await;
+    assert_eq!(history["data"]["msgs"][0]["id"], sent["id"], "{history}");
+    assert_eq!(history["data"]["max_seq"], 1, "{history}");
+
+    let read = post_ok(
+        &http,
+        &format!("http://{api}/im/v1/conversations/p:1:2/read"),
+        r#"{"mid":2,"seq":1}"#,
+    )
+    .await;
+    assert_eq!(
+        read["data"],
+        serde_json::json!({ "read_seq": 1, "max_seq": 1 })
+    );
+    let frame = next(&mut b1).await;
+    assert_eq!(frame.op, Op::IM_NOTIFY, "{frame:?}");
+    assert_eq!(
+        Notify::decode(&frame.body).unwrap(),
+        Notify::Read {
+            conv: "p:1:2".into(),
+            seq: 1
+        }
+    );
     rim.stop();
 }

@@ -1,7 +1,7 @@
 //! The API's errors and their one mapping to goim's envelope and an HTTP status.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rim_logic::FacadeError;
 use serde_json::json;
@@ -64,6 +64,27 @@ pub enum HttpError {
         /// Why each other comet was not kicked.
         failed: Vec<FacadeError>,
     },
+    /// The IM layer refused an /im/v1 request (its code; HTTP per
+    /// [`HttpError::status_and_code`]).
+    #[error("{0}")]
+    Im(#[from] rim_im::Error),
+    /// No IM service: `im.store` is off (HTTP 404, code 2).
+    #[error(
+        "IM is off on this deployment (im.store = \"off\"): the /im/v1 endpoints need a message store"
+    )]
+    ImOff,
+    /// A group's `max_members` is above `im.big_group_members` (HTTP 413,
+    /// code 4): big groups (read diffusion) are not built yet.
+    #[error(
+        "invalid field \"max_members\": {max_members} is above im.big_group_members ({limit}); \
+         bigger groups need read diffusion, which is not built yet"
+    )]
+    BigGroup {
+        /// What the request asked for.
+        max_members: u32,
+        /// `im.big_group_members`.
+        limit: u32,
+    },
     /// A dependency is not ready (HTTP 503, code -500).
     #[error("{}", not_ready(router.as_ref(), queue.as_deref()))]
     NotReady {
@@ -105,6 +126,11 @@ impl HttpError {
             HttpError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, -400),
             HttpError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, -400),
             HttpError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, -401),
+            HttpError::Im(err) => (im_status(err), err.code() as i32),
+            HttpError::ImOff => (StatusCode::NOT_FOUND, rim_im::Code::NotAllowed as i32),
+            HttpError::BigGroup { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, rim_im::Code::TooLarge as i32)
+            }
             HttpError::Logic(_)
             | HttpError::NothingEnqueued { .. }
             | HttpError::NotEnqueued { .. }
@@ -113,11 +139,30 @@ impl HttpError {
             | HttpError::NotReady { .. } => (StatusCode::SERVICE_UNAVAILABLE, -500),
         }
     }
-}
 
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
+    /// Returns the im.md code of this error, which the /im/v1 endpoints
+    /// answer in the envelope whatever failed: 1 bad request, 2 not
+    /// allowed, 4 too large, 5 unavailable.
+    fn im_code(&self) -> i32 {
+        use rim_im::Code;
+        let code = match self {
+            HttpError::Im(err) => err.code(),
+            HttpError::BadRequest(_) | HttpError::BodyTimeout(_) => Code::BadRequest,
+            HttpError::Unauthorized(_) | HttpError::ImOff => Code::NotAllowed,
+            HttpError::TooLarge(_) | HttpError::BigGroup { .. } => Code::TooLarge,
+            HttpError::Logic(_)
+            | HttpError::NothingEnqueued { .. }
+            | HttpError::NotEnqueued { .. }
+            | HttpError::PartlyEnqueued { .. }
+            | HttpError::KickFailed { .. }
+            | HttpError::NotReady { .. } => Code::Unavailable,
+        };
+        code as i32
+    }
+
+    /// Answers this error with `code` in goim's envelope.
+    fn respond(self, code: i32) -> Response {
+        let (status, _) = self.status_and_code();
         if status.is_server_error() {
             tracing::warn!(reason = %self, "request failed");
         }
@@ -126,6 +171,58 @@ impl IntoResponse for HttpError {
             Json(json!({ "code": code, "message": self.to_string(), "data": null })),
         )
             .into_response()
+    }
+}
+
+/// The HTTP status of an IM refusal: code 1 → 400, 2 → 403 (a missing
+/// group → 404), 4 → 413 (a full group → 409: the same request may pass
+/// once members leave), 5 → 503.
+fn im_status(err: &rim_im::Error) -> StatusCode {
+    match err {
+        rim_im::Error::Invalid { .. } => StatusCode::BAD_REQUEST,
+        rim_im::Error::NotMember { .. } => StatusCode::FORBIDDEN,
+        rim_im::Error::NoSuchGroup { .. } => StatusCode::NOT_FOUND,
+        rim_im::Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        rim_im::Error::GroupFull { .. } => StatusCode::CONFLICT,
+        rim_im::Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let (_, code) = self.status_and_code();
+        self.respond(code)
+    }
+}
+
+/// A refusal of an /im/v1 request: the status of its [`HttpError`], with
+/// the im.md code in the envelope and, on 503, `Retry-After: 1` (nothing
+/// was stored: resend, a message with the same cmid).
+#[derive(Debug)]
+pub(crate) struct ImError(pub(crate) HttpError);
+
+impl From<HttpError> for ImError {
+    fn from(err: HttpError) -> ImError {
+        ImError(err)
+    }
+}
+
+impl From<rim_im::Error> for ImError {
+    fn from(err: rim_im::Error) -> ImError {
+        ImError(HttpError::Im(err))
+    }
+}
+
+impl IntoResponse for ImError {
+    fn into_response(self) -> Response {
+        let code = self.0.im_code();
+        let mut response = self.0.respond(code);
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -177,6 +274,81 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn every_im_refusal_has_its_status_and_im_code() {
+        let group = || rim_im::ConvId::group("team").unwrap();
+        let cases = [
+            (HttpError::BadRequest("bad".into()), 400, 1),
+            (HttpError::TooLarge(16), 413, 4),
+            (HttpError::Unauthorized("no token"), 401, 2),
+            (HttpError::ImOff, 404, 2),
+            (
+                HttpError::BigGroup {
+                    max_members: 600,
+                    limit: 500,
+                },
+                413,
+                4,
+            ),
+            ("x:1".parse::<rim_im::ConvId>().unwrap_err().into(), 400, 1),
+            (
+                rim_im::Error::NotMember {
+                    conv: group(),
+                    mid: 3,
+                }
+                .into(),
+                403,
+                2,
+            ),
+            (rim_im::Error::NoSuchGroup { conv: group() }.into(), 404, 2),
+            (
+                rim_im::Error::TooLarge {
+                    field: "body",
+                    len: 5000,
+                    limit: 4000,
+                }
+                .into(),
+                413,
+                4,
+            ),
+            (
+                rim_im::Error::GroupFull {
+                    conv: group(),
+                    members: 3,
+                    limit: 2,
+                }
+                .into(),
+                409,
+                4,
+            ),
+            (
+                rim_im::Error::unavailable("storing", std::io::Error::other("disk")).into(),
+                503,
+                5,
+            ),
+        ];
+        for (err, status, code) in cases {
+            let shown = err.to_string();
+            let response = ImError(err).into_response();
+            assert_eq!(response.status().as_u16(), status, "{shown}");
+            let retry = response.headers().get(header::RETRY_AFTER);
+            assert_eq!(retry.is_some(), status == 503, "{shown}");
+            let body = json_body(response);
+            assert_eq!(body["code"], code, "{shown}");
+            assert_eq!(body["message"], shown);
+        }
+    }
+
+    /// Reads a response's JSON body (already in memory).
+    fn json_body(response: Response) -> serde_json::Value {
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
     }
 
     #[test]

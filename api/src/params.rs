@@ -59,6 +59,22 @@ impl Params {
         })
     }
 
+    /// Parses an optional single parameter (absent or empty: `None`).
+    pub(crate) fn parse_opt<T: FromStr>(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> Result<Option<T>, HttpError> {
+        match self.opt(name) {
+            None | Some("") => Ok(None),
+            Some(raw) => raw.parse().map(Some).map_err(|_| {
+                HttpError::BadRequest(format!(
+                    "invalid parameter \"{name}\": {raw:?} is not {what}"
+                ))
+            }),
+        }
+    }
+
     /// Parses an optional single parameter, with a default.
     pub(crate) fn parse_or<T: FromStr>(
         &self,
@@ -66,14 +82,7 @@ impl Params {
         what: &str,
         default: T,
     ) -> Result<T, HttpError> {
-        match self.opt(name) {
-            None | Some("") => Ok(default),
-            Some(raw) => raw.parse().map_err(|_| {
-                HttpError::BadRequest(format!(
-                    "invalid parameter \"{name}\": {raw:?} is not {what}"
-                ))
-            }),
-        }
+        Ok(self.parse_opt(name, what)?.unwrap_or(default))
     }
 
     /// Returns a required list (a repeated parameter), without empty items.

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use rim_config::ApiConfig;
+use rim_config::{ApiConfig, ImConfig};
 use rim_logic::LogicFacade;
 use rim_queue::Producer;
 use serde_json::json;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connections::Limits;
 use crate::error::ok;
 use crate::metrics::{ApiMetrics, ConnectionMetrics, track};
-use crate::{HttpError, admin, nodes, online, push};
+use crate::{HttpError, admin, im, nodes, online, push};
 
 /// What the handlers share.
 pub struct Api {
@@ -32,7 +32,17 @@ pub struct Api {
     pub(crate) limits: Limits,
     pub(crate) admin_token: Option<String>,
     pub(crate) push_token: Option<String>,
+    pub(crate) im: ImSettings,
     pub(crate) metrics: ApiMetrics,
+}
+
+/// What the /im/v1 endpoints take from `[im]`.
+#[derive(Debug)]
+pub(crate) struct ImSettings {
+    /// The bearer token: `im.api_token`, else `api.admin_token`.
+    pub(crate) token: Option<String>,
+    /// `im.big_group_members`: the most members a group may be set to.
+    pub(crate) big_group_members: u32,
 }
 
 impl std::fmt::Debug for Api {
@@ -44,9 +54,11 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
-    /// Creates the API over logic's facade and a queue producer.
+    /// Creates the API over logic's facade and a queue producer; `im` gives
+    /// the /im/v1 endpoints their token and group limit.
     pub fn new(
         config: &ApiConfig,
+        im: &ImConfig,
         logic: Arc<dyn LogicFacade>,
         producer: Arc<dyn Producer>,
     ) -> Arc<Api> {
@@ -63,6 +75,10 @@ impl Api {
             },
             admin_token: config.admin_token.clone(),
             push_token: config.push_token.clone(),
+            im: ImSettings {
+                token: im.api_token.clone().or_else(|| config.admin_token.clone()),
+                big_group_members: im.big_group_members,
+            },
             metrics: ApiMetrics::default(),
         })
     }
@@ -72,7 +88,7 @@ impl Api {
         self.metrics.register(registry);
     }
 
-    /// Reads a push body, refusing one over `api.max_body` with 413 and one
+    /// Reads a request body, refusing one over `api.max_body` with 413 and one
     /// that does not arrive within `api.body_read_timeout` with 408.
     pub(crate) async fn read_body(
         &self,
@@ -124,6 +140,7 @@ fn routes(api: Arc<Api>, registry: Option<Arc<rim_metrics::Registry>>) -> Router
         .route("/goim/nodes/weighted", get(nodes::weighted))
         .route("/goim/nodes/instances", get(nodes::instances))
         .nest("/admin", admin::routes(Arc::clone(&api)))
+        .nest("/im/v1", im::routes(Arc::clone(&api)))
         .route("/", get(demo))
         .route("/healthz", get(|| async { ok("ok") }))
         .route("/readyz", get(readyz))

@@ -331,14 +331,34 @@ impl CometApi for Comet {
             keys = req.keys.len()
         );
         let _entered = span.enter();
-        let frame = encode(req.proto)?;
+        // One frame for every key, or (bodies set) one per key.
+        let shared = if req.bodies.is_empty() {
+            Some(encode(req.proto.clone())?)
+        } else if req.bodies.len() != req.keys.len() {
+            return Err(RpcError::InvalidArgument(format!(
+                "{} bodies for {} keys",
+                req.bodies.len(),
+                req.keys.len()
+            )));
+        } else {
+            None
+        };
         let inner = &self.inner;
         let mut tally = Tally::default();
-        for key in &req.keys {
+        for (i, key) in req.keys.iter().enumerate() {
             match inner.bucket(key).get(key) {
                 None => tally.delivery.missing += 1,
                 Some(session) if !session.accepts(req.proto_op) => tally.delivery.filtered += 1,
-                Some(session) => tally.record(inner.push_one(&session, &frame)),
+                Some(session) => {
+                    let frame = match &shared {
+                        Some(frame) => frame.clone(),
+                        None => encode(req.proto.clone().map(|proto| Proto {
+                            body: req.bodies[i].clone(),
+                            ..proto
+                        }))?,
+                    };
+                    tally.record(inner.push_one(&session, &frame));
+                }
             }
         }
         inner.count(Rpc::Push, started, &tally);

@@ -60,6 +60,51 @@ async fn a_key_push_reaches_exactly_those_keys() {
 }
 
 #[tokio::test]
+async fn each_key_can_get_its_own_body_in_one_call() {
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut all = clients(&comet, "each", 3, "", &[21, MARK]).await;
+    let d = comet
+        .comet
+        .push_msg(pb::PushMsgRequest {
+            keys: vec!["each0".into(), "each2".into(), "nobody".into()],
+            proto_op: 21,
+            proto: Some(proto(21, "")),
+            bodies: vec![
+                Bytes::from("for 0"),
+                Bytes::from("for 2"),
+                Bytes::from("lost"),
+            ],
+        })
+        .await
+        .unwrap();
+    assert_eq!((d.delivered, d.missing), (2, 1));
+    for (i, client) in all.iter_mut().enumerate() {
+        if i != 1 {
+            let frame = next(client).await;
+            assert_eq!(frame.op, Op(21));
+            assert_eq!(frame.body, Bytes::from(format!("for {i}")), "each{i}");
+        }
+        assert_nothing_before_marker(&comet, client, &format!("each{i}")).await;
+    }
+    // Bodies must pair with keys.
+    let err = comet
+        .comet
+        .push_msg(pb::PushMsgRequest {
+            keys: vec!["each0".into(), "each1".into()],
+            proto_op: 21,
+            proto: Some(proto(21, "")),
+            bodies: vec![Bytes::from("one")],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, rim_proto::api::RpcError::InvalidArgument(_)),
+        "{err}"
+    );
+    comet.stop().await;
+}
+
+#[tokio::test]
 async fn a_room_broadcast_reaches_exactly_the_room() {
     let comet = start(test_config(), ScriptedLogic::default()).await;
     let mut inside = clients(&comet, "in", 6, "live://7", &[MARK]).await;
@@ -334,6 +379,7 @@ async fn the_grpc_service_pushes_kicks_and_reports() {
             keys: vec!["ga".into()],
             proto_op: 1000,
             proto: Some(proto(1000, "via grpc")),
+            bodies: Vec::new(),
         })
         .await
         .unwrap();
@@ -381,6 +427,7 @@ async fn the_grpc_service_pushes_kicks_and_reports() {
             keys: vec!["ga".into()],
             proto_op: 1000,
             proto: None,
+            bodies: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -466,6 +513,7 @@ async fn many_keys_in_one_push_all_arrive_once() {
                 keys: keys.clone(),
                 proto_op: 1000,
                 proto: Some(proto(1000, &format!("round {round}"))),
+                bodies: Vec::new(),
             })
             .await
             .unwrap();

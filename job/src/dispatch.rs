@@ -115,6 +115,7 @@ impl Job {
             proto_op: msg.operation,
             proto: Some(proto(&msg)),
             keys: msg.keys,
+            bodies: msg.bodies,
         });
         wait(client.call(call).await)
     }

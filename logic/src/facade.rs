@@ -1,14 +1,15 @@
 //! Logic as the HTTP API sees it: the one boundary between rim-api and
 //! rim-logic.
 //!
-//! The API plans pushes, answers online and node queries, and runs admin
-//! calls through [`LogicFacade`] alone; it never reaches the router, the
-//! comet directory or the node selector behind it. [`Logic`] implements it
-//! here, so what the API may ask of logic is this one trait. (The IM layer
-//! will sit behind a boundary of the same shape.)
+//! The API plans pushes, answers online and node queries, runs admin calls
+//! and reaches the IM service through [`LogicFacade`] alone; it never
+//! reaches the router, the comet directory or the node selector behind it.
+//! [`Logic`] implements it here, so what the API may ask of logic is this
+//! one trait.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use rim_proto::api::RpcError;
@@ -17,6 +18,7 @@ use rim_proto::pb::logic::v1 as pb;
 use rim_router::ServerReport;
 
 use crate::comets::{COMET_CALL, CometNode};
+use crate::im::Im;
 use crate::nodes::{Choice, Platform};
 use crate::service::Logic;
 
@@ -78,7 +80,7 @@ pub struct NodeSelection {
 }
 
 /// What the HTTP API asks of logic: push planning, online queries, node
-/// selection, admin calls and readiness.
+/// selection, admin calls, readiness and the IM service.
 #[async_trait]
 pub trait LogicFacade: Send + Sync + 'static {
     /// Groups `keys` by the comet holding each; keys not online are left out.
@@ -107,6 +109,9 @@ pub trait LogicFacade: Send + Sync + 'static {
 
     /// Checks that logic can answer (its router is reachable).
     async fn ping(&self) -> Result<(), FacadeError>;
+
+    /// Returns the IM service, or `None` when `im.store` is off.
+    fn im(&self) -> Option<Arc<Im>>;
 }
 
 /// Runs one call to a comet within [`COMET_CALL`].
@@ -190,5 +195,9 @@ impl LogicFacade for Logic {
 
     async fn ping(&self) -> Result<(), FacadeError> {
         Ok(self.router().ping().await?)
+    }
+
+    fn im(&self) -> Option<Arc<Im>> {
+        Logic::im(self).cloned()
     }
 }

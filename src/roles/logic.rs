@@ -119,6 +119,7 @@ pub async fn run(
     };
     let api = Api::new(
         &config.api,
+        &config.im,
         Arc::clone(&logic) as Arc<dyn LogicFacade>,
         producer,
     );

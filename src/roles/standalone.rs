@@ -130,6 +130,7 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     let refresher = Arc::clone(&comets).refresh_every(super::logic::LOAD_REFRESH, stop.clone());
     let api = rim_api::Api::new(
         &config.api,
+        &config.im,
         Arc::clone(&logic) as Arc<dyn rim_logic::LogicFacade>,
         producer,
     );
@@ -155,6 +156,13 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     }
     println!("  push API:            http://{http_addr}/goim/push/...");
     println!("  metrics:             http://{http_addr}/metrics");
+    if config.im.store == rim_config::ImStore::Sqlite {
+        println!(
+            "  chat (IM) store:     {} (SQLite, synchronous={:?})",
+            config.im.sqlite_path.display(),
+            config.im.sqlite_synchronous
+        );
+    }
     if let Some(addr) = metrics_addr {
         println!(
             "  metrics, own port:   http://{}/metrics",

@@ -1,15 +1,17 @@
 //! rim-testkit holds what rim's fault tests need and production code never
 //! does: private service instances (ZooKeeper, a Kafka-protocol broker with
-//! durable storage) on ports and data dirs of their own, so a test can stop
+//! durable storage, PostgreSQL) on ports and data dirs of their own, so a test can stop
 //! and restart them without disturbing the shared services deploy/test.sh
 //! runs. Every instance is stopped by its own PID on drop. It also holds
 //! [`Logs`], which captures what the code under test writes to its log.
 
 mod logs;
+mod postgres;
 mod tansu;
 mod zookeeper;
 
 pub use logs::Logs;
+pub use postgres::PostgresServer;
 pub use tansu::TansuServer;
 pub use zookeeper::ZkServer;
 

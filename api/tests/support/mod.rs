@@ -21,9 +21,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rim_api::Api;
 use rim_config::{
-    ApiConfig, Cidr, LogicConfig, NodesConfig, RegionCidr, RouterBackend, RouterConfig,
+    ApiConfig, Cidr, ImConfig, LogicConfig, NodesConfig, RegionCidr, RouterBackend, RouterConfig,
 };
-use rim_logic::{CometNode, Comets, HttpClient, Logic, LogicFacade};
+use rim_im::{
+    ConvId, ConvSummary, Draft, Group, GroupSpec, IdGenerator, MembersChanged, MembersPage,
+    MessageStore, Page, PullPage, ReadPos, Reader, Sent, SqliteOptions, SqliteStore, SyncPage,
+};
+use rim_logic::{CometNode, Comets, HttpClient, Im, Logic, LogicFacade};
 use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as comet;
 use rim_proto::pb::logic::v1 as logic;
@@ -254,6 +258,66 @@ impl Router for DownRouter {
     }
 }
 
+/// A message store that is down: every call fails as unavailable.
+pub struct DownStore;
+
+fn store_down<T>() -> rim_im::Result<T> {
+    Err(rim_im::Error::unavailable(
+        "the message store is down (test)",
+        std::io::Error::other("connection refused"),
+    ))
+}
+
+#[async_trait]
+impl MessageStore for DownStore {
+    async fn send(&self, _draft: Draft) -> rim_im::Result<Sent> {
+        store_down()
+    }
+    async fn sync(&self, _mid: i64, _after: u64, _limit: u32) -> rim_im::Result<SyncPage> {
+        store_down()
+    }
+    async fn pull(
+        &self,
+        _conv: &ConvId,
+        _reader: Reader,
+        _page: Page,
+        _limit: u32,
+    ) -> rim_im::Result<PullPage> {
+        store_down()
+    }
+    async fn read(&self, _conv: &ConvId, _mid: i64, _seq: u64) -> rim_im::Result<ReadPos> {
+        store_down()
+    }
+    async fn conversations(&self, _mid: i64, _limit: u32) -> rim_im::Result<Vec<ConvSummary>> {
+        store_down()
+    }
+    async fn put_group(&self, _conv: &ConvId, _spec: GroupSpec) -> rim_im::Result<Group> {
+        store_down()
+    }
+    async fn change_members(
+        &self,
+        _conv: &ConvId,
+        _add: &[i64],
+        _remove: &[i64],
+    ) -> rim_im::Result<MembersChanged> {
+        store_down()
+    }
+    async fn members(
+        &self,
+        _conv: &ConvId,
+        _after: Option<i64>,
+        _limit: u32,
+    ) -> rim_im::Result<MembersPage> {
+        store_down()
+    }
+    async fn group(&self, _conv: &ConvId) -> rim_im::Result<Group> {
+        store_down()
+    }
+    fn commits(&self) -> u64 {
+        0
+    }
+}
+
 /// A producer that refuses every message for one comet and passes the
 /// others to the in-memory queue.
 pub struct FailFor {
@@ -295,6 +359,21 @@ pub struct Setup {
     /// `queue.capacity` and `queue.max_bytes` of the in-process queue.
     queue: (usize, usize),
     api: ApiConfig,
+    /// `[im]`: the API's IM token and group limit, the service's limits.
+    im: ImConfig,
+    /// The message store behind logic's IM service, if any.
+    im_store: ImStore,
+}
+
+/// Which message store a harness serves IM from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ImStore {
+    /// None: IM is off.
+    Off,
+    /// A real SQLite store in a temporary directory.
+    Sqlite,
+    /// [`DownStore`].
+    Down,
 }
 
 impl Default for Setup {
@@ -309,6 +388,8 @@ impl Default for Setup {
             domain: "im.example".into(),
             queue: (64, 64 << 20),
             api: ApiConfig::default(),
+            im: ImConfig::default(),
+            im_store: ImStore::Off,
         }
     }
 }
@@ -334,6 +415,25 @@ impl Setup {
     /// token come from the other setters).
     pub fn api(mut self, change: impl FnOnce(&mut ApiConfig)) -> Setup {
         change(&mut self.api);
+        self
+    }
+
+    /// Serves IM (logic's IM service) over a real SQLite store in a
+    /// temporary directory.
+    pub fn im_store(mut self) -> Setup {
+        self.im_store = ImStore::Sqlite;
+        self
+    }
+
+    /// Serves IM over a store that is down ([`DownStore`]).
+    pub fn im_store_down(mut self) -> Setup {
+        self.im_store = ImStore::Down;
+        self
+    }
+
+    /// Changes the `[im]` section.
+    pub fn im(mut self, change: impl FnOnce(&mut ImConfig)) -> Setup {
+        change(&mut self.im);
         self
     }
 
@@ -412,12 +512,6 @@ impl Setup {
             },
             ..LogicConfig::default()
         };
-        let logic = Arc::new(Logic::new(
-            &config,
-            Arc::clone(&router),
-            Arc::clone(&comets),
-            webhooks,
-        ));
         let (memory, queue) = rim_queue::memory_queue(self.queue.0, self.queue.1);
         // The queue itself is not kept: dropping the consumer closes it.
         let consumer = queue.consumer(64).expect("the queue's consumer");
@@ -425,6 +519,26 @@ impl Setup {
             Some(wrap) => wrap(memory),
             None => Arc::new(memory),
         };
+        let mut logic = Logic::new(&config, Arc::clone(&router), Arc::clone(&comets), webhooks);
+        let mut im_dir = None;
+        let store: Option<Arc<dyn MessageStore>> = match self.im_store {
+            ImStore::Off => None,
+            ImStore::Down => Some(Arc::new(DownStore)),
+            ImStore::Sqlite => {
+                let dir = tempfile::tempdir().expect("temporary directory");
+                let ids = Arc::new(IdGenerator::new(1).expect("id generator"));
+                let path = dir.path().join("im.sqlite3");
+                let store =
+                    SqliteStore::open(&path, SqliteOptions::new(ids)).expect("sqlite store");
+                im_dir = Some(dir);
+                Some(Arc::new(store))
+            }
+        };
+        if let Some(store) = store {
+            let im = Im::new(store, Arc::clone(&router), Arc::clone(&producer), &self.im);
+            logic = logic.with_im(Arc::new(im));
+        }
+        let logic = Arc::new(logic);
         let api_config = ApiConfig {
             http_bind: "127.0.0.1:0".parse().expect("addr"),
             max_body: self.max_body,
@@ -433,7 +547,7 @@ impl Setup {
         };
         // The API sees logic only through its facade.
         let facade: Arc<dyn LogicFacade> = Arc::clone(&logic) as _;
-        let api = Api::new(&api_config, facade, producer);
+        let api = Api::new(&api_config, &self.im, facade, producer);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let stop = CancellationToken::new();
@@ -461,6 +575,7 @@ impl Setup {
             consumer: Some(consumer),
             stop,
             server: Some(server),
+            _im_dir: im_dir,
         }
     }
 }
@@ -476,6 +591,8 @@ pub struct Harness {
     consumer: Option<MemoryConsumer>,
     stop: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
+    /// The SQLite store's directory, removed when the harness is dropped.
+    _im_dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Harness {
@@ -583,7 +700,12 @@ impl Harness {
 
     /// Connects a session through logic (auth policy `none`, goim's JSON token).
     pub async fn connect(&self, server: &str, mid: i64, key: &str) {
-        let token = serde_json::json!({ "mid": mid, "key": key, "room_id": "", "platform": "web", "accepts": [1000] });
+        self.connect_accepting(server, mid, key, &[1000]).await;
+    }
+
+    /// Connects a session that accepts the pushed ops `accepts`.
+    pub async fn connect_accepting(&self, server: &str, mid: i64, key: &str, accepts: &[i32]) {
+        let token = serde_json::json!({ "mid": mid, "key": key, "room_id": "", "platform": "web", "accepts": accepts });
         let reply = self
             .logic
             .connect(logic::ConnectRequest {
@@ -620,6 +742,18 @@ impl Harness {
             out.push(delivery.msg);
         }
         out
+    }
+
+    /// Waits (at most [`WAIT`]) for the next enqueued message.
+    pub async fn next_enqueued(&mut self) -> PushMsg {
+        let consumer = self.consumer.as_mut().expect("the consumer was dropped");
+        let delivery = tokio::time::timeout(WAIT, consumer.recv())
+            .await
+            .expect("nothing was enqueued in time")
+            .expect("the in-process queue")
+            .expect("the queue closed");
+        delivery.receipt.handled();
+        delivery.msg
     }
 
     /// Returns everything enqueued so far, sorted by target comet.

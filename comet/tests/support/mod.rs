@@ -256,6 +256,7 @@ impl TestComet {
                 keys: keys.iter().map(|k| k.to_string()).collect(),
                 proto_op: op,
                 proto: Some(proto(op, body)),
+                bodies: Vec::new(),
             })
             .await
             .unwrap()

@@ -1,8 +1,9 @@
 //! Pushing IM frames to users' connections after the store committed:
 //! MSG (op 21) with each recipient's own inbox entry, NOTIFY (op 27). They
-//! go through the push queue like any push (PUSH messages, one per comet
-//! and user), so the job delivers them and the comet's accepts filter keeps
-//! them from connections that did not ask for IM ops.
+//! go through the push queue like any push: one PUSH message per comet,
+//! carrying each connection's own body (its user's inbox sync), so the job
+//! makes one call per comet and the comet's accepts filter keeps them from
+//! connections that did not ask for IM ops.
 //!
 //! A delivery is best effort on top of the store: when the router or the
 //! queue fails, the message is already durable and the devices get it by
@@ -142,28 +143,36 @@ impl Shared {
                 return;
             }
         };
-        // (comet, user) -> that user's connections on that comet.
-        let mut targets: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
+        // comet -> (user, connection) on that comet.
+        let mut targets: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
         for device in devices {
             if frames.except_key.as_deref() == Some(device.key.as_str()) {
                 continue;
             }
             targets
-                .entry((device.server, device.mid))
+                .entry(device.server)
                 .or_default()
-                .push(device.key);
+                .push((device.mid, device.key));
         }
-        for ((server, mid), keys) in targets {
-            let Some((body, sync)) = frames.bodies.get(&mid) else {
-                continue;
-            };
+        // One queue message per comet, each connection with its user's body.
+        for (server, connections) in targets {
+            let mut keys = Vec::with_capacity(connections.len());
+            let mut bodies = Vec::with_capacity(connections.len());
+            let mut tracked = Vec::new();
+            for (mid, key) in connections {
+                let Some((body, sync)) = frames.bodies.get(&mid) else {
+                    continue;
+                };
+                if let Some(sync) = *sync {
+                    tracked.push((mid, key.clone(), sync));
+                }
+                keys.push(key);
+                bodies.push(body.clone());
+            }
             let now = Instant::now();
-            let tracked = sync.map(|sync| (sync, keys.clone()));
-            if self.push(frames.op, &server, keys, body.clone()).await
-                && let Some((sync, keys)) = tracked
-            {
-                for key in &keys {
-                    if !self.tracker.pushed(mid, key, &server, sync, now) {
+            if self.push(frames.op, &server, keys, bodies).await {
+                for (mid, key, sync) in tracked {
+                    if !self.tracker.pushed(mid, &key, &server, sync, now) {
                         self.metrics.delivery("untracked");
                     }
                 }
@@ -171,18 +180,30 @@ impl Shared {
         }
     }
 
-    /// Queues one frame to connections `keys` of comet `server`; returns
-    /// whether the queue took it.
-    async fn push(&self, op: Op, server: &str, keys: Vec<String>, body: Bytes) -> bool {
+    /// Queues one frame per connection `keys[i]` of comet `server` with
+    /// body `bodies[i]` (one shared body when they are all the same);
+    /// returns whether the queue took it.
+    async fn push(&self, op: Op, server: &str, keys: Vec<String>, mut bodies: Vec<Bytes>) -> bool {
+        if keys.is_empty() {
+            return true;
+        }
         let accepted_unix_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let shared = bodies.windows(2).all(|pair| pair[0] == pair[1]);
+        let msg = if shared {
+            bodies.truncate(1);
+            bodies.pop().unwrap_or_default()
+        } else {
+            Bytes::new()
+        };
         let msg = PushMsg {
             r#type: PushType::Push as i32,
             operation: op.0,
             server: server.to_owned(),
             keys,
-            msg: body,
+            msg,
+            bodies: if shared { Vec::new() } else { bodies },
             accepted_unix_nanos,
             ..PushMsg::default()
         };
@@ -220,8 +241,13 @@ impl Shared {
                 }
                 let notify = Notify::Sync { sync: pending.sync };
                 self.metrics.delivery("ack_timeout_notify");
-                self.push(Op::IM_NOTIFY, &pending.server, vec![key], notify.encode())
-                    .await;
+                self.push(
+                    Op::IM_NOTIFY,
+                    &pending.server,
+                    vec![key],
+                    vec![notify.encode()],
+                )
+                .await;
             }
         }
     }

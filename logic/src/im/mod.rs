@@ -33,11 +33,16 @@ use rim_router::Router;
 use self::deliver::Deliverer;
 use self::metrics::ImMetrics;
 use self::wire::Refusal;
+pub use self::wire::msg as wire_msg;
 
 /// The most body bytes of messages one SYNC or PULL reply carries; a page
 /// that would be larger is cut (SYNC says `more`, PULL continues from its
 /// last seq), so a reply stays a reasonable frame.
 const MAX_REPLY_BODY_BYTES: usize = 256 << 10;
+
+/// A SYNC position past any inbox: the page answers the user's latest
+/// entry (the largest position a store can hold).
+const LATEST_SYNC: u64 = i64::MAX as u64;
 
 /// The IM service: the store behind it and the queue its pushes go to.
 pub struct Im {
@@ -78,6 +83,11 @@ impl Im {
         self.metrics.register(registry, Arc::clone(&self.store));
     }
 
+    /// Returns the largest message body it accepts (`im.max_body`).
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
     /// Returns the store (the HTTP endpoints read through it).
     pub fn store(&self) -> &Arc<dyn MessageStore> {
         &self.store
@@ -89,10 +99,59 @@ impl Im {
     /// stores and pushes nothing.
     pub async fn send(&self, draft: Draft, sender_key: Option<&str>) -> rim_im::Result<Sent> {
         let sent = self.store.send(draft).await?;
-        if !sent.duplicate {
+        if sent.duplicate {
+            self.hint_resent(&sent.message.conv, sender_key).await;
+        } else {
             self.deliver.message(&sent, sender_key).await;
         }
         Ok(sent)
+    }
+
+    /// After a resend: the first send may have been committed without its
+    /// MSG frames going out (its sender lost the reply when logic died
+    /// after the commit), so the members' online devices get NOTIFY sync
+    /// with their latest inbox entry — never a lost last message without a
+    /// hint. Best effort: a failure here is logged, the resend still
+    /// answers.
+    async fn hint_resent(&self, conv: &ConvId, sender_key: Option<&str>) {
+        let mids = match self.members_of(conv).await {
+            Ok(mids) => mids,
+            Err(err) => {
+                tracing::warn!(%err, %conv, "IM resend hint: members unknown; skipped");
+                return;
+            }
+        };
+        for mid in mids {
+            match self.store.sync(mid, LATEST_SYNC, 1).await {
+                Ok(page) if page.sync > 0 => {
+                    let notify = Notify::Sync { sync: page.sync };
+                    self.deliver.notify(mid, &notify, sender_key).await;
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, mid, "IM resend hint: inbox unknown; skipped"),
+            }
+        }
+    }
+
+    /// Every member of a conversation (a group's, page by page).
+    async fn members_of(&self, conv: &ConvId) -> rim_im::Result<Vec<i64>> {
+        if let ConvId::Peer { low, high } = conv {
+            return Ok(if low == high {
+                vec![*low]
+            } else {
+                vec![*low, *high]
+            });
+        }
+        let mut mids = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.store.members(conv, after, 0).await?;
+            mids.extend(page.mids);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(mids),
+            }
+        }
     }
 
     /// Moves `mid`'s read position in `conv` and, when it moved, tells the
@@ -203,11 +262,18 @@ impl Im {
             Ok(req) => req,
             Err(err) => return refused_sync(Refusal::undecodable("SYNC", &err)),
         };
-        let limit = clamp_limit(req.limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT);
-        let page = match self.store.sync(mid, req.sync, limit).await {
-            Ok(page) => page,
-            Err(err) => return refused_sync(err.into()),
-        };
+        match self.sync(mid, req.sync, req.limit).await {
+            Ok(reply) => reply,
+            Err(err) => refused_sync(err.into()),
+        }
+    }
+
+    /// Returns `mid`'s inbox entries after `after` as a SYNC_REPLY: at most
+    /// `limit` (0 = 100, at most 200), cut earlier when their bodies pass
+    /// 256 KiB (`more` then says to continue).
+    pub async fn sync(&self, mid: i64, after: u64, limit: u32) -> rim_im::Result<SyncReply> {
+        let limit = clamp_limit(limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT);
+        let page = self.store.sync(mid, after, limit).await?;
         let mut reply = SyncReply {
             sync: page.sync,
             more: page.more,
@@ -225,7 +291,7 @@ impl Im {
             }
             reply.msgs.push(wire::msg(&entry.message, Some(entry.sync)));
         }
-        reply
+        Ok(reply)
     }
 
     async fn client_pull(&self, mid: i64, body: &[u8]) -> PullReply {
@@ -248,34 +314,42 @@ impl Im {
             Ok(conv) => conv,
             Err(refusal) => return refused_pull(refusal, &req.conv),
         };
-        match self
-            .store
-            .pull(&conv, Reader::Member(mid), page, req.limit)
-            .await
-        {
-            Ok(page) => {
-                let mut bytes = 0;
-                let msgs = page
-                    .messages
-                    .iter()
-                    .enumerate()
-                    .take_while(|(i, m)| {
-                        bytes += m.body.len();
-                        *i == 0 || bytes <= MAX_REPLY_BODY_BYTES
-                    })
-                    .map(|(_, m)| wire::msg(m, None))
-                    .collect();
-                PullReply {
-                    conv: req.conv,
-                    msgs,
-                    max_seq: page.max_seq,
-                    min_seq: page.min_seq,
-                    reset: page.reset,
-                    ..PullReply::default()
-                }
-            }
+        match self.pull(&conv, Reader::Member(mid), page, req.limit).await {
+            Ok(reply) => reply,
             Err(err) => refused_pull(err.into(), &req.conv),
         }
+    }
+
+    /// Returns a page of `conv`'s history for `reader` as a PULL_REPLY: at
+    /// most `limit` messages (0 = 100, at most 100), cut earlier when their
+    /// bodies pass 256 KiB (the reader continues from the last seq).
+    pub async fn pull(
+        &self,
+        conv: &ConvId,
+        reader: Reader,
+        page: Page,
+        limit: u32,
+    ) -> rim_im::Result<PullReply> {
+        let page = self.store.pull(conv, reader, page, limit).await?;
+        let mut bytes = 0;
+        let msgs = page
+            .messages
+            .iter()
+            .enumerate()
+            .take_while(|(i, m)| {
+                bytes += m.body.len();
+                *i == 0 || bytes <= MAX_REPLY_BODY_BYTES
+            })
+            .map(|(_, m)| wire::msg(m, None))
+            .collect();
+        Ok(PullReply {
+            conv: conv.to_string(),
+            msgs,
+            max_seq: page.max_seq,
+            min_seq: page.min_seq,
+            reset: page.reset,
+            ..PullReply::default()
+        })
     }
 
     async fn client_ack(&self, mid: i64, key: &str, body: &[u8]) -> Result<(), Refusal> {

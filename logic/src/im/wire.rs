@@ -4,9 +4,9 @@
 use rim_im::{ConvId, Message};
 use rim_proto::im::{Code, Msg};
 
-/// The wire form of a stored message, with the recipient's inbox entry
-/// (`None` in history pages).
-pub(crate) fn msg(message: &Message, sync: Option<u64>) -> Msg {
+/// Returns the wire form of a stored message (the JSON of MSG and of
+/// history pages), with the recipient's inbox entry (`None` in history pages).
+pub fn msg(message: &Message, sync: Option<u64>) -> Msg {
     Msg {
         conv: message.conv.to_string(),
         seq: message.seq,
