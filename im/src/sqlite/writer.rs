@@ -201,17 +201,21 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
         conv: draft.conv.clone(),
         mid: draft.from,
     };
+    let current = max_seq(conn, &conv).map_err(failed("reading a conversation"))?;
     let sender_is_member = match &draft.conv {
         ConvId::Peer { low, high } => {
             if !draft.system && !draft.conv.is_peer_of(draft.from) {
                 return Err(not_member());
             }
-            conn.prepare_cached(
-                "INSERT INTO members (conv, mid, read_seq) VALUES (?1, ?2, 0), (?1, ?3, 0) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .and_then(|mut stmt| stmt.execute(params![conv, low, high]))
-            .map_err(failed("adding a conversation's members"))?;
+            if current == 0 {
+                // A pair's members rows come with its first message.
+                conn.prepare_cached(
+                    "INSERT INTO members (conv, mid, read_seq) VALUES (?1, ?2, 0), (?1, ?3, 0) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .and_then(|mut stmt| stmt.execute(params![conv, low, high]))
+                .map_err(failed("adding a conversation's members"))?;
+            }
             draft.conv.is_peer_of(draft.from)
         }
         ConvId::Group(_) => {
@@ -234,8 +238,7 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
         }
     };
 
-    let seq = max_seq(conn, &conv)
-        .map_err(failed("reading a conversation"))?
+    let seq = current
         .checked_add(1)
         .ok_or_else(|| Error::Unavailable(StoreFailure::bare(format!("{conv} is out of seqs"))))?;
     let id = ids.next();
@@ -262,13 +265,18 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
     })
     .map_err(failed("storing a message"))?;
 
-    let mids = conn
-        .prepare_cached("SELECT mid FROM members WHERE conv = ?1 ORDER BY mid")
-        .and_then(|mut stmt| {
-            stmt.query_map([&conv], |row| row.get(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()
-        })
-        .map_err(failed("listing a conversation's members"))?;
+    let mids = match &draft.conv {
+        // A pair's members are its two users (one when talking to oneself).
+        ConvId::Peer { low, high } if low == high => vec![*low],
+        ConvId::Peer { low, high } => vec![*low, *high],
+        ConvId::Group(_) => conn
+            .prepare_cached("SELECT mid FROM members WHERE conv = ?1 ORDER BY mid")
+            .and_then(|mut stmt| {
+                stmt.query_map([&conv], |row| row.get(0))?
+                    .collect::<rusqlite::Result<Vec<i64>>>()
+            })
+            .map_err(failed("listing a conversation's members"))?,
+    };
     let mut inbox = Vec::with_capacity(mids.len());
     for mid in mids {
         let sync: i64 = conn
