@@ -8,12 +8,16 @@
 //! A delivery is best effort on top of the store: when the router or the
 //! queue fails, the message is already durable and the devices get it by
 //! SYNC (the ack-timeout NOTIFY sync, a sync gap in a later MSG, or the
-//! SYNC a client sends on reconnect). Deliveries run in the background,
-//! at most `MAX_IN_FLIGHT` at once: a full pipe slows new sends' replies
+//! SYNC a client sends on reconnect). Deliveries run in the background on
+//! `LANES` lanes: the frames of one conversation (of one user, for NOTIFY)
+//! always take the same lane and are queued in the order they were handed
+//! over — a sender's messages reach the queue in seq order — while other
+//! conversations go on beside them. A full lane slows new sends' replies
 //! rather than growing without bound. Every MSG queued to a connection is
 //! remembered for the ack timeout (acks.rs), checked by a background loop.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,15 +27,18 @@ use rim_proto::Op;
 use rim_proto::im::{Body, Notify};
 use rim_queue::{Producer, PushMsg, PushType};
 use rim_router::Router;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::acks::{Pending, Tracker};
 use super::metrics::ImMetrics;
 use super::wire;
 
-/// Deliveries running at once.
-const MAX_IN_FLIGHT: usize = 1024;
+/// Delivery lanes: conversations delivered concurrently.
+const LANES: usize = 64;
+
+/// Deliveries a lane holds before new ones wait.
+const LANE_CAPACITY: usize = 256;
 
 /// How long a connection's ack position outlives its last ACK in the
 /// router (it also ends with the session).
@@ -40,7 +47,7 @@ pub(crate) const ACK_TTL: Duration = Duration::from_secs(3600);
 /// Hands IM frames to the push queue.
 pub(crate) struct Deliverer {
     shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
+    lanes: Vec<mpsc::Sender<Frames>>,
 }
 
 /// What the deliveries and the ack-timeout loop share.
@@ -75,10 +82,20 @@ impl Deliverer {
             tracker: Tracker::new(ack_timeout),
         });
         tokio::spawn(check_acks(Arc::downgrade(&shared)));
-        Deliverer {
-            shared,
-            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-        }
+        let lanes = (0..LANES)
+            .map(|_| {
+                let (tx, mut rx) = mpsc::channel::<Frames>(LANE_CAPACITY);
+                let shared = Arc::clone(&shared);
+                // Ends when the deliverer (every sender) is dropped.
+                tokio::spawn(async move {
+                    while let Some(frames) = rx.recv().await {
+                        shared.deliver(frames).await;
+                    }
+                });
+                tx
+            })
+            .collect();
+        Deliverer { shared, lanes }
     }
 
     /// Records a device's cumulative ACK (kept in the router, where every
@@ -98,37 +115,37 @@ impl Deliverer {
                 (entry.mid, (body, Some(entry.sync)))
             })
             .collect();
-        self.spawn(Frames {
+        let frames = Frames {
             op: Op::IM_MSG,
             bodies,
             except_key: except_key.map(str::to_owned),
-        })
-        .await;
+        };
+        self.hand_over(&sent.message.conv, frames).await;
     }
 
     /// Pushes a NOTIFY to every connection of `mid` except `except_key`.
     pub(crate) async fn notify(&self, mid: i64, notify: &Notify, except_key: Option<&str>) {
-        self.spawn(Frames {
+        let frames = Frames {
             op: Op::IM_NOTIFY,
             bodies: BTreeMap::from([(mid, (notify.encode(), None))]),
             except_key: except_key.map(str::to_owned),
-        })
-        .await;
+        };
+        self.hand_over(&mid, frames).await;
     }
 
-    async fn spawn(&self, frames: Frames) {
+    /// Queues frames on the lane of `order` (what must keep its order).
+    async fn hand_over(&self, order: &impl Hash, frames: Frames) {
         if frames.bodies.is_empty() {
             return;
         }
-        // Waits only when MAX_IN_FLIGHT deliveries are running.
-        let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
-            return; // never closed
-        };
-        let shared = Arc::clone(&self.shared);
-        tokio::spawn(async move {
-            shared.deliver(frames).await;
-            drop(permit);
-        });
+        let mut hasher = DefaultHasher::new();
+        order.hash(&mut hasher);
+        // The modulo keeps the index below LANES.
+        let lane = (hasher.finish() % LANES as u64) as usize;
+        if self.lanes[lane].send(frames).await.is_err() {
+            // Only when the runtime is shutting down: devices catch up by SYNC.
+            self.shared.metrics.delivery("dropped");
+        }
     }
 }
 
