@@ -248,6 +248,12 @@ struct StepReport {
     cpu_us_per_msg: BTreeMap<String, f64>,
     /// The same summed by role (`comet-a1` → `comet`).
     cpu_us_per_msg_by_role: BTreeMap<String, f64>,
+    /// Σ CPU µs per message of the `--proc` processes (rim-bench left out).
+    watched_cpu_us_per_msg: Option<f64>,
+    /// Messages per CPU-second of the `--proc` processes: the msg/s per
+    /// core the watched processes would reach if they had the cores to
+    /// themselves (a shared box's other load left out).
+    msgs_per_watched_cpu_second: Option<f64>,
     /// The jobs' own figures (with `--job-metrics`).
     #[serde(skip_serializing_if = "Option::is_none")]
     job: Option<JobFigures>,
@@ -839,6 +845,8 @@ fn step_report(
         msgs_per_sec_per_busy_core: None,
         cpu_us_per_msg: BTreeMap::new(),
         cpu_us_per_msg_by_role: BTreeMap::new(),
+        watched_cpu_us_per_msg: None,
+        msgs_per_watched_cpu_second: None,
         job: None,
         send_reply_cdf: cdf_points(&reply, 200),
         send_msg_cdf: cdf_points(&msg, 200),
@@ -981,6 +989,17 @@ fn add_cluster_figures(
             .entry(role_of(&c.name).to_owned())
             .or_insert(0.0) += us;
     }
+    let watched: Vec<f64> = r
+        .cpu
+        .iter()
+        .filter(|c| c.name != "rim-bench")
+        .map(|c| c.cpu_seconds * 1e6 / msgs)
+        .collect();
+    if !watched.is_empty() {
+        let us: f64 = watched.iter().sum();
+        r.watched_cpu_us_per_msg = Some(us);
+        r.msgs_per_watched_cpu_second = (us > 0.0).then(|| 1e6 / us);
+    }
     r.job = job;
 }
 
@@ -1004,8 +1023,12 @@ fn cluster_step_lines(s: &StepReport) -> Vec<String> {
         .map(|(role, us)| format!("{role} {us:.0}"))
         .collect();
     lines.push(format!(
-        "     CPU µs per message by role: {}",
-        roles.join(", ")
+        "     CPU µs per message by role: {}; all --proc processes {} µs = {} msg per CPU-second",
+        roles.join(", "),
+        s.watched_cpu_us_per_msg
+            .map_or("?".into(), |v| format!("{v:.0}")),
+        s.msgs_per_watched_cpu_second
+            .map_or("?".into(), |v| format!("{v:.0}"))
     ));
     if let Some(j) = &s.job {
         lines.push(format!(
