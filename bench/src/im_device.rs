@@ -1,7 +1,7 @@
 //! What the IM benchmarks share: the `rim standalone` they start (options,
 //! ports, its SQLite file), chat devices (rim-client connections
 //! authenticated as a user and accepting MSG and NOTIFY), and the store's
-//! commit counter read from the standalone's `/metrics`.
+//! commit counter read from a `/metrics` page.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,22 +59,23 @@ pub async fn device(tcp: SocketAddr, mid: i64, key: String) -> anyhow::Result<Cl
         .with_context(|| format!("connecting user {mid}"))
 }
 
-/// The store's durable commits so far, from the standalone's `/metrics`
-/// (`rim_logic_im_store_commits`); `None` when it cannot be read.
-pub async fn store_commits(http: &reqwest::Client, api: SocketAddr) -> Option<u64> {
-    let text = http
-        .get(format!("http://{api}/metrics"))
+/// The text of a Prometheus `/metrics` page at `url`; `None` when it cannot
+/// be read within 5 s.
+pub async fn metrics_text(http: &reqwest::Client, url: &str) -> Option<String> {
+    http.get(url)
         .timeout(Duration::from_secs(5))
         .send()
         .await
         .ok()?
+        .error_for_status()
+        .ok()?
         .text()
         .await
-        .ok()?;
-    parse_commits(&text)
+        .ok()
 }
 
-fn parse_commits(text: &str) -> Option<u64> {
+/// `rim_logic_im_store_commits` of a `/metrics` page.
+pub fn parse_commits(text: &str) -> Option<u64> {
     text.lines()
         .filter(|l| l.starts_with("rim_logic_im_store_commits"))
         .find_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())

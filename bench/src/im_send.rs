@@ -43,7 +43,7 @@ use crate::im_raw;
 use crate::latency::{Percentiles, Recorder, cdf_points, human};
 use crate::options::Output;
 use crate::pacing::{Pacer, parse_rate};
-use crate::procstat::{self, CpuUse, Snapshot, Watched};
+use crate::procstat::{self, CpuUse, Snapshot, TreeSnapshot, Watched};
 
 /// Largest offered rate, msg/s.
 const MAX_RATE: f64 = 100_000.0;
@@ -114,6 +114,28 @@ pub struct Args {
     #[arg(long, default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub raw_max_secs: u64,
+    /// Run against a running cluster instead of starting a standalone: its
+    /// comets' TCP client addresses, comma-separated (127.0.0.0/8 only).
+    /// Pair i's sender connects to comet i mod N and its recipient to comet
+    /// (i + N/2) mod N, so every MSG crosses logic → queue → job → another
+    /// comet. No standalone is started and no raw baseline runs.
+    #[arg(long, value_delimiter = ',')]
+    pub comets: Vec<SocketAddr>,
+    /// With --comets: base URLs of the logics' HTTP APIs, comma-separated
+    /// (loopback only); their /metrics give the store's commits (summed).
+    #[arg(long, value_delimiter = ',', requires = "comets")]
+    pub api: Vec<String>,
+    /// With --comets: the jobs' /metrics URLs, comma-separated (loopback
+    /// only): consumer lag and the jobs' push latency per rate.
+    #[arg(long, value_delimiter = ',', requires = "comets")]
+    pub job_metrics: Vec<String>,
+    /// Also report the CPU time over each measured window of these
+    /// processes, as NAME=PID (repeatable), each counted with its direct
+    /// children (give PostgreSQL's postmaster: its backends are its
+    /// children). CPU per message is summed by role: the name without a
+    /// short `-suffix` (comet-a1 and comet-b2 are `comet`).
+    #[arg(long = "proc", value_name = "NAME=PID", value_parser = procstat::parse_watched)]
+    pub procs: Vec<Watched>,
     #[command(flatten)]
     #[serde(flatten)]
     pub output: Output,
@@ -215,9 +237,63 @@ struct StepReport {
     rim_write_bytes_per_msg: Option<f64>,
     commits_per_sec: Option<f64>,
     msgs_per_commit: Option<f64>,
+    /// Cores of the whole box busy in the window (`/proc/stat`: every
+    /// process on the machine, not only rim's).
+    box_busy_cores: Option<f64>,
+    /// Achieved msg/s ÷ the box's online cores.
+    msgs_per_sec_per_box_core: f64,
+    /// Achieved msg/s ÷ `box_busy_cores`.
+    msgs_per_sec_per_busy_core: Option<f64>,
+    /// CPU µs per message of each process in `cpu`.
+    cpu_us_per_msg: BTreeMap<String, f64>,
+    /// The same summed by role (`comet-a1` → `comet`).
+    cpu_us_per_msg_by_role: BTreeMap<String, f64>,
+    /// Σ CPU µs per message of the `--proc` processes (rim-bench left out).
+    watched_cpu_us_per_msg: Option<f64>,
+    /// Messages per CPU-second of the `--proc` processes: the msg/s per
+    /// core the watched processes would reach if they had the cores to
+    /// themselves (a shared box's other load left out).
+    msgs_per_watched_cpu_second: Option<f64>,
+    /// The jobs' own figures (with `--job-metrics`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<JobFigures>,
     /// (ms, % at or below).
     send_reply_cdf: Vec<(f64, f64)>,
     send_msg_cdf: Vec<(f64, f64)>,
+}
+
+/// The jobs' figures of one rate, from their `/metrics`.
+#[derive(Debug, Default, Serialize)]
+struct JobFigures {
+    /// Σ `rim_job_consumer_lag` over the jobs and partitions at the start
+    /// of the window, its end, and after the drain (librdkafka refreshes it
+    /// every 5 s).
+    lag_at_start: Option<f64>,
+    lag_at_end: Option<f64>,
+    lag_after_drain: Option<f64>,
+    /// Messages the jobs delivered in the window, all kinds
+    /// (Δ `rim_job_push_latency_seconds_count`).
+    pushes: f64,
+    /// Mean of `rim_job_push_latency_seconds` over the window (queue
+    /// message accepted → comets answered).
+    push_latency_mean_ms: Option<f64>,
+    /// Upper bound of the histogram bucket holding the window's 99th
+    /// percentile of the same.
+    push_latency_p99_le_ms: Option<f64>,
+}
+
+/// The cluster goals of issue #13 and how this run did.
+#[derive(Debug, Serialize)]
+struct ClusterSummary {
+    cores: usize,
+    goal_msgs_per_sec_per_core: f64,
+    goal_p99_send_msg_ms: f64,
+    /// Highest achieved rate of a step whose MSGs all arrived with p99
+    /// SEND → MSG within the goal.
+    best_within_p99_goal: Option<f64>,
+    best_within_p99_goal_per_core: Option<f64>,
+    best_achieved_per_core: f64,
+    lowest_p99_send_msg_ms: Option<f64>,
 }
 
 /// The goals of issue #13 and how this run did.
@@ -232,6 +308,8 @@ struct Summary {
     best_achieved_pct_of_raw: Option<f64>,
     p99_send_reply_ms_at_4000: Option<f64>,
     goal_p99_ms_at_4000: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterSummary>,
 }
 
 /// Everything the run reports (also the JSON).
@@ -241,9 +319,9 @@ struct Report {
     started_unix_secs: u64,
     machine: Machine,
     args: Args,
-    rim_pid: u32,
-    sqlite_path: String,
-    sqlite_bytes: u64,
+    rim_pid: Option<u32>,
+    sqlite_path: Option<String>,
+    sqlite_bytes: Option<u64>,
     steps: Vec<StepReport>,
     /// One per `--raw-batch`; rim is compared with the first.
     raw: Vec<im_raw::Outcome>,
@@ -258,6 +336,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     // reqwest (rim's /metrics) needs a TLS provider even for plain HTTP.
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    if !args.comets.is_empty() {
+        return run_cluster(args, started_unix_secs, machine).await;
+    }
     let log_dir = args
         .standalone
         .log_dir
@@ -278,7 +359,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let rim_pid = cluster.logic_pid;
     let tcp = cluster.comets[0].tcp;
     let api = SocketAddr::from(([127, 0, 0, 1], args.standalone.port_base + 1));
-    let outcome = measure(&args, tcp, api, rim_pid).await;
+    let mut plain = vec![Watched {
+        name: "rim".into(),
+        pid: rim_pid,
+    }];
+    plain.push(Watched {
+        name: "rim-bench".into(),
+        pid: std::process::id(),
+    });
+    let target = Target {
+        comets: vec![tcp],
+        commit_metrics: vec![format!("http://{api}/metrics")],
+        job_metrics: Vec::new(),
+        plain,
+        writer_pid: Some(rim_pid),
+        cmid_prefix: None,
+        cluster: false,
+    };
+    let outcome = measure(&args, &target).await;
     cluster.stop().await;
     let steps = outcome?;
     let sqlite_bytes = im_raw::file_bytes(&sqlite_path);
@@ -324,32 +422,103 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         raw.push(outcome);
     }
 
-    let summary = summarize(&steps, raw.first());
+    let summary = summarize(&steps, raw.first(), None);
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         started_unix_secs,
         machine,
         args: args.clone(),
-        rim_pid,
-        sqlite_path: sqlite_path.display().to_string(),
-        sqlite_bytes,
+        rim_pid: Some(rim_pid),
+        sqlite_path: Some(sqlite_path.display().to_string()),
+        sqlite_bytes: Some(sqlite_bytes),
         steps,
         raw,
         summary,
     };
-    print_report(&report);
+    finish(&report, &args)
+}
+
+/// `--comets`: runs every rate against a running cluster.
+async fn run_cluster(args: Args, started_unix_secs: u64, machine: Machine) -> anyhow::Result<()> {
+    for comet in &args.comets {
+        ensure!(
+            comet.ip().is_loopback(),
+            "--comets {comet}: load goes to 127.0.0.0/8 only"
+        );
+    }
+    let loopback_url = |flag: &str, url: &str| -> anyhow::Result<String> {
+        let parsed = reqwest::Url::parse(url).with_context(|| format!("{flag} {url}"))?;
+        ensure!(
+            crate::addrs::is_loopback_url(&parsed),
+            "{flag} {url}: 127.0.0.0/8 (or localhost) only"
+        );
+        Ok(url.trim_end_matches('/').to_owned())
+    };
+    let commit_metrics = args
+        .api
+        .iter()
+        .map(|api| Ok(format!("{}/metrics", loopback_url("--api", api)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let job_metrics = args
+        .job_metrics
+        .iter()
+        .map(|url| loopback_url("--job-metrics", url))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    eprintln!(
+        "cluster: {} comets, {} logic /metrics, {} job /metrics, {} watched processes",
+        args.comets.len(),
+        commit_metrics.len(),
+        job_metrics.len(),
+        args.procs.len()
+    );
+    let target = Target {
+        comets: args.comets.clone(),
+        commit_metrics,
+        job_metrics,
+        plain: vec![Watched {
+            name: "rim-bench".into(),
+            pid: std::process::id(),
+        }],
+        writer_pid: None,
+        cmid_prefix: Some(started_unix_secs),
+        cluster: true,
+    };
+    let steps = measure(&args, &target).await?;
+    let summary = summarize(&steps, None, Some(machine.cores));
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started_unix_secs,
+        machine,
+        args: args.clone(),
+        rim_pid: None,
+        sqlite_path: None,
+        sqlite_bytes: None,
+        steps,
+        raw: Vec::new(),
+        summary,
+    };
+    finish(&report, &args)
+}
+
+/// Prints the report and writes its JSON and SVG where asked.
+fn finish(report: &Report, args: &Args) -> anyhow::Result<()> {
+    print_report(report);
     if let Some(path) = &args.output.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.output.svg {
-        std::fs::write(path, plot(&report))
+        std::fs::write(path, plot(report))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
 
-fn summarize(steps: &[StepReport], raw: Option<&im_raw::Outcome>) -> Summary {
+fn summarize(
+    steps: &[StepReport],
+    raw: Option<&im_raw::Outcome>,
+    cluster_cores: Option<usize>,
+) -> Summary {
     let raw_rate = raw.map(|r| r.msgs_per_sec).filter(|r| *r > 0.0);
     let best = steps
         .iter()
@@ -373,28 +542,78 @@ fn summarize(steps: &[StepReport], raw: Option<&im_raw::Outcome>) -> Summary {
             .find(|s| (s.offered_rate - 4000.0).abs() < 0.5)
             .map(|s| s.send_reply_us.p99 as f64 / 1e3),
         goal_p99_ms_at_4000: 20.0,
+        cluster: cluster_cores.map(|cores| cluster_summary(steps, cores, best_achieved)),
     }
 }
 
+fn cluster_summary(steps: &[StepReport], cores: usize, best_achieved: f64) -> ClusterSummary {
+    const GOAL_P99_MS: f64 = 100.0;
+    let per_core = |v: f64| v / cores.max(1) as f64;
+    let best_within = steps
+        .iter()
+        .filter(|s| {
+            s.ok > 0 && s.msgs_missing == 0 && s.send_msg_us.p99 as f64 <= GOAL_P99_MS * 1e3
+        })
+        .map(|s| s.achieved_msgs_per_sec)
+        .fold(None, |best: Option<f64>, v| {
+            Some(best.map_or(v, |b| b.max(v)))
+        });
+    ClusterSummary {
+        cores,
+        goal_msgs_per_sec_per_core: 1_400.0,
+        goal_p99_send_msg_ms: GOAL_P99_MS,
+        best_within_p99_goal: best_within,
+        best_within_p99_goal_per_core: best_within.map(per_core),
+        best_achieved_per_core: per_core(best_achieved),
+        lowest_p99_send_msg_ms: steps
+            .iter()
+            .filter(|s| s.ok > 0)
+            .map(|s| s.send_msg_us.p99 as f64 / 1e3)
+            .reduce(f64::min),
+    }
+}
+
+/// Where `measure` sends its load and what it watches.
+struct Target {
+    /// Comet TCP client addresses; pairs are spread over them.
+    comets: Vec<SocketAddr>,
+    /// `/metrics` URLs whose store commits are summed.
+    commit_metrics: Vec<String>,
+    /// The jobs' `/metrics` URLs.
+    job_metrics: Vec<String>,
+    /// Processes whose CPU is read alone (rim-bench's child is the
+    /// standalone itself); `--proc` ones are read with their children.
+    plain: Vec<Watched>,
+    /// The process whose storage writes are reported (the standalone).
+    writer_pid: Option<u32>,
+    /// Prefix of every cmid (a cluster's store outlives one run).
+    cmid_prefix: Option<u64>,
+    /// Against a cluster (`--comets`).
+    cluster: bool,
+}
+
 /// Connects the pairs, runs every rate, and returns their figures.
-async fn measure(
-    args: &Args,
-    tcp: SocketAddr,
-    api: SocketAddr,
-    rim_pid: u32,
-) -> anyhow::Result<Vec<StepReport>> {
+async fn measure(args: &Args, target: &Target) -> anyhow::Result<Vec<StepReport>> {
     let pairs = i64::from(args.pairs);
-    eprintln!("connecting {pairs} pairs of chat devices...");
-    let connect = |mid: i64| im_device::device(tcp, mid, format!("d{mid}"));
+    eprintln!(
+        "connecting {pairs} pairs of chat devices to {} comet(s)...",
+        target.comets.len()
+    );
+    let connect =
+        |mid: i64, comet: usize| im_device::device(target.comets[comet], mid, format!("d{mid}"));
+    let n = target.comets.len();
     let recipients: Vec<Client> = futures::stream::iter(0..pairs)
-        .map(|i| connect(MID_BASE + 2 * i + 1))
+        .map(|i| {
+            let (_, comet) = comet_of_pair(i as usize, n);
+            connect(MID_BASE + 2 * i + 1, comet)
+        })
         .buffered(CONNECT_CONCURRENCY)
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect::<anyhow::Result<_>>()?;
     let mut senders: Vec<Option<Client>> = futures::stream::iter(0..pairs)
-        .map(|i| connect(MID_BASE + 2 * i))
+        .map(|i| connect(MID_BASE + 2 * i, comet_of_pair(i as usize, n).0))
         .buffered(CONNECT_CONCURRENCY)
         .collect::<Vec<_>>()
         .await
@@ -424,16 +643,6 @@ async fn measure(
     }
 
     let http = reqwest::Client::new();
-    let watched = [
-        Watched {
-            name: "rim".into(),
-            pid: rim_pid,
-        },
-        Watched {
-            name: "rim-bench".into(),
-            pid: std::process::id(),
-        },
-    ];
     let mut reports = Vec::new();
     for (index, &rate) in args.rates.iter().enumerate() {
         let stats = Arc::clone(&steps[index]);
@@ -458,6 +667,7 @@ async fn measure(
                         max_in_flight: args.max_in_flight as usize,
                         body_bytes: usize::try_from(args.body_bytes).unwrap_or(100),
                         start,
+                        cmid_prefix: target.cmid_prefix,
                     },
                     Arc::clone(&stats),
                 ));
@@ -474,15 +684,26 @@ async fn measure(
         let window_start_nanos =
             now_nanos() + u64::try_from((window_start - Instant::now()).as_nanos()).unwrap_or(0);
         tokio::time::sleep_until(window_start).await;
-        let cpu_before = Snapshot::take(&watched);
-        let commits_before = im_device::store_commits(&http, api).await;
-        let written_before = procstat::write_bytes(rim_pid);
+        let cpu_before = Snapshot::take(&target.plain);
+        let tree_before = TreeSnapshot::take(&args.procs);
+        let box_before = procstat::box_ticks();
+        let commits_before = commits(&http, &target.commit_metrics).await;
+        let written_before = target.writer_pid.and_then(procstat::write_bytes);
+        let jobs_before = scrape(&http, &target.job_metrics).await;
         tokio::time::sleep_until(window_start + Duration::from_secs(args.duration)).await;
-        let cpu = cpu_before.used_until(&Snapshot::take(&watched), args.duration as f64);
-        let commits_after = im_device::store_commits(&http, api).await;
-        let written = procstat::write_bytes(rim_pid)
+        let secs = args.duration as f64;
+        let mut cpu = cpu_before.used_until(&Snapshot::take(&target.plain), secs);
+        cpu.extend(tree_before.used_until(&TreeSnapshot::take(&args.procs), secs));
+        let box_cores = box_before
+            .zip(procstat::box_ticks())
+            .and_then(|(before, after)| procstat::box_busy_cores(before, after, secs));
+        let commits_after = commits(&http, &target.commit_metrics).await;
+        let written = target
+            .writer_pid
+            .and_then(procstat::write_bytes)
             .zip(written_before)
             .map(|(after, before)| after.saturating_sub(before));
+        let jobs_after = scrape(&http, &target.job_metrics).await;
         while let Some(joined) = tasks.join_next().await {
             if let Ok((i, Some(client))) = joined {
                 senders[i] = Some(client);
@@ -495,15 +716,25 @@ async fn measure(
         }
         let _ = progress_stop_tx.send(true);
         let _ = progress.await;
-        let report = step_report(
+        let job = if target.job_metrics.is_empty() {
+            None
+        } else {
+            let mut figures = job_figures(&jobs_before, &jobs_after);
+            figures.lag_after_drain = consumer_lag(&scrape(&http, &target.job_metrics).await);
+            Some(figures)
+        };
+        let mut report = step_report(
             &stats,
             rate,
             args,
             window_start_nanos,
             cpu,
-            commits_before.zip(commits_after).map(|(a, b)| b - a),
+            commits_before
+                .zip(commits_after)
+                .map(|(a, b)| b.saturating_sub(a)),
             written,
         );
+        add_cluster_figures(&mut report, box_cores, job, args.duration as f64);
         eprintln!(
             "  => {:.0} msg/s achieved of {rate}, SEND→SEND_REPLY p50 {} p99 {}, SEND→MSG p50 {} p99 {}{}",
             report.achieved_msgs_per_sec,
@@ -517,6 +748,11 @@ async fn measure(
                 "  (not sustained)"
             }
         );
+        if target.cluster {
+            for line in cluster_step_lines(&report) {
+                eprintln!("{line}");
+            }
+        }
         reports.push(report);
         if senders.iter().all(Option::is_none) {
             eprintln!("every sender lost its connection: stopping");
@@ -604,9 +840,208 @@ fn step_report(
         msgs_per_commit: commits
             .filter(|c| *c > 0)
             .map(|c| achieved * duration / c as f64),
+        box_busy_cores: None,
+        msgs_per_sec_per_box_core: 0.0,
+        msgs_per_sec_per_busy_core: None,
+        cpu_us_per_msg: BTreeMap::new(),
+        cpu_us_per_msg_by_role: BTreeMap::new(),
+        watched_cpu_us_per_msg: None,
+        msgs_per_watched_cpu_second: None,
+        job: None,
         send_reply_cdf: cdf_points(&reply, 200),
         send_msg_cdf: cdf_points(&msg, 200),
     }
+}
+
+/// The comets of pair `i`'s sender and recipient among `n`: the sender on
+/// `i mod n`, the recipient half the comets further (never the same comet
+/// when there are two or more).
+fn comet_of_pair(i: usize, n: usize) -> (usize, usize) {
+    let n = n.max(1);
+    let shift = if n > 1 { (n / 2).max(1) } else { 0 };
+    (i % n, (i + shift) % n)
+}
+
+/// A process's role: its name without a short `-suffix` (`comet-a1` →
+/// `comet`, `job-b` → `job`, `rim-bench` stays).
+fn role_of(name: &str) -> &str {
+    match name.rsplit_once('-') {
+        Some((head, tail)) if !head.is_empty() && !tail.is_empty() && tail.len() <= 3 => head,
+        _ => name,
+    }
+}
+
+/// Reads every `/metrics` page of `urls` (`None` for one that failed).
+async fn scrape(http: &reqwest::Client, urls: &[String]) -> Vec<Option<String>> {
+    futures::future::join_all(urls.iter().map(|u| im_device::metrics_text(http, u))).await
+}
+
+/// Σ of the store's commits over `urls`; `None` without URLs or when one
+/// could not be read.
+async fn commits(http: &reqwest::Client, urls: &[String]) -> Option<u64> {
+    if urls.is_empty() {
+        return None;
+    }
+    scrape(http, urls)
+        .await
+        .iter()
+        .map(|t| im_device::parse_commits(t.as_deref()?))
+        .sum()
+}
+
+/// Σ of the samples of metric family `name` (`name` or `name{...}`) in a
+/// `/metrics` page.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Σ `rim_job_consumer_lag` over the pages; `None` when one is missing.
+fn consumer_lag(pages: &[Option<String>]) -> Option<f64> {
+    pages
+        .iter()
+        .map(|p| Some(metric_sum(p.as_deref()?, "rim_job_consumer_lag")))
+        .sum()
+}
+
+/// Cumulative bucket counts of `rim_job_push_latency_seconds`, all kinds
+/// summed, by upper bound in seconds.
+fn push_latency_buckets(pages: &[Option<String>]) -> BTreeMap<u64, f64> {
+    let mut buckets = BTreeMap::new();
+    for line in pages.iter().flatten().flat_map(|p| p.lines()) {
+        let Some(rest) = line.strip_prefix("rim_job_push_latency_seconds_bucket{") else {
+            continue;
+        };
+        let Some(le) = rest.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else {
+            continue;
+        };
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            match le.parse::<f64>() {
+                Ok(v) => v,
+                Err(_) => continue,
+            }
+        };
+        let Some(count) = line
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        // Keyed by the bound's bits: positive floats sort like their bits.
+        *buckets.entry(bound.to_bits()).or_insert(0.0) += count;
+    }
+    buckets
+}
+
+/// The jobs' figures between two scrapes.
+fn job_figures(before: &[Option<String>], after: &[Option<String>]) -> JobFigures {
+    let total = |pages: &[Option<String>], name: &str| -> f64 {
+        pages.iter().flatten().map(|p| metric_sum(p, name)).sum()
+    };
+    let pushes = total(after, "rim_job_push_latency_seconds_count")
+        - total(before, "rim_job_push_latency_seconds_count");
+    let seconds = total(after, "rim_job_push_latency_seconds_sum")
+        - total(before, "rim_job_push_latency_seconds_sum");
+    let (b0, b1) = (push_latency_buckets(before), push_latency_buckets(after));
+    let p99 = (pushes > 0.0)
+        .then(|| {
+            b1.iter()
+                .find(|(bound, n)| **n - b0.get(bound).copied().unwrap_or(0.0) >= 0.99 * pushes)
+                .map(|(bound, _)| f64::from_bits(*bound) * 1e3)
+        })
+        .flatten();
+    JobFigures {
+        lag_at_start: consumer_lag(before),
+        lag_at_end: consumer_lag(after),
+        lag_after_drain: None,
+        pushes,
+        push_latency_mean_ms: (pushes > 0.0).then(|| seconds * 1e3 / pushes),
+        push_latency_p99_le_ms: p99,
+    }
+}
+
+/// Fills the per-core, per-message and job figures of a step.
+fn add_cluster_figures(
+    r: &mut StepReport,
+    box_cores: Option<f64>,
+    job: Option<JobFigures>,
+    secs: f64,
+) {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let msgs = (r.achieved_msgs_per_sec * secs).max(1.0);
+    r.box_busy_cores = box_cores;
+    r.msgs_per_sec_per_box_core = r.achieved_msgs_per_sec / cores as f64;
+    r.msgs_per_sec_per_busy_core = box_cores
+        .filter(|c| *c > 0.0)
+        .map(|c| r.achieved_msgs_per_sec / c);
+    for c in &r.cpu {
+        let us = c.cpu_seconds * 1e6 / msgs;
+        r.cpu_us_per_msg.insert(c.name.clone(), us);
+        *r.cpu_us_per_msg_by_role
+            .entry(role_of(&c.name).to_owned())
+            .or_insert(0.0) += us;
+    }
+    let watched: Vec<f64> = r
+        .cpu
+        .iter()
+        .filter(|c| c.name != "rim-bench")
+        .map(|c| c.cpu_seconds * 1e6 / msgs)
+        .collect();
+    if !watched.is_empty() {
+        let us: f64 = watched.iter().sum();
+        r.watched_cpu_us_per_msg = Some(us);
+        r.msgs_per_watched_cpu_second = (us > 0.0).then(|| 1e6 / us);
+    }
+    r.job = job;
+}
+
+/// The cluster figures of one step, to print after its summary line.
+fn cluster_step_lines(s: &StepReport) -> Vec<String> {
+    let mut lines = vec![format!(
+        "     box: {} cores busy, {:.0} msg/s per box core, {} msg/s per busy core; errors: refused {:?} skipped {} missing replies {} missing msgs {} lost {}",
+        s.box_busy_cores.map_or("?".into(), |c| format!("{c:.2}")),
+        s.msgs_per_sec_per_box_core,
+        s.msgs_per_sec_per_busy_core
+            .map_or("?".into(), |c| format!("{c:.0}")),
+        s.refused_by_code,
+        s.skipped,
+        s.missing_replies,
+        s.msgs_missing,
+        s.lost_senders
+    )];
+    let roles: Vec<String> = s
+        .cpu_us_per_msg_by_role
+        .iter()
+        .map(|(role, us)| format!("{role} {us:.0}"))
+        .collect();
+    lines.push(format!(
+        "     CPU µs per message by role: {}; all --proc processes {} µs = {} msg per CPU-second",
+        roles.join(", "),
+        s.watched_cpu_us_per_msg
+            .map_or("?".into(), |v| format!("{v:.0}")),
+        s.msgs_per_watched_cpu_second
+            .map_or("?".into(), |v| format!("{v:.0}"))
+    ));
+    if let Some(j) = &s.job {
+        lines.push(format!(
+            "     jobs: {:.0} pushes in the window, latency mean {} ms, p99 ≤ {} ms; consumer lag at start {:?}, end {:?}, after drain {:?}",
+            j.pushes,
+            j.push_latency_mean_ms.map_or("?".into(), |v| format!("{v:.1}")),
+            j.push_latency_p99_le_ms.map_or("?".into(), |v| format!("{v}")),
+            j.lag_at_start,
+            j.lag_at_end,
+            j.lag_after_drain
+        ));
+    }
+    lines
 }
 
 /// What one sender does at one rate.
@@ -622,6 +1057,7 @@ struct Plan {
     max_in_flight: usize,
     body_bytes: usize,
     start: Instant,
+    cmid_prefix: Option<u64>,
 }
 
 enum Event {
@@ -678,7 +1114,10 @@ async fn sender(mut client: Client, p: Plan, stats: Arc<StepStats>) -> (usize, O
                     }
                     let nanos = now_nanos();
                     let req = SendRequest {
-                        cmid: format!("{}-{n}", p.index),
+                        cmid: match p.cmid_prefix {
+                            Some(run) => format!("r{run}-{}-{n}", p.index),
+                            None => format!("{}-{n}", p.index),
+                        },
                         to: Some(MID_BASE + 2 * p.sender as i64 + 1),
                         body: body(p.index, nanos, measured, p.body_bytes),
                         ..SendRequest::default()
@@ -903,6 +1342,11 @@ fn print_report(r: &Report) {
                 c.name, c.pid, c.cpu_seconds, c.cores
             );
         }
+        if r.summary.cluster.is_some() {
+            for line in cluster_step_lines(s) {
+                println!("    {line}");
+            }
+        }
         if let Some(w) = s.rim_write_bytes {
             println!(
                 "           rim wrote {:.1} MB to storage = {:.1} MB/s, {:.0} bytes per message",
@@ -927,6 +1371,20 @@ fn print_report(r: &Report) {
         );
     }
     let s = &r.summary;
+    if let Some(c) = &s.cluster {
+        println!(
+            "  cluster, {} cores: best achieved {:.0} msg/s = {:.0} per core (goal ≥ {}); best with p99 SEND→MSG ≤ {} ms: {:?} msg/s = {:?} per core; lowest p99 SEND→MSG {:?} ms",
+            c.cores,
+            s.best_achieved,
+            c.best_achieved_per_core,
+            c.goal_msgs_per_sec_per_core,
+            c.goal_p99_send_msg_ms,
+            c.best_within_p99_goal.map(f64::round),
+            c.best_within_p99_goal_per_core.map(f64::round),
+            c.lowest_p99_send_msg_ms
+        );
+        return;
+    }
     println!(
         "  max sustained: {:?} msg/s offered, {:?} achieved = {:?} % of raw (goal ≥ {} %); best achieved {:.0} = {:?} % of raw",
         s.max_sustained_offered,
@@ -945,10 +1403,18 @@ fn print_report(r: &Report) {
 
 fn plot(r: &Report) -> String {
     use crate::plot::{Chart, Series, render};
-    let title = format!(
-        "im-send: {} pairs, rim standalone (SQLite FULL)",
-        r.args.pairs
-    );
+    let title = if r.args.comets.is_empty() {
+        format!(
+            "im-send: {} pairs, rim standalone (SQLite FULL)",
+            r.args.pairs
+        )
+    } else {
+        format!(
+            "im-send: {} pairs, cluster of {} comets (Kafka + PostgreSQL)",
+            r.args.pairs,
+            r.args.comets.len()
+        )
+    };
     let cdf = |f: fn(&StepReport) -> &Vec<(f64, f64)>| -> Vec<Series> {
         r.steps
             .iter()
@@ -980,7 +1446,25 @@ fn plot(r: &Report) -> String {
             points: vec![(lo, raw.msgs_per_sec), (hi, raw.msgs_per_sec)],
         });
     }
-    render(&[
+    let mut roles: Vec<&String> = r
+        .steps
+        .iter()
+        .flat_map(|s| s.cpu_us_per_msg_by_role.keys())
+        .collect();
+    roles.sort();
+    roles.dedup();
+    let cpu_by_role: Vec<Series> = roles
+        .into_iter()
+        .map(|role| Series {
+            label: role.clone(),
+            points: r
+                .steps
+                .iter()
+                .filter_map(|s| Some((s.offered_rate, *s.cpu_us_per_msg_by_role.get(role)?)))
+                .collect(),
+        })
+        .collect();
+    let mut charts = vec![
         Chart {
             title: format!("{title}: SEND → SEND_REPLY CDF"),
             x_label: "ms (log)".into(),
@@ -1022,7 +1506,17 @@ fn plot(r: &Report) -> String {
                 },
             ],
         },
-    ])
+    ];
+    if !r.args.comets.is_empty() {
+        charts.push(Chart {
+            title: format!("{title}: CPU µs per message by role"),
+            x_label: "offered msg/s".into(),
+            y_label: "CPU µs per message".into(),
+            log_x: false,
+            series: cpu_by_role,
+        });
+    }
+    render(&charts)
 }
 
 #[cfg(test)]
@@ -1038,5 +1532,57 @@ mod tests {
         assert_eq!(parse_body("0 5 2"), None);
         assert_eq!(parse_body("x 5 1"), None);
         assert_eq!(parse_body(""), None);
+    }
+
+    #[test]
+    fn pairs_cross_comets() {
+        for n in [2, 3, 4, 5] {
+            for i in 0..20 {
+                let (sender, recipient) = comet_of_pair(i, n);
+                assert!(sender < n && recipient < n);
+                assert_ne!(sender, recipient, "pair {i} of {n} comets");
+            }
+        }
+        // Four comets a1, a2, b1, b2: a pair's ends are in different regions.
+        assert_eq!(comet_of_pair(0, 4), (0, 2));
+        assert_eq!(comet_of_pair(3, 4), (3, 1));
+        assert_eq!(comet_of_pair(7, 1), (0, 0));
+    }
+
+    #[test]
+    fn roles_and_job_metrics() {
+        assert_eq!(role_of("comet-a1"), "comet");
+        assert_eq!(role_of("job-b"), "job");
+        assert_eq!(role_of("rim-bench"), "rim-bench");
+        assert_eq!(role_of("postgres"), "postgres");
+        let before = Some(
+            "# TYPE rim_job_consumer_lag gauge\n\
+             rim_job_consumer_lag{partition=\"0\"} 3\n\
+             rim_job_consumer_lag{partition=\"1\"} 4\n\
+             rim_job_consumer_lag_other 100\n\
+             rim_job_push_latency_seconds_bucket{kind=\"push\",le=\"0.1\"} 10\n\
+             rim_job_push_latency_seconds_bucket{kind=\"push\",le=\"0.5\"} 10\n\
+             rim_job_push_latency_seconds_bucket{kind=\"push\",le=\"+Inf\"} 10\n\
+             rim_job_push_latency_seconds_sum{kind=\"push\"} 0.5\n\
+             rim_job_push_latency_seconds_count{kind=\"push\"} 10\n"
+                .to_owned(),
+        );
+        let after = Some(
+            "rim_job_consumer_lag{partition=\"0\"} 0\n\
+             rim_job_push_latency_seconds_bucket{kind=\"push\",le=\"0.1\"} 20\n\
+             rim_job_push_latency_seconds_bucket{kind=\"push\",le=\"0.5\"} 110\n\
+             rim_job_push_latency_seconds_bucket{kind=\"push\",le=\"+Inf\"} 110\n\
+             rim_job_push_latency_seconds_sum{kind=\"push\"} 30.5\n\
+             rim_job_push_latency_seconds_count{kind=\"push\"} 110\n"
+                .to_owned(),
+        );
+        assert_eq!(consumer_lag(std::slice::from_ref(&before)), Some(7.0));
+        assert_eq!(consumer_lag(&[before.clone(), None]), None);
+        let f = job_figures(&[before], &[after]);
+        assert_eq!(f.pushes, 100.0);
+        assert_eq!(f.push_latency_mean_ms, Some(300.0));
+        // 10 of the window's 100 pushes took ≤ 100 ms, all ≤ 500 ms.
+        assert_eq!(f.push_latency_p99_le_ms, Some(500.0));
+        assert_eq!((f.lag_at_start, f.lag_at_end), (Some(7.0), Some(0.0)));
     }
 }

@@ -185,6 +185,66 @@ mod tests {
         assert!(Cli::try_parse_from(["rim-bench", "im-send", "--rates", "0"]).is_err());
         assert!(Cli::try_parse_from(["rim-bench", "im-send", "--pairs", "0"]).is_err());
         assert!(Cli::try_parse_from(["rim-bench", "im-send", "--body-bytes", "10"]).is_err());
+        // Standalone by default: no cluster flags.
+        assert_eq!(json["comets"], serde_json::json!([]));
+        assert_eq!(json["api"], serde_json::json!([]));
+        assert_eq!(json["job_metrics"], serde_json::json!([]));
+        assert_eq!(json["proc"], serde_json::Value::Null);
+        assert_eq!(json["procs"], serde_json::json!([]));
+
+        // Against a cluster: comets, logics' APIs, jobs' metrics, and
+        // watched processes.
+        let cli = Cli::try_parse_from([
+            "rim-bench",
+            "im-send",
+            "--comets",
+            "127.0.0.1:23121,127.0.0.1:23221",
+            "--api",
+            "http://127.0.0.1:23111,http://127.0.0.1:23211",
+            "--job-metrics",
+            "http://127.0.0.1:23148/metrics",
+            "--proc",
+            "comet-a1=10",
+            "--proc",
+            "postgres=11",
+        ])
+        .unwrap();
+        let Command::ImSend(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(
+            json["comets"],
+            serde_json::json!(["127.0.0.1:23121", "127.0.0.1:23221"])
+        );
+        assert_eq!(
+            json["api"],
+            serde_json::json!(["http://127.0.0.1:23111", "http://127.0.0.1:23211"])
+        );
+        assert_eq!(
+            json["job_metrics"],
+            serde_json::json!(["http://127.0.0.1:23148/metrics"])
+        );
+        assert_eq!(
+            json["procs"],
+            serde_json::json!([{"name": "comet-a1", "pid": 10}, {"name": "postgres", "pid": 11}])
+        );
+        // --api and --job-metrics only make sense with --comets; bad
+        // addresses and NAME=PID are refused.
+        assert!(
+            Cli::try_parse_from(["rim-bench", "im-send", "--api", "http://127.0.0.1:1"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "rim-bench",
+                "im-send",
+                "--job-metrics",
+                "http://127.0.0.1:1"
+            ])
+            .is_err()
+        );
+        assert!(Cli::try_parse_from(["rim-bench", "im-send", "--comets", "nowhere"]).is_err());
+        assert!(Cli::try_parse_from(["rim-bench", "im-send", "--proc", "comet"]).is_err());
 
         let cli = Cli::try_parse_from(["rim-bench", "im-catchup"]).unwrap();
         let Command::ImCatchup(args) = cli.command else {

@@ -1,5 +1,7 @@
 //! CPU time of processes from `/proc/<pid>/stat`, to say where time goes.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on Linux).
@@ -125,6 +127,122 @@ impl Snapshot {
     }
 }
 
+/// The parent process id of a `/proc/<pid>/stat` line (field 4).
+fn parent_of(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Each watched process with its direct children (processes whose parent is
+/// it), read from one pass over `/proc`.
+fn with_children(watched: &[Watched]) -> Vec<Vec<u32>> {
+    let mut groups: Vec<Vec<u32>> = watched.iter().map(|w| vec![w.pid]).collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .as_deref()
+            .and_then(parent_of)
+        else {
+            continue;
+        };
+        for (w, group) in watched.iter().zip(&mut groups) {
+            if w.pid == parent {
+                group.push(pid);
+            }
+        }
+    }
+    groups
+}
+
+/// CPU times of the watched processes *and their direct children* at one
+/// instant (PostgreSQL: the postmaster and its backends and workers).
+pub struct TreeSnapshot(Vec<(Watched, HashMap<u32, f64>)>);
+
+impl TreeSnapshot {
+    /// Reads every watched process and its children now.
+    pub fn take(watched: &[Watched]) -> TreeSnapshot {
+        TreeSnapshot(
+            watched
+                .iter()
+                .zip(with_children(watched))
+                .map(|(w, pids)| {
+                    let times = pids
+                        .into_iter()
+                        .filter_map(|pid| Some((pid, cpu_seconds(pid)?)))
+                        .collect();
+                    (w.clone(), times)
+                })
+                .collect(),
+        )
+    }
+
+    /// CPU used by each watched process and its children between `self` and
+    /// `later`, over `secs`. A child that appeared in between counts all its
+    /// CPU time; one that exited in between is not counted (its time is in
+    /// the parent's `cutime`, which this does not read). A process that
+    /// could not be read at the end is left out.
+    pub fn used_until(&self, later: &TreeSnapshot, secs: f64) -> Vec<CpuUse> {
+        self.0
+            .iter()
+            .zip(&later.0)
+            .filter(|(_, (w, after))| after.contains_key(&w.pid))
+            .map(|((w, before), (_, after))| {
+                let used: f64 = after
+                    .iter()
+                    .map(|(pid, t)| (t - before.get(pid).copied().unwrap_or(0.0)).max(0.0))
+                    .sum();
+                CpuUse {
+                    name: w.name.clone(),
+                    pid: w.pid,
+                    cpu_seconds: used,
+                    cores: if secs > 0.0 { used / secs } else { 0.0 },
+                }
+            })
+            .collect()
+    }
+}
+
+/// The whole box's CPU time from the first line of `/proc/stat`, in clock
+/// ticks: (busy, busy + idle). Busy is user + nice + system + irq + softirq
+/// + steal; idle is idle + iowait.
+pub fn box_ticks() -> Option<(u64, u64)> {
+    parse_box_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_box_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let field = |i: usize| v.get(i).copied().unwrap_or(0);
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+    let idle = field(3) + field(4);
+    Some((busy, busy + idle))
+}
+
+/// Cores of the whole box busy between two `box_ticks` readings `secs`
+/// apart.
+pub fn box_busy_cores(before: (u64, u64), after: (u64, u64), secs: f64) -> Option<f64> {
+    let busy = after.0.checked_sub(before.0)?;
+    (secs > 0.0).then(|| busy as f64 / TICKS_PER_SEC / secs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +266,34 @@ mod tests {
             Some(1234 * 1024)
         );
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn counts_children_and_the_box() {
+        assert_eq!(parent_of("12 (a b) S 7 12 12 0"), Some(7));
+        assert_eq!(parent_of("12 (x"), None);
+        // This test process's parent sees it as a child.
+        let me = Watched {
+            name: "parent".into(),
+            pid: parent_of(&std::fs::read_to_string("/proc/self/stat").unwrap()).unwrap(),
+        };
+        let groups = with_children(std::slice::from_ref(&me));
+        assert!(groups[0].contains(&std::process::id()));
+        let snap = TreeSnapshot::take(&[me]);
+        let used = snap.used_until(
+            &TreeSnapshot::take(&[Watched {
+                name: "parent".into(),
+                pid: snap.0[0].0.pid,
+            }]),
+            1.0,
+        );
+        assert_eq!(used.len(), 1);
+        assert!(used[0].cpu_seconds >= 0.0);
+        let stat = "cpu  10 1 5 100 4 2 3 7 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
+        assert_eq!(parse_box_ticks(stat), Some((28, 132)));
+        assert_eq!(parse_box_ticks("intr 5\n"), None);
+        assert_eq!(box_busy_cores((0, 0), (200, 400), 2.0), Some(1.0));
+        assert_eq!(box_busy_cores((5, 0), (1, 0), 2.0), None);
+        assert!(box_ticks().is_some());
     }
 }
