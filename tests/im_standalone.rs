@@ -268,6 +268,7 @@ async fn an_unacked_push_gets_notify_sync_and_an_acked_one_does_not() {
     // Two devices of user 8: one acks what it gets, one never does.
     let mut acking = device(tcp, 8, "acking", &[21, 27, 1000]).await;
     let mut silent = chat_device(tcp, 8, "silent").await;
+    let mut gone = chat_device(tcp, 8, "gone").await;
 
     let reply: SendReply = ask(&mut sender, send_to(8, "a-1", "ack me").to_frame(1)).await;
     assert_eq!(reply.code, Code::OK);
@@ -282,6 +283,10 @@ async fn an_unacked_push_gets_notify_sync_and_an_acked_one_does_not() {
         .await
         .unwrap();
     assert_eq!(next_msg(&mut silent).await.sync, Some(1));
+    // A device that leaves without acking is not notified: it SYNCs when
+    // it comes back.
+    assert_eq!(next_msg(&mut gone).await.sync, Some(1));
+    drop(gone);
 
     // The silent device is told to SYNC (not sent the message again).
     let frame = next(&mut silent).await;
@@ -290,9 +295,21 @@ async fn an_unacked_push_gets_notify_sync_and_an_acked_one_does_not() {
         Notify::decode(&frame.body).unwrap(),
         Notify::Sync { sync: 1 }
     );
-    // The acking device got nothing more, well past the timeout.
+    // The acking device got nothing more, well past the timeout, and only
+    // the silent one was notified.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     nothing_pending(&mut acking, api, "acking").await;
+    let metrics = reqwest::get(format!("http://{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let notified = metrics
+        .lines()
+        .find(|l| l.starts_with("rim_logic_im_deliveries_total{result=\"ack_timeout_notify\"}"))
+        .unwrap_or_else(|| panic!("no ack_timeout_notify series in:\n{metrics}"));
+    assert!(notified.ends_with(" 1"), "{notified}");
     rim.stop();
 }
 

@@ -245,15 +245,20 @@ impl Shared {
         }
         for (mid, entries) in by_user {
             let keys: Vec<String> = entries.iter().map(|(key, _)| key.clone()).collect();
-            let acked = match self.router.acked(mid, &keys).await {
-                Ok(acked) => acked,
+            let checked = tokio::try_join!(
+                self.router.acked(mid, &keys),
+                self.router.servers_of_keys(&keys)
+            );
+            let (acked, servers) = match checked {
+                Ok(found) => found,
                 Err(err) => {
                     tracing::warn!(%err, mid, "IM ack check: router unavailable; skipped");
                     continue;
                 }
             };
-            for ((key, pending), acked) in entries.into_iter().zip(acked) {
-                if acked >= pending.sync {
+            for (((key, pending), acked), server) in entries.into_iter().zip(acked).zip(servers) {
+                // Acked meanwhile, or gone (a reconnect SYNCs anyway).
+                if acked >= pending.sync || server.as_deref() != Some(pending.server.as_str()) {
                     continue;
                 }
                 let notify = Notify::Sync { sync: pending.sync };
