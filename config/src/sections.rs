@@ -665,6 +665,11 @@ pub struct QueueConfig {
     /// in flight in the job), or before the job's consumer stops reading
     /// (Kafka: in flight).
     pub max_bytes: usize,
+    /// The longest the job's Kafka fetch waits for data (`fetch.wait.max.ms`):
+    /// Kafka answers as soon as data arrives; a broker that holds a fetch
+    /// for part of it (tansu) adds that to push latency.
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait: Duration,
 }
 
 impl Default for QueueConfig {
@@ -675,6 +680,7 @@ impl Default for QueueConfig {
             topic: "rim-push".into(),
             capacity: 65_536,
             max_bytes: 64 << 20,
+            fetch_wait: Duration::from_millis(100),
         }
     }
 }
@@ -689,7 +695,14 @@ impl QueueConfig {
         }
         not_blank("queue.topic", &self.topic)?;
         in_range("queue.capacity", self.capacity as u64, 1, 16 << 20)?;
-        in_range("queue.max_bytes", self.max_bytes as u64, 1 << 16, 1 << 40)
+        in_range("queue.max_bytes", self.max_bytes as u64, 1 << 16, 1 << 40)?;
+        positive("queue.fetch_wait", self.fetch_wait)?;
+        in_range(
+            "queue.fetch_wait",
+            self.fetch_wait.as_millis().try_into().unwrap_or(u64::MAX),
+            1,
+            300_000,
+        )
     }
 }
 

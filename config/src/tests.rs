@@ -626,3 +626,16 @@ fn standalone_keeps_im_in_sqlite_and_logic_needs_a_store() {
     };
     assert_eq!(pinned.id_node("anything"), 7);
 }
+
+#[test]
+fn the_fetch_wait_names_its_key() {
+    for bad in ["0s", "301s"] {
+        let err = load_err::<StandaloneConfig>(None, &[("RIM_QUEUE__FETCH_WAIT", bad)]);
+        assert!(
+            err.starts_with("invalid value for queue.fetch_wait"),
+            "{bad}: {err}"
+        );
+    }
+    let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(config.queue.fetch_wait, Duration::from_millis(100));
+}

@@ -56,6 +56,10 @@ pub struct KafkaConsumerOptions {
     /// Bytes of messages handed out and not yet handled before `recv` waits
     /// (`queue.max_bytes`).
     pub max_in_flight_bytes: usize,
+    /// The longest a fetch waits for data (`queue.fetch_wait`; librdkafka's
+    /// `fetch.wait.max.ms`). Kafka answers as soon as data arrives; brokers
+    /// that hold a fetch for part of it (tansu) add that to push latency.
+    pub fetch_wait: std::time::Duration,
 }
 
 /// Consumes a topic in a consumer group, committing only handled offsets.
@@ -98,6 +102,10 @@ impl KafkaConsumer {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
+            .set(
+                "fetch.wait.max.ms",
+                options.fetch_wait.as_millis().clamp(1, 300_000).to_string(),
+            )
             .set(
                 "statistics.interval.ms",
                 STATISTICS_EVERY.as_millis().to_string(),

@@ -84,6 +84,7 @@ impl Backend for Kafka {
             instance: format!("{}-member", self.topic),
             max_in_flight,
             max_in_flight_bytes: 64 << 20,
+            fetch_wait: std::time::Duration::from_millis(100),
         })
         .expect("consumer")
     }
@@ -175,6 +176,7 @@ async fn in_flight_bytes_are_bounded() {
         instance: format!("{}-member", kafka.topic),
         max_in_flight: 64,
         max_in_flight_bytes: 150_000,
+        fetch_wait: std::time::Duration::from_millis(100),
     })
     .expect("consumer");
     // Two messages (~128 KiB) are under the limit, the third crosses it.

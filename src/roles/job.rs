@@ -94,6 +94,7 @@ pub async fn run(
         instance: config.node.id.clone(),
         max_in_flight: rim_queue::MAX_IN_FLIGHT,
         max_in_flight_bytes: config.queue.max_bytes,
+        fetch_wait: config.queue.fetch_wait,
     })
     .context("queue consumer")?;
     let stop = CancellationToken::new();
