@@ -21,7 +21,6 @@ use rim_proto::im::{Body, Code, SendReply, SendRequest, SyncRequest};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::cluster::{self, Cluster};
 use crate::im_device::{self, Machine, Standalone, now_nanos};
 use crate::latency::{self, Percentiles, human};
 use crate::options::Output;
@@ -97,22 +96,7 @@ struct Report {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let started_unix_secs = now_nanos() / 1_000_000_000;
     let machine = Machine::now();
-    let log_dir = args
-        .standalone
-        .log_dir
-        .clone()
-        .unwrap_or_else(cluster::default_log_dir);
-    ensure!(
-        !log_dir.join("im.sqlite3").exists(),
-        "{} already holds a run's files: give a fresh --log-dir",
-        log_dir.display()
-    );
-    eprintln!(
-        "starting rim standalone, logs and SQLite in {}",
-        log_dir.display()
-    );
-    let cluster =
-        Cluster::standalone(&args.standalone.rim, args.standalone.port_base, &log_dir).await?;
+    let (_, cluster) = args.standalone.start_fresh().await?;
     let tcp = cluster.comets[0].tcp;
     let outcome = measure(&args, tcp).await;
     cluster.stop().await;

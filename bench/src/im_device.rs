@@ -30,6 +30,34 @@ pub struct Standalone {
     pub port_base: u16,
 }
 
+impl Standalone {
+    /// The run's log directory (`--log-dir`, else a temp directory).
+    pub fn log_dir(&self) -> PathBuf {
+        self.log_dir
+            .clone()
+            .unwrap_or_else(crate::cluster::default_log_dir)
+    }
+
+    /// Starts `rim standalone` with a fresh SQLite file in the run's log
+    /// directory (refusing one that holds a previous run's file); returns
+    /// the directory and the running process.
+    pub async fn start_fresh(&self) -> anyhow::Result<(PathBuf, crate::cluster::Cluster)> {
+        let log_dir = self.log_dir();
+        anyhow::ensure!(
+            !log_dir.join("im.sqlite3").exists(),
+            "{} already holds a run's files: give a fresh --log-dir",
+            log_dir.display()
+        );
+        eprintln!(
+            "starting rim standalone, logs and SQLite in {}",
+            log_dir.display()
+        );
+        let cluster =
+            crate::cluster::Cluster::standalone(&self.rim, self.port_base, &log_dir).await?;
+        Ok((log_dir, cluster))
+    }
+}
+
 /// CLOCK_REALTIME now, in nanoseconds.
 pub fn now_nanos() -> u64 {
     SystemTime::now()

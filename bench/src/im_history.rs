@@ -18,7 +18,7 @@ use rim_proto::im::{Code, PullRequest};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::cluster::{self, Cluster};
+use crate::cluster::Cluster;
 use crate::im_device::{self, Machine, Standalone, now_nanos};
 use crate::im_raw;
 use crate::latency::{self, Percentiles, cdf_points, human};
@@ -103,11 +103,7 @@ struct Report {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let started_unix_secs = now_nanos() / 1_000_000_000;
     let machine = Machine::now();
-    let log_dir = args
-        .standalone
-        .log_dir
-        .clone()
-        .unwrap_or_else(cluster::default_log_dir);
+    let log_dir = args.standalone.log_dir();
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let path = log_dir.join("im.sqlite3");
     let (load, sqlite_bytes, env) = match &args.postgres {
@@ -215,18 +211,7 @@ async fn load_sqlite(args: &Args, path: &std::path::Path) -> anyhow::Result<im_r
         full_sync: true,
         max_secs: 3600.0,
     };
-    let load_path = path.to_owned();
-    let load = tokio::task::spawn_blocking(move || {
-        let mut last = std::time::Instant::now();
-        im_raw::write(&load_path, &plan, |n| {
-            if last.elapsed() >= Duration::from_secs(1) {
-                last = std::time::Instant::now();
-                eprintln!("  loaded {n}");
-            }
-        })
-    })
-    .await
-    .context("load task")??;
+    let load = im_raw::write_reporting(path.to_owned(), plan, "loaded").await?;
     ensure!(
         load.messages == args.messages,
         "loaded {} messages of {}",

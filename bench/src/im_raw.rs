@@ -17,7 +17,7 @@
 //! (`im-history`): rim then reads rows it would have written itself.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -77,6 +77,26 @@ pub struct Outcome {
     pub synchronous: i64,
     /// File size after the run (main file + WAL), bytes.
     pub file_bytes: u64,
+}
+
+/// [`write`] on a blocking thread, printing the messages written so far
+/// about once a second after `label`.
+pub async fn write_reporting(
+    path: PathBuf,
+    plan: Plan,
+    label: &'static str,
+) -> anyhow::Result<Outcome> {
+    tokio::task::spawn_blocking(move || {
+        let mut last = Instant::now();
+        write(&path, &plan, |n| {
+            if last.elapsed() >= std::time::Duration::from_secs(1) {
+                last = Instant::now();
+                eprintln!("  {label} {n} messages");
+            }
+        })
+    })
+    .await
+    .context("raw writer task")?
 }
 
 /// Creates `path` with rim's schema (it must not exist yet) and writes

@@ -37,7 +37,6 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::cluster::{self, Cluster};
 use crate::im_device::{self, Machine, Standalone, now_nanos};
 use crate::im_raw;
 use crate::latency::{Percentiles, Recorder, cdf_points, human};
@@ -339,23 +338,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.comets.is_empty() {
         return run_cluster(args, started_unix_secs, machine).await;
     }
-    let log_dir = args
-        .standalone
-        .log_dir
-        .clone()
-        .unwrap_or_else(cluster::default_log_dir);
+    let (log_dir, cluster) = args.standalone.start_fresh().await?;
     let sqlite_path = log_dir.join("im.sqlite3");
-    ensure!(
-        !sqlite_path.exists(),
-        "{} already holds a run's files: give a fresh --log-dir",
-        log_dir.display()
-    );
-    eprintln!(
-        "starting rim standalone, logs and SQLite in {}",
-        log_dir.display()
-    );
-    let cluster =
-        Cluster::standalone(&args.standalone.rim, args.standalone.port_base, &log_dir).await?;
     let rim_pid = cluster.logic_pid;
     let tcp = cluster.comets[0].tcp;
     let api = SocketAddr::from(([127, 0, 0, 1], args.standalone.port_base + 1));
@@ -400,17 +384,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             full_sync: true,
             max_secs: args.raw_max_secs as f64,
         };
-        let outcome = tokio::task::spawn_blocking(move || {
-            let mut last = std::time::Instant::now();
-            im_raw::write(&path, &plan, |n| {
-                if last.elapsed() >= Duration::from_secs(1) {
-                    last = std::time::Instant::now();
-                    eprintln!("  raw: {n} messages");
-                }
-            })
-        })
-        .await
-        .context("raw baseline task")??;
+        let outcome = im_raw::write_reporting(path, plan, "raw:").await?;
         eprintln!(
             "  raw: {} messages in {:.1}s = {:.0} msg/s, {:.0} rows/s, {:.0} commits/s",
             outcome.messages,
