@@ -7,23 +7,27 @@
 
 use rim_proto::Op;
 
-/// The first and last op of the IM range.
-const FIRST: i32 = 18;
-const LAST: i32 = 27;
-
 /// Returns whether a client's frame is an IM request for logic.
 pub(crate) fn is_request(op: Op) -> bool {
-    (FIRST..=LAST).contains(&op.0) && op.0 % 2 == 0
+    matches!(
+        op,
+        Op::IM_SEND | Op::IM_ACK | Op::IM_SYNC | Op::IM_PULL | Op::IM_READ
+    )
 }
 
 /// Returns whether `op` is an IM op only the server sends.
 pub(crate) fn is_push(op: Op) -> bool {
-    (FIRST..=LAST).contains(&op.0) && op.0 % 2 == 1
+    op.is_im() && !is_request(op)
 }
 
 /// Returns the reply op of an IM request that has one (SEND, SYNC, PULL).
 pub(crate) fn reply_op(request: Op) -> Option<Op> {
-    matches!(request.0, 18 | 22 | 24).then(|| Op(request.0 + 1))
+    match request {
+        Op::IM_SEND => Some(Op::IM_SEND_REPLY),
+        Op::IM_SYNC => Some(Op::IM_SYNC_REPLY),
+        Op::IM_PULL => Some(Op::IM_PULL_REPLY),
+        _ => None,
+    }
 }
 
 /// The reply body a client gets when logic cannot take its request: code 5,
