@@ -133,9 +133,15 @@ impl PostgresStore {
         })?;
         // Session settings ride on the startup packet, after any the url
         // carries (a search_path), so every pooled connection has them.
+        // The store's statements are prepared once per connection and their
+        // plans do not depend on the values (key lookups, arrays unnested):
+        // generic plans spare the planning PostgreSQL would otherwise
+        // repeat on every execution (a fifth of its CPU in the cluster
+        // benchmark).
         let timeout_ms = timeout_ms.min(i32::MAX as u128);
         let settings = format!(
-            "-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms} \
+            "-c plan_cache_mode=force_generic_plan \
+             -c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms} \
              -c idle_in_transaction_session_timeout={}",
             timeout_ms.saturating_mul(4).min(i32::MAX as u128)
         );

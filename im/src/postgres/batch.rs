@@ -17,11 +17,18 @@
 //! the missing rows and then locking all of them would lock in two passes,
 //! out of order). Membership, dedup and refusals are decided under the
 //! conversation locks, in the batch's order.
+//!
+//! The transaction takes two round trips (see [`transact`]): its
+//! statements are pipelined, and the inbox entries are numbered by the
+//! statement that locks their owners, so the only wait in the middle is
+//! for what the decisions need (the conversations' seqs, the groups'
+//! members, earlier sends).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_postgres::Statement;
 
 use crate::conv::ConvId;
 use crate::error::{Error, Result};
@@ -135,13 +142,21 @@ async fn write(shared: &Shared, jobs: Vec<Job>) {
             Ok(client) => client,
             Err(e) => break Err(e),
         };
-        let mut client = client;
-        let mut committing = false;
+        let mut progress = Progress::default();
         let outcome =
-            tokio::time::timeout(shared.bound(), store(&mut client, &plan, &mut committing)).await;
-        match shared.settle("storing sends", client, outcome) {
+            tokio::time::timeout(shared.bound(), store(&client, &plan, &mut progress)).await;
+        let outcome = if progress.left_open {
+            // A transaction that could not be ended stays out of the pool.
+            drop(Object::take(client));
+            outcome.unwrap_or_else(|elapsed| {
+                Err(Error::unavailable("storing sends timed out", elapsed))
+            })
+        } else {
+            shared.settle("storing sends", client, outcome)
+        };
+        match outcome {
             Ok(decisions) => break Ok(decisions),
-            Err(e) if attempt < shared.attempts && retryable(&e, committing) => continue,
+            Err(e) if attempt < shared.attempts && retryable(&e, progress.committing) => continue,
             Err(e) => break Err(e),
         }
     };
@@ -181,158 +196,401 @@ async fn write(shared: &Shared, jobs: Vec<Job>) {
     }
 }
 
-/// Runs one attempt at storing `plan` in one transaction; `committing`
-/// turns true once the commit has been asked for (its outcome is then
-/// unknown on a lost connection).
-async fn store(
-    client: &mut Object,
-    plan: &[Planned],
-    committing: &mut bool,
-) -> Result<Vec<Decision>> {
-    let tx = client.transaction().await.map_err(db("starting a batch"))?;
+/// The statements of a batch, prepared once per connection.
+struct Statements {
+    lock_groups: Statement,
+    lock_pairs: Statement,
+    group_members: Statement,
+    earlier_sends: Statement,
+    append_inboxes: Statement,
+    insert_messages: Statement,
+    move_convs: Statement,
+    move_reads: Statement,
+}
 
-    // 1. The conversations' rows, in byte order: groups ("g:…") exist
-    // already (put_group creates them) and are locked as they are; pairs
-    // ("p:…") are created on their first message.
-    let mut groups = BTreeSet::new();
-    let mut pairs = BTreeSet::new();
-    for p in plan {
-        match p.draft.conv {
-            ConvId::Group(_) => groups.insert(p.conv.as_str()),
-            ConvId::Peer { .. } => pairs.insert(p.conv.as_str()),
-        };
-    }
-    let mut max_seq: HashMap<String, i64> = HashMap::new();
-    if !groups.is_empty() {
-        let lock = tx
-            .prepare_cached(
+impl Statements {
+    async fn prepare(client: &Object) -> Result<Statements> {
+        let earlier_sends = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m \
+             JOIN unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[]) AS t(conv, sender, cmid) \
+             ON m.conv = t.conv AND m.sender = t.sender AND m.cmid = t.cmid"
+        );
+        let (
+            lock_groups,
+            lock_pairs,
+            group_members,
+            earlier_sends,
+            append_inboxes,
+            insert_messages,
+            move_convs,
+            move_reads,
+        ) = tokio::try_join!(
+            client.prepare_cached(
                 "SELECT conv, max_seq FROM convs WHERE conv = ANY($1) \
-                 ORDER BY conv COLLATE \"C\" FOR UPDATE",
-            )
-            .await
-            .map_err(db("preparing a batch"))?;
-        let groups: Vec<&str> = groups.into_iter().collect();
-        for row in tx
-            .query(&lock, &[&groups])
-            .await
-            .map_err(db("locking the batch's groups"))?
-        {
-            max_seq.insert(get(&row, 0)?, get(&row, 1)?);
-        }
-    }
-    if !pairs.is_empty() {
-        let lock = tx
-            .prepare_cached(
-                "INSERT INTO convs (conv, max_seq, last_ts) \
+                 ORDER BY conv COLLATE \"C\" FOR UPDATE"
+            ),
+            // A new pair (max_seq 0: this statement created its row) gets
+            // its members, both users (one for p:7:7); members of a pair
+            // are never removed, so this happens once.
+            client.prepare_cached(
+                "WITH c AS (INSERT INTO convs (conv, max_seq, last_ts) \
                  SELECT conv, 0, 0 FROM unnest($1::TEXT[]) AS t(conv) ORDER BY conv COLLATE \"C\" \
                  ON CONFLICT (conv) DO UPDATE SET max_seq = convs.max_seq \
-                 RETURNING conv, max_seq",
-            )
-            .await
-            .map_err(db("preparing a batch"))?;
-        let pairs: Vec<&str> = pairs.into_iter().collect();
-        let mut new_convs = Vec::new();
-        let mut new_mids = Vec::new();
-        for row in tx
-            .query(&lock, &[&pairs])
-            .await
-            .map_err(db("locking the batch's conversations"))?
-        {
-            let conv: String = get(&row, 0)?;
-            let seq: i64 = get(&row, 1)?;
-            if seq == 0 {
-                // A new pair: both users become members (one for p:7:7);
-                // members of a pair are never removed, so this is once.
-                if let Ok(ConvId::Peer { low, high }) = conv.parse::<ConvId>() {
-                    new_convs.push(conv.clone());
-                    new_mids.push(low);
-                    if high != low {
-                        new_convs.push(conv.clone());
-                        new_mids.push(high);
-                    }
-                }
+                 RETURNING conv, max_seq), \
+                 m AS (INSERT INTO members (conv, mid, read_seq) \
+                 SELECT c.conv, t.mid, 0 FROM c \
+                 JOIN unnest($2::TEXT[], $3::BIGINT[]) AS t(conv, mid) ON t.conv = c.conv \
+                 WHERE c.max_seq = 0 ON CONFLICT DO NOTHING) \
+                 SELECT conv, max_seq FROM c"
+            ),
+            client.prepare_cached("SELECT conv, mid FROM members WHERE conv = ANY($1)"),
+            client.prepare_cached(&earlier_sends),
+            // Each inbox owner's row takes the batch's count of its new
+            // entries in the statement that locks it, and the entries are
+            // numbered back from the new end: `back` = how many of the
+            // owner's entries in this batch come after this one.
+            client.prepare_cached(
+                "WITH u AS (INSERT INTO users (mid, max_sync) \
+                 SELECT mid, n FROM unnest($1::BIGINT[], $2::BIGINT[]) AS t(mid, n) ORDER BY mid \
+                 ON CONFLICT (mid) DO UPDATE SET max_sync = users.max_sync + EXCLUDED.max_sync \
+                 RETURNING mid, max_sync), \
+                 i AS (INSERT INTO inbox (mid, sync, conv, seq) \
+                 SELECT e.mid, u.max_sync - e.back, e.conv, e.seq \
+                 FROM unnest($3::BIGINT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[]) \
+                 AS e(mid, back, conv, seq) JOIN u ON u.mid = e.mid) \
+                 SELECT mid, max_sync FROM u"
+            ),
+            client.prepare_cached(
+                "INSERT INTO messages (conv, seq, id, sender, cmid, kind, body, ts) \
+                 SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], \
+                 $5::TEXT[], $6::INT[], $7::TEXT[], $8::BIGINT[])"
+            ),
+            client.prepare_cached(
+                "UPDATE convs c SET max_seq = t.max_seq, last_ts = t.last_ts \
+                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(conv, max_seq, last_ts) \
+                 WHERE c.conv = t.conv"
+            ),
+            client.prepare_cached(
+                "UPDATE members m SET read_seq = GREATEST(m.read_seq, t.seq) \
+                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(conv, mid, seq) \
+                 WHERE m.conv = t.conv AND m.mid = t.mid"
+            ),
+        )
+        .map_err(db("preparing a batch"))?;
+        Ok(Statements {
+            lock_groups,
+            lock_pairs,
+            group_members,
+            earlier_sends,
+            append_inboxes,
+            insert_messages,
+            move_convs,
+            move_reads,
+        })
+    }
+}
+
+/// How far one attempt got.
+#[derive(Default)]
+struct Progress {
+    /// The commit has been asked for: on a lost connection its outcome is
+    /// unknown.
+    committing: bool,
+    /// The transaction could not be ended: the connection must not go back
+    /// to the pool.
+    left_open: bool,
+}
+
+/// Runs one attempt at storing `plan` in one transaction, and ends the
+/// transaction when the attempt failed.
+async fn store(
+    client: &Object,
+    plan: &[Planned],
+    progress: &mut Progress,
+) -> Result<Vec<Decision>> {
+    let statements = Statements::prepare(client).await?;
+    let outcome = transact(client, &statements, plan, progress).await;
+    // ROLLBACK ends the transaction in whatever state it is (only a
+    // warning once the pipelined COMMIT has ended it, as a rollback after
+    // an error).
+    if outcome.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
+        progress.left_open = true;
+    }
+    outcome
+}
+
+/// The transaction in two round trips: BEGIN, the locks and what is read
+/// under them pipelined; then, once each send is decided, the inbox
+/// entries, messages, conversation heads, read positions and COMMIT
+/// pipelined. The server runs a pipeline's statements in the order they
+/// were sent (`biased` polls them in that order), each after the one
+/// before, so everything read in the first runs under its locks.
+async fn transact(
+    client: &Object,
+    st: &Statements,
+    plan: &[Planned],
+    progress: &mut Progress,
+) -> Result<Vec<Decision>> {
+    // 1. The conversations' rows, in byte order: groups ("g:…") exist
+    // already (put_group creates them) and are locked as they are; pairs
+    // ("p:…") are created on their first message, and their members are
+    // the two users the id names.
+    let mut groups = BTreeSet::new();
+    let mut pairs: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for p in plan {
+        match p.draft.conv {
+            ConvId::Group(_) => {
+                groups.insert(p.conv.as_str());
             }
-            max_seq.insert(conv, seq);
+            ConvId::Peer { low, high } => {
+                pairs.entry(p.conv.as_str()).or_insert_with(|| {
+                    if low == high {
+                        vec![low]
+                    } else {
+                        vec![low, high]
+                    }
+                });
+            }
         }
-        if !new_convs.is_empty() {
-            let insert = tx
-                .prepare_cached(
-                    "INSERT INTO members (conv, mid, read_seq) \
-                     SELECT conv, mid, 0 FROM unnest($1::TEXT[], $2::BIGINT[]) AS t(conv, mid) \
-                     ON CONFLICT DO NOTHING",
+    }
+    let groups: Vec<&str> = groups.into_iter().collect();
+    let pair_ids: Vec<&str> = pairs.keys().copied().collect();
+    let (pair_member_conv, pair_member_mid): (Vec<&str>, Vec<i64>) = pairs
+        .iter()
+        .flat_map(|(conv, mids)| mids.iter().map(move |mid| (*conv, *mid)))
+        .unzip();
+    let keys: BTreeSet<(&str, i64, &str)> = plan
+        .iter()
+        .map(|p| (p.conv.as_str(), p.draft.from, p.draft.cmid.as_str()))
+        .collect();
+    let (k_conv, k_from, k_cmid) = split3(keys.into_iter());
+    let none = || Ok::<_, Error>(Vec::new());
+    let ((), group_rows, pair_rows, member_rows, sent_rows) = tokio::try_join!(
+        biased;
+        async {
+            client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(db("starting a batch"))
+        },
+        async {
+            if groups.is_empty() {
+                return none();
+            }
+            client
+                .query(&st.lock_groups, &[&groups])
+                .await
+                .map_err(db("locking the batch's groups"))
+        },
+        async {
+            if pair_ids.is_empty() {
+                return none();
+            }
+            client
+                .query(
+                    &st.lock_pairs,
+                    &[&pair_ids, &pair_member_conv, &pair_member_mid],
                 )
                 .await
-                .map_err(db("preparing a batch"))?;
-            tx.execute(&insert, &[&new_convs, &new_mids])
+                .map_err(db("locking the batch's conversations"))
+        },
+        async {
+            if groups.is_empty() {
+                return none();
+            }
+            client
+                .query(&st.group_members, &[&groups])
                 .await
-                .map_err(db("adding a conversation's members"))?;
-        }
+                .map_err(db("reading the batch's members"))
+        },
+        async {
+            client
+                .query(&st.earlier_sends, &[&k_conv, &k_from, &k_cmid])
+                .await
+                .map_err(db("looking up earlier sends"))
+        },
+    )?;
+    let mut max_seq: HashMap<String, i64> = HashMap::new();
+    for row in group_rows.iter().chain(&pair_rows) {
+        max_seq.insert(get(row, 0)?, get(row, 1)?);
     }
-
-    // 2. Members and earlier sends, read under the conversation locks.
-    let convs: Vec<&str> = max_seq.keys().map(String::as_str).collect();
-    let mut members: HashMap<String, Vec<i64>> = HashMap::new();
-    if !convs.is_empty() {
-        let select = tx
-            .prepare_cached("SELECT conv, mid FROM members WHERE conv = ANY($1)")
-            .await
-            .map_err(db("preparing a batch"))?;
-        for row in tx
-            .query(&select, &[&convs])
-            .await
-            .map_err(db("reading the batch's members"))?
-        {
-            members
-                .entry(get(&row, 0)?)
-                .or_default()
-                .push(get(&row, 1)?);
-        }
-        for mids in members.values_mut() {
-            mids.sort_unstable();
-        }
+    let mut members: HashMap<String, Vec<i64>> = pairs
+        .into_iter()
+        .map(|(conv, mids)| (conv.to_owned(), mids))
+        .collect();
+    for row in &member_rows {
+        members.entry(get(row, 0)?).or_default().push(get(row, 1)?);
+    }
+    for mids in members.values_mut() {
+        mids.sort_unstable();
     }
     let mut stored: HashMap<(String, i64, String), Message> = HashMap::new();
-    {
-        let mut keys = BTreeSet::new();
-        for p in plan
-            .iter()
-            .filter(|p| max_seq.get(&p.conv).is_some_and(|s| *s > 0))
-        {
-            keys.insert((p.conv.as_str(), p.draft.from, p.draft.cmid.as_str()));
-        }
-        if !keys.is_empty() {
-            let (mut k_conv, mut k_from, mut k_cmid) = (Vec::new(), Vec::new(), Vec::new());
-            for (conv, from, cmid) in keys {
-                k_conv.push(conv);
-                k_from.push(from);
-                k_cmid.push(cmid);
-            }
-            let select = tx
-                .prepare_cached(&format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages m \
-                     JOIN unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[]) AS t(conv, sender, cmid) \
-                     ON m.conv = t.conv AND m.sender = t.sender AND m.cmid = t.cmid"
-                ))
-                .await
-                .map_err(db("preparing a batch"))?;
-            for row in tx
-                .query(&select, &[&k_conv, &k_from, &k_cmid])
-                .await
-                .map_err(db("looking up earlier sends"))?
-            {
-                let message = message_at(&row, 0)?;
-                stored.insert(
-                    (message.conv.to_string(), message.from, message.cmid.clone()),
-                    message,
-                );
+    for row in &sent_rows {
+        let message = message_at(row, 0)?;
+        stored.insert(
+            (message.conv.to_string(), message.from, message.cmid.clone()),
+            message,
+        );
+    }
+
+    // 2. Decide each send in the batch's order.
+    let mut decisions = decide(plan, &mut max_seq, &members, &stored)?;
+
+    // 3. The rows, and the commit.
+    let mut inbox_counts: BTreeMap<i64, i64> = BTreeMap::new();
+    for decision in &decisions {
+        if let Decision::Stored { recipients, .. } = decision {
+            for mid in recipients {
+                *inbox_counts.entry(*mid).or_default() += 1;
             }
         }
     }
+    let mut m = MessageRows::default();
+    let mut inbox = InboxRows::default();
+    let mut conv_heads: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let mut reads: BTreeMap<(&str, i64), i64> = BTreeMap::new();
+    let mut remaining = inbox_counts.clone();
+    for (p, decision) in plan.iter().zip(decisions.iter()) {
+        let Decision::Stored {
+            message,
+            recipients,
+            ..
+        } = decision
+        else {
+            continue;
+        };
+        let seq = i64::try_from(message.seq).map_err(|e| Error::unavailable("a seq", e))?;
+        m.conv.push(p.conv.as_str());
+        m.seq.push(seq);
+        m.id.push(p.id_db);
+        m.sender.push(p.draft.from);
+        m.cmid.push(p.draft.cmid.as_str());
+        m.kind.push(p.draft.kind);
+        m.body.push(p.draft.body.as_str());
+        m.ts.push(p.ts);
+        for mid in recipients {
+            let left = remaining.entry(*mid).or_default();
+            *left -= 1;
+            inbox.mid.push(*mid);
+            inbox.back.push(*left);
+            inbox.conv.push(p.conv.as_str());
+            inbox.seq.push(seq);
+        }
+        conv_heads.insert(p.conv.as_str(), (seq, p.ts));
+        if recipients.binary_search(&p.draft.from).is_ok() {
+            let read = reads.entry((p.conv.as_str(), p.draft.from)).or_default();
+            *read = (*read).max(seq);
+        }
+    }
+    let (counted_mids, counts): (Vec<i64>, Vec<i64>) =
+        inbox_counts.iter().map(|(mid, n)| (*mid, *n)).unzip();
+    let (h_conv, h_seq, h_ts) = split3(conv_heads.iter().map(|(c, (s, t))| (*c, *s, *t)));
+    let (r_conv, r_mid, r_seq) = split3(reads.iter().map(|((c, mid), s)| (*c, *mid, *s)));
+    progress.committing = true;
+    let (owner_rows, ..) = tokio::try_join!(
+        biased;
+        async {
+            if counted_mids.is_empty() {
+                return none();
+            }
+            client
+                .query(
+                    &st.append_inboxes,
+                    &[
+                        &counted_mids,
+                        &counts,
+                        &inbox.mid,
+                        &inbox.back,
+                        &inbox.conv,
+                        &inbox.seq,
+                    ],
+                )
+                .await
+                .map_err(db("storing the batch's inbox entries"))
+        },
+        async {
+            if m.conv.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    &st.insert_messages,
+                    &[
+                        &m.conv, &m.seq, &m.id, &m.sender, &m.cmid, &m.kind, &m.body, &m.ts,
+                    ],
+                )
+                .await
+                .map_err(db("storing the batch's messages"))
+        },
+        async {
+            if h_conv.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(&st.move_convs, &[&h_conv, &h_seq, &h_ts])
+                .await
+                .map_err(db("moving the batch's conversations"))
+        },
+        async {
+            if r_conv.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(&st.move_reads, &[&r_conv, &r_mid, &r_seq])
+                .await
+                .map_err(db("moving the senders' read positions"))
+        },
+        async {
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(db("committing a batch"))
+        },
+    )?;
 
-    // 3. Decide each send in the batch's order.
+    // 4. Each stored send's inbox entries, numbered from the owners' new
+    // ends.
+    let mut next_sync: HashMap<i64, i64> = HashMap::with_capacity(owner_rows.len());
+    for row in &owner_rows {
+        let mid: i64 = get(row, 0)?;
+        let max_sync: i64 = get(row, 1)?;
+        let count = inbox_counts.get(&mid).copied().unwrap_or(0);
+        next_sync.insert(mid, max_sync - count + 1);
+    }
+    for decision in &mut decisions {
+        let Decision::Stored {
+            recipients, inbox, ..
+        } = decision
+        else {
+            continue;
+        };
+        for mid in recipients.iter() {
+            let Some(sync) = next_sync.get_mut(mid) else {
+                return Err(Error::Unavailable(crate::StoreFailure::bare(
+                    "an inbox owner's row was not returned",
+                )));
+            };
+            inbox.push(InboxEntry {
+                mid: *mid,
+                sync: from_db("a sync", *sync)?,
+            });
+            *sync += 1;
+        }
+    }
+    Ok(decisions)
+}
+
+/// Decides each send of the batch in its order: a duplicate of an earlier
+/// send (stored before, or earlier in this batch), refused, or stored with
+/// the conversation's next seq (`max_seq` moves along).
+fn decide(
+    plan: &[Planned],
+    max_seq: &mut HashMap<String, i64>,
+    members: &HashMap<String, Vec<i64>>,
+    stored: &HashMap<(String, i64, String), Message>,
+) -> Result<Vec<Decision>> {
     let mut decisions: Vec<Decision> = Vec::with_capacity(plan.len());
     let mut accepted: HashMap<(&str, i64, &str), usize> = HashMap::new();
-    let mut inbox_counts: BTreeMap<i64, i64> = BTreeMap::new();
     let no_members: Vec<i64> = Vec::new();
     for p in plan {
         let key = (p.conv.as_str(), p.draft.from, p.draft.cmid.as_str());
@@ -372,9 +630,6 @@ async fn store(
         *seq = seq
             .checked_add(1)
             .ok_or_else(|| Error::invalid("conv", "the conversation has run out of seqs"))?;
-        for mid in recipients {
-            *inbox_counts.entry(*mid).or_default() += 1;
-        }
         accepted.insert(key, decisions.len());
         decisions.push(Decision::Stored {
             message: Message {
@@ -391,154 +646,6 @@ async fn store(
             inbox: Vec::new(),
         });
     }
-
-    // 4. The inbox owners' rows, in mid order: each takes its count of
-    // new entries in the same statement that locks it.
-    let mut next_sync: HashMap<i64, i64> = HashMap::new();
-    if !inbox_counts.is_empty() {
-        let (mids, counts): (Vec<i64>, Vec<i64>) =
-            inbox_counts.iter().map(|(m, n)| (*m, *n)).unzip();
-        let lock = tx
-            .prepare_cached(
-                "INSERT INTO users (mid, max_sync) \
-                 SELECT mid, n FROM unnest($1::BIGINT[], $2::BIGINT[]) AS t(mid, n) ORDER BY mid \
-                 ON CONFLICT (mid) DO UPDATE SET max_sync = users.max_sync + EXCLUDED.max_sync \
-                 RETURNING mid, max_sync",
-            )
-            .await
-            .map_err(db("preparing a batch"))?;
-        for row in tx
-            .query(&lock, &[&mids, &counts])
-            .await
-            .map_err(db("locking the batch's inboxes"))?
-        {
-            let mid: i64 = get(&row, 0)?;
-            let max_sync: i64 = get(&row, 1)?;
-            let count = inbox_counts.get(&mid).copied().unwrap_or(0);
-            next_sync.insert(mid, max_sync - count + 1);
-        }
-    }
-
-    // 5. The rows, a handful of statements for the whole batch.
-    let mut m = MessageRows::default();
-    let mut inbox = InboxRows::default();
-    let mut conv_heads: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-    let mut reads: BTreeMap<(&str, i64), i64> = BTreeMap::new();
-    for (p, decision) in plan.iter().zip(decisions.iter_mut()) {
-        let Decision::Stored {
-            message,
-            recipients,
-            inbox: entries,
-        } = decision
-        else {
-            continue;
-        };
-        let seq = i64::try_from(message.seq).map_err(|e| Error::unavailable("a seq", e))?;
-        m.conv.push(p.conv.as_str());
-        m.seq.push(seq);
-        m.id.push(p.id_db);
-        m.sender.push(p.draft.from);
-        m.cmid.push(p.draft.cmid.as_str());
-        m.kind.push(p.draft.kind);
-        m.body.push(p.draft.body.as_str());
-        m.ts.push(p.ts);
-        for mid in recipients.iter() {
-            let Some(sync) = next_sync.get_mut(mid) else {
-                return Err(Error::Unavailable(crate::StoreFailure::bare(
-                    "an inbox owner's row was not locked",
-                )));
-            };
-            entries.push(InboxEntry {
-                mid: *mid,
-                sync: from_db("a sync", *sync)?,
-            });
-            inbox.mid.push(*mid);
-            inbox.sync.push(*sync);
-            inbox.conv.push(p.conv.as_str());
-            inbox.seq.push(seq);
-            *sync += 1;
-        }
-        conv_heads.insert(p.conv.as_str(), (seq, p.ts));
-        if recipients.binary_search(&p.draft.from).is_ok() {
-            let read = reads.entry((p.conv.as_str(), p.draft.from)).or_default();
-            *read = (*read).max(seq);
-        }
-    }
-    if !m.conv.is_empty() {
-        let insert_messages = tx
-            .prepare_cached(
-                "INSERT INTO messages (conv, seq, id, sender, cmid, kind, body, ts) \
-                 SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], \
-                 $5::TEXT[], $6::INT[], $7::TEXT[], $8::BIGINT[])",
-            )
-            .await
-            .map_err(db("preparing a batch"))?;
-        let insert_inbox = tx
-            .prepare_cached(
-                "INSERT INTO inbox (mid, sync, conv, seq) \
-                 SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[])",
-            )
-            .await
-            .map_err(db("preparing a batch"))?;
-        let update_convs = tx
-            .prepare_cached(
-                "UPDATE convs c SET max_seq = t.max_seq, last_ts = t.last_ts \
-                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(conv, max_seq, last_ts) \
-                 WHERE c.conv = t.conv",
-            )
-            .await
-            .map_err(db("preparing a batch"))?;
-        let update_reads = tx
-            .prepare_cached(
-                "UPDATE members m SET read_seq = GREATEST(m.read_seq, t.seq) \
-                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(conv, mid, seq) \
-                 WHERE m.conv = t.conv AND m.mid = t.mid",
-            )
-            .await
-            .map_err(db("preparing a batch"))?;
-        let (h_conv, h_seq, h_ts) = split3(conv_heads.iter().map(|(c, (s, t))| (*c, *s, *t)));
-        let (r_conv, r_mid, r_seq) = split3(reads.iter().map(|((c, mid), s)| (*c, *mid, *s)));
-        // Independent statements of one transaction: pipelined on the
-        // connection rather than one round trip each.
-        tokio::try_join!(
-            async {
-                tx.execute(
-                    &insert_messages,
-                    &[
-                        &m.conv, &m.seq, &m.id, &m.sender, &m.cmid, &m.kind, &m.body, &m.ts,
-                    ],
-                )
-                .await
-                .map_err(db("storing the batch's messages"))
-            },
-            async {
-                if inbox.mid.is_empty() {
-                    return Ok(0);
-                }
-                tx.execute(
-                    &insert_inbox,
-                    &[&inbox.mid, &inbox.sync, &inbox.conv, &inbox.seq],
-                )
-                .await
-                .map_err(db("storing the batch's inbox entries"))
-            },
-            async {
-                tx.execute(&update_convs, &[&h_conv, &h_seq, &h_ts])
-                    .await
-                    .map_err(db("moving the batch's conversations"))
-            },
-            async {
-                if r_conv.is_empty() {
-                    return Ok(0);
-                }
-                tx.execute(&update_reads, &[&r_conv, &r_mid, &r_seq])
-                    .await
-                    .map_err(db("moving the senders' read positions"))
-            },
-        )?;
-    }
-    *committing = true;
-    tx.commit().await.map_err(db("committing a batch"))?;
     Ok(decisions)
 }
 
@@ -555,11 +662,12 @@ struct MessageRows<'a> {
     ts: Vec<i64>,
 }
 
-/// The batch's inbox entries as one array per column.
+/// The batch's inbox entries as one array per column, each numbered
+/// back from its owner's new end.
 #[derive(Default)]
 struct InboxRows<'a> {
     mid: Vec<i64>,
-    sync: Vec<i64>,
+    back: Vec<i64>,
     conv: Vec<&'a str>,
     seq: Vec<i64>,
 }
