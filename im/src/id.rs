@@ -70,9 +70,16 @@ impl serde::Serialize for MessageId {
 /// Issues message ids for one node.
 #[derive(Debug)]
 pub struct IdGenerator {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
     node: u64,
-    /// (milliseconds since the epoch last used, last sequence in it).
-    last: Mutex<(u64, u64)>,
+    /// Milliseconds since the epoch last used.
+    at: u64,
+    /// The last sequence number used in `at`.
+    seq: u64,
 }
 
 impl IdGenerator {
@@ -85,9 +92,26 @@ impl IdGenerator {
             ));
         }
         Ok(IdGenerator {
-            node: u64::from(node),
-            last: Mutex::new((0, MAX_SEQ)),
+            state: Mutex::new(State {
+                node: u64::from(node),
+                at: 0,
+                seq: MAX_SEQ,
+            }),
         })
+    }
+
+    /// Returns the node the ids are issued from.
+    pub fn node(&self) -> u16 {
+        // Only ever set from a u16 up to MAX_NODE.
+        self.state.lock().node as u16
+    }
+
+    /// Issues later ids from `node` (up to MAX_NODE); they stay above every
+    /// id issued before: the next one starts a new millisecond.
+    pub(crate) fn set_node(&self, node: u16) {
+        let mut state = self.state.lock();
+        state.node = u64::from(node.min(MAX_NODE));
+        state.seq = MAX_SEQ;
     }
 
     /// Issues the next id now.
@@ -101,19 +125,17 @@ impl IdGenerator {
     /// Issues the next id as if the clock read `unix_ms`.
     pub fn next_at(&self, unix_ms: u64) -> MessageId {
         let ms = unix_ms.saturating_sub(EPOCH_MS).min(MAX_MS);
-        let mut last = self.last.lock();
-        let (mut at, mut seq) = *last;
-        if ms > at {
-            (at, seq) = (ms, 0);
-        } else if seq < MAX_SEQ {
-            seq += 1;
+        let mut state = self.state.lock();
+        if ms > state.at {
+            (state.at, state.seq) = (ms, 0);
+        } else if state.seq < MAX_SEQ {
+            state.seq += 1;
         } else {
             // This millisecond is used up (or the clock stepped back):
             // borrow the next one.
-            (at, seq) = ((at + 1).min(MAX_MS), 0);
+            (state.at, state.seq) = ((state.at + 1).min(MAX_MS), 0);
         }
-        *last = (at, seq);
-        MessageId((at << (NODE_BITS + SEQ_BITS)) | (self.node << SEQ_BITS) | seq)
+        MessageId((state.at << (NODE_BITS + SEQ_BITS)) | (state.node << SEQ_BITS) | state.seq)
     }
 }
 
@@ -162,6 +184,16 @@ mod tests {
             assert!(seen.insert(a.next_at(T + i / 3)));
             assert!(seen.insert(b.next_at(T + i / 3)));
         }
+    }
+
+    #[test]
+    fn a_new_node_keeps_ids_increasing() {
+        let ids = IdGenerator::new(900).unwrap();
+        let before = ids.next_at(T);
+        ids.set_node(3);
+        let after = ids.next_at(T);
+        assert!(after > before, "a lower node in the same millisecond");
+        assert_eq!((after.node(), ids.node()), (3, 3));
     }
 
     #[test]

@@ -67,8 +67,15 @@ pub struct PostgresOptions {
     pub timeout: Duration,
     /// The most sends stored by one transaction (default 256).
     pub max_batch: usize,
-    /// Issues the ids (and so the accept times) of stored messages.
+    /// Issues the ids (and so the accept times) of stored messages. Its
+    /// node is locked in the database for the store's lifetime (so no two
+    /// processes writing to one database issue the same ids); when another
+    /// process holds it, the store takes the next free node and switches
+    /// the generator to it, unless `exact_node`.
     pub ids: Arc<IdGenerator>,
+    /// The generator's node was configured (`im.node`): refuse to open when
+    /// another process holds it, rather than taking another.
+    pub exact_node: bool,
 }
 
 impl PostgresOptions {
@@ -80,6 +87,7 @@ impl PostgresOptions {
             timeout: DEFAULT_TIMEOUT,
             max_batch: DEFAULT_MAX_BATCH,
             ids,
+            exact_node: false,
         }
     }
 }
@@ -96,6 +104,8 @@ pub struct PostgresStore {
 struct Shared {
     pool: Pool,
     ids: Arc<IdGenerator>,
+    /// The lock on the generator's node.
+    node: node::NodeHold,
     timeout: Duration,
     /// How many times a send batch runs at most when it meets a deadlock,
     /// a serialization failure or a lost connection: enough to get past
@@ -155,7 +165,7 @@ impl PostgresStore {
             config.application_name("rim-im");
         }
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -171,6 +181,13 @@ impl PostgresStore {
             .map_err(|e| Error::unavailable("building the connection pool", e))?;
         let shared = Arc::new(Shared {
             pool,
+            node: node::NodeHold::take(
+                config,
+                Arc::clone(&options.ids),
+                options.exact_node,
+                options.timeout,
+            )
+            .await?,
             ids: options.ids,
             timeout: options.timeout,
             attempts: options.pool_size.saturating_add(2),
@@ -243,6 +260,7 @@ macro_rules! with_client {
 }
 
 mod batch;
+mod node;
 mod schema;
 
 /// Maps a database error to [`Error::Unavailable`] saying what failed.

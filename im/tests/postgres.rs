@@ -829,3 +829,123 @@ async fn sends_go_on_after_the_server_drops_every_connection() {
     }
     schema.remove().await;
 }
+
+/// Options for a store in `schema` issuing ids from `node`.
+fn node_options(schema: &Schema, node: u16, exact: bool) -> PostgresOptions {
+    PostgresOptions {
+        exact_node: exact,
+        ..PostgresOptions::new(
+            schema.url.clone(),
+            Arc::new(IdGenerator::new(node).unwrap()),
+        )
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run deploy/test.sh"]
+async fn stores_on_one_database_issue_ids_from_distinct_nodes() {
+    let schema = Schema::new().await;
+    let node = next_node();
+    let pair = ConvId::peer(1, 2).unwrap();
+    let a = within(
+        "store a",
+        PostgresStore::connect(node_options(&schema, node, false)),
+    )
+    .await
+    .unwrap();
+    // The same derived node: b takes the next free one.
+    let b = within(
+        "store b",
+        PostgresStore::connect(node_options(&schema, node, false)),
+    )
+    .await
+    .unwrap();
+    let from_a = a.send(draft(&pair, 1, "a")).await.unwrap().message;
+    let from_b = b.send(draft(&pair, 2, "b")).await.unwrap().message;
+    assert_eq!(from_a.id.node(), node);
+    assert_eq!(from_b.id.node(), node + 1);
+    // A configured node another store holds is refused, naming it.
+    let refused = within(
+        "store c",
+        PostgresStore::connect(node_options(&schema, node, true)),
+    )
+    .await
+    .err()
+    .expect("node held by store a");
+    assert!(
+        refused.to_string().contains(&format!("node {node}")),
+        "{refused}"
+    );
+    // Dropping a store lets its node go.
+    drop(a);
+    let deadline = tokio::time::Instant::now() + STEP;
+    let c = loop {
+        match PostgresStore::connect(node_options(&schema, node, true)).await {
+            Ok(store) => break store,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("node {node} still held after store a was dropped: {e}"),
+        }
+    };
+    let from_c = c.send(draft(&pair, 1, "c")).await.unwrap().message;
+    assert_eq!(from_c.id.node(), node);
+    assert!(from_c.id > from_a.id && from_c.seq == 3);
+    drop((b, c));
+    schema.remove().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run deploy/test.sh"]
+async fn a_store_takes_its_id_node_back_when_its_holding_connection_is_lost() {
+    let schema = Schema::new().await;
+    let node = next_node();
+    let pair = ConvId::peer(1, 2).unwrap();
+    let store = within(
+        "a store",
+        PostgresStore::connect(node_options(&schema, node, true)),
+    )
+    .await
+    .unwrap();
+    store.send(draft(&pair, 1, "before")).await.unwrap();
+    // The session holding the node's advisory lock (key 1 is the schema's
+    // hash, as an unsigned oid; key 2 the node).
+    let holder = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 \
+                  AND objid = $1::int8 AND granted \
+                  AND classid::int8 = (hashtext('rim_im_node ' || $2::text)::int8 + 4294967296) % 4294967296";
+    let pid: i32 = schema
+        .admin
+        .query_one(holder, &[&i64::from(node), &schema.name])
+        .await
+        .unwrap()
+        .get(0);
+    schema
+        .admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    // Sends wait for the node to be held again (well within the store
+    // timeout), on a new session, and go on with it.
+    for i in 0..5 {
+        let sent = within("a send", store.send(draft(&pair, 2, &format!("after{i}"))))
+            .await
+            .unwrap_or_else(|e| panic!("send {i} after the holder was lost: {e:?}"));
+        assert_eq!((sent.message.seq, sent.message.id.node()), (2 + i, node));
+    }
+    let again: i32 = schema
+        .admin
+        .query_one(holder, &[&i64::from(node), &schema.name])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(again, pid, "held again by a new session");
+    assert!(
+        PostgresStore::connect(node_options(&schema, node, true))
+            .await
+            .is_err(),
+        "the node is held again"
+    );
+    drop(store);
+    schema.remove().await;
+}

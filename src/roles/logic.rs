@@ -200,12 +200,13 @@ async fn open_store(
                 pool_size: im.postgres_pool,
                 timeout: im.store_timeout,
                 max_batch: im.max_batch,
-                ..PostgresOptions::new(url.clone(), ids)
+                exact_node: im.node.is_some(),
+                ..PostgresOptions::new(url.clone(), Arc::clone(&ids))
             };
             let store = PostgresStore::connect(options)
                 .await
                 .context("im.postgres: cannot open the message store")?;
-            tracing::info!(id_node, "IM messages are stored in PostgreSQL");
+            tracing::info!(id_node = ids.node(), "IM messages are stored in PostgreSQL");
             Ok(Some(Arc::new(store)))
         }
     }

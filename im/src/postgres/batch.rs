@@ -138,6 +138,10 @@ async fn write(shared: &Shared, jobs: Vec<Job>) {
     let mut attempt = 0;
     let outcome = loop {
         attempt += 1;
+        // Ids of a node this process may no longer hold are not written.
+        if let Err(e) = shared.node.held(shared.timeout).await {
+            break Err(e);
+        }
         let client = match shared.client("storing sends").await {
             Ok(client) => client,
             Err(e) => break Err(e),
