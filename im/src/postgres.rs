@@ -20,6 +20,7 @@
 //! unknown: the sender's resend with the same cmid then finds it stored
 //! (`duplicate`) or stores it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -453,6 +454,28 @@ impl MessageStore for PostgresStore {
                 more,
                 reset: false,
             })
+        })
+    }
+
+    async fn inbox_heads(&self, mids: &[i64]) -> Result<Vec<u64>> {
+        with_client!(self.shared, "reading inbox heads", |client| {
+            let heads = client
+                .prepare_cached("SELECT mid, max_sync FROM users WHERE mid = ANY($1)")
+                .await
+                .map_err(db("preparing an inbox heads read"))?;
+            let mut found = HashMap::with_capacity(mids.len());
+            for row in client
+                .query(&heads, &[&mids])
+                .await
+                .map_err(db("reading inbox heads"))?
+            {
+                let mid: i64 = get(&row, 0)?;
+                found.insert(mid, from_db("a sync", get(&row, 1)?)?);
+            }
+            Ok(mids
+                .iter()
+                .map(|mid| found.get(mid).copied().unwrap_or(0))
+                .collect())
         })
     }
 

@@ -389,6 +389,25 @@ impl MessageStore for SqliteStore {
         .await
     }
 
+    async fn inbox_heads(&self, mids: &[i64]) -> Result<Vec<u64>> {
+        let mids = mids.to_vec();
+        self.read("reading inbox heads", move |tx| {
+            let mut stmt = tx
+                .prepare_cached("SELECT max_sync FROM users WHERE mid = ?1")
+                .map_err(failed("reading inbox heads"))?;
+            mids.iter()
+                .map(|mid| {
+                    let head: Option<i64> = stmt
+                        .query_row([mid], |row| row.get(0))
+                        .optional()
+                        .map_err(failed("reading inbox heads"))?;
+                    from_sql("sync", head.unwrap_or(0))
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn pull(
         &self,
         conv: &ConvId,

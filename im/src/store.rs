@@ -227,6 +227,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// `MAX_SYNC_LIMIT`).
     async fn sync(&self, mid: i64, after: u64, limit: u32) -> Result<SyncPage>;
 
+    /// Returns each user's latest inbox entry (0 for a user without
+    /// one), in the order of `mids`, in one read whatever their number.
+    async fn inbox_heads(&self, mids: &[i64]) -> Result<Vec<u64>>;
+
     /// Returns a page of `conv`'s history, at most `limit` messages
     /// (clamped to `1..=MAX_PULL_LIMIT`, 0 meaning the max). A member
     /// reader of a conversation it is not in gets [`Error::NotMember`](crate::Error::NotMember); a

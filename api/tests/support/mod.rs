@@ -276,6 +276,9 @@ impl MessageStore for DownStore {
     async fn sync(&self, _mid: i64, _after: u64, _limit: u32) -> rim_im::Result<SyncPage> {
         store_down()
     }
+    async fn inbox_heads(&self, _mids: &[i64]) -> rim_im::Result<Vec<u64>> {
+        store_down()
+    }
     async fn pull(
         &self,
         _conv: &ConvId,

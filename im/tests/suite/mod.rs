@@ -328,6 +328,15 @@ pub async fn inbox_sync_is_dense_per_user<B: Backend>(backend: &B) {
     }
     let total_a = expected[&a].len() as u64;
     assert_eq!(total_a, 300, "A's own sends are in A's inbox too");
+    // The heads in one read, in the order asked, 0 for a user without an
+    // inbox.
+    let heads = store
+        .inbox_heads(&[d, 99, a, b, c, a])
+        .await
+        .expect("heads");
+    let len = |mid: i64| expected[&mid].len() as u64;
+    assert_eq!(heads, vec![len(d), 0, len(a), len(b), len(c), len(a)]);
+    assert!(store.inbox_heads(&[]).await.expect("no heads").is_empty());
     assert_eq!(expected[&b].len(), 180);
 
     // Paging with a small limit: more until the last page.

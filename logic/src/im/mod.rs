@@ -40,10 +40,6 @@ pub use self::wire::msg as wire_msg;
 /// last seq), so a reply stays a reasonable frame.
 const MAX_REPLY_BODY_BYTES: usize = 256 << 10;
 
-/// A SYNC position past any inbox: the page answers the user's latest
-/// entry (the largest position a store can hold).
-const LATEST_SYNC: u64 = i64::MAX as u64;
-
 /// The IM service: the store behind it and the queue its pushes go to.
 pub struct Im {
     store: Arc<dyn MessageStore>,
@@ -121,14 +117,18 @@ impl Im {
                 return;
             }
         };
-        for mid in mids {
-            match self.store.sync(mid, LATEST_SYNC, 1).await {
-                Ok(page) if page.sync > 0 => {
-                    let notify = Notify::Sync { sync: page.sync };
-                    self.deliver.notify(mid, &notify, sender_key).await;
-                }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(%err, mid, "IM resend hint: inbox unknown; skipped"),
+        let heads = match self.store.inbox_heads(&mids).await {
+            Ok(heads) => heads,
+            Err(err) => {
+                tracing::warn!(%err, %conv, "IM resend hint: inboxes unknown; skipped");
+                return;
+            }
+        };
+        for (mid, sync) in mids.into_iter().zip(heads) {
+            if sync > 0 {
+                self.deliver
+                    .notify(mid, &Notify::Sync { sync }, sender_key)
+                    .await;
             }
         }
     }
