@@ -669,9 +669,18 @@ fn presence_event_keys_name_themselves() {
         "invalid value for logic.presence_attempts: must be between 1 and 20, got 0"
     );
     let err = load_err::<StandaloneConfig>(None, &[("RIM_LOGIC__PRESENCE_QUEUE", "0")]);
-    assert!(err.starts_with("invalid value for logic.presence_queue"), "{err}");
+    assert!(
+        err.starts_with("invalid value for logic.presence_queue"),
+        "{err}"
+    );
     let err = load_err::<StandaloneConfig>(None, &[("RIM_LOGIC__PRESENCE_DEBOUNCE", "2h")]);
-    assert!(err.starts_with("invalid value for logic.presence_debounce"), "{err}");
+    assert!(
+        err.starts_with("invalid value for logic.presence_debounce"),
+        "{err}"
+    );
     let err = load_err::<StandaloneConfig>(None, &[("RIM_LOGIC__PRESENCE_TIMEOUT", "0s")]);
-    assert!(err.starts_with("invalid value for logic.presence_timeout"), "{err}");
+    assert!(
+        err.starts_with("invalid value for logic.presence_timeout"),
+        "{err}"
+    );
 }

@@ -16,7 +16,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rim_config::LogicConfig;
-use rim_logic::{Comets, HttpClient, LogicFacade, Logic};
+use rim_logic::{Comets, HttpClient, Logic, LogicFacade};
 use rim_proto::api::LogicApi;
 use rim_proto::pb::logic::v1 as pb;
 use rim_router::{MemoryRouter, Router};
@@ -133,7 +133,10 @@ async fn disconnect(logic: &Logic, mid: i64, key: &str) {
         key: key.into(),
         server: "comet-1".into(),
     };
-    assert!(logic.disconnect(req).await.unwrap(), "{mid} {key} was online");
+    assert!(
+        logic.disconnect(req).await.unwrap(),
+        "{mid} {key} was online"
+    );
 }
 
 /// Connects and disconnects a marker user and waits for its offline event:
@@ -162,7 +165,10 @@ async fn flapping_reconnects_announce_nothing_and_a_real_disconnect_one_offline(
 
     connect(&logic, 1, "phone", "ios").await;
     let online = hook.expect(1, "online").await;
-    assert_eq!((online["seq"].as_u64(), online["devices"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (online["seq"].as_u64(), online["devices"].as_u64()),
+        (Some(1), Some(1))
+    );
     assert!(online["ts"].as_i64().unwrap() >= online["last_seen"].as_i64().unwrap());
 
     // Each reconnect comes well within the debounce of its disconnect.
@@ -174,7 +180,10 @@ async fn flapping_reconnects_announce_nothing_and_a_real_disconnect_one_offline(
 
     disconnect(&logic, 1, "phone").await;
     let offline = hook.expect(1, "offline").await;
-    assert_eq!((offline["seq"].as_u64(), offline["devices"].as_u64()), (Some(2), Some(0)));
+    assert_eq!(
+        (offline["seq"].as_u64(), offline["devices"].as_u64()),
+        (Some(2), Some(0))
+    );
 
     // Exactly one: nothing more for user 1 before a later marker's events.
     marker(&logic, &mut hook, 101).await;
@@ -182,7 +191,10 @@ async fn flapping_reconnects_announce_nothing_and_a_real_disconnect_one_offline(
     // The webhook saw the event just before its answer reached logic.
     let deadline = tokio::time::Instant::now() + WAIT;
     while sample(&logic, "rim_logic_presence_delivered_total") < 6 {
-        assert!(tokio::time::Instant::now() < deadline, "deliveries not counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deliveries not counted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(sample(&logic, "rim_logic_presence_delivered_total"), 6);
@@ -235,23 +247,41 @@ async fn a_failing_webhook_is_retried_then_dropped_and_connects_never_wait() {
     // One event is being POSTed (or waits), one waits in the queue; the
     // rest are dropped as they are decided.
     let queued = || sample(&logic, "rim_logic_presence_events_total{state=\"online\"}");
-    let full = || sample(&logic, "rim_logic_presence_dropped_total{reason=\"queue_full\"}");
+    let full = || {
+        sample(
+            &logic,
+            "rim_logic_presence_dropped_total{reason=\"queue_full\"}",
+        )
+    };
     let deadline = tokio::time::Instant::now() + WAIT;
     while queued() + full() < 50 {
-        assert!(tokio::time::Instant::now() < deadline, "transitions not counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "transitions not counted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(full() >= 48, "{} dropped", full());
 
     hook.open_tx.send(true).unwrap();
     let queued = queued();
-    while sample(&logic, "rim_logic_presence_dropped_total{reason=\"failed\"}") < queued {
-        assert!(tokio::time::Instant::now() < deadline, "failures not counted");
+    while sample(
+        &logic,
+        "rim_logic_presence_dropped_total{reason=\"failed\"}",
+    ) < queued
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "failures not counted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Every queued event was POSTed three times: two retries each.
     assert_eq!(*hook.hits.lock(), 3 * queued as u32);
-    assert_eq!(sample(&logic, "rim_logic_presence_retries_total"), 2 * queued);
+    assert_eq!(
+        sample(&logic, "rim_logic_presence_retries_total"),
+        2 * queued
+    );
     assert_eq!(sample(&logic, "rim_logic_presence_delivered_total"), 0);
     while hook.events_rx.try_recv().is_ok() {}
 
@@ -274,7 +304,10 @@ async fn a_session_that_ends_without_a_disconnect_is_announced_offline() {
     // The comet "crashes": no disconnect, no renewal. The lease ends and
     // the sweep finds the user.
     let offline = hook.expect(3, "offline").await;
-    assert_eq!((offline["seq"].as_u64(), offline["devices"].as_u64()), (Some(2), Some(0)));
+    assert_eq!(
+        (offline["seq"].as_u64(), offline["devices"].as_u64()),
+        (Some(2), Some(0))
+    );
     assert!(router.presence(3).await.unwrap().devices.is_empty());
 }
 

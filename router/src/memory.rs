@@ -297,13 +297,7 @@ impl Router for MemoryRouter {
             inner.drop_device(previous.mid, key, None);
         }
         let now_ms = unix_ms();
-        inner.put_device(
-            mid,
-            &shared_key,
-            server,
-            expires,
-            Some((platform, now_ms)),
-        );
+        inner.put_device(mid, &shared_key, server, expires, Some((platform, now_ms)));
         drop(keys);
         inner.touch(mid, now_ms);
         Ok(())
@@ -512,10 +506,10 @@ impl Router for MemoryRouter {
         // The user's device shard stays locked until the state is recorded,
         // so no connect or disconnect of the user slips in between.
         let users = inner.user_shard(mid).lock();
-        let live = users
+        let live: Vec<&Device> = users
             .get(&mid)
             .map(|devices| devices.iter().filter(|d| d.expires > now).collect())
-            .unwrap_or_else(Vec::new);
+            .unwrap_or_default();
         let last_lease_end = live.iter().map(|d| d.expires).max();
         let mut presence = inner.presence_shard(mid).lock();
         let entry = presence.entry(mid).or_insert(PresenceEntry {

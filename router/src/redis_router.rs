@@ -648,7 +648,8 @@ impl Router for RedisRouter {
             Error::Backend(format!("{}: read presence: wrong reply count", self.target))
         })?;
         let sessions: HashMap<String, String> = self.parse("HGETALL of a user", sessions)?;
-        let mut infos: HashMap<String, String> = self.parse("HGETALL of a user's devices", infos)?;
+        let mut infos: HashMap<String, String> =
+            self.parse("HGETALL of a user's devices", infos)?;
         let last_seen_unix_ms: Option<i64> = self.parse("HGET of a presence", seen)?;
         let now = unix_ms();
         let devices = sessions

@@ -440,7 +440,9 @@ pub async fn presence_shows_platform_start_and_last_seen(r: &dyn Router) {
     assert_eq!(nobody.last_seen_unix_ms, None);
 
     let before = unix_ms();
-    r.add_device(7, "phone", "c1", "ios|x", LEASE).await.unwrap();
+    r.add_device(7, "phone", "c1", "ios|x", LEASE)
+        .await
+        .unwrap();
     r.add_device(7, "laptop", "c2", "web", LEASE).await.unwrap();
     r.add(7, "old", "c2", SHORT_LEASE).await.unwrap();
     let after = unix_ms();
@@ -489,8 +491,7 @@ pub async fn settling_announces_each_transition_once(r: &dyn Router) {
     let won: Vec<_> = futures::future::join_all(settles)
         .await
         .into_iter()
-        .map(|result| result.unwrap())
-        .flatten()
+        .filter_map(|result| result.unwrap())
         .collect();
     assert_eq!(won.len(), 1, "{won:?}");
     let online = won[0];
@@ -511,8 +512,7 @@ pub async fn settling_announces_each_transition_once(r: &dyn Router) {
     let won: Vec<_> = futures::future::join_all(settles)
         .await
         .into_iter()
-        .map(|result| result.unwrap())
-        .flatten()
+        .filter_map(|result| result.unwrap())
         .collect();
     assert_eq!(won.len(), 1, "{won:?}");
     let offline = won[0];
@@ -525,7 +525,9 @@ pub async fn settling_announces_each_transition_once(r: &dyn Router) {
 /// A user announced online whose only session ends by its lease (no
 /// remove) comes due, and settling it announces offline once.
 pub async fn sessions_ending_without_disconnect_come_due(r: &dyn Router) {
-    r.add_device(9, "k", "c1", "ios", SHORT_LEASE).await.unwrap();
+    r.add_device(9, "k", "c1", "ios", SHORT_LEASE)
+        .await
+        .unwrap();
     r.add_device(10, "k10", "c1", "ios", LEASE).await.unwrap();
     assert_eq!(
         r.settle_presence(9).await.unwrap().map(|t| t.state),
@@ -537,7 +539,10 @@ pub async fn sessions_ending_without_disconnect_come_due(r: &dyn Router) {
     tokio::time::sleep(SHORT_LEASE + MARGIN).await;
     assert_eq!(r.presence_due(100).await.unwrap(), [9]);
     let offline = r.settle_presence(9).await.unwrap().expect("offline");
-    assert_eq!((offline.state, offline.devices), (PresenceState::Offline, 0));
+    assert_eq!(
+        (offline.state, offline.devices),
+        (PresenceState::Offline, 0)
+    );
     assert!(r.presence_due(100).await.unwrap().is_empty());
     assert!(r.presence(9).await.unwrap().devices.is_empty());
 }
