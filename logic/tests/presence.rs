@@ -19,7 +19,7 @@ use rim_config::LogicConfig;
 use rim_logic::{Comets, HttpClient, Logic, LogicFacade};
 use rim_proto::api::LogicApi;
 use rim_proto::pb::logic::v1 as pb;
-use rim_router::{MemoryRouter, Router};
+use rim_router::{MemoryRouter, RedisOptions, RedisRouter, Router};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
@@ -336,9 +336,33 @@ async fn the_presence_query_shows_devices_and_last_seen() {
 
 #[tokio::test]
 async fn two_logics_over_one_router_announce_each_transition_once() {
+    two_logics_announce_once(Arc::new(MemoryRouter::new(Duration::from_secs(30)))).await;
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run deploy/test.sh"]
+async fn two_logics_over_one_redis_announce_each_transition_once() {
+    let url = match std::env::var("RIM_TEST_REDIS") {
+        Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
+        _ => panic!("RIM_TEST_REDIS is not set: run deploy/test.sh"),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("rimtest-presence-{}-{nanos}", std::process::id());
+    let options = RedisOptions::new(Duration::from_secs(30)).with_prefix(prefix);
+    let router = RedisRouter::connect(std::slice::from_ref(&url), options)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach Redis at RIM_TEST_REDIS={url}: {e}"));
+    two_logics_announce_once(Arc::new(router)).await;
+}
+
+/// Two logics share `router`; a user's devices connect and leave through
+/// both, and each transition is announced once.
+async fn two_logics_announce_once(router: Arc<dyn Router>) {
     let mut hook = webhook(StatusCode::OK, true).await;
     let config = config(&hook.url, Duration::from_millis(300));
-    let router: Arc<dyn Router> = Arc::new(MemoryRouter::new(Duration::from_secs(30)));
     let new_logic = || {
         Logic::new(
             &config,
