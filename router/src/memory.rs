@@ -318,7 +318,9 @@ impl Router for MemoryRouter {
         inner.drop_device(mid, key, Some(server));
         drop(keys);
         inner.ack_shard(key).lock().remove(key);
-        inner.touch(mid, unix_ms());
+        if live {
+            inner.touch(mid, unix_ms());
+        }
         Ok(live)
     }
 

@@ -20,7 +20,8 @@
 //!   script (both carry the tag `{<mid>}`, so one slot).
 //! - `P:presence:due` sorted set: mid -> end of its last live lease, for
 //!   users announced online; a hint for re-settling sessions that ended
-//!   without a disconnect, written after each settle.
+//!   without a disconnect, written after each settle (an offline user
+//!   leaves it once its entry is due).
 //! - `P:online:{<server>}` hash: field `t` = report time (unix ms), field
 //!   `r:<room>` = members; replaced whole by one script on each report.
 //! - `P:online:servers` sorted set: server -> report time, read with
@@ -50,7 +51,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
 use self::connection::Connection;
 use self::scripts::{
     ADD_DEVICE, PRUNE_DEVICE, REMOVE_DEVICE, REMOVE_KEY, RENEW_DEVICE, RENEW_KEY, REPLACE_ROOMS,
-    SET_ACK, SETTLE_PRESENCE,
+    SET_ACK, SETTLE_PRESENCE, UNSCHEDULE_PRESENCE,
 };
 use crate::{
     Device, DeviceInfo, Error, PRESENCE_KEEP, Presence, PresenceState, Result, Router,
@@ -692,19 +693,29 @@ impl Router for RedisRouter {
         let (changed, online, seq, live, seen, last_end): (i64, i64, u64, u32, i64, i64) = self
             .call("settle presence", settle.invoke_async(&mut connection))
             .await?;
-        // The schedule is a hint next to the state: were this write lost, a
-        // later settle of the user (its next disconnect) writes it again.
-        let mut schedule = redis::cmd(if online == 1 { "ZADD" } else { "ZREM" });
-        schedule.arg(&self.names.due);
+        // The schedule is a hint next to the state (another slot, so not in
+        // the script): were this write lost, a later settle of the user
+        // writes it again. A user settled offline leaves the set only once
+        // its entry is due, so an online settle racing with this one and
+        // scheduling a later check is never undone; a user left in the set
+        // is settled (to no change) and removed when its entry comes due.
         if online == 1 {
-            schedule.arg(last_end);
+            let mut schedule = redis::cmd("ZADD");
+            schedule.arg(&self.names.due).arg(last_end).arg(mid);
+            self.call(
+                "schedule presence",
+                schedule.query_async::<i64>(&mut connection),
+            )
+            .await?;
+        } else {
+            let mut unschedule = UNSCHEDULE_PRESENCE.prepare_invoke();
+            unschedule.key(&self.names.due).arg(mid).arg(now);
+            self.call(
+                "unschedule presence",
+                unschedule.invoke_async::<i64>(&mut connection),
+            )
+            .await?;
         }
-        schedule.arg(mid);
-        self.call(
-            "schedule presence",
-            schedule.query_async::<i64>(&mut connection),
-        )
-        .await?;
         if changed != 1 {
             return Ok(None);
         }

@@ -252,3 +252,20 @@ return {1, online, seq, live, seen, last_end}
 ",
     )
 });
+
+/// Takes a user off the due set only if its entry is due (score at most
+/// now): an online settle that raced ahead and scheduled a later check
+/// keeps its entry.
+///
+/// KEYS[1] due sorted set; ARGV: mid, now ms. Returns 1 if removed, else 0.
+pub(crate) static UNSCHEDULE_PRESENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+",
+    )
+});
