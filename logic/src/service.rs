@@ -349,3 +349,17 @@ impl LogicApi for Logic {
         Ok(self.select_nodes(query).reply)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::cut;
+
+    #[test]
+    fn platforms_are_cut_on_a_character_boundary() {
+        assert_eq!(cut("ios", 64), "ios");
+        assert_eq!(cut("abcdef", 3), "abc");
+        // "é" is two bytes: a cut inside it keeps the character out.
+        assert_eq!(cut("aé", 2), "a");
+        assert_eq!(cut("éé", 1), "");
+    }
+}
