@@ -79,10 +79,12 @@ impl PresenceMetrics {
         metrics
     }
 
+    /// Counts one dropped event or check.
     fn dropped(&self, reason: &'static str) {
         self.dropped.get_or_create(&[("reason", reason)]).inc();
     }
 
+    /// Registers the counters in `registry`.
     pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
             "rim_logic_presence_events",
@@ -307,6 +309,7 @@ impl Checker {
         while settling.join_next().await.is_some() {}
     }
 
+    /// Settles one user and queues the transition it wins, if any.
     async fn settle(&self, mid: i64) {
         match self.router.settle_presence(mid).await {
             Ok(Some(transition)) => {
@@ -330,6 +333,7 @@ impl Checker {
     }
 }
 
+/// Sleeps until `at`, or forever when there is nothing to wait for.
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -351,6 +355,7 @@ impl Sender {
         }
     }
 
+    /// POSTs one event until a 2xx answer or the last attempt.
     async fn deliver(&self, event: &Event) {
         let mut backoff = self.options.backoff;
         for attempt in 1..=self.options.attempts {
