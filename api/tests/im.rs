@@ -639,3 +639,62 @@ async fn a_store_outage_is_503_with_retry_after() {
     }
     assert!(h.drain().await.is_empty(), "nothing stored, nothing queued");
 }
+
+/// GET /im/v1/users/{mid}/presence lists the live connections (platform,
+/// comet, start, oldest first) and last seen, behind the IM token, with or
+/// without a message store; a router outage is 503 with code 5.
+#[tokio::test]
+async fn presence_lists_devices_and_last_seen() {
+    let h = Setup::new()
+        .admin_token()
+        .im(|im| im.api_token = Some(IM_TOKEN.into()))
+        .start()
+        .await;
+    let url = h.url("/im/v1/users/7/presence");
+    refused(&h.get("/im/v1/users/7/presence").await, 401, 2, &[]);
+    let get = || h.send(h.http.get(&url).bearer_auth(IM_TOKEN));
+    assert_eq!(
+        get().await.ok(),
+        &json!({ "online": false, "devices": [], "last_seen": null })
+    );
+
+    h.connect("comet-1", 7, "k1").await;
+    h.connect("comet-2", 7, "k2").await;
+    let answer = get().await;
+    let data = answer.ok();
+    assert_eq!(data["online"], true);
+    let devices = data["devices"].as_array().unwrap();
+    let shown: Vec<(&str, &str, &str)> = devices
+        .iter()
+        .map(|d| {
+            (
+                d["key"].as_str().unwrap(),
+                d["platform"].as_str().unwrap(),
+                d["comet"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let mut sorted = shown.clone();
+    sorted.sort();
+    assert_eq!(sorted, [("k1", "web", "comet-1"), ("k2", "web", "comet-2")]);
+    let since: Vec<i64> = devices
+        .iter()
+        .map(|d| d["since"].as_i64().unwrap())
+        .collect();
+    assert!(since[0] <= since[1] && since[0] > 0, "{since:?}");
+    assert!(data["last_seen"].as_i64().unwrap() >= since[1]);
+
+    let bad = h.send(
+        h.http
+            .get(h.url("/im/v1/users/x/presence"))
+            .bearer_auth(IM_TOKEN),
+    );
+    refused(&bad.await, 400, 1, &["mid"]);
+
+    let down = Setup::new()
+        .router(std::sync::Arc::new(support::DownRouter))
+        .start()
+        .await;
+    let answer = down.get("/im/v1/users/7/presence").await;
+    refused(&answer, 503, 5, &["redis is down"]);
+}

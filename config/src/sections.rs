@@ -308,6 +308,21 @@ pub struct LogicConfig {
     /// How long the upstream webhook may take.
     #[serde(with = "humantime_serde")]
     pub receive_timeout: Duration,
+    /// URL presence events (a user online with its first device, offline
+    /// with its last) are POSTed to; empty = no events.
+    pub presence_webhook: String,
+    /// How long a user must stay without devices before it is announced
+    /// offline; a reconnect within it announces nothing.
+    #[serde(with = "humantime_serde")]
+    pub presence_debounce: Duration,
+    /// How long one POST of a presence event may take.
+    #[serde(with = "humantime_serde")]
+    pub presence_timeout: Duration,
+    /// POSTs of one presence event before it is dropped (and counted).
+    pub presence_attempts: u32,
+    /// Presence events waiting for the webhook; when full, new ones are
+    /// dropped (and counted).
+    pub presence_queue: usize,
     /// How client tokens are verified.
     pub auth: AuthConfig,
     /// Node selection for clients.
@@ -323,6 +338,11 @@ impl Default for LogicConfig {
             lease: Duration::from_secs(1800),
             receive_webhook: String::new(),
             receive_timeout: Duration::from_secs(2),
+            presence_webhook: String::new(),
+            presence_debounce: Duration::from_secs(5),
+            presence_timeout: Duration::from_secs(2),
+            presence_attempts: 5,
+            presence_queue: 10_000,
             auth: AuthConfig::default(),
             nodes: NodesConfig::default(),
         }
@@ -344,6 +364,28 @@ impl LogicConfig {
             http_url("logic.receive_webhook", &self.receive_webhook)?;
         }
         positive("logic.receive_timeout", self.receive_timeout)?;
+        if !self.presence_webhook.is_empty() {
+            http_url("logic.presence_webhook", &self.presence_webhook)?;
+        }
+        if self.presence_debounce > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(
+                "logic.presence_debounce",
+                "must be at most 1h",
+            ));
+        }
+        positive("logic.presence_timeout", self.presence_timeout)?;
+        in_range(
+            "logic.presence_attempts",
+            u64::from(self.presence_attempts),
+            1,
+            20,
+        )?;
+        in_range(
+            "logic.presence_queue",
+            self.presence_queue as u64,
+            1,
+            1_000_000,
+        )?;
         self.auth.validate()?;
         self.nodes.validate()
     }

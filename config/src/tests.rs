@@ -639,3 +639,48 @@ fn the_fetch_wait_names_its_key() {
     let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
     assert_eq!(config.queue.fetch_wait, Duration::from_millis(100));
 }
+
+#[test]
+fn presence_event_keys_name_themselves() {
+    let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert!(config.logic.presence_webhook.is_empty());
+    assert_eq!(config.logic.presence_debounce, Duration::from_secs(5));
+    assert_eq!(config.logic.presence_attempts, 5);
+    let config = StandaloneConfig::load_from(
+        Some(
+            toml("[logic]\npresence_webhook = \"http://127.0.0.1:9/p\"\npresence_debounce = \"0s\"\n")
+                .path(),
+        ),
+        env(&[("RIM_LOGIC__PRESENCE_QUEUE", "7")]),
+    )
+    .unwrap();
+    assert_eq!(config.logic.presence_webhook, "http://127.0.0.1:9/p");
+    assert_eq!(config.logic.presence_debounce, Duration::ZERO);
+    assert_eq!(config.logic.presence_queue, 7);
+
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_LOGIC__PRESENCE_WEBHOOK", "ftp://x")]);
+    assert!(
+        err.starts_with("invalid value for logic.presence_webhook"),
+        "{err}"
+    );
+    let err = load_err::<LogicRoleConfig>(None, &[("RIM_LOGIC__PRESENCE_ATTEMPTS", "0")]);
+    assert_eq!(
+        err,
+        "invalid value for logic.presence_attempts: must be between 1 and 20, got 0"
+    );
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_LOGIC__PRESENCE_QUEUE", "0")]);
+    assert!(
+        err.starts_with("invalid value for logic.presence_queue"),
+        "{err}"
+    );
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_LOGIC__PRESENCE_DEBOUNCE", "2h")]);
+    assert!(
+        err.starts_with("invalid value for logic.presence_debounce"),
+        "{err}"
+    );
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_LOGIC__PRESENCE_TIMEOUT", "0s")]);
+    assert!(
+        err.starts_with("invalid value for logic.presence_timeout"),
+        "{err}"
+    );
+}

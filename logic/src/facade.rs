@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use rim_proto::api::RpcError;
 use rim_proto::pb::comet::v1::StatsReply;
 use rim_proto::pb::logic::v1 as pb;
-use rim_router::ServerReport;
+use rim_router::{Presence, ServerReport};
 
 use crate::comets::{COMET_CALL, CometNode};
 use crate::im::Im;
@@ -110,6 +110,10 @@ pub trait LogicFacade: Send + Sync + 'static {
     /// Checks that logic can answer (its router is reachable).
     async fn ping(&self) -> Result<(), FacadeError>;
 
+    /// Returns user `mid`'s live connections (platform, comet, start) and
+    /// when it was last seen.
+    async fn presence(&self, mid: i64) -> Result<Presence, FacadeError>;
+
     /// Returns the IM service, or `None` when `im.store` is off.
     fn im(&self) -> Option<Arc<Im>>;
 }
@@ -195,6 +199,10 @@ impl LogicFacade for Logic {
 
     async fn ping(&self) -> Result<(), FacadeError> {
         Ok(self.router().ping().await?)
+    }
+
+    async fn presence(&self, mid: i64) -> Result<Presence, FacadeError> {
+        Ok(self.router().presence(mid).await?)
     }
 
     fn im(&self) -> Option<Arc<Im>> {

@@ -1,6 +1,6 @@
 //! rim-logic owns the logic service: auth policies, presence (connect,
-//! disconnect, heartbeat leases) written to the router, cluster-wide online
-//! counts, node selection for clients, the comet directory, and the logic
+//! disconnect, heartbeat leases) written to the router, presence events
+//! to a webhook, cluster-wide online counts, node selection for clients, the comet directory, and the logic
 //! gRPC service comets call.
 //!
 //! The HTTP API reaches it through one boundary, [`LogicFacade`] (push
@@ -16,6 +16,7 @@ mod grpc;
 mod im;
 mod metrics;
 mod nodes;
+mod presence;
 mod service;
 mod webhook;
 

@@ -43,6 +43,8 @@ impl Default for LogicMetrics {
             "lookup",
             "set_room_counts",
             "room_counts",
+            "settle_presence",
+            "presence_due",
         ] {
             let _ = metrics.router_errors.get_or_create(&[("op", op)]);
         }

@@ -19,7 +19,12 @@ use crate::facade::{LogicFacade, NodeQuery};
 use crate::im::Im;
 use crate::metrics::LogicMetrics;
 use crate::nodes::NodeSelector;
+use crate::presence::{PresenceEvents, PresenceOptions};
 use crate::webhook::HttpClient;
+
+/// Longest platform name kept per connection, in bytes; a longer one (it
+/// comes from the token) is cut at a character boundary.
+const MAX_PLATFORM: usize = 64;
 
 /// Auth, presence, online counts, upstream frames and node selection.
 pub struct Logic {
@@ -35,6 +40,7 @@ pub struct Logic {
     selector: NodeSelector,
     metrics: LogicMetrics,
     im: Option<Arc<Im>>,
+    presence: Option<PresenceEvents>,
 }
 
 impl std::fmt::Debug for Logic {
@@ -83,6 +89,24 @@ impl Logic {
                 "logic.receive_webhook is empty: upstream client frames are acknowledged and dropped, counted in rim_logic_upstream_frames{{result=\"no_webhook\"}}"
             );
         }
+        let metrics = LogicMetrics::default();
+        let presence = match PresenceOptions::from_config(config) {
+            Some(options) if tokio::runtime::Handle::try_current().is_ok() => {
+                Some(PresenceEvents::start(
+                    options,
+                    Arc::clone(&router),
+                    http.clone(),
+                    metrics.router_errors.clone(),
+                ))
+            }
+            Some(_) => {
+                tracing::warn!(
+                    "logic.presence_webhook is set but logic was built outside a runtime: no presence events"
+                );
+                None
+            }
+            None => None,
+        };
         Logic {
             heartbeat: config.heartbeat,
             heartbeat_max: config.heartbeat_max,
@@ -99,8 +123,9 @@ impl Logic {
                 config.heartbeat,
                 config.heartbeat_max,
             ),
-            metrics: LogicMetrics::default(),
+            metrics,
             im: None,
+            presence,
         }
     }
 
@@ -121,6 +146,9 @@ impl Logic {
     /// Registers logic's metrics (`rim_logic_*`) in `registry`.
     pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
         self.metrics.register(registry, Arc::clone(&self.comets));
+        if let Some(presence) = &self.presence {
+            presence.register_metrics(registry);
+        }
         if let Some(im) = &self.im {
             im.register_metrics(registry);
         }
@@ -140,6 +168,19 @@ impl Logic {
     pub(crate) fn selector(&self) -> &NodeSelector {
         &self.selector
     }
+}
+
+/// Returns the longest prefix of `text` of at most `max` bytes that ends on a
+/// character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let end = (0..=max)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    &text[..end]
 }
 
 fn require(field: &str, value: &str) -> RpcResult<()> {
@@ -172,14 +213,18 @@ impl LogicApi for Logic {
         } else {
             identity.key
         };
+        let platform = cut(&identity.platform, MAX_PLATFORM);
         self.router
-            .add(identity.mid, &key, &req.server, self.lease)
+            .add_device(identity.mid, &key, &req.server, platform, self.lease)
             .await
             .map_err(|err| {
                 self.metrics.connect("failed");
                 self.router_failed("add")(err)
             })?;
         self.metrics.connect("ok");
+        if let Some(presence) = &self.presence {
+            presence.connected(identity.mid);
+        }
         // The key and the server id come from the client and the caller: escaped.
         tracing::debug!(mid = identity.mid, key = ?key, server = ?req.server, "connected");
         Ok(pb::ConnectReply {
@@ -196,10 +241,15 @@ impl LogicApi for Logic {
         require("server", &req.server)?;
         require("key", &req.key)?;
         self.metrics.disconnects.inc();
-        self.router
+        let removed = self
+            .router
             .remove(req.mid, &req.key, &req.server)
             .await
-            .map_err(self.router_failed("remove"))
+            .map_err(self.router_failed("remove"))?;
+        if let Some(presence) = &self.presence {
+            presence.disconnected(req.mid);
+        }
+        Ok(removed)
     }
 
     async fn heartbeat(&self, req: pb::HeartbeatRequest) -> RpcResult<()> {
@@ -225,6 +275,9 @@ impl LogicApi for Logic {
                     .add(req.mid, &req.key, &req.server, self.lease)
                     .await
                     .map_err(self.router_failed("add"))?;
+                if let Some(presence) = &self.presence {
+                    presence.connected(req.mid);
+                }
             }
         }
         Ok(())
@@ -294,5 +347,19 @@ impl LogicApi for Logic {
             client_ip: req.client_ip.parse::<IpAddr>().ok(),
         };
         Ok(self.select_nodes(query).reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut;
+
+    #[test]
+    fn platforms_are_cut_on_a_character_boundary() {
+        assert_eq!(cut("ios", 64), "ios");
+        assert_eq!(cut("abcdef", 3), "abc");
+        // "é" is two bytes: a cut inside it keeps the character out.
+        assert_eq!(cut("aé", 2), "a");
+        assert_eq!(cut("éé", 1), "");
     }
 }

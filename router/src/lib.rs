@@ -5,6 +5,11 @@
 //! ([`RedisRouter`], a single Redis or a Redis Cluster, shared by every
 //! logic).
 //!
+//! It also keeps each user's presence: the platform and start of every
+//! connection, when the user was last seen, and the last presence state
+//! announced for it, which [`Router::settle_presence`] moves atomically so
+//! that one logic out of many announces each online/offline transition.
+//!
 //! It does not decide who may connect, assign keys or choose lease times:
 //! that is rim-logic's, which passes the lease with every call. It does not
 //! deliver anything either; the api uses it only to plan pushes.
@@ -27,9 +32,25 @@ pub use crate::redis_router::{RedisOptions, RedisRouter};
 /// counts every comet reports.
 #[async_trait::async_trait]
 pub trait Router: Send + Sync + 'static {
-    /// Records that connection `key` of user `mid` is on comet `server`, leased for `lease`.
+    /// Records that connection `key` of user `mid` is on comet `server`, leased for `lease`,
+    /// with no known platform.
     /// Re-adding an existing key moves it (to the new server) and refreshes the lease.
-    async fn add(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<()>;
+    async fn add(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<()> {
+        self.add_device(mid, key, server, "", lease).await
+    }
+
+    /// Records that connection `key` of user `mid`, a client of `platform`, is on comet
+    /// `server` since now, leased for `lease`, and that the user was seen now.
+    /// Re-adding an existing key moves it (to the new server, platform and start time)
+    /// and refreshes the lease.
+    async fn add_device(
+        &self,
+        mid: i64,
+        key: &str,
+        server: &str,
+        platform: &str,
+        lease: Duration,
+    ) -> Result<()>;
 
     /// Removes the session only if it still belongs to `server` (a stale comet must not
     /// delete a newer session); returns whether it removed it.
@@ -78,7 +99,92 @@ pub trait Router: Send + Sync + 'static {
 
     /// Checks the backend is reachable (for /readyz).
     async fn ping(&self) -> Result<()>;
+
+    /// Returns the user's live connections (with platform and start time) and when it
+    /// was last seen.
+    async fn presence(&self, mid: i64) -> Result<Presence>;
+
+    /// Compares the user's live connections with the presence state last announced for
+    /// it and, when they disagree (live connections but announced offline, or none but
+    /// announced online), records the new state and returns it.
+    ///
+    /// The compare and the record are one atomic step on the shared state, so of many
+    /// logics settling the same user at once exactly one gets each transition. A user
+    /// never announced counts as offline. While the user stays online it is scheduled
+    /// for another settle when its last live lease ends (see [`Router::presence_due`]).
+    async fn settle_presence(&self, mid: i64) -> Result<Option<Transition>>;
+
+    /// Returns up to `limit` users announced online whose last lease has ended since
+    /// their last settle: sessions that ended without a disconnect (a comet crash), to
+    /// be settled again.
+    async fn presence_due(&self, limit: usize) -> Result<Vec<i64>>;
 }
+
+/// A user's presence: state announced, live connections, last activity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Presence {
+    /// The live connections, in no particular order.
+    pub devices: Vec<DeviceInfo>,
+    /// When a connection of the user was last added, renewed or removed (unix
+    /// milliseconds); None when the router knows nothing of the user (never seen, or
+    /// longer ago than [`PRESENCE_KEEP`]).
+    pub last_seen_unix_ms: Option<i64>,
+}
+
+/// One live connection of a user, as the presence query shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceInfo {
+    /// The connection key.
+    pub key: String,
+    /// The comet (node id) holding it.
+    pub server: String,
+    /// The client platform the auth gave it (`""` when unknown).
+    pub platform: String,
+    /// When it connected (unix milliseconds; 0 when unknown).
+    pub since_unix_ms: i64,
+}
+
+/// A presence state announced for a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PresenceState {
+    /// At least one live connection.
+    Online,
+    /// No live connection.
+    Offline,
+}
+
+impl PresenceState {
+    /// Returns the state's name: `online` or `offline`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::Offline => "offline",
+        }
+    }
+}
+
+/// One presence transition, won by the caller of [`Router::settle_presence`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// The user.
+    pub mid: i64,
+    /// The new state.
+    pub state: PresenceState,
+    /// The user's transition number: 1 for its first, one more for each next one (so a
+    /// receiver can order and deduplicate events); it restarts after the router forgot
+    /// the user ([`PRESENCE_KEEP`] without activity).
+    pub seq: u64,
+    /// Live connections when the transition was decided.
+    pub devices: u32,
+    /// When a connection of the user was last added, renewed or removed (unix ms).
+    pub last_seen_unix_ms: i64,
+    /// When the transition was decided (unix ms).
+    pub at_unix_ms: i64,
+}
+
+/// How long the router remembers a user's presence (last seen, last announced state)
+/// after its last activity.
+pub const PRESENCE_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// One live connection of a user.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -12,6 +12,9 @@
 //!
 //! Expired entries are treated as absent by every read and dropped when met;
 //! a background sweep (one shard per tick) drops the ones nobody reads.
+//!
+//! Presence (last seen, announced state) is a third sharded map by user,
+//! locked after the user's device shard when both are needed, never before.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
@@ -22,7 +25,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::{Result, Router, ServerReport, unix_ms};
+use crate::{
+    DeviceInfo, PRESENCE_KEEP, Presence, PresenceState, Result, Router, ServerReport, Transition,
+    millis, unix_ms,
+};
 
 /// Number of shards of each map; a power of two well above the core count so
 /// that concurrent connects rarely meet on one lock.
@@ -50,6 +56,21 @@ struct Device {
     key: Arc<str>,
     server: Arc<str>,
     expires: Instant,
+    platform: Box<str>,
+    since_unix_ms: i64,
+}
+
+/// What a user's presence entry remembers.
+#[derive(Debug)]
+struct PresenceEntry {
+    /// Whether the last announced state is online.
+    online: bool,
+    /// Transitions announced so far.
+    seq: u64,
+    /// Last add, renewal or removal of one of its connections (unix ms).
+    seen_unix_ms: i64,
+    /// When an online user must be settled again (its last lease ends).
+    check_at: Option<Instant>,
 }
 
 /// One comet's last room-count report.
@@ -65,6 +86,7 @@ type UserShard = HashMap<i64, Vec<Device>>;
 /// IM ack positions by connection key: (mid, acked sync, expiry). Apart from
 /// the sessions so that connections without IM pay nothing for them.
 type AckShard = HashMap<Box<str>, (i64, u64, Instant)>;
+type PresenceShard = HashMap<i64, PresenceEntry>;
 
 #[derive(Debug)]
 struct Inner {
@@ -72,6 +94,7 @@ struct Inner {
     keys: Box<[Mutex<KeyShard>]>,
     users: Box<[Mutex<UserShard>]>,
     acks: Box<[Mutex<AckShard>]>,
+    presence: Box<[Mutex<PresenceShard>]>,
     reports: Mutex<HashMap<String, Report>>,
     max_age: Duration,
 }
@@ -94,6 +117,7 @@ impl MemoryRouter {
             keys: (0..SHARDS).map(|_| Mutex::default()).collect(),
             users: (0..SHARDS).map(|_| Mutex::default()).collect(),
             acks: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            presence: (0..SHARDS).map(|_| Mutex::default()).collect(),
             reports: Mutex::default(),
             max_age: online_max_age,
         });
@@ -139,21 +163,55 @@ impl Inner {
         &self.acks[self.shard_of(key)]
     }
 
-    /// Sets the device entry of `key` under `mid`. Callers hold the key's shard.
-    fn put_device(&self, mid: i64, key: &Arc<str>, server: Arc<str>, expires: Instant) {
+    fn presence_shard(&self, mid: i64) -> &Mutex<PresenceShard> {
+        &self.presence[self.shard_of(&mid)]
+    }
+
+    /// Sets the device entry of `key` under `mid`; `connected` (platform, start) is
+    /// given by a new connection and None by a renewal, which keeps what is known.
+    /// Callers hold the key's shard.
+    fn put_device(
+        &self,
+        mid: i64,
+        key: &Arc<str>,
+        server: Arc<str>,
+        expires: Instant,
+        connected: Option<(&str, i64)>,
+    ) {
         let mut users = self.user_shard(mid).lock();
         let devices = users.entry(mid).or_insert_with(|| Vec::with_capacity(1));
         match devices.iter_mut().find(|d| *d.key == **key) {
             Some(device) => {
                 device.server = server;
                 device.expires = expires;
+                if let Some((platform, since)) = connected {
+                    device.platform = platform.into();
+                    device.since_unix_ms = since;
+                }
             }
-            None => devices.push(Device {
-                key: Arc::clone(key),
-                server,
-                expires,
-            }),
+            None => {
+                let (platform, since) = connected.unwrap_or(("", unix_ms()));
+                devices.push(Device {
+                    key: Arc::clone(key),
+                    server,
+                    expires,
+                    platform: platform.into(),
+                    since_unix_ms: since,
+                });
+            }
         }
+    }
+
+    /// Records that a connection of `mid` was added, renewed or removed at `now_ms`.
+    fn touch(&self, mid: i64, now_ms: i64) {
+        let mut presence = self.presence_shard(mid).lock();
+        let entry = presence.entry(mid).or_insert(PresenceEntry {
+            online: false,
+            seq: 0,
+            seen_unix_ms: now_ms,
+            check_at: None,
+        });
+        entry.seen_unix_ms = entry.seen_unix_ms.max(now_ms);
     }
 
     /// Drops the device entry of `key` under `mid` if it is on `server` (any
@@ -190,6 +248,10 @@ impl Inner {
         self.acks[shard]
             .lock()
             .retain(|_, (_, _, expires)| *expires > now);
+        let forget_before = unix_ms().saturating_sub(millis(PRESENCE_KEEP));
+        self.presence[shard]
+            .lock()
+            .retain(|_, entry| entry.online || entry.seen_unix_ms >= forget_before);
         if shard == 0 {
             self.reports
                 .lock()
@@ -200,7 +262,14 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl Router for MemoryRouter {
-    async fn add(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<()> {
+    async fn add_device(
+        &self,
+        mid: i64,
+        key: &str,
+        server: &str,
+        platform: &str,
+        lease: Duration,
+    ) -> Result<()> {
         let inner = &*self.inner;
         let expires = expiry(Instant::now(), lease);
         let server: Arc<str> = Arc::from(server);
@@ -227,7 +296,10 @@ impl Router for MemoryRouter {
             // The key changed hands: the old user must no longer list it.
             inner.drop_device(previous.mid, key, None);
         }
-        inner.put_device(mid, &shared_key, server, expires);
+        let now_ms = unix_ms();
+        inner.put_device(mid, &shared_key, server, expires, Some((platform, now_ms)));
+        drop(keys);
+        inner.touch(mid, now_ms);
         Ok(())
     }
 
@@ -244,7 +316,11 @@ impl Router for MemoryRouter {
         };
         keys.remove(key);
         inner.drop_device(mid, key, Some(server));
+        drop(keys);
         inner.ack_shard(key).lock().remove(key);
+        if live {
+            inner.touch(mid, unix_ms());
+        }
         Ok(live)
     }
 
@@ -269,7 +345,9 @@ impl Router for MemoryRouter {
         if let Some(entry) = keys.get_mut(key) {
             entry.expires = expires;
         }
-        inner.put_device(mid, &shared_key, server, expires);
+        inner.put_device(mid, &shared_key, server, expires, None);
+        drop(keys);
+        inner.touch(mid, unix_ms());
         Ok(true)
     }
 
@@ -394,6 +472,92 @@ impl Router for MemoryRouter {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+
+    async fn presence(&self, mid: i64) -> Result<Presence> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let devices = match inner.user_shard(mid).lock().get(&mid) {
+            Some(devices) => devices
+                .iter()
+                .filter(|device| device.expires > now)
+                .map(|device| DeviceInfo {
+                    key: device.key.to_string(),
+                    server: device.server.to_string(),
+                    platform: device.platform.to_string(),
+                    since_unix_ms: device.since_unix_ms,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let last_seen_unix_ms = inner
+            .presence_shard(mid)
+            .lock()
+            .get(&mid)
+            .map(|entry| entry.seen_unix_ms);
+        Ok(Presence {
+            devices,
+            last_seen_unix_ms,
+        })
+    }
+
+    async fn settle_presence(&self, mid: i64) -> Result<Option<Transition>> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        // The user's device shard stays locked until the state is recorded,
+        // so no connect or disconnect of the user slips in between.
+        let users = inner.user_shard(mid).lock();
+        let live: Vec<&Device> = users
+            .get(&mid)
+            .map(|devices| devices.iter().filter(|d| d.expires > now).collect())
+            .unwrap_or_default();
+        let last_lease_end = live.iter().map(|d| d.expires).max();
+        let mut presence = inner.presence_shard(mid).lock();
+        let entry = presence.entry(mid).or_insert(PresenceEntry {
+            online: false,
+            seq: 0,
+            seen_unix_ms: now_ms,
+            check_at: None,
+        });
+        entry.check_at = last_lease_end;
+        let online = !live.is_empty();
+        if entry.online == online {
+            return Ok(None);
+        }
+        entry.online = online;
+        entry.seq += 1;
+        Ok(Some(Transition {
+            mid,
+            state: if online {
+                PresenceState::Online
+            } else {
+                PresenceState::Offline
+            },
+            seq: entry.seq,
+            devices: u32::try_from(live.len()).unwrap_or(u32::MAX),
+            last_seen_unix_ms: entry.seen_unix_ms,
+            at_unix_ms: now_ms,
+        }))
+    }
+
+    async fn presence_due(&self, limit: usize) -> Result<Vec<i64>> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for shard in &self.inner.presence {
+            if due.len() >= limit {
+                break;
+            }
+            let shard = shard.lock();
+            due.extend(
+                shard
+                    .iter()
+                    .filter(|(_, e)| e.online && e.check_at.is_some_and(|at| at <= now))
+                    .map(|(mid, _)| *mid)
+                    .take(limit - due.len()),
+            );
+        }
+        Ok(due)
     }
 }
 

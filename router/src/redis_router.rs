@@ -11,6 +11,17 @@
 //!   hash at least the longest lease. Readers skip expired fields and delete
 //!   them (compare-and-delete, so a concurrent renewal wins); adds drop the
 //!   user's expired fields too.
+//! - `P:dev:{<mid>}` hash, field key -> `"<since unix ms>|<platform>"`, kept
+//!   next to the user hash (same fields, same lease) for the presence query.
+//! - `P:presence:{<mid>}` hash: `seen` (last add, renewal or removal, unix
+//!   ms), `state` (last announced, `online` / `offline`), `seq` (transitions
+//!   announced); PEXPIRE [`PRESENCE_KEEP`](crate::PRESENCE_KEEP) after the
+//!   last write. Settling reads the user hash and writes this one in one
+//!   script (both carry the tag `{<mid>}`, so one slot).
+//! - `P:presence:due` sorted set: mid -> end of its last live lease, for
+//!   users announced online; a hint for re-settling sessions that ended
+//!   without a disconnect, written after each settle (an offline user
+//!   leaves it once its entry is due).
 //! - `P:online:{<server>}` hash: field `t` = report time (unix ms), field
 //!   `r:<room>` = members; replaced whole by one script on each report.
 //! - `P:online:servers` sorted set: server -> report time, read with
@@ -40,9 +51,12 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
 use self::connection::Connection;
 use self::scripts::{
     ADD_DEVICE, PRUNE_DEVICE, REMOVE_DEVICE, REMOVE_KEY, RENEW_DEVICE, RENEW_KEY, REPLACE_ROOMS,
-    SET_ACK,
+    SET_ACK, SETTLE_PRESENCE, UNSCHEDULE_PRESENCE,
 };
-use crate::{Device, Error, Result, Router, ServerReport, millis, unix_ms};
+use crate::{
+    Device, DeviceInfo, Error, PRESENCE_KEEP, Presence, PresenceState, Result, Router,
+    ServerReport, Transition, millis, unix_ms,
+};
 
 /// Default bound on one Redis request (or batch) before it fails as unavailable.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -112,6 +126,7 @@ impl RedisOptions {
 struct Names {
     prefix: String,
     servers: String,
+    due: String,
 }
 
 impl Names {
@@ -119,6 +134,7 @@ impl Names {
         Names {
             prefix: prefix.to_owned(),
             servers: format!("{prefix}:online:servers"),
+            due: format!("{prefix}:presence:due"),
         }
     }
 
@@ -128,6 +144,16 @@ impl Names {
 
     fn user(&self, mid: i64) -> String {
         format!("{}:mid:{{{mid}}}", self.prefix)
+    }
+
+    /// The platform and start of the user's connections (same hash slot as the user's hash).
+    fn device_info(&self, mid: i64) -> String {
+        format!("{}:dev:{{{mid}}}", self.prefix)
+    }
+
+    /// The user's presence: last seen, last announced state (same hash slot as the user's hash).
+    fn presence(&self, mid: i64) -> String {
+        format!("{}:presence:{{{mid}}}", self.prefix)
     }
 
     /// The user's IM ack positions (same hash slot as the user's hash).
@@ -244,7 +270,11 @@ impl RedisRouter {
             .map(|(mid, key, value)| {
                 let mut connection = self.connection.clone();
                 let mut invocation = PRUNE_DEVICE.prepare_invoke();
-                invocation.key(self.names.user(mid)).arg(key).arg(value);
+                invocation
+                    .key(self.names.user(mid))
+                    .key(self.names.device_info(mid))
+                    .arg(key)
+                    .arg(value);
                 async move { invocation.invoke_async::<i64>(&mut connection).await }
             })
             .buffer_unordered(PRUNE_CONCURRENCY)
@@ -324,8 +354,16 @@ impl RedisRouter {
 
 #[async_trait::async_trait]
 impl Router for RedisRouter {
-    async fn add(&self, mid: i64, key: &str, server: &str, lease: Duration) -> Result<()> {
+    async fn add_device(
+        &self,
+        mid: i64,
+        key: &str,
+        server: &str,
+        platform: &str,
+        lease: Duration,
+    ) -> Result<()> {
         let lease_ms = millis(lease);
+        let keep_ms = millis(PRESENCE_KEEP);
         let now = unix_ms();
         let session = format!("{mid}|{server}");
         let device = format!("{server}|{}", now.saturating_add(lease_ms));
@@ -340,10 +378,14 @@ impl Router for RedisRouter {
         let mut put_connection = self.connection.clone();
         let mut put = ADD_DEVICE.prepare_invoke();
         put.key(self.names.user(mid))
+            .key(self.names.device_info(mid))
+            .key(self.names.presence(mid))
             .arg(key)
             .arg(&device)
             .arg(lease_ms)
-            .arg(now);
+            .arg(now)
+            .arg(format!("{now}|{platform}"))
+            .arg(keep_ms);
         let (previous, _): (Option<String>, i64) = self
             .call("add session", async {
                 tokio::try_join!(
@@ -360,9 +402,12 @@ impl Router for RedisRouter {
             let mut connection = self.connection.clone();
             let mut drop = REMOVE_DEVICE.prepare_invoke();
             drop.key(self.names.user(previous_mid))
+                .key(self.names.device_info(previous_mid))
+                .key(self.names.presence(previous_mid))
                 .arg(key)
                 .arg(previous_server)
-                .arg(now);
+                .arg(now)
+                .arg(keep_ms);
             self.call(
                 "remove moved session",
                 drop.invoke_async::<i64>(&mut connection),
@@ -383,9 +428,12 @@ impl Router for RedisRouter {
         let mut remove_device = REMOVE_DEVICE.prepare_invoke();
         remove_device
             .key(self.names.user(mid))
+            .key(self.names.device_info(mid))
+            .key(self.names.presence(mid))
             .arg(key)
             .arg(server)
-            .arg(now);
+            .arg(now)
+            .arg(millis(PRESENCE_KEEP));
         let mut ack_connection = self.connection.clone();
         let mut drop_ack = redis::cmd("HDEL");
         drop_ack.arg(self.names.acks(mid)).arg(key);
@@ -417,14 +465,19 @@ impl Router for RedisRouter {
         }
         // Only after the key string proved the session is ours, so a stale
         // comet never resurrects a device field.
-        let device = format!("{server}|{}", unix_ms().saturating_add(lease_ms));
+        let now = unix_ms();
+        let device = format!("{server}|{}", now.saturating_add(lease_ms));
         let mut renew_device = RENEW_DEVICE.prepare_invoke();
         renew_device
             .key(self.names.user(mid))
+            .key(self.names.device_info(mid))
+            .key(self.names.presence(mid))
             .arg(key)
             .arg(server)
             .arg(device)
-            .arg(lease_ms);
+            .arg(lease_ms)
+            .arg(now)
+            .arg(millis(PRESENCE_KEEP));
         let _: i64 = self
             .call("renew session", renew_device.invoke_async(&mut connection))
             .await?;
@@ -580,6 +633,121 @@ impl Router for RedisRouter {
             .await?;
         Ok(())
     }
+
+    async fn presence(&self, mid: i64) -> Result<Presence> {
+        let mut seen = single_key("HGET", self.names.presence(mid));
+        seen.1.arg("seen");
+        let commands = vec![
+            single_key("HGETALL", self.names.user(mid)),
+            single_key("HGETALL", self.names.device_info(mid)),
+            seen,
+        ];
+        let replies = self
+            .call("read presence", self.connection.batch(commands))
+            .await?;
+        let [sessions, infos, seen]: [Value; 3] = replies.try_into().map_err(|_| {
+            Error::Backend(format!("{}: read presence: wrong reply count", self.target))
+        })?;
+        let sessions: HashMap<String, String> = self.parse("HGETALL of a user", sessions)?;
+        let mut infos: HashMap<String, String> =
+            self.parse("HGETALL of a user's devices", infos)?;
+        let last_seen_unix_ms: Option<i64> = self.parse("HGET of a presence", seen)?;
+        let now = unix_ms();
+        let devices = sessions
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let (server, expires) = parse_device(&value)?;
+                if expires <= now {
+                    return None;
+                }
+                let (since_unix_ms, platform) = infos
+                    .remove(&key)
+                    .as_deref()
+                    .and_then(parse_device_info)
+                    .map_or((0, String::new()), |(since, platform)| {
+                        (since, platform.to_owned())
+                    });
+                Some(DeviceInfo {
+                    server: server.to_owned(),
+                    key,
+                    platform,
+                    since_unix_ms,
+                })
+            })
+            .collect();
+        Ok(Presence {
+            devices,
+            last_seen_unix_ms,
+        })
+    }
+
+    async fn settle_presence(&self, mid: i64) -> Result<Option<Transition>> {
+        let now = unix_ms();
+        let mut connection = self.connection.clone();
+        let mut settle = SETTLE_PRESENCE.prepare_invoke();
+        settle
+            .key(self.names.user(mid))
+            .key(self.names.presence(mid))
+            .arg(now)
+            .arg(millis(PRESENCE_KEEP));
+        let (changed, online, seq, live, seen, last_end): (i64, i64, u64, u32, i64, i64) = self
+            .call("settle presence", settle.invoke_async(&mut connection))
+            .await?;
+        // The schedule is a hint next to the state (another slot, so not in
+        // the script): were this write lost, a later settle of the user
+        // writes it again. A user settled offline leaves the set only once
+        // its entry is due, so an online settle racing with this one and
+        // scheduling a later check is never undone; a user left in the set
+        // is settled (to no change) and removed when its entry comes due.
+        if online == 1 {
+            let mut schedule = redis::cmd("ZADD");
+            schedule.arg(&self.names.due).arg(last_end).arg(mid);
+            self.call(
+                "schedule presence",
+                schedule.query_async::<i64>(&mut connection),
+            )
+            .await?;
+        } else {
+            let mut unschedule = UNSCHEDULE_PRESENCE.prepare_invoke();
+            unschedule.key(&self.names.due).arg(mid).arg(now);
+            self.call(
+                "unschedule presence",
+                unschedule.invoke_async::<i64>(&mut connection),
+            )
+            .await?;
+        }
+        if changed != 1 {
+            return Ok(None);
+        }
+        Ok(Some(Transition {
+            mid,
+            state: if online == 1 {
+                PresenceState::Online
+            } else {
+                PresenceState::Offline
+            },
+            seq,
+            devices: live,
+            last_seen_unix_ms: seen,
+            at_unix_ms: now,
+        }))
+    }
+
+    async fn presence_due(&self, limit: usize) -> Result<Vec<i64>> {
+        let mut connection = self.connection.clone();
+        self.call(
+            "list presence due",
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(&self.names.due)
+                .arg("-inf")
+                .arg(unix_ms())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut connection),
+        )
+        .await
+    }
 }
 
 /// A one-key command with its cluster slot, for [`Connection::batch`].
@@ -600,6 +768,12 @@ fn parse_session(value: &str) -> Option<(i64, &str)> {
 fn parse_device(value: &str) -> Option<(&str, i64)> {
     let (server, expires) = value.rsplit_once('|')?;
     Some((server, expires.parse().ok()?))
+}
+
+/// Splits a device-info value `"<since unix ms>|<platform>"` (the platform may contain `|`).
+fn parse_device_info(value: &str) -> Option<(i64, &str)> {
+    let (since, platform) = value.split_once('|')?;
+    Some((since.parse().ok()?, platform))
 }
 
 /// Names the Redis behind some URLs for messages, without passwords.
@@ -665,6 +839,9 @@ mod tests {
         assert_eq!(names.key("k-1"), "rim:key:{k-1}");
         assert_eq!(names.user(-42), "rim:mid:{-42}");
         assert_eq!(names.acks(-42), "rim:acks:{-42}");
+        assert_eq!(names.device_info(-42), "rim:dev:{-42}");
+        assert_eq!(names.presence(-42), "rim:presence:{-42}");
+        assert_eq!(names.due, "rim:presence:due");
         assert_eq!(names.online("comet-1"), "rim:online:{comet-1}");
         assert_eq!(names.servers, "rim:online:servers");
     }
@@ -679,6 +856,9 @@ mod tests {
         );
         assert_eq!(parse_device("a|soon"), None);
         assert_eq!(parse_device("a"), None);
+        assert_eq!(parse_device_info("17|ios|x"), Some((17, "ios|x")));
+        assert_eq!(parse_device_info("17|"), Some((17, "")));
+        assert_eq!(parse_device_info("ios"), None);
     }
 
     #[test]

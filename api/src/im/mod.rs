@@ -6,10 +6,12 @@
 //! answers in goim's envelope; every refusal is an [`ImError`]: the im.md
 //! code in the envelope, a matching HTTP status, and the parameter or
 //! field it is about in the message. They are guarded by `im.api_token`
-//! (or `api.admin_token`) and answer 404 when `im.store` is off.
+//! (or `api.admin_token`) and answer 404 when `im.store` is off, except
+//! the presence query, which the router answers alone.
 
 mod groups;
 mod messages;
+mod presence;
 
 use std::sync::Arc;
 
@@ -38,6 +40,7 @@ pub(crate) fn routes(api: Arc<Api>) -> Router<Arc<Api>> {
         .route("/conversations/{conv}/read", post(messages::read))
         .route("/users/{mid}/conversations", get(messages::conversations))
         .route("/users/{mid}/sync", get(messages::sync))
+        .route("/users/{mid}/presence", get(presence::get))
         .route("/groups/{gid}", get(groups::get).put(groups::put))
         .route(
             "/groups/{gid}/members",

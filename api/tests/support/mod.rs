@@ -195,11 +195,12 @@ fn down<T>() -> rim_router::Result<T> {
 
 #[async_trait]
 impl Router for DownRouter {
-    async fn add(
+    async fn add_device(
         &self,
         _mid: i64,
         _key: &str,
         _server: &str,
+        _platform: &str,
         _lease: Duration,
     ) -> rim_router::Result<()> {
         down()
@@ -254,6 +255,18 @@ impl Router for DownRouter {
         down()
     }
     async fn ping(&self) -> rim_router::Result<()> {
+        down()
+    }
+    async fn presence(&self, _mid: i64) -> rim_router::Result<rim_router::Presence> {
+        down()
+    }
+    async fn settle_presence(
+        &self,
+        _mid: i64,
+    ) -> rim_router::Result<Option<rim_router::Transition>> {
+        down()
+    }
+    async fn presence_due(&self, _limit: usize) -> rim_router::Result<Vec<i64>> {
         down()
     }
 }

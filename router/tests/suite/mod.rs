@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{StreamExt, TryStreamExt, stream};
-use rim_router::Router;
+use rim_router::{PresenceState, Router};
 
 /// Max age of room reports for every test but the staleness one.
 pub const MAX_AGE: Duration = Duration::from_secs(30);
@@ -49,6 +49,9 @@ macro_rules! router_tests {
             odd_characters_in_ids: MAX_AGE,
             ping: MAX_AGE,
             ack_positions_are_monotonic_and_end_with_the_session: MAX_AGE,
+            presence_shows_platform_start_and_last_seen: MAX_AGE,
+            settling_announces_each_transition_once: MAX_AGE,
+            sessions_ending_without_disconnect_come_due: MAX_AGE,
         );
     };
     (@each $make:path, $attrs:tt, $($name:ident: $age:ident),* $(,)?) => {
@@ -427,4 +430,119 @@ pub async fn ack_positions_are_monotonic_and_end_with_the_session(r: &dyn Router
     assert_eq!(r.acked(2, &keys[..1]).await.unwrap(), [0], "another user's");
     assert!(r.remove(1, "k1", "c1").await.unwrap());
     assert_eq!(r.acked(1, &keys).await.unwrap(), [0, 2, 0]);
+}
+
+/// The presence query shows each live connection with its platform, comet
+/// and start, and when the user was last seen (kept after it went offline).
+pub async fn presence_shows_platform_start_and_last_seen(r: &dyn Router) {
+    let nobody = r.presence(7).await.unwrap();
+    assert!(nobody.devices.is_empty());
+    assert_eq!(nobody.last_seen_unix_ms, None);
+
+    let before = unix_ms();
+    r.add_device(7, "phone", "c1", "ios|x", LEASE)
+        .await
+        .unwrap();
+    r.add_device(7, "laptop", "c2", "web", LEASE).await.unwrap();
+    r.add(7, "old", "c2", SHORT_LEASE).await.unwrap();
+    let after = unix_ms();
+    tokio::time::sleep(SHORT_LEASE + MARGIN).await;
+    let presence = r.presence(7).await.unwrap();
+    let mut devices = presence.devices.clone();
+    devices.sort_by(|a, b| a.key.cmp(&b.key));
+    let shown: Vec<(&str, &str, &str)> = devices
+        .iter()
+        .map(|d| (d.key.as_str(), d.server.as_str(), d.platform.as_str()))
+        .collect();
+    assert_eq!(shown, [("laptop", "c2", "web"), ("phone", "c1", "ios|x")]);
+    for device in &devices {
+        assert!(
+            (before..=after).contains(&device.since_unix_ms),
+            "since {} outside {before}..={after}",
+            device.since_unix_ms
+        );
+    }
+    let seen = presence.last_seen_unix_ms.expect("last seen");
+    assert!((before..=after).contains(&seen), "{seen}");
+
+    // A renewal keeps the start; removing every device keeps last seen.
+    assert!(r.renew(7, "phone", "c1", LEASE).await.unwrap());
+    let renewed = r.presence(7).await.unwrap();
+    let phone = renewed.devices.iter().find(|d| d.key == "phone").unwrap();
+    assert_eq!(phone.platform, "ios|x");
+    assert!(phone.since_unix_ms <= after);
+    let removing = unix_ms();
+    assert!(r.remove(7, "phone", "c1").await.unwrap());
+    assert!(r.remove(7, "laptop", "c2").await.unwrap());
+    let gone = r.presence(7).await.unwrap();
+    assert!(gone.devices.is_empty(), "{gone:?}");
+    let seen = gone.last_seen_unix_ms.expect("last seen after removal");
+    assert!(seen >= removing, "{seen} < {removing}");
+}
+
+/// Settling moves the announced state only on a real change, numbers the
+/// transitions, and of concurrent settles exactly one wins each transition.
+pub async fn settling_announces_each_transition_once(r: &dyn Router) {
+    assert_eq!(r.settle_presence(8).await.unwrap(), None, "never seen");
+    r.add_device(8, "k1", "c1", "android", LEASE).await.unwrap();
+    r.add_device(8, "k2", "c2", "web", LEASE).await.unwrap();
+
+    let settles = (0..8).map(|_| r.settle_presence(8));
+    let won: Vec<_> = futures::future::join_all(settles)
+        .await
+        .into_iter()
+        .filter_map(|result| result.unwrap())
+        .collect();
+    assert_eq!(won.len(), 1, "{won:?}");
+    let online = won[0];
+    assert_eq!((online.mid, online.state), (8, PresenceState::Online));
+    assert_eq!((online.seq, online.devices), (1, 2));
+    assert_eq!(r.settle_presence(8).await.unwrap(), None);
+
+    // One device left: still online.
+    assert!(r.remove(8, "k1", "c1").await.unwrap());
+    assert_eq!(r.settle_presence(8).await.unwrap(), None);
+    // The last one gone, and back before anyone settled: nothing to announce.
+    assert!(r.remove(8, "k2", "c2").await.unwrap());
+    r.add_device(8, "k2", "c1", "web", LEASE).await.unwrap();
+    assert_eq!(r.settle_presence(8).await.unwrap(), None);
+
+    assert!(r.remove(8, "k2", "c1").await.unwrap());
+    let settles = (0..8).map(|_| r.settle_presence(8));
+    let won: Vec<_> = futures::future::join_all(settles)
+        .await
+        .into_iter()
+        .filter_map(|result| result.unwrap())
+        .collect();
+    assert_eq!(won.len(), 1, "{won:?}");
+    let offline = won[0];
+    assert_eq!(offline.state, PresenceState::Offline);
+    assert_eq!((offline.seq, offline.devices), (2, 0));
+    assert!(offline.last_seen_unix_ms <= offline.at_unix_ms);
+    assert_eq!(r.settle_presence(8).await.unwrap(), None);
+}
+
+/// A user announced online whose only session ends by its lease (no
+/// remove) comes due, and settling it announces offline once.
+pub async fn sessions_ending_without_disconnect_come_due(r: &dyn Router) {
+    r.add_device(9, "k", "c1", "ios", SHORT_LEASE)
+        .await
+        .unwrap();
+    r.add_device(10, "k10", "c1", "ios", LEASE).await.unwrap();
+    assert_eq!(
+        r.settle_presence(9).await.unwrap().map(|t| t.state),
+        Some(PresenceState::Online)
+    );
+    assert!(r.settle_presence(10).await.unwrap().is_some());
+    assert!(r.presence_due(100).await.unwrap().is_empty());
+
+    tokio::time::sleep(SHORT_LEASE + MARGIN).await;
+    assert_eq!(r.presence_due(100).await.unwrap(), [9]);
+    let offline = r.settle_presence(9).await.unwrap().expect("offline");
+    assert_eq!(
+        (offline.state, offline.devices),
+        (PresenceState::Offline, 0)
+    );
+    assert!(r.presence_due(100).await.unwrap().is_empty());
+    assert!(r.presence(9).await.unwrap().devices.is_empty());
 }
