@@ -43,6 +43,13 @@ impl MessageId {
         self.0
     }
 
+    /// Returns the lowest id of Unix time `unix_ms`: every id issued at an
+    /// earlier millisecond is below it.
+    pub fn first_at(unix_ms: u64) -> MessageId {
+        let ms = unix_ms.saturating_sub(EPOCH_MS).min(MAX_MS);
+        MessageId(ms << (NODE_BITS + SEQ_BITS))
+    }
+
     /// Returns the Unix time in ms the id was issued at (or ran ahead to).
     pub fn unix_ms(self) -> u64 {
         (self.0 >> (NODE_BITS + SEQ_BITS)) + EPOCH_MS
@@ -184,6 +191,18 @@ mod tests {
             assert!(seen.insert(a.next_at(T + i / 3)));
             assert!(seen.insert(b.next_at(T + i / 3)));
         }
+    }
+
+    #[test]
+    fn the_first_id_of_a_millisecond_is_above_every_earlier_one() {
+        let (a, b) = (
+            IdGenerator::new(MAX_NODE).unwrap(),
+            IdGenerator::new(0).unwrap(),
+        );
+        let earlier = a.next_at(T - 1);
+        let first = MessageId::first_at(T);
+        assert!(earlier < first && first <= b.next_at(T));
+        assert_eq!(first.unix_ms(), T);
     }
 
     #[test]

@@ -24,5 +24,6 @@ pub use crate::sqlite::{Pragmas, SqliteOptions, SqliteStore, Synchronous};
 pub use crate::store::{
     ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, InboxEntry, MAX_CONVERSATIONS_LIMIT,
     MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged, MembersPage, Message,
-    MessageStore, Page, PullPage, ReadPos, Reader, Sent, SyncPage, Synced, clamp_limit,
+    MessageStore, Page, Pruned, PullPage, ReadPos, Reader, Retention, Sent, SyncPage, Synced,
+    clamp_limit,
 };

@@ -38,7 +38,7 @@ use crate::message::Draft;
 use crate::store::{
     ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT,
     MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged, MembersPage, Message, MessageStore, Page,
-    PullPage, ReadPos, Reader, Sent, SyncPage, Synced, clamp_limit,
+    PruneCursor, Pruned, PullPage, ReadPos, Reader, Retention, Sent, SyncPage, Synced, clamp_limit,
 };
 
 /// The pooled connections a [`PostgresStore`] opens by default.
@@ -99,6 +99,8 @@ pub struct PostgresStore {
     /// Sends waiting for a batch; bounded: when full, a send waits up to the
     /// store timeout for room and then fails with `Unavailable`.
     send_tx: mpsc::Sender<batch::Job>,
+    /// Where retention's sweeps go on.
+    prune_cursor: parking_lot::Mutex<PruneCursor>,
 }
 
 /// What the store's calls and its batcher share.
@@ -203,7 +205,11 @@ impl PostgresStore {
             options.max_batch,
             in_flight,
         ));
-        Ok(PostgresStore { shared, send_tx })
+        Ok(PostgresStore {
+            shared,
+            send_tx,
+            prune_cursor: parking_lot::Mutex::default(),
+        })
     }
 }
 
@@ -262,6 +268,7 @@ macro_rules! with_client {
 
 mod batch;
 mod node;
+mod prune;
 mod schema;
 
 /// Maps a database error to [`Error::Unavailable`] saying what failed.
@@ -410,51 +417,63 @@ impl MessageStore for PostgresStore {
         let after_db = to_db("sync", after)?;
         let limit = clamp_limit(limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT);
         with_client!(self.shared, "reading an inbox", |client| {
-            let page = client
-                .prepare_cached(&format!(
-                    "SELECT i.sync, {MESSAGE_COLUMNS} FROM inbox i \
-                         JOIN messages m ON m.conv = i.conv AND m.seq = i.seq \
-                         WHERE i.mid = $1 AND i.sync > $2 ORDER BY i.sync LIMIT $3"
-                ))
-                .await
-                .map_err(db("preparing an inbox read"))?;
-            let rows = client
-                .query(&page, &[&mid, &after_db, &(limit_db(limit) + 1)])
-                .await
-                .map_err(db("reading an inbox"))?;
+            // An entry whose message retention removed comes back without
+            // it (m.conv NULL) and is skipped.
+            let page_sql = format!(
+                "SELECT i.sync, {MESSAGE_COLUMNS} FROM inbox i \
+                     LEFT JOIN messages m ON m.conv = i.conv AND m.seq = i.seq \
+                     WHERE i.mid = $1 AND i.sync > $2 ORDER BY i.sync LIMIT $3"
+            );
+            let (page, bounds) = tokio::try_join!(
+                client.prepare_cached(&page_sql),
+                client.prepare_cached("SELECT max_sync, min_sync FROM users WHERE mid = $1"),
+            )
+            .map_err(db("preparing an inbox read"))?;
+            let fetch = limit_db(limit) + 1;
+            let (rows, bounds) = tokio::try_join!(
+                async { client.query(&page, &[&mid, &after_db, &fetch]).await },
+                async { client.query_opt(&bounds, &[&mid]).await },
+            )
+            .map_err(db("reading an inbox"))?;
+            let (latest, oldest) = match bounds {
+                Some(row) => (
+                    from_db("a sync", get(&row, 0)?)?,
+                    from_db("a sync", get(&row, 1)?)?,
+                ),
+                None => (0, 1),
+            };
             let more = rows.len() > limit as usize;
             let mut entries = Vec::with_capacity(rows.len().min(limit as usize));
+            let mut last = None;
+            let mut pruned = false;
             for row in rows.iter().take(limit as usize) {
+                let sync = from_db("a sync", get(row, 0)?)?;
+                last = Some(sync);
+                if get::<Option<&str>>(row, 1)?.is_none() {
+                    pruned = true;
+                    continue;
+                }
                 entries.push(Synced {
-                    sync: from_db("a sync", get(row, 0)?)?,
+                    sync,
                     message: message_at(row, 1)?,
                 });
             }
-            let sync = match entries.last() {
-                Some(last) => last.sync,
-                None => {
-                    let latest = client
-                        .prepare_cached("SELECT max_sync FROM users WHERE mid = $1")
-                        .await
-                        .map_err(db("preparing an inbox read"))?;
-                    let latest = match client
-                        .query_opt(&latest, &[&mid])
-                        .await
-                        .map_err(db("reading an inbox's latest entry"))?
-                    {
-                        Some(row) => from_db("a sync", get(&row, 0)?)?,
-                        None => 0,
-                    };
-                    after.min(latest)
-                }
-            };
             Ok(SyncPage {
                 entries,
-                sync,
+                sync: last.unwrap_or_else(|| after.min(latest)),
                 more,
-                reset: false,
+                reset: pruned || after.saturating_add(1) < oldest,
             })
         })
+    }
+
+    async fn prune(&self, retention: &Retention, budget: u32) -> Result<Pruned> {
+        let mut cursor = self.prune_cursor.lock().clone();
+        let outcome = with_client!(self.shared, "pruning", |client| {
+            prune::step(client, retention, u64::from(budget), &mut cursor).await
+        });
+        *self.prune_cursor.lock() = cursor;
+        outcome
     }
 
     async fn inbox_heads(&self, mids: &[i64]) -> Result<Vec<u64>> {
@@ -489,19 +508,21 @@ impl MessageStore for PostgresStore {
         let conv_text = conv.to_string();
         let conv = conv.clone();
         let limit = limit_db(clamp_limit(limit, MAX_PULL_LIMIT, MAX_PULL_LIMIT));
+        let after_sql = "seq > $2 AND seq <= $3 ORDER BY seq";
         let (sql, bound) = match page {
             Page::Before(seq) => (
                 "seq < $2 AND seq <= $3 ORDER BY seq DESC",
                 to_db("before", seq)?,
             ),
-            Page::After(seq) => ("seq > $2 AND seq <= $3 ORDER BY seq", to_db("after", seq)?),
+            Page::After(seq) => (after_sql, to_db("after", seq)?),
             Page::Latest => ("seq > $2 AND seq <= $3 ORDER BY seq DESC", 0),
         };
         with_client!(self.shared, "reading history", |client| {
             let head = client
                 .prepare_cached(
                     "SELECT (SELECT max_seq FROM convs WHERE conv = $1), \
-                         EXISTS (SELECT 1 FROM members WHERE conv = $1 AND mid = $2)",
+                         EXISTS (SELECT 1 FROM members WHERE conv = $1 AND mid = $2), \
+                         (SELECT min_seq FROM convs WHERE conv = $1)",
                 )
                 .await
                 .map_err(db("preparing a history read"))?;
@@ -523,6 +544,18 @@ impl MessageStore for PostgresStore {
                 return Err(Error::NotMember { conv, mid });
             }
             let max_seq = max_seq.unwrap_or(0);
+            let min_seq: i64 = get::<Option<i64>>(&row, 2)?.unwrap_or(1);
+            // Below the floor nothing is left: the page starts at it (an
+            // `after` below it finds the floor's rows by itself).
+            let reset = match page {
+                Page::Before(_) => bound > 1 && bound <= min_seq,
+                Page::After(_) => bound.saturating_add(1) < min_seq,
+                Page::Latest => false,
+            };
+            let (sql, bound) = match page {
+                Page::Before(_) if reset => (after_sql, min_seq - 1),
+                _ => (sql, bound),
+            };
             let select = client
                 .prepare_cached(&format!(
                     "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE conv = $1 AND {sql} LIMIT $4"
@@ -540,8 +573,8 @@ impl MessageStore for PostgresStore {
             Ok(PullPage {
                 messages,
                 max_seq: from_db("a seq", max_seq)?,
-                min_seq: 1,
-                reset: false,
+                min_seq: from_db("a seq", min_seq)?,
+                reset,
             })
         })
     }

@@ -6,6 +6,7 @@
 //! own connections beside it, which WAL allows. Each read is one read
 //! transaction, so a page never mixes two commits.
 
+mod prune;
 mod schema;
 mod writer;
 
@@ -27,7 +28,7 @@ use crate::message::Draft;
 use crate::store::{
     ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT,
     MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged, MembersPage, Message, MessageStore, Page,
-    PullPage, ReadPos, Reader, Sent, SyncPage, Synced, clamp_limit,
+    PruneCursor, Pruned, PullPage, ReadPos, Reader, Retention, Sent, SyncPage, Synced, clamp_limit,
 };
 
 use self::writer::{Done, Op, Request};
@@ -102,6 +103,8 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     commits: Arc<AtomicU64>,
     pragmas: Pragmas,
+    /// Where retention's sweeps go on.
+    prune_cursor: Mutex<PruneCursor>,
 }
 
 impl SqliteStore {
@@ -169,6 +172,7 @@ impl SqliteStore {
                 journal_mode: journal_mode.to_ascii_lowercase(),
                 synchronous,
             },
+            prune_cursor: Mutex::default(),
         })
     }
 
@@ -312,6 +316,16 @@ fn max_seq(conn: &Connection, conv: &str) -> rusqlite::Result<i64> {
         .unwrap_or(0))
 }
 
+/// Returns `conv`'s latest seq and its oldest retained one ((0, 1) when it
+/// has no row).
+fn bounds(conn: &Connection, conv: &str) -> rusqlite::Result<(i64, i64)> {
+    Ok(conn
+        .prepare_cached("SELECT max_seq, min_seq FROM convs WHERE conv = ?1")?
+        .query_row([conv], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 1)))
+}
+
 /// Returns `mid`'s read position in `conv`, or None when not a member.
 fn read_seq(conn: &Connection, conv: &str, mid: i64) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached("SELECT read_seq FROM members WHERE conv = ?1 AND mid = ?2")?
@@ -353,40 +367,81 @@ impl MessageStore for SqliteStore {
         let after = to_sql("sync", after)?;
         let limit = clamp_limit(limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT);
         self.read("reading an inbox", move |tx| {
-            let latest: i64 = tx
-                .prepare_cached("SELECT max_sync FROM users WHERE mid = ?1")
-                .and_then(|mut stmt| stmt.query_row([mid], |row| row.get(0)).optional())
+            let (latest, oldest): (i64, i64) = tx
+                .prepare_cached("SELECT max_sync, min_sync FROM users WHERE mid = ?1")
+                .and_then(|mut stmt| {
+                    stmt.query_row([mid], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()
+                })
                 .map_err(failed("reading an inbox"))?
-                .unwrap_or(0);
-            let entries = tx
+                .unwrap_or((0, 1));
+            // An entry whose message retention removed comes back without
+            // it (m.seq NULL) and is skipped.
+            let rows = tx
                 .prepare_cached(
                     "SELECT i.sync, i.conv, m.seq, m.id, m.sender, m.cmid, m.kind, m.body, m.ts \
                      FROM inbox i \
-                     JOIN messages m ON m.conv = i.conv AND m.seq = i.seq \
+                     LEFT JOIN messages m ON m.conv = i.conv AND m.seq = i.seq \
                      WHERE i.mid = ?1 AND i.sync > ?2 ORDER BY i.sync LIMIT ?3",
                 )
                 .and_then(|mut stmt| {
                     stmt.query_map(params![mid, after, limit], |row| {
-                        Ok(Synced {
-                            sync: unsigned_at(row, 0)?,
-                            message: message_at(conv_at(row, 1)?, row, 2)?,
+                        let sync = unsigned_at(row, 0)?;
+                        let kept: Option<i64> = row.get(2)?;
+                        Ok(match kept {
+                            Some(_) => Ok(Synced {
+                                sync,
+                                message: message_at(conv_at(row, 1)?, row, 2)?,
+                            }),
+                            None => Err(sync),
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()
                 })
                 .map_err(failed("reading an inbox"))?;
-            let sync = match entries.last() {
-                Some(last) => last.sync,
+            let mut pruned = false;
+            let mut last = None;
+            let mut entries = Vec::with_capacity(rows.len());
+            for row in rows {
+                match row {
+                    Ok(entry) => {
+                        last = Some(entry.sync);
+                        entries.push(entry);
+                    }
+                    Err(sync) => {
+                        last = Some(sync);
+                        pruned = true;
+                    }
+                }
+            }
+            let sync = match last {
+                Some(last) => last,
                 None => from_sql("sync", after.min(latest))?,
             };
             Ok(SyncPage {
                 more: sync < from_sql("sync", latest)?,
                 entries,
                 sync,
-                reset: false,
+                reset: pruned || after.saturating_add(1) < oldest,
             })
         })
         .await
+    }
+
+    async fn prune(&self, retention: &Retention, budget: u32) -> Result<Pruned> {
+        let cursor = self.prune_cursor.lock().clone();
+        let op = Op::Prune {
+            retention: *retention,
+            budget: u64::from(budget),
+            cursor,
+        };
+        match self.write(op).await? {
+            Done::Pruned(pruned, cursor) => {
+                *self.prune_cursor.lock() = cursor;
+                Ok(pruned)
+            }
+            other => Err(other.mismatch()),
+        }
     }
 
     async fn inbox_heads(&self, mids: &[i64]) -> Result<Vec<u64>> {
@@ -416,9 +471,10 @@ impl MessageStore for SqliteStore {
         limit: u32,
     ) -> Result<PullPage> {
         let limit = clamp_limit(limit, MAX_PULL_LIMIT, MAX_PULL_LIMIT);
+        const AFTER: &str = "seq > ?2 ORDER BY seq ASC";
         let (clause, bound) = match page {
             Page::Before(seq) => ("seq < ?2 ORDER BY seq DESC", to_sql("before", seq)?),
-            Page::After(seq) => ("seq > ?2 ORDER BY seq ASC", to_sql("after", seq)?),
+            Page::After(seq) => (AFTER, to_sql("after", seq)?),
             Page::Latest => ("seq <= ?2 ORDER BY seq DESC", i64::MAX),
         };
         let conv = conv.clone();
@@ -433,7 +489,19 @@ impl MessageStore for SqliteStore {
                     return Err(Error::NotMember { conv, mid });
                 }
             }
-            let max_seq = max_seq(tx, &key).map_err(failed("reading a conversation"))?;
+            let (max_seq, min_seq) = bounds(tx, &key).map_err(failed("reading a conversation"))?;
+            // Below the floor nothing is left: the page starts at it (an
+            // `after` below it finds the floor's rows by itself).
+            let reset = match page {
+                Page::Before(_) => bound > 1 && bound <= min_seq,
+                Page::After(_) => bound.saturating_add(1) < min_seq,
+                Page::Latest => false,
+            };
+            let (clause, bound) = if reset && matches!(page, Page::Before(_)) {
+                (AFTER, min_seq - 1)
+            } else {
+                (clause, bound)
+            };
             let messages = tx
                 .prepare_cached(&format!(
                     "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = ?1 AND {clause} LIMIT ?3"
@@ -448,8 +516,8 @@ impl MessageStore for SqliteStore {
             Ok(PullPage {
                 messages,
                 max_seq: from_sql("seq", max_seq)?,
-                min_seq: 1,
-                reset: false,
+                min_seq: from_sql("seq", min_seq)?,
+                reset,
             })
         })
         .await

@@ -15,6 +15,12 @@
 //!   message with `duplicate: true` and stores nothing.
 //! - Each user's inbox `sync` is dense 1, 2, 3, … in commit order.
 //! - Writes are batched (group commit): concurrent sends share one commit.
+//! - Retention ([`MessageStore::prune`]) removes a conversation's oldest
+//!   messages only: everything below its `min_seq` is gone, everything from
+//!   it up to `max_seq` is kept. A user's inbox loses the entries before the
+//!   first one whose message is kept (`min_sync`); an entry further on whose
+//!   message a conversation's cap removed is skipped by SYNC. A read below
+//!   what is kept answers `reset` rather than a page with holes.
 
 use async_trait::async_trait;
 
@@ -101,8 +107,9 @@ pub struct SyncPage {
     pub sync: u64,
     /// True when entries after `sync` exist.
     pub more: bool,
-    /// True when the requested sync is below what is retained (always false
-    /// until retention lands): reload conversations, continue from `sync`.
+    /// True when some of what was asked for is no longer retained (the
+    /// requested sync is below the user's oldest entry, or an entry's
+    /// message was pruned): reload conversations, continue from `sync`.
     pub reset: bool,
 }
 
@@ -124,10 +131,156 @@ pub struct PullPage {
     pub messages: Vec<Message>,
     /// The conversation's latest seq (0 when empty).
     pub max_seq: u64,
-    /// The oldest seq still retained (1 until retention lands).
+    /// The oldest seq still retained (1 while nothing was pruned).
     pub min_seq: u64,
-    /// True when the request reached below `min_seq`.
+    /// True when the request asked for messages below `min_seq`: the page
+    /// then holds the oldest retained messages, from `min_seq` up.
     pub reset: bool,
+}
+
+/// What retention keeps (`im.retention_days`, `im.max_messages_per_conv`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages accepted before this Unix time (ms) go; `None` keeps them
+    /// whatever their age.
+    pub before_ms: Option<u64>,
+    /// Each conversation keeps at most its latest this many; `None` keeps
+    /// them all.
+    pub max_per_conv: Option<u64>,
+}
+
+impl Retention {
+    /// Whether anything is ever pruned.
+    pub fn prunes(&self) -> bool {
+        self.before_ms.is_some() || self.max_per_conv.is_some()
+    }
+}
+
+/// What one pruning step removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Messages removed.
+    pub messages: u64,
+    /// Inbox entries removed.
+    pub inbox: u64,
+    /// The step stopped at its budget: another one has work now.
+    pub more: bool,
+}
+
+/// Where a backend's pruning sweeps continue from between steps.
+#[derive(Clone, Debug)]
+pub(crate) struct PruneCursor {
+    /// The last conversation checked against the per-conversation cap.
+    pub(crate) conv: String,
+    /// The last user whose inbox was swept.
+    pub(crate) mid: i64,
+}
+
+impl Default for PruneCursor {
+    fn default() -> PruneCursor {
+        PruneCursor {
+            conv: String::new(),
+            mid: i64::MIN,
+        }
+    }
+}
+
+/// Conversations checked against the cap, and users whose inboxes are
+/// swept, per pruning step at most.
+pub(crate) const PRUNE_SWEEP: u32 = 200;
+
+/// The spending of one pruning step: both backends decide by it what to
+/// remove, and run the removals it answers.
+pub(crate) struct PruneStep {
+    budget: u64,
+    /// What the step removed so far.
+    pub(crate) pruned: Pruned,
+}
+
+/// What to do with one swept user's inbox.
+pub(crate) enum InboxCut {
+    /// Nothing before its first retained entry.
+    Keep,
+    /// Remove the entries below `upto`; `all` when that is everything
+    /// before the first retained entry.
+    Cut { upto: u64, all: bool },
+    /// The budget is spent: stop the sweep before this user.
+    Stop,
+}
+
+impl PruneStep {
+    pub(crate) fn new(budget: u64) -> PruneStep {
+        PruneStep {
+            budget,
+            pruned: Pruned::default(),
+        }
+    }
+
+    fn left(&self) -> u64 {
+        self.budget
+            .saturating_sub(self.pruned.messages + self.pruned.inbox)
+    }
+
+    /// Notes that the age query found `found` expired messages: as many as
+    /// the budget means there may be more.
+    pub(crate) fn expired_found(&mut self, found: u64) {
+        self.pruned.more |= found >= self.budget;
+    }
+
+    /// Where to cut a conversation now: its messages below the returned
+    /// seq go. `expired` is its newest message past the age limit, if any;
+    /// `None` when nothing is to go, or the budget is spent (then `more`).
+    pub(crate) fn conv_upto(
+        &mut self,
+        retention: &Retention,
+        max_seq: u64,
+        min_seq: u64,
+        expired: Option<u64>,
+    ) -> Option<u64> {
+        let by_age = expired.map_or(0, |seq| seq + 1);
+        let by_cap = retention
+            .max_per_conv
+            .map_or(0, |keep| (max_seq + 1).saturating_sub(keep));
+        let floor = by_age.max(by_cap);
+        if floor <= min_seq {
+            return None;
+        }
+        let left = self.left();
+        if left == 0 {
+            self.pruned.more = true;
+            return None;
+        }
+        let upto = floor.min(min_seq.saturating_add(left));
+        self.pruned.more |= upto < floor;
+        Some(upto)
+    }
+
+    /// Counts messages removed.
+    pub(crate) fn removed_messages(&mut self, removed: u64) {
+        self.pruned.messages += removed;
+    }
+
+    /// What to do with a user whose oldest entry is `min_sync` and whose
+    /// first entry with a retained message is `first_kept`.
+    pub(crate) fn inbox_cut(&mut self, min_sync: u64, first_kept: u64) -> InboxCut {
+        if first_kept <= min_sync {
+            return InboxCut::Keep;
+        }
+        let left = self.left();
+        if left == 0 {
+            self.pruned.more = true;
+            return InboxCut::Stop;
+        }
+        let upto = first_kept.min(min_sync.saturating_add(left));
+        let all = upto == first_kept;
+        self.pruned.more |= !all;
+        InboxCut::Cut { upto, all }
+    }
+
+    /// Counts inbox entries removed.
+    pub(crate) fn removed_inbox(&mut self, removed: u64) {
+        self.pruned.inbox += removed;
+    }
 }
 
 /// Who asks for a conversation's history.
@@ -230,6 +383,13 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Returns each user's latest inbox entry (0 for a user without
     /// one), in the order of `mids`, in one read whatever their number.
     async fn inbox_heads(&self, mids: &[i64]) -> Result<Vec<u64>>;
+
+    /// Removes, in one step of at most `budget` rows, what `retention` no
+    /// longer keeps: the oldest messages of conversations (moving their
+    /// `min_seq`) and the inbox entries before each user's first retained
+    /// one (moving their `min_sync`). Short transactions; sends go on
+    /// beside it, and several processes may prune one store at once.
+    async fn prune(&self, retention: &Retention, budget: u32) -> Result<Pruned>;
 
     /// Returns a page of `conv`'s history, at most `limit` messages
     /// (clamped to `1..=MAX_PULL_LIMIT`, 0 meaning the max). A member

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rim_im::{
-    ConvId, Error, IdGenerator, MessageStore, Page, Reader, SqliteOptions, SqliteStore, Synchronous,
+    ConvId, Draft, Error, IdGenerator, MessageStore, Page, Reader, SqliteOptions, SqliteStore,
+    Synchronous,
 };
 use suite::Backend;
 
@@ -79,6 +80,16 @@ async fn inbox_sync_is_dense_per_user() {
     suite::inbox_sync_is_dense_per_user(&Sqlite::new()).await;
 }
 
+#[tokio::test]
+async fn retention_cap_keeps_the_newest_and_reads_below_say_reset() {
+    suite::retention_cap_keeps_the_newest_and_reads_below_say_reset(&Sqlite::new()).await;
+}
+
+#[tokio::test]
+async fn retention_by_age_removes_what_is_older() {
+    suite::retention_by_age_removes_what_is_older(&Sqlite::new()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_pages_both_ways_with_clamps() {
     suite::history_pages_both_ways_with_clamps(&Sqlite::new()).await;
@@ -120,16 +131,50 @@ async fn a_newer_schema_is_refused() {
     let backend = Sqlite::new();
     drop(backend.store());
     let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
-    conn.pragma_update(None, "user_version", 2)
+    conn.pragma_update(None, "user_version", 3)
         .expect("user_version set");
     drop(conn);
     let err = SqliteStore::open(&backend.path(), backend.options()).expect_err("refused");
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     let text = err.to_string();
     assert!(
-        text.contains("schema version 2") && text.contains("version 1"),
+        text.contains("schema version 3") && text.contains("version 2"),
         "names both versions: {text}"
     );
+}
+
+#[tokio::test]
+async fn a_version_1_file_gets_the_retention_floors_and_keeps_its_rows() {
+    let backend = Sqlite::new();
+    let pair = ConvId::peer(1, 2).unwrap();
+    {
+        let store = backend.store();
+        for i in 0..3 {
+            let draft = Draft::new(pair.clone(), 1, format!("m{i}"), 0, "x".into(), 4000);
+            store.send(draft.unwrap()).await.unwrap();
+        }
+    }
+    // Back to what version 1 wrote: no floors.
+    let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
+    conn.execute_batch(
+        "ALTER TABLE convs DROP COLUMN min_seq; ALTER TABLE users DROP COLUMN min_sync; \
+         PRAGMA user_version = 1;",
+    )
+    .expect("back to version 1");
+    drop(conn);
+    let store = backend.store();
+    let page = store
+        .pull(&pair, Reader::Business, Page::After(0), 10)
+        .await
+        .unwrap();
+    assert_eq!((page.min_seq, page.max_seq, page.messages.len()), (1, 3, 3));
+    let synced = store.sync(2, 0, 10).await.unwrap();
+    assert_eq!((synced.reset, synced.entries.len()), (false, 3));
+    let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
 }
 
 #[tokio::test]
@@ -148,7 +193,7 @@ async fn the_file_is_wal_and_full_by_default_normal_when_asked() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .expect("user_version");
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
 
     let normal = SqliteStore::open(
         &backend.path(),

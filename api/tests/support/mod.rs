@@ -292,6 +292,13 @@ impl MessageStore for DownStore {
     async fn inbox_heads(&self, _mids: &[i64]) -> rim_im::Result<Vec<u64>> {
         store_down()
     }
+    async fn prune(
+        &self,
+        _retention: &rim_im::Retention,
+        _budget: u32,
+    ) -> rim_im::Result<rim_im::Pruned> {
+        store_down()
+    }
     async fn pull(
         &self,
         _conv: &ConvId,

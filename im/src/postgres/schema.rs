@@ -12,9 +12,10 @@ use super::{Shared, db, get};
 
 /// Every migration, in version order; a version is never edited once
 /// shipped, only followed by a new one.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE convs (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE convs (
         conv TEXT PRIMARY KEY,
         max_seq BIGINT NOT NULL,
         last_ts BIGINT NOT NULL
@@ -57,7 +58,15 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         seq BIGINT NOT NULL,
         PRIMARY KEY (mid, sync)
     );",
-)];
+    ),
+    // Retention: each conversation's and each user's oldest retained
+    // position (everything below it was pruned).
+    (
+        2,
+        "ALTER TABLE convs ADD COLUMN min_seq BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE users ADD COLUMN min_sync BIGINT NOT NULL DEFAULT 1;",
+    ),
+];
 
 /// The schema version this code writes.
 pub(super) fn latest() -> i32 {

@@ -12,6 +12,10 @@
 //!   second message under an id already given out).
 //! - `users`: each user's latest inbox `sync`.
 //! - `inbox`: `(mid, sync) → (conv, seq)`.
+//!
+//! Version 2 (retention): `convs.min_seq`, a conversation's oldest retained
+//! seq, and `users.min_sync`, a user's oldest retained inbox entry
+//! (everything below them was pruned).
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -20,7 +24,7 @@ use crate::error::{Error, Result, StoreFailure};
 use super::failed;
 
 /// The schema version this code writes and reads.
-pub(super) const VERSION: i64 = 1;
+pub(super) const VERSION: i64 = 2;
 
 /// Version 1. `messages` keeps its rowid: bodies run to kilobytes, and
 /// SQLite advises WITHOUT ROWID only for small rows.
@@ -70,6 +74,12 @@ CREATE TABLE inbox (
 ) WITHOUT ROWID;
 ";
 
+/// Version 2: the retention floors.
+const V2: &str = "
+ALTER TABLE convs ADD COLUMN min_seq INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE users ADD COLUMN min_sync INTEGER NOT NULL DEFAULT 1;
+";
+
 /// Brings the file to [`VERSION`] in one transaction, or refuses a file
 /// written by a newer rim (its tables may mean something this code does
 /// not know).
@@ -89,6 +99,10 @@ pub(super) fn migrate(conn: &mut Connection, path: &str) -> Result<()> {
     if found < 1 {
         tx.execute_batch(V1)
             .map_err(failed("creating the SQLite schema"))?;
+    }
+    if found < 2 {
+        tx.execute_batch(V2)
+            .map_err(failed("adding the retention floors to the SQLite schema"))?;
     }
     if found < VERSION {
         tx.pragma_update(None, "user_version", VERSION)

@@ -21,7 +21,10 @@ use crate::conv::ConvId;
 use crate::error::{Error, Result, StoreFailure};
 use crate::id::IdGenerator;
 use crate::message::Draft;
-use crate::store::{Group, GroupSpec, InboxEntry, MembersChanged, Message, ReadPos, Sent};
+use crate::store::{
+    Group, GroupSpec, InboxEntry, MembersChanged, Message, PruneCursor, Pruned, ReadPos, Retention,
+    Sent,
+};
 
 use super::{MESSAGE_COLUMNS, failed, find_group, from_sql, max_seq, message_at, read_seq};
 
@@ -43,6 +46,11 @@ pub(super) enum Op {
         add: Vec<i64>,
         remove: Vec<i64>,
     },
+    Prune {
+        retention: Retention,
+        budget: u64,
+        cursor: PruneCursor,
+    },
 }
 
 /// What a write did.
@@ -52,6 +60,7 @@ pub(super) enum Done {
     Read(ReadPos),
     Group(Group),
     Members(MembersChanged),
+    Pruned(Pruned, PruneCursor),
 }
 
 impl Done {
@@ -169,6 +178,15 @@ fn apply(tx: &mut rusqlite::Transaction<'_>, ids: &IdGenerator, op: &Op) -> Resu
         Op::PutGroup { conv, spec } => Done::Group(put_group(&sp, conv, spec)?),
         Op::ChangeMembers { conv, add, remove } => {
             Done::Members(change_members(&sp, conv, add, remove)?)
+        }
+        Op::Prune {
+            retention,
+            budget,
+            cursor,
+        } => {
+            let mut cursor = cursor.clone();
+            let pruned = super::prune::step(&sp, retention, *budget, &mut cursor)?;
+            Done::Pruned(pruned, cursor)
         }
     };
     sp.commit().map_err(failed("releasing a savepoint"))?;

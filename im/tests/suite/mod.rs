@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rim_im::{
     Code, ConvId, DEFAULT_SYNC_LIMIT, Draft, Error, GroupSpec, InboxEntry, MAX_PULL_LIMIT,
-    MAX_SYNC_LIMIT, Message, MessageStore, Page, Reader, Sent, Synced,
+    MAX_SYNC_LIMIT, Message, MessageStore, Page, Reader, Retention, Sent, Synced,
 };
 use tokio::task::JoinSet;
 
@@ -889,4 +889,186 @@ pub async fn acknowledged_writes_survive_a_reopen<B: Backend>(backend: &B) {
     );
     let four = store.conversations(4, 0).await.expect("conversations");
     assert_eq!(four[0].read_seq, 11, "4 joined at 10 and sent 11");
+}
+
+/// Prunes with `retention` in steps of `budget` rows until a step says
+/// nothing more is to go; returns the rows removed.
+async fn prune_all(
+    store: &Arc<dyn MessageStore>,
+    retention: &Retention,
+    budget: u32,
+) -> (u64, u64) {
+    let (mut messages, mut inbox) = (0, 0);
+    for _ in 0..1000 {
+        let step = bounded("a pruning step", store.prune(retention, budget))
+            .await
+            .expect("pruned");
+        assert!(
+            step.messages + step.inbox <= u64::from(budget),
+            "a step keeps to its budget: {step:?}"
+        );
+        messages += step.messages;
+        inbox += step.inbox;
+        if !step.more {
+            return (messages, inbox);
+        }
+    }
+    panic!("pruning never finished");
+}
+
+async fn pull(store: &Arc<dyn MessageStore>, conv: &ConvId, page: Page) -> rim_im::PullPage {
+    bounded("a pull", store.pull(conv, Reader::Business, page, 100))
+        .await
+        .expect("pulled")
+}
+
+fn seqs(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+/// Retention by a per-conversation cap: the oldest messages go, history
+/// below the floor answers `reset` with the page from the floor, inboxes
+/// lose their leading entries, and SYNC skips (and says so) entries whose
+/// message a cap removed further on; sends go on with the next seq.
+pub async fn retention_cap_keeps_the_newest_and_reads_below_say_reset<B: Backend>(backend: &B) {
+    let store = backend.open().await;
+    let (a, b, c) = (11, 12, 13);
+    let ab = ConvId::peer(a, b).expect("conv");
+    let ac = ConvId::peer(a, c).expect("conv");
+    // a's inbox: ab 1-10 (sync 1-10), ac 1 (11), ab 11-20 (12-21), ac 2
+    // (22), ab 21-30 (23-32), ac 3 (33).
+    for i in 1..=30 {
+        send(&store, draft(&ab, a, &format!("ab{i}"), "x")).await;
+        if i % 10 == 0 {
+            send(&store, draft(&ac, c, &format!("ac{i}"), "x")).await;
+        }
+    }
+    let none = Retention::default();
+    assert_eq!(prune_all(&store, &none, 100).await, (0, 0), "no policy");
+    let keep10 = Retention {
+        before_ms: None,
+        max_per_conv: Some(10),
+    };
+    // ab 1-20; b's entries 1-20 and a's 1-10 (ac 1 is kept, so a's later
+    // entries of ab 11-20 stay, skipped by SYNC).
+    assert_eq!(prune_all(&store, &keep10, 7).await, (20, 30));
+    assert_eq!(
+        prune_all(&store, &keep10, 7).await,
+        (0, 0),
+        "nothing left to go"
+    );
+
+    let page = pull(&store, &ab, Page::After(0)).await;
+    assert_eq!((page.reset, page.min_seq, page.max_seq), (true, 21, 30));
+    assert_eq!(seqs(&page.messages), (21..=30).collect::<Vec<_>>());
+    let page = pull(&store, &ab, Page::Before(15)).await;
+    assert!(page.reset, "below the floor");
+    assert_eq!(
+        seqs(&page.messages),
+        (21..=30).collect::<Vec<_>>(),
+        "from the floor up"
+    );
+    let page = pull(&store, &ab, Page::Before(25)).await;
+    assert!(!page.reset, "reaches the floor without passing it");
+    assert_eq!(seqs(&page.messages), vec![24, 23, 22, 21]);
+    let page = pull(&store, &ab, Page::Latest).await;
+    assert!(!page.reset);
+    assert_eq!(page.messages.len(), 10);
+    let page = pull(&store, &ac, Page::After(0)).await;
+    assert_eq!(
+        (page.reset, page.min_seq, page.messages.len()),
+        (false, 1, 3)
+    );
+
+    // b: everything before its first retained entry went.
+    let page = store.sync(b, 0, 200).await.expect("sync");
+    assert!(page.reset);
+    let got: Vec<u64> = page.entries.iter().map(|e| e.message.seq).collect();
+    assert_eq!(got, (21..=30).collect::<Vec<_>>());
+    assert_eq!((page.entries[0].sync, page.sync), (21, 30));
+    let page = store.sync(b, 20, 200).await.expect("sync");
+    assert!(!page.reset, "from the floor on, nothing is missing");
+    assert_eq!(page.entries.len(), 10);
+    // a: entries 1-10 went; 12-21 (ab 11-20) are skipped, with reset.
+    let page = store.sync(a, 0, 200).await.expect("sync");
+    assert!(page.reset);
+    let got: Vec<(u64, u64)> = page
+        .entries
+        .iter()
+        .map(|e| (e.sync, e.message.seq))
+        .collect();
+    let mut want = vec![(11, 1), (22, 2)];
+    want.extend((23..=32).zip(21..=30));
+    want.push((33, 3));
+    assert_eq!(got, want);
+    assert_eq!((page.sync, page.more), (33, false));
+    let page = store.sync(a, 11, 5).await.expect("sync");
+    assert!(page.reset, "entries 12-16 lost their messages");
+    assert!(page.entries.is_empty());
+    assert_eq!(
+        (page.sync, page.more),
+        (16, true),
+        "the cursor moves past them"
+    );
+    let page = store.sync(a, 21, 200).await.expect("sync");
+    assert!(!page.reset);
+    assert_eq!(page.entries.len(), 12);
+
+    // Sends go on; the cap keeps holding.
+    let next = send(&store, draft(&ab, b, "ab31", "x")).await;
+    assert_eq!(next.message.seq, 31);
+    assert_eq!(
+        prune_all(&store, &keep10, 100).await,
+        (1, 1),
+        "ab 21, b's entry 21"
+    );
+    let page = pull(&store, &ab, Page::After(0)).await;
+    assert_eq!((page.min_seq, page.messages.len()), (22, 10));
+}
+
+/// Retention by age: messages accepted before the limit go, those after
+/// stay, whatever the conversation.
+pub async fn retention_by_age_removes_what_is_older<B: Backend>(backend: &B) {
+    let store = backend.open().await;
+    let (a, b) = (21, 22);
+    let ab = ConvId::peer(a, b).expect("conv");
+    let aa = ConvId::peer(a, a).expect("conv");
+    let mut old = Vec::new();
+    for i in 0..5 {
+        old.push(
+            send(&store, draft(&ab, a, &format!("old{i}"), "x"))
+                .await
+                .message,
+        );
+        old.push(
+            send(&store, draft(&aa, a, &format!("self{i}"), "x"))
+                .await
+                .message,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let limit = old.iter().map(|m| m.id.unix_ms()).max().expect("sent") + 1;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for i in 0..5 {
+        let sent = send(&store, draft(&ab, b, &format!("new{i}"), "x")).await;
+        assert!(sent.message.id.unix_ms() >= limit);
+    }
+    let by_age = Retention {
+        before_ms: Some(limit),
+        max_per_conv: None,
+    };
+    // 10 messages; inboxes: a 15 (ab 5 + self 5... a's own entries), b 5.
+    let (messages, inbox) = prune_all(&store, &by_age, 4).await;
+    assert_eq!(messages, 10);
+    assert_eq!(inbox, 15, "a's 10 old entries and b's 5");
+    let page = pull(&store, &ab, Page::After(0)).await;
+    assert_eq!((page.reset, page.min_seq), (true, 6));
+    assert_eq!(seqs(&page.messages), vec![6, 7, 8, 9, 10]);
+    let page = pull(&store, &aa, Page::Latest).await;
+    assert!(page.messages.is_empty());
+    assert_eq!((page.min_seq, page.max_seq), (6, 5), "everything went");
+    let page = store.sync(a, 0, 200).await.expect("sync");
+    assert!(page.reset);
+    assert_eq!(page.entries.len(), 5);
+    assert_eq!(page.sync, 15);
 }
