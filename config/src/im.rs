@@ -69,6 +69,17 @@ pub struct ImConfig {
     pub big_group_members: u32,
     /// Bearer token for the /im/v1 endpoints; unset = `api.admin_token`.
     pub api_token: Option<String>,
+    /// Messages older than this many days are pruned (0: kept forever).
+    pub retention_days: u32,
+    /// Each conversation keeps at most its latest this many messages (0:
+    /// all of them).
+    pub max_messages_per_conv: u64,
+    /// How often retention looks for what to prune (when a limit is set).
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Rows one pruning step removes at most, each step one short
+    /// transaction.
+    pub prune_batch: u32,
 }
 
 impl ImConfig {
@@ -133,6 +144,14 @@ impl ImConfig {
         if let Some(token) = &self.api_token {
             secret("im.api_token", token)?;
         }
+        in_range(
+            "im.retention_days",
+            u64::from(self.retention_days),
+            0,
+            100 * 366,
+        )?;
+        positive("im.prune_interval", self.prune_interval)?;
+        in_range("im.prune_batch", u64::from(self.prune_batch), 1, 100_000)?;
         Ok(())
     }
 }
@@ -167,6 +186,10 @@ impl Default for ImConfig {
             ack_timeout: Duration::from_secs(10),
             big_group_members: 500,
             api_token: None,
+            retention_days: 0,
+            max_messages_per_conv: 0,
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 1000,
         }
     }
 }

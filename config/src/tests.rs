@@ -574,7 +574,7 @@ fn tokens_are_visible_ascii() {
 
 #[test]
 fn im_settings_name_their_key() {
-    let cases: [(&[(&str, &str)], &str); 6] = [
+    let cases: [(&[(&str, &str)], &str); 9] = [
         (&[("RIM_IM__STORE", "postgres")], "im.postgres"),
         (
             &[
@@ -587,6 +587,9 @@ fn im_settings_name_their_key() {
         (&[("RIM_IM__MAX_BODY", "0")], "im.max_body"),
         (&[("RIM_IM__ACK_TIMEOUT", "0s")], "im.ack_timeout"),
         (&[("RIM_IM__API_TOKEN", "has space")], "im.api_token"),
+        (&[("RIM_IM__RETENTION_DAYS", "40000")], "im.retention_days"),
+        (&[("RIM_IM__PRUNE_INTERVAL", "0s")], "im.prune_interval"),
+        (&[("RIM_IM__PRUNE_BATCH", "0")], "im.prune_batch"),
     ];
     for (vars, key) in cases {
         let err = load_err::<StandaloneConfig>(None, vars);

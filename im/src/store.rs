@@ -163,7 +163,8 @@ pub struct Pruned {
     pub messages: u64,
     /// Inbox entries removed.
     pub inbox: u64,
-    /// The step stopped at its budget: another one has work now.
+    /// The step stopped at its budget, or its sweeps over conversations
+    /// and users have not reached their end: another one has work now.
     pub more: bool,
 }
 
@@ -280,6 +281,11 @@ impl PruneStep {
     /// Counts inbox entries removed.
     pub(crate) fn removed_inbox(&mut self, removed: u64) {
         self.pruned.inbox += removed;
+    }
+
+    /// Notes whether a sweep reached its end in this step.
+    pub(crate) fn swept(&mut self, to_the_end: bool) {
+        self.pruned.more |= !to_the_end;
     }
 }
 

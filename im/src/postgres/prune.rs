@@ -68,6 +68,7 @@ pub(super) async fn step(
             Some(row) if rows.len() >= PRUNE_SWEEP as usize => get(row, 0)?,
             _ => String::new(),
         };
+        step.swept(cursor.conv.is_empty());
         for row in &rows {
             let conv: String = get(row, 0)?;
             bounds.insert(
@@ -181,5 +182,6 @@ pub(super) async fn step(
     if swept_all {
         cursor.mid = i64::MIN;
     }
+    step.swept(swept_all);
     Ok(step.pruned)
 }

@@ -72,6 +72,7 @@ pub(super) fn step(
             Some((conv, ..)) if rows.len() >= PRUNE_SWEEP as usize => conv.clone(),
             _ => String::new(),
         };
+        step.swept(cursor.conv.is_empty());
         for (conv, max_seq, min_seq) in rows {
             bounds.insert(
                 conv.clone(),
@@ -159,5 +160,6 @@ pub(super) fn step(
     if swept_all {
         cursor.mid = i64::MIN;
     }
+    step.swept(swept_all);
     Ok(step.pruned)
 }
