@@ -587,7 +587,10 @@ fn im_settings_name_their_key() {
         (&[("RIM_IM__MAX_BODY", "0")], "im.max_body"),
         (&[("RIM_IM__ACK_TIMEOUT", "0s")], "im.ack_timeout"),
         (&[("RIM_IM__API_TOKEN", "has space")], "im.api_token"),
-        (&[("RIM_IM__SEND_BURST_PER_CONN", "0")], "im.send_burst_per_conn"),
+        (
+            &[("RIM_IM__SEND_BURST_PER_CONN", "0")],
+            "im.send_burst_per_conn",
+        ),
         (
             &[("RIM_IM__SEND_RATE_PER_USER", "1000001")],
             "im.send_rate_per_user",

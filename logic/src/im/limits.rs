@@ -300,7 +300,9 @@ mod tests {
         for conn in 0..10_000i64 {
             limits.check_send(conn, &format!("key-{conn}")).unwrap();
             limits
-                .check_api(&ApiClient::Addr(std::net::Ipv6Addr::from(conn as u128).into()))
+                .check_api(&ApiClient::Addr(
+                    std::net::Ipv6Addr::from(conn as u128).into(),
+                ))
                 .unwrap();
         }
         assert_eq!(limits.keys().map(|(_, n)| n), [10_000, 10_000, 10_000]);

@@ -41,9 +41,7 @@ impl ImMetrics {
 
     /// Counts one request refused by `limit`.
     pub(crate) fn limited(&self, limit: Limit) {
-        self.limited
-            .get_or_create(&[("limit", limit.name())])
-            .inc();
+        self.limited.get_or_create(&[("limit", limit.name())]).inc();
     }
 
     pub(crate) fn register(
