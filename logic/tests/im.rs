@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rim_config::{ImConfig, LogicConfig};
 use rim_im::{ConvId, Draft, IdGenerator, Page, Reader, SqliteOptions, SqliteStore};
 use rim_logic::{Comets, HttpClient, Im, Logic};
@@ -217,7 +216,7 @@ async fn client_send(logic: &Logic, mid: i64, key: &str, to: i64, cmid: &str) ->
                 ver: 1,
                 op: Op::IM_SEND.0,
                 seq: 9,
-                body: Bytes::from(req.encode()),
+                body: req.encode(),
             }),
         })
         .await
