@@ -6,7 +6,8 @@
 //! device sends its share of messages (1:1 to users near it on a ring, a
 //! few to itself, 30% to its groups), keeps the one it has not had a
 //! SEND_REPLY for and resends it with the same cmid after a reply timeout, a
-//! lost connection or code 5, reconnects with bounded backoff (its home
+//! lost connection or code 5 (after code 3, once its `retry_ms` passed),
+//! reconnects with bounded backoff (its home
 //! address first, then the others the test currently offers), ACKs its
 //! contiguous inbox prefix, and SYNCs from the end of that prefix after
 //! every reconnect and every NOTIFY sync. [`verify`] then reads the store
@@ -223,6 +224,9 @@ struct DeviceReport {
     deduplicated: usize,
     /// Code 5 replies (SEND or SYNC).
     unavailable: usize,
+    /// Code 3 replies (a SEND over `im.send_rate_per_conn` or
+    /// `im.send_rate_per_user`), resent after their `retry_ms`.
+    limited: usize,
     /// Requests without a reply in time.
     timeouts: usize,
     /// Connections made after the first.
@@ -431,6 +435,13 @@ mod load {
                         self.report.unavailable += 1;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                    // Nothing was stored: resend the same cmid after the
+                    // wait the reply names, as a client should.
+                    Ok(reply) if reply.code == Code::RATE_LIMITED => {
+                        self.report.limited += 1;
+                        let wait = reply.retry_ms.unwrap_or(1000).min(10_000);
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
                     }
                     Ok(reply) => panic!("{}: SEND {cmid} refused: {reply:?}", self.token.key),
                     Err(_) => {}
@@ -682,6 +693,7 @@ struct Figures {
     resends: usize,
     deduplicated: usize,
     unavailable: usize,
+    limited: usize,
     timeouts: usize,
     reconnects: usize,
     notify_syncs: usize,
@@ -924,6 +936,7 @@ async fn verify(
         resends: reports.iter().map(|r| r.resends).sum(),
         deduplicated: reports.iter().map(|r| r.deduplicated).sum(),
         unavailable: reports.iter().map(|r| r.unavailable).sum(),
+        limited: reports.iter().map(|r| r.limited).sum(),
         timeouts: reports.iter().map(|r| r.timeouts).sum(),
         reconnects: reports.iter().map(|r| r.reconnects).sum(),
         notify_syncs: reports.iter().map(|r| r.notify_syncs).sum(),
@@ -1115,7 +1128,7 @@ async fn collect(handles: Vec<tokio::task::JoinHandle<DeviceReport>>) -> Vec<Dev
 fn print_figures(test: &str, figures: &Figures, took: Duration) {
     println!(
         "{test}: {} messages planned, {} acknowledged, {} stored in {} conversations; \
-         {} resends ({} answered from an earlier attempt's commit), {} code-5 replies, {} reply timeouts, {} reconnects, {} NOTIFY sync; \
+         {} resends ({} answered from an earlier attempt's commit), {} code-5 replies, {} code-3 replies, {} reply timeouts, {} reconnects, {} NOTIFY sync; \
          received {} pushed + {} synced, {} duplicates on the wire ({} of them pushed again); \
          {} distinct entries received over all devices, {} of them first by push; run time {:.1} s",
         figures.planned,
@@ -1125,6 +1138,7 @@ fn print_figures(test: &str, figures: &Figures, took: Duration) {
         figures.resends,
         figures.deduplicated,
         figures.unavailable,
+        figures.limited,
         figures.timeouts,
         figures.reconnects,
         figures.notify_syncs,

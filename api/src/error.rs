@@ -85,6 +85,10 @@ pub enum HttpError {
         /// `im.big_group_members`.
         limit: u32,
     },
+    /// An /im/v1 write over `im.api_write_rate` (HTTP 429 with
+    /// `Retry-After`, IM code 3): nothing was done.
+    #[error("{0}")]
+    RateLimited(#[from] rim_logic::Limited),
     /// A dependency is not ready (HTTP 503, code -500).
     #[error("{}", not_ready(router.as_ref(), queue.as_deref()))]
     NotReady {
@@ -131,6 +135,10 @@ impl HttpError {
             HttpError::BigGroup { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, rim_im::Code::TooLarge as i32)
             }
+            HttpError::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                rim_im::Code::RateLimited as i32,
+            ),
             HttpError::Logic(_)
             | HttpError::NothingEnqueued { .. }
             | HttpError::NotEnqueued { .. }
@@ -142,7 +150,7 @@ impl HttpError {
 
     /// Returns the im.md code of this error, which the /im/v1 endpoints
     /// answer in the envelope whatever failed: 1 bad request, 2 not
-    /// allowed, 4 too large, 5 unavailable.
+    /// allowed, 3 rate limited, 4 too large, 5 unavailable.
     fn im_code(&self) -> i32 {
         use rim_im::Code;
         let code = match self {
@@ -150,6 +158,7 @@ impl HttpError {
             HttpError::BadRequest(_) | HttpError::BodyTimeout(_) => Code::BadRequest,
             HttpError::Unauthorized(_) | HttpError::ImOff => Code::NotAllowed,
             HttpError::TooLarge(_) | HttpError::BigGroup { .. } => Code::TooLarge,
+            HttpError::RateLimited(_) => Code::RateLimited,
             HttpError::Logic(_)
             | HttpError::NothingEnqueued { .. }
             | HttpError::NotEnqueued { .. }
@@ -197,7 +206,8 @@ impl IntoResponse for HttpError {
 
 /// A refusal of an /im/v1 request: the status of its [`HttpError`], with
 /// the im.md code in the envelope and, on 503, `Retry-After: 1` (nothing
-/// was stored: resend, a message with the same cmid).
+/// was stored: resend, a message with the same cmid); on 429, `Retry-After`
+/// in whole seconds, rounded up.
 #[derive(Debug)]
 pub(crate) struct ImError(pub(crate) HttpError);
 
@@ -216,11 +226,19 @@ impl From<rim_im::Error> for ImError {
 impl IntoResponse for ImError {
     fn into_response(self) -> Response {
         let code = self.0.im_code();
+        let retry_after = match &self.0 {
+            HttpError::RateLimited(limited) => Some(HeaderValue::from(limited.retry_secs())),
+            _ => None,
+        };
         let mut response = self.0.respond(code);
-        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = retry_after.or_else(|| {
+            (response.status() == StatusCode::SERVICE_UNAVAILABLE)
+                .then(|| HeaderValue::from_static("1"))
+        });
+        if let Some(retry_after) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, retry_after);
         }
         response
     }
@@ -328,16 +346,38 @@ mod tests {
                 503,
                 5,
             ),
+            (limited(1500).into(), 429, 3),
         ];
         for (err, status, code) in cases {
             let shown = err.to_string();
             let response = ImError(err).into_response();
             assert_eq!(response.status().as_u16(), status, "{shown}");
             let retry = response.headers().get(header::RETRY_AFTER);
-            assert_eq!(retry.is_some(), status == 503, "{shown}");
+            assert_eq!(retry.is_some(), status == 503 || status == 429, "{shown}");
             let body = json_body(response);
             assert_eq!(body["code"], code, "{shown}");
             assert_eq!(body["message"], shown);
+        }
+    }
+
+    fn limited(ms: u64) -> rim_logic::Limited {
+        rim_logic::Limited {
+            limit: rim_logic::Limit::Api,
+            retry: std::time::Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn a_rate_limited_write_says_when_to_retry_in_whole_seconds() {
+        for (ms, secs) in [(1, "1"), (999, "1"), (1000, "1"), (1001, "2"), (2500, "3")] {
+            let response = ImError(limited(ms).into()).into_response();
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(response.headers()[header::RETRY_AFTER], secs, "{ms} ms");
+            let body = json_body(response);
+            assert_eq!(body["code"], 3);
+            let message = body["message"].as_str().unwrap();
+            assert!(message.contains("im.api_write_rate"), "{message}");
+            assert!(message.contains(&format!("{ms} ms")), "{message}");
         }
     }
 

@@ -698,3 +698,187 @@ async fn presence_lists_devices_and_last_seen() {
     let answer = down.get("/im/v1/users/7/presence").await;
     refused(&answer, 503, 5, &["redis is down"]);
 }
+
+// ---------------------------------------------------------------------------
+// Rate limits
+// ---------------------------------------------------------------------------
+
+/// One write's answer: status, `Retry-After`, envelope.
+struct Written {
+    status: u16,
+    retry_after: Option<String>,
+    body: Value,
+}
+
+async fn write(h: &Harness, method: reqwest::Method, path: &str, body: Value) -> Written {
+    write_as(h, method, path, body, None).await
+}
+
+async fn write_as(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    body: Value,
+    token: Option<&str>,
+) -> Written {
+    let mut request = h.http.request(method, h.url(path)).body(body.to_string());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("http request");
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().to_owned());
+    Written {
+        status: response.status().as_u16(),
+        retry_after,
+        body: response.json().await.unwrap_or(Value::Null),
+    }
+}
+
+/// Repeats a write (`nth` gives the i-th body) until the limit refuses
+/// one, at most 50 times; returns the refusal and the refused body.
+/// im.api_write_rate = 1 with a burst of 3: the limit is reached unless
+/// every request takes over a second.
+async fn until_limited(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    nth: impl Fn(usize) -> Value,
+) -> (Written, Value) {
+    for i in 0..50 {
+        let body = nth(i);
+        let answer = write(h, method.clone(), path, body.clone()).await;
+        if answer.status == 429 {
+            return (answer, body);
+        }
+        assert_eq!(answer.status, 200, "{method} {path}: {}", answer.body);
+    }
+    panic!("{method} {path}: 50 writes and none limited");
+}
+
+#[track_caller]
+fn assert_limited(answer: &Written) {
+    assert_eq!(answer.status, 429, "{}", answer.body);
+    assert_eq!(answer.retry_after.as_deref(), Some("1"), "1 per second");
+    assert_eq!(answer.body["code"], 3, "{}", answer.body);
+    assert!(answer.body["data"].is_null(), "{}", answer.body);
+    let message = answer.body["message"].as_str().unwrap();
+    assert!(message.contains("im.api_write_rate"), "{message}");
+}
+
+/// Over `im.api_write_rate`, every write endpoint answers 429 with
+/// `Retry-After` and IM code 3, and the refused send is not stored;
+/// reads go on.
+#[tokio::test]
+async fn writes_over_the_limit_get_429_with_retry_after_and_reads_do_not() {
+    use reqwest::Method;
+    let h = Setup::new()
+        .im_store()
+        .im(|im| {
+            im.api_write_rate = 1;
+            im.api_write_burst = 3;
+        })
+        .start()
+        .await;
+    let group = json!({ "name": "team" });
+    assert_eq!(
+        write(&h, Method::PUT, "/im/v1/groups/team", group)
+            .await
+            .status,
+        200
+    );
+    let send = |i: usize| json!({ "from": 1, "to": 2, "cmid": format!("c-{i}"), "body": "hi" });
+    let (refused, body) = until_limited(&h, Method::POST, "/im/v1/messages", send).await;
+    assert_limited(&refused);
+    let history = h.get("/im/v1/conversations/p:1:2/messages?after=0").await;
+    let cmids: Vec<&Value> = history.ok()["msgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["cmid"])
+        .collect();
+    assert!(
+        !cmids.is_empty() && !cmids.contains(&&body["cmid"]),
+        "{cmids:?}"
+    );
+
+    let read = |_| json!({ "mid": 1, "seq": 1 });
+    let (refused, _) =
+        until_limited(&h, Method::POST, "/im/v1/conversations/p:1:2/read", read).await;
+    assert_limited(&refused);
+    let group = |_| json!({ "name": "team" });
+    let (refused, _) = until_limited(&h, Method::PUT, "/im/v1/groups/team", group).await;
+    assert_limited(&refused);
+    let members = |i: usize| json!({ "add": [i] });
+    let (refused, _) = until_limited(&h, Method::POST, "/im/v1/groups/team/members", members).await;
+    assert_limited(&refused);
+
+    for path in [
+        "/im/v1/conversations/p:1:2/messages",
+        "/im/v1/users/1/conversations",
+        "/im/v1/users/2/sync",
+        "/im/v1/groups/team",
+        "/im/v1/groups/team/members",
+    ] {
+        for _ in 0..5 {
+            h.get(path).await.ok();
+        }
+    }
+}
+
+/// With a token, its callers share one limit; a request with a wrong
+/// token is refused before the limit and takes nothing from it.
+#[tokio::test]
+async fn the_token_has_one_limit_and_wrong_tokens_take_nothing_from_it() {
+    use reqwest::Method;
+    let h = Setup::new()
+        .im_store()
+        .im(|im| {
+            im.api_token = Some(IM_TOKEN.into());
+            im.api_write_rate = 1;
+            im.api_write_burst = 1;
+        })
+        .start()
+        .await;
+    let group = json!({ "name": "team" });
+    for _ in 0..5 {
+        let wrong = write_as(
+            &h,
+            Method::PUT,
+            "/im/v1/groups/team",
+            group.clone(),
+            Some("nope"),
+        )
+        .await;
+        assert_eq!((wrong.status, &wrong.body["code"]), (401, &json!(2)));
+    }
+    let first = write_as(
+        &h,
+        Method::PUT,
+        "/im/v1/groups/team",
+        group.clone(),
+        Some(IM_TOKEN),
+    )
+    .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Until a second has passed, the token's next write is refused.
+    let mut limited = None;
+    for _ in 0..50 {
+        let next = write_as(
+            &h,
+            Method::PUT,
+            "/im/v1/groups/team",
+            group.clone(),
+            Some(IM_TOKEN),
+        )
+        .await;
+        if next.status == 429 {
+            limited = Some(next);
+            break;
+        }
+        assert_eq!(next.status, 200, "{}", next.body);
+    }
+    assert_limited(&limited.expect("a write over the token's limit"));
+}

@@ -42,6 +42,15 @@ impl Standalone {
     /// directory (refusing one that holds a previous run's file); returns
     /// the directory and the running process.
     pub async fn start_fresh(&self) -> anyhow::Result<(PathBuf, crate::cluster::Cluster)> {
+        self.start_fresh_with(&[]).await
+    }
+
+    /// [`Standalone::start_fresh`] with `extra_env` set for the process
+    /// (e.g. its `[im]` limits).
+    pub async fn start_fresh_with(
+        &self,
+        extra_env: &[(String, String)],
+    ) -> anyhow::Result<(PathBuf, crate::cluster::Cluster)> {
         let log_dir = self.log_dir();
         anyhow::ensure!(
             !log_dir.join("im.sqlite3").exists(),
@@ -52,8 +61,13 @@ impl Standalone {
             "starting rim standalone, logs and SQLite in {}",
             log_dir.display()
         );
-        let cluster =
-            crate::cluster::Cluster::standalone(&self.rim, self.port_base, &log_dir).await?;
+        let cluster = crate::cluster::Cluster::standalone_with(
+            &self.rim,
+            self.port_base,
+            &log_dir,
+            extra_env,
+        )
+        .await?;
         Ok((log_dir, cluster))
     }
 }

@@ -17,6 +17,13 @@
 //! `/proc/<pid>/stat` of rim and of rim-bench over the measured window, and
 //! the store's commits (fsyncs) from rim's `/metrics`.
 //!
+//! With `--abuser-rate R`, every rate is measured twice, without and then
+//! with one abusive user sending R SENDs per second on one connection
+//! beside the pairs (`im_abuser`): the report gives the abuser's share of
+//! code-3 replies and the pairs' p99 SEND → SEND_REPLY both ways. The
+//! standalone runs with `--send-rate-per-conn` and `--send-rate-per-user`
+//! (bursts twice the rate); a cluster with its own `[im]` limits.
+//!
 //! Then rim is stopped and the raw baseline (`im_raw`) writes
 //! `--raw-messages` messages over as many conversations into a fresh SQLite
 //! file beside rim's, in `--raw-batch` transactions: rim's best sustained
@@ -37,6 +44,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::im_abuser::{self, AbuseComparison, AbuserPlan, AbuserReport, AbuserStats};
 use crate::im_device::{self, Machine, Standalone, now_nanos};
 use crate::im_raw;
 use crate::latency::{Percentiles, Recorder, cdf_points, human};
@@ -135,9 +143,58 @@ pub struct Args {
     /// short `-suffix` (comet-a1 and comet-b2 are `comet`).
     #[arg(long = "proc", value_name = "NAME=PID", value_parser = procstat::parse_watched)]
     pub procs: Vec<Watched>,
+    /// One abusive user beside the pairs, sending this many SENDs per second
+    /// on one connection regardless of code 3 (e.g. 10 × its limit: 200
+    /// with `--send-rate-per-conn 20`); every rate is then measured without
+    /// and with it. 0 = no abuser.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_abuser_rate)]
+    pub abuser_rate: f64,
+    /// The standalone's `im.send_rate_per_conn` (its burst twice that;
+    /// 0 = off). The default keeps the limiter on the path but far above
+    /// any pair's share; rim's own default is 20. A cluster uses its config.
+    #[arg(long, default_value_t = 1000, conflicts_with = "comets",
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub send_rate_per_conn: u32,
+    /// The standalone's `im.send_rate_per_user` (its burst twice that;
+    /// 0 = off); rim's own default is 50.
+    #[arg(long, default_value_t = 1000, conflicts_with = "comets",
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub send_rate_per_user: u32,
     #[command(flatten)]
     #[serde(flatten)]
     pub output: Output,
+}
+
+/// Parses `--abuser-rate`: 0 (none) or a rate up to `MAX_RATE`.
+fn parse_abuser_rate(s: &str) -> Result<f64, String> {
+    if s.trim() == "0" {
+        return Ok(0.0);
+    }
+    parse_rate(s, MAX_RATE)
+}
+
+/// One measured step: an offered rate, with or without the abuser.
+#[derive(Clone, Copy, Debug)]
+struct Phase {
+    rate: f64,
+    abuser: bool,
+}
+
+/// The steps of a run: each rate, and with `--abuser-rate` each rate again
+/// with the abuser right after it.
+fn phases(args: &Args) -> Vec<Phase> {
+    let abuser = args.abuser_rate > 0.0;
+    args.rates
+        .iter()
+        .flat_map(|&rate| {
+            let with = abuser.then_some(Phase { rate, abuser: true });
+            std::iter::once(Phase {
+                rate,
+                abuser: false,
+            })
+            .chain(with)
+        })
+        .collect()
 }
 
 /// Counters and histograms of one offered rate (measured sends only,
@@ -214,6 +271,11 @@ fn body(step: usize, nanos: u64, measured: bool, len: usize) -> String {
 #[derive(Debug, Serialize)]
 struct StepReport {
     offered_rate: f64,
+    /// Whether the abusive user sent beside the pairs in this step.
+    with_abuser: bool,
+    /// The abuser's figures (steps with the abuser only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    abuser: Option<AbuserReport>,
     measured_secs: f64,
     planned: u64,
     sent: u64,
@@ -309,6 +371,10 @@ struct Summary {
     goal_p99_ms_at_4000: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<ClusterSummary>,
+    /// With `--abuser-rate`: per rate, the abuser's code-3 share and the
+    /// pairs' p99 without and with it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    abuse: Vec<AbuseComparison>,
 }
 
 /// Everything the run reports (also the JSON).
@@ -338,7 +404,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.comets.is_empty() {
         return run_cluster(args, started_unix_secs, machine).await;
     }
-    let (log_dir, cluster) = args.standalone.start_fresh().await?;
+    let per_sender = args.rates.iter().copied().fold(0.0, f64::max) / f64::from(args.pairs);
+    let limit = f64::from(args.send_rate_per_conn.min(args.send_rate_per_user.max(1)));
+    if args.send_rate_per_conn > 0 && per_sender > limit {
+        eprintln!(
+            "warning: at the highest rate each sender offers {per_sender:.1} SENDs/s, above --send-rate-per-conn / --send-rate-per-user: the pairs themselves will get code 3"
+        );
+    }
+    let limits = [
+        ("SEND_RATE_PER_CONN", args.send_rate_per_conn),
+        (
+            "SEND_BURST_PER_CONN",
+            args.send_rate_per_conn.saturating_mul(2),
+        ),
+        ("SEND_RATE_PER_USER", args.send_rate_per_user),
+        (
+            "SEND_BURST_PER_USER",
+            args.send_rate_per_user.saturating_mul(2),
+        ),
+    ]
+    .map(|(key, value)| (format!("RIM_IM__{key}"), value.to_string()));
+    let (log_dir, cluster) = args.standalone.start_fresh_with(&limits).await?;
     let sqlite_path = log_dir.join("im.sqlite3");
     let rim_pid = cluster.logic_pid;
     let tcp = cluster.comets[0].tcp;
@@ -474,6 +560,23 @@ async fn run_cluster(args: Args, started_unix_secs: u64, machine: Machine) -> an
     finish(&report, &args)
 }
 
+/// The abuser's figures of a step, as one line (steps with the abuser).
+fn abuser_line(s: &StepReport) -> Option<String> {
+    let a = s.abuser.as_ref()?;
+    Some(format!(
+        "   with the abuser: it sent {} at {:.0} msg/s: {} ok, {} code 3 ({:.1} %), {} other refusals, {} skipped, {} unanswered; longest retry_ms {}",
+        a.sent,
+        a.rate,
+        a.ok,
+        a.limited,
+        a.limited_pct,
+        a.other_refused,
+        a.skipped,
+        a.missing_replies,
+        a.retry_ms_max
+    ))
+}
+
 /// Prints the report and writes its JSON and SVG where asked.
 fn finish(report: &Report, args: &Args) -> anyhow::Result<()> {
     print_report(report);
@@ -517,7 +620,39 @@ fn summarize(
             .map(|s| s.send_reply_us.p99 as f64 / 1e3),
         goal_p99_ms_at_4000: 20.0,
         cluster: cluster_cores.map(|cores| cluster_summary(steps, cores, best_achieved)),
+        abuse: abuse_comparisons(steps),
     }
+}
+
+/// Pairs each step with the abuser with the step of the same rate without
+/// it.
+fn abuse_comparisons(steps: &[StepReport]) -> Vec<AbuseComparison> {
+    steps
+        .iter()
+        .filter_map(|with| {
+            let abuser = with.abuser.as_ref()?;
+            let without = steps
+                .iter()
+                .find(|s| !s.with_abuser && s.offered_rate == with.offered_rate)?;
+            let p99 = |s: &StepReport| s.send_reply_us.p99 as f64 / 1e3;
+            let (before, after) = (p99(without), p99(with));
+            Some(AbuseComparison {
+                offered_rate: with.offered_rate,
+                abuser_rate: abuser.rate,
+                abuser_limited_pct: abuser.limited_pct,
+                goal_abuser_limited_pct: 90.0,
+                others_p99_reply_ms_without: before,
+                others_p99_reply_ms_with: after,
+                others_p99_change_pct: if before > 0.0 {
+                    (after - before) * 100.0 / before
+                } else {
+                    0.0
+                },
+                goal_change_pct: 10.0,
+                others_refused_with: with.refused_by_code.values().sum(),
+            })
+        })
+        .collect()
 }
 
 fn cluster_summary(steps: &[StepReport], cores: usize, best_achieved: f64) -> ClusterSummary {
@@ -594,16 +729,18 @@ async fn measure(args: &Args, target: &Target) -> anyhow::Result<Vec<StepReport>
         .into_iter()
         .map(|c| c.map(Some))
         .collect::<anyhow::Result<_>>()?;
+    let mut abuser = if args.abuser_rate > 0.0 {
+        Some(connect(im_abuser::ABUSER_MID, 0).await?)
+    } else {
+        None
+    };
 
-    let steps: Arc<Vec<Arc<StepStats>>> = Arc::new(
-        args.rates
-            .iter()
-            .map(|_| Arc::new(StepStats::new()))
-            .collect(),
-    );
+    let phases = phases(args);
+    let steps: Arc<Vec<Arc<StepStats>>> =
+        Arc::new(phases.iter().map(|_| Arc::new(StepStats::new())).collect());
     let step_secs = args.warmup + args.duration + args.drain;
     let run_deadline =
-        Instant::now() + Duration::from_secs((step_secs + 30) * args.rates.len() as u64 + 60);
+        Instant::now() + Duration::from_secs((step_secs + 30) * phases.len() as u64 + 60);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut receivers = tokio::task::JoinSet::new();
     for (i, client) in recipients.into_iter().enumerate() {
@@ -618,13 +755,43 @@ async fn measure(args: &Args, target: &Target) -> anyhow::Result<Vec<StepReport>
 
     let http = reqwest::Client::new();
     let mut reports = Vec::new();
-    for (index, &rate) in args.rates.iter().enumerate() {
+    for (index, &phase) in phases.iter().enumerate() {
+        let rate = phase.rate;
         let stats = Arc::clone(&steps[index]);
         eprintln!(
-            "rate {rate} msg/s: {}s warmup, {}s measured",
-            args.warmup, args.duration
+            "rate {rate} msg/s{}: {}s warmup, {}s measured",
+            if phase.abuser {
+                format!(" with an abuser at {} msg/s", args.abuser_rate)
+            } else {
+                String::new()
+            },
+            args.warmup,
+            args.duration
         );
         let start = Instant::now() + Duration::from_millis(200);
+        let abuser_stats = Arc::new(AbuserStats::default());
+        let abuser_task = match (phase.abuser, abuser.take()) {
+            (true, Some(client)) => {
+                let plan = AbuserPlan {
+                    step: index,
+                    rate: args.abuser_rate,
+                    start,
+                    warmup: args.warmup,
+                    duration: args.duration,
+                    drain: args.drain,
+                    cmid_prefix: target.cmid_prefix,
+                };
+                Some(tokio::spawn(im_abuser::abuser(
+                    client,
+                    plan,
+                    Arc::clone(&abuser_stats),
+                )))
+            }
+            (_, client) => {
+                abuser = client;
+                None
+            }
+        };
         let mut tasks = tokio::task::JoinSet::new();
         for (i, slot) in senders.iter_mut().enumerate() {
             if let Some(client) = slot.take() {
@@ -683,6 +850,12 @@ async fn measure(args: &Args, target: &Target) -> anyhow::Result<Vec<StepReport>
                 senders[i] = Some(client);
             }
         }
+        if let Some(task) = abuser_task {
+            abuser = task.await.ok().flatten();
+            if abuser.is_none() && phase.abuser {
+                eprintln!("the abuser lost its connection");
+            }
+        }
         // MSGs still on their way after the last reply get a moment.
         let msg_wait = Instant::now() + Duration::from_secs(args.drain);
         while get(&stats.msgs) < get(&stats.ok) && Instant::now() < msg_wait {
@@ -709,6 +882,10 @@ async fn measure(args: &Args, target: &Target) -> anyhow::Result<Vec<StepReport>
             written,
         );
         add_cluster_figures(&mut report, box_cores, job, args.duration as f64);
+        if phase.abuser {
+            report.with_abuser = true;
+            report.abuser = Some(abuser_stats.report(args.abuser_rate));
+        }
         eprintln!(
             "  => {:.0} msg/s achieved of {rate}, SEND→SEND_REPLY p50 {} p99 {}, SEND→MSG p50 {} p99 {}{}",
             report.achieved_msgs_per_sec,
@@ -726,6 +903,9 @@ async fn measure(args: &Args, target: &Target) -> anyhow::Result<Vec<StepReport>
             for line in cluster_step_lines(&report) {
                 eprintln!("{line}");
             }
+        }
+        if let Some(line) = abuser_line(&report) {
+            eprintln!("{line}");
         }
         reports.push(report);
         if senders.iter().all(Option::is_none) {
@@ -787,6 +967,8 @@ fn step_report(
     let rim_cpu = cpu.iter().find(|c| c.name == "rim").map(|c| c.cpu_seconds);
     StepReport {
         offered_rate: rate,
+        with_abuser: false,
+        abuser: None,
         measured_secs: secs,
         planned: Pacer::planned_for(rate, duration),
         sent: get(&s.sent),
@@ -1321,6 +1503,9 @@ fn print_report(r: &Report) {
                 println!("    {line}");
             }
         }
+        if let Some(line) = abuser_line(s) {
+            println!("  {line}");
+        }
         if let Some(w) = s.rim_write_bytes {
             println!(
                 "           rim wrote {:.1} MB to storage = {:.1} MB/s, {:.0} bytes per message",
@@ -1345,6 +1530,20 @@ fn print_report(r: &Report) {
         );
     }
     let s = &r.summary;
+    for a in &s.abuse {
+        println!(
+            "  abuse at {:.0} msg/s: abuser at {:.0} msg/s got {:.1} % code 3 (goal ≥ {} %); the others' p99 SEND→SEND_REPLY {:.2} ms without, {:.2} ms with = {:+.1} % (goal < {} %); the others refused with it: {}",
+            a.offered_rate,
+            a.abuser_rate,
+            a.abuser_limited_pct,
+            a.goal_abuser_limited_pct,
+            a.others_p99_reply_ms_without,
+            a.others_p99_reply_ms_with,
+            a.others_p99_change_pct,
+            a.goal_change_pct,
+            a.others_refused_with
+        );
+    }
     if let Some(c) = &s.cluster {
         println!(
             "  cluster, {} cores: best achieved {:.0} msg/s = {:.0} per core (goal ≥ {}); best with p99 SEND→MSG ≤ {} ms: {:?} msg/s = {:?} per core; lowest p99 SEND→MSG {:?} ms",

@@ -11,6 +11,7 @@ mod cluster;
 mod connections;
 mod fanout;
 mod fleet;
+mod im_abuser;
 mod im_catchup;
 mod im_device;
 mod im_history;
@@ -182,6 +183,50 @@ mod tests {
         );
         assert_eq!(json["raw_batch"], serde_json::json!([256, 1]));
         assert_eq!(json["raw_messages"], 200_000);
+        // No abuser by default; the standalone's limits far above a pair's share.
+        assert_eq!(json["abuser_rate"], 0.0);
+        assert_eq!(
+            (
+                json["send_rate_per_conn"].as_u64(),
+                json["send_rate_per_user"].as_u64()
+            ),
+            (Some(1000), Some(1000))
+        );
+        let cli = Cli::try_parse_from([
+            "rim-bench",
+            "im-send",
+            "--abuser-rate",
+            "200",
+            "--send-rate-per-conn",
+            "20",
+            "--send-rate-per-user",
+            "50",
+        ])
+        .unwrap();
+        let Command::ImSend(abuse) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        assert_eq!(
+            (
+                abuse.abuser_rate,
+                abuse.send_rate_per_conn,
+                abuse.send_rate_per_user
+            ),
+            (200.0, 20, 50)
+        );
+        assert!(Cli::try_parse_from(["rim-bench", "im-send", "--abuser-rate", "-1"]).is_err());
+        // The standalone's limits mean nothing against a cluster.
+        assert!(
+            Cli::try_parse_from([
+                "rim-bench",
+                "im-send",
+                "--comets",
+                "127.0.0.1:1",
+                "--send-rate-per-conn",
+                "5"
+            ])
+            .is_err()
+        );
         assert!(Cli::try_parse_from(["rim-bench", "im-send", "--rates", "0"]).is_err());
         assert!(Cli::try_parse_from(["rim-bench", "im-send", "--pairs", "0"]).is_err());
         assert!(Cli::try_parse_from(["rim-bench", "im-send", "--body-bytes", "10"]).is_err());

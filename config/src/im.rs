@@ -2,6 +2,7 @@
 //! and the limits of the chat ops. `rim standalone` keeps them in SQLite
 //! under `rim-data/`; a logic cluster shares PostgreSQL.
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -80,6 +81,40 @@ pub struct ImConfig {
     /// Rows one pruning step removes at most, each step one short
     /// transaction.
     pub prune_batch: u32,
+    /// SENDs (op 18) per second one connection may make; 0 = no limit.
+    pub send_rate_per_conn: u32,
+    /// SENDs one connection may make at once above its rate.
+    pub send_burst_per_conn: u32,
+    /// SENDs per second one user may make over all its devices on one
+    /// logic process; 0 = no limit.
+    pub send_rate_per_user: u32,
+    /// SENDs one user may make at once above its rate.
+    pub send_burst_per_user: u32,
+    /// /im/v1 write requests (POST, PUT) per second per API token, or per
+    /// client IP address when no token is set; 0 = no limit.
+    pub api_write_rate: u32,
+    /// /im/v1 write requests one token (or address) may make at once above
+    /// its rate.
+    pub api_write_burst: u32,
+}
+
+/// A rate limit from `[im]`: `rate` per second on average, `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests per second, replenished evenly.
+    pub rate: NonZeroU32,
+    /// Requests allowed at once (the bucket's size).
+    pub burst: NonZeroU32,
+}
+
+impl RateLimit {
+    /// The limit of a validated rate and burst; `None` when the rate is 0 (off).
+    fn of(rate: u32, burst: u32) -> Option<RateLimit> {
+        Some(RateLimit {
+            rate: NonZeroU32::new(rate)?,
+            burst: NonZeroU32::new(burst)?,
+        })
+    }
 }
 
 impl ImConfig {
@@ -100,6 +135,21 @@ impl ImConfig {
             });
             (hash % (u64::from(MAX_ID_NODE) + 1)) as u16
         })
+    }
+
+    /// The per-connection SEND limit (`im.send_rate_per_conn`), if on.
+    pub fn send_limit_per_conn(&self) -> Option<RateLimit> {
+        RateLimit::of(self.send_rate_per_conn, self.send_burst_per_conn)
+    }
+
+    /// The per-user SEND limit (`im.send_rate_per_user`), if on.
+    pub fn send_limit_per_user(&self) -> Option<RateLimit> {
+        RateLimit::of(self.send_rate_per_user, self.send_burst_per_user)
+    }
+
+    /// The /im/v1 write limit (`im.api_write_rate`), if on.
+    pub fn api_write_limit(&self) -> Option<RateLimit> {
+        RateLimit::of(self.api_write_rate, self.api_write_burst)
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -152,8 +202,34 @@ impl ImConfig {
         )?;
         positive("im.prune_interval", self.prune_interval)?;
         in_range("im.prune_batch", u64::from(self.prune_batch), 1, 100_000)?;
+        rate_limit(
+            ("im.send_rate_per_conn", self.send_rate_per_conn),
+            ("im.send_burst_per_conn", self.send_burst_per_conn),
+        )?;
+        rate_limit(
+            ("im.send_rate_per_user", self.send_rate_per_user),
+            ("im.send_burst_per_user", self.send_burst_per_user),
+        )?;
+        rate_limit(
+            ("im.api_write_rate", self.api_write_rate),
+            ("im.api_write_burst", self.api_write_burst),
+        )?;
         Ok(())
     }
+}
+
+/// The largest rate or burst of a limit (far above any one client's need;
+/// it keeps a typo from meaning "no limit" silently).
+const MAX_RATE: u64 = 1_000_000;
+
+/// Checks a rate (0 = off) and its burst, which must be at least 1 when
+/// the rate is on.
+fn rate_limit((rate_key, rate): (&str, u32), (burst_key, burst): (&str, u32)) -> Result<()> {
+    in_range(rate_key, u64::from(rate), 0, MAX_RATE)?;
+    if rate > 0 {
+        in_range(burst_key, u64::from(burst), 1, MAX_RATE)?;
+    }
+    Ok(())
 }
 
 /// The largest id-generator node number (10 bits).
@@ -190,6 +266,16 @@ impl Default for ImConfig {
             max_messages_per_conv: 0,
             prune_interval: Duration::from_secs(60),
             prune_batch: 1000,
+            // A person types and taps far below 20 messages a second; a
+            // burst of 40 lets a client flush what it queued offline.
+            send_rate_per_conn: 20,
+            send_burst_per_conn: 40,
+            // Several devices of one person, each well under its own limit.
+            send_rate_per_user: 50,
+            send_burst_per_user: 100,
+            // One business server's writes (sends, reads, groups).
+            api_write_rate: 2000,
+            api_write_burst: 4000,
         }
     }
 }

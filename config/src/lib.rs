@@ -18,7 +18,7 @@ mod serde_list;
 
 pub use cidr::Cidr;
 pub use error::{ConfigError, Result};
-pub use im::{ImConfig, ImStore, SqliteSync};
+pub use im::{ImConfig, ImStore, RateLimit, SqliteSync};
 pub use load::{ENV_PREFIX, Load};
 pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, OpenListener, StandaloneConfig};
 pub use sections::{

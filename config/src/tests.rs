@@ -574,7 +574,7 @@ fn tokens_are_visible_ascii() {
 
 #[test]
 fn im_settings_name_their_key() {
-    let cases: [(&[(&str, &str)], &str); 9] = [
+    let cases: [(&[(&str, &str)], &str); 12] = [
         (&[("RIM_IM__STORE", "postgres")], "im.postgres"),
         (
             &[
@@ -590,6 +590,15 @@ fn im_settings_name_their_key() {
         (&[("RIM_IM__RETENTION_DAYS", "40000")], "im.retention_days"),
         (&[("RIM_IM__PRUNE_INTERVAL", "0s")], "im.prune_interval"),
         (&[("RIM_IM__PRUNE_BATCH", "0")], "im.prune_batch"),
+        (
+            &[("RIM_IM__SEND_BURST_PER_CONN", "0")],
+            "im.send_burst_per_conn",
+        ),
+        (
+            &[("RIM_IM__SEND_RATE_PER_USER", "1000001")],
+            "im.send_rate_per_user",
+        ),
+        (&[("RIM_IM__API_WRITE_BURST", "0")], "im.api_write_burst"),
     ];
     for (vars, key) in cases {
         let err = load_err::<StandaloneConfig>(None, vars);
@@ -600,6 +609,33 @@ fn im_settings_name_their_key() {
     }
     let err = load_err::<StandaloneConfig>(None, &[("RIM_IM__STORE", "mongo")]);
     assert!(err.contains("im.store"), "{err}");
+}
+
+#[test]
+fn im_rate_limits_default_on_and_zero_turns_one_off() {
+    let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    let limit = |rate: u32, burst: u32| {
+        Some(crate::RateLimit {
+            rate: rate.try_into().unwrap(),
+            burst: burst.try_into().unwrap(),
+        })
+    };
+    assert_eq!(config.im.send_limit_per_conn(), limit(20, 40));
+    assert_eq!(config.im.send_limit_per_user(), limit(50, 100));
+    assert_eq!(config.im.api_write_limit(), limit(2000, 4000));
+    // Off: a rate of 0, whatever the burst (0 too).
+    let off = StandaloneConfig::load_from(
+        None,
+        env(&[
+            ("RIM_IM__SEND_RATE_PER_CONN", "0"),
+            ("RIM_IM__SEND_BURST_PER_CONN", "0"),
+            ("RIM_IM__API_WRITE_RATE", "0"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(off.im.send_limit_per_conn(), None);
+    assert_eq!(off.im.api_write_limit(), None);
+    assert_eq!(off.im.send_limit_per_user(), limit(50, 100));
 }
 
 #[test]

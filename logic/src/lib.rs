@@ -23,7 +23,7 @@ mod webhook;
 pub use comets::{BadComet, CometNode, Comets};
 pub use facade::{CometCallError, FacadeError, KeysByComet, LogicFacade, NodeQuery, NodeSelection};
 pub use grpc::serve as serve_grpc;
-pub use im::{Im, wire_msg};
+pub use im::{ApiClient, Im, Limit, Limited, wire_msg};
 pub use nodes::Choice;
 pub use service::Logic;
 pub use webhook::{HttpClient, MAX_RESPONSE_BODY, WebhookError};

@@ -1,14 +1,18 @@
 //! The IM service over a real SQLite store, the in-memory router and the
-//! in-process queue: what it queues for the recipients' connections.
+//! in-process queue: what it queues for the recipients' connections, and
+//! the SENDs its rate limits refuse.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rim_config::ImConfig;
-use rim_im::{ConvId, Draft, IdGenerator, SqliteOptions, SqliteStore};
-use rim_logic::Im;
+use rim_config::{ImConfig, LogicConfig};
+use rim_im::{ConvId, Draft, IdGenerator, Page, Reader, SqliteOptions, SqliteStore};
+use rim_logic::{Comets, HttpClient, Im, Logic};
 use rim_proto::Op;
-use rim_proto::im::{Body, Msg, Notify};
+use rim_proto::api::LogicApi;
+use rim_proto::im::{Body, Code, Msg, Notify, SendReply, SendRequest};
+use rim_proto::pb::frame::v1::Proto;
+use rim_proto::pb::logic::v1::ReceiveRequest;
 use rim_queue::{Consumer, MemoryConsumer, PushMsg, memory_queue};
 use rim_router::{MemoryRouter, Router};
 
@@ -19,6 +23,10 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(ImConfig::standalone()).await
+}
+
+async fn setup_with(config: ImConfig) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ids = Arc::new(IdGenerator::new(1).unwrap());
     let store = SqliteStore::open(&dir.path().join("im.sqlite3"), SqliteOptions::new(ids)).unwrap();
@@ -38,7 +46,7 @@ async fn setup() -> Setup {
         Arc::new(store),
         Arc::new(router),
         Arc::new(producer),
-        &ImConfig::standalone(),
+        &config,
     );
     Setup {
         im,
@@ -164,5 +172,162 @@ async fn users_on_one_comet_get_their_own_sync_in_one_queue_message() {
     assert_eq!(
         syncs,
         [("alice-laptop".to_owned(), 1), ("bob-phone".to_owned(), 2)]
+    );
+}
+
+/// Logic serving IM with these SEND limits (per connection, per user) as
+/// comets see it: client frames in, replies out.
+async fn limited(per_conn: (u32, u32), per_user: (u32, u32)) -> (Logic, tempfile::TempDir) {
+    let s = setup_with(ImConfig {
+        send_rate_per_conn: per_conn.0,
+        send_burst_per_conn: per_conn.1,
+        send_rate_per_user: per_user.0,
+        send_burst_per_user: per_user.1,
+        ..ImConfig::standalone()
+    })
+    .await;
+    let router = rim_router::connect(&rim_config::RouterConfig::default())
+        .await
+        .unwrap();
+    let logic = Logic::new(
+        &LogicConfig::default(),
+        router,
+        Arc::new(Comets::new()),
+        HttpClient::new().unwrap(),
+    )
+    .with_im(Arc::new(s.im));
+    (logic, s._dir)
+}
+
+/// Sends `cmid` from connection `key` of user `mid` to user `to` (op 18)
+/// and returns the SEND_REPLY.
+async fn client_send(logic: &Logic, mid: i64, key: &str, to: i64, cmid: &str) -> SendReply {
+    let req = SendRequest {
+        cmid: cmid.into(),
+        to: Some(to),
+        body: format!("text of {cmid}"),
+        ..SendRequest::default()
+    };
+    let reply = logic
+        .receive(ReceiveRequest {
+            mid,
+            key: key.into(),
+            proto: Some(Proto {
+                ver: 1,
+                op: Op::IM_SEND.0,
+                seq: 9,
+                body: req.encode(),
+            }),
+        })
+        .await
+        .unwrap();
+    let [frame] = &reply.replies[..] else {
+        panic!("one reply, got {:?}", reply.replies);
+    };
+    assert_eq!((frame.op, frame.seq), (Op::IM_SEND_REPLY.0, 9));
+    SendReply::decode(&frame.body).unwrap()
+}
+
+/// The cmids stored in `conv`, oldest first.
+async fn stored(logic: &Logic, conv: ConvId) -> Vec<String> {
+    let im = logic.im().unwrap();
+    let page = im
+        .pull(&conv, Reader::Business, Page::After(0), 100)
+        .await
+        .unwrap();
+    page.msgs.into_iter().map(|m| m.cmid).collect()
+}
+
+fn assert_limited(reply: &SendReply, cmid: &str) {
+    assert_eq!(reply.code, Code::RATE_LIMITED, "{reply:?}");
+    assert_eq!(reply.cmid, cmid);
+    assert!(reply.retry_ms.is_some_and(|ms| ms > 0), "{reply:?}");
+    assert_eq!((reply.seq, reply.id.as_str()), (0, ""), "nothing stored");
+}
+
+#[tokio::test]
+async fn a_connection_over_its_burst_is_refused_and_its_resend_is_stored_once() {
+    // 20 per second: a cell every 50 ms, 3 at once.
+    let (logic, _dir) = limited((20, 3), (0, 0)).await;
+    for cmid in ["c-0", "c-1", "c-2"] {
+        let reply = client_send(&logic, 1, "alice-phone", 2, cmid).await;
+        assert_eq!(reply.code, Code::OK, "{reply:?}");
+        assert_eq!(reply.retry_ms, None);
+    }
+    let refused = client_send(&logic, 1, "alice-phone", 2, "c-3").await;
+    assert_limited(&refused, "c-3");
+    assert!(
+        refused.error.contains("im.send_rate_per_conn"),
+        "{refused:?}"
+    );
+    assert_limited(
+        &client_send(&logic, 1, "alice-phone", 2, "c-4").await,
+        "c-4",
+    );
+    let conv = ConvId::peer(1, 2).unwrap();
+    assert_eq!(stored(&logic, conv.clone()).await, ["c-0", "c-1", "c-2"]);
+
+    // After the wait the reply names, the same cmid goes through, once.
+    let wait = refused.retry_ms.unwrap();
+    assert!(wait <= 1000, "a cell of 20/s is at most 50 ms away: {wait}");
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let resent = client_send(&logic, 1, "alice-phone", 2, "c-3").await;
+    assert_eq!((resent.code, resent.seq), (Code::OK, 4), "{resent:?}");
+    // A duplicate resend (its reply lost) answers the same seq, storing nothing.
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let again = client_send(&logic, 1, "alice-phone", 2, "c-3").await;
+    assert_eq!(
+        (again.code, again.seq, &again.id),
+        (Code::OK, 4, &resent.id)
+    );
+    assert_eq!(stored(&logic, conv).await, ["c-0", "c-1", "c-2", "c-3"]);
+}
+
+#[tokio::test]
+async fn one_users_limit_leaves_other_users_alone() {
+    let (logic, _dir) = limited((1, 2), (0, 0)).await;
+    for cmid in ["a-0", "a-1"] {
+        assert_eq!(
+            client_send(&logic, 1, "alice-phone", 2, cmid).await.code,
+            Code::OK
+        );
+    }
+    assert_limited(
+        &client_send(&logic, 1, "alice-phone", 2, "a-2").await,
+        "a-2",
+    );
+    for cmid in ["b-0", "b-1"] {
+        let reply = client_send(&logic, 2, "bob-phone", 1, cmid).await;
+        assert_eq!(reply.code, Code::OK, "{reply:?}");
+    }
+    assert_eq!(
+        stored(&logic, ConvId::peer(1, 2).unwrap()).await,
+        ["a-0", "a-1", "b-0", "b-1"]
+    );
+}
+
+#[tokio::test]
+async fn the_user_limit_spans_the_users_devices() {
+    // No per-connection limit: each device alone is under the user's.
+    let (logic, _dir) = limited((0, 0), (1, 3)).await;
+    for (key, cmid) in [
+        ("alice-phone", "p-0"),
+        ("alice-laptop", "l-0"),
+        ("alice-phone", "p-1"),
+    ] {
+        assert_eq!(client_send(&logic, 1, key, 2, cmid).await.code, Code::OK);
+    }
+    for (key, cmid) in [("alice-laptop", "l-1"), ("alice-phone", "p-2")] {
+        let reply = client_send(&logic, 1, key, 2, cmid).await;
+        assert_limited(&reply, cmid);
+        assert!(reply.error.contains("im.send_rate_per_user"), "{reply:?}");
+    }
+    assert_eq!(
+        client_send(&logic, 2, "bob-phone", 1, "b-0").await.code,
+        Code::OK
+    );
+    assert_eq!(
+        stored(&logic, ConvId::peer(1, 2).unwrap()).await,
+        ["p-0", "l-0", "p-1", "b-0"]
     );
 }

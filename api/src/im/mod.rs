@@ -7,23 +7,27 @@
 //! code in the envelope, a matching HTTP status, and the parameter or
 //! field it is about in the message. They are guarded by `im.api_token`
 //! (or `api.admin_token`) and answer 404 when `im.store` is off, except
-//! the presence query, which the router answers alone.
+//! the presence query, which the router answers alone. The writes (POST,
+//! PUT) are rate limited per token, or per client address when no token is
+//! set (`im.api_write_rate`: 429 with `Retry-After`).
 
 mod groups;
 mod messages;
 mod presence;
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path};
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::middleware;
+use axum::http::{HeaderMap, Method};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{get, post};
 use rim_im::ConvId;
-use rim_logic::Im;
+use rim_logic::{ApiClient, Im};
 use serde::de::DeserializeOwned;
 
 use crate::error::ImError;
@@ -46,10 +50,45 @@ pub(crate) fn routes(api: Arc<Api>) -> Router<Arc<Api>> {
             "/groups/{gid}/members",
             get(groups::members).post(groups::change_members),
         )
+        // Added first, so it runs after the token check: a refused token
+        // takes nothing from the limit.
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&api),
+            limit_writes,
+        ))
         .layer(middleware::from_fn_with_state(
             api,
             crate::bearer::require_im_token,
         ))
+}
+
+/// Refuses an /im/v1 write (anything but GET and HEAD) over
+/// `im.api_write_rate` with 429, before it is read or done. With a token
+/// set every caller presents the one token and shares its limit; without
+/// one each client IP address has its own.
+async fn limit_writes(
+    State(api): State<Arc<Api>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ImError> {
+    let write = !matches!(*request.method(), Method::GET | Method::HEAD);
+    // With IM off there is no limiter; the handler answers 404.
+    if let (true, Some(im)) = (write, api.logic.im()) {
+        let client = if api.im.token.is_some() {
+            ApiClient::Token
+        } else {
+            // The server always records the peer; a router driven without
+            // it (in-process) counts as one client.
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(Ipv4Addr::UNSPECIFIED.into(), |ConnectInfo(peer)| peer.ip());
+            ApiClient::Addr(peer)
+        };
+        im.admit_api_write(&client)
+            .map_err(|limited| ImError(HttpError::RateLimited(limited)))?;
+    }
+    Ok(next.run(request).await)
 }
 
 /// Returns the IM service, or 404 when `im.store` is off.

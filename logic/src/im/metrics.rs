@@ -1,10 +1,12 @@
 //! The IM layer's metrics in logic: requests by op and reply code, store
-//! commits, and deliveries by result.
+//! commits, deliveries by result, and rate-limit refusals and keys.
 
 use std::sync::Arc;
 
 use rim_im::MessageStore;
 use rim_metrics::{Counter, DescriptorEncoder, Family, Registry};
+
+use super::limits::{Limit, Limits};
 
 type OpCode = [(&'static str, &'static str); 2];
 type Result1 = [(&'static str, &'static str); 1];
@@ -14,6 +16,7 @@ type Result1 = [(&'static str, &'static str); 1];
 pub(crate) struct ImMetrics {
     requests: Family<OpCode, Counter>,
     deliveries: Family<Result1, Counter>,
+    limited: Family<Result1, Counter>,
 }
 
 /// Reply codes as label values (a code outside 0–5 is never produced).
@@ -36,7 +39,17 @@ impl ImMetrics {
         self.deliveries.get_or_create(&[("result", result)]).inc();
     }
 
-    pub(crate) fn register(&self, registry: &mut Registry, store: Arc<dyn MessageStore>) {
+    /// Counts one request refused by `limit`.
+    pub(crate) fn limited(&self, limit: Limit) {
+        self.limited.get_or_create(&[("limit", limit.name())]).inc();
+    }
+
+    pub(crate) fn register(
+        &self,
+        registry: &mut Registry,
+        store: Arc<dyn MessageStore>,
+        limits: Arc<Limits>,
+    ) {
         registry.register(
             "rim_logic_im_requests",
             "IM requests (client ops and /im/v1 calls) by op and reply code (0 ok, 1 bad request, 2 not allowed, 3 rate limited, 4 too large, 5 unavailable)",
@@ -47,7 +60,30 @@ impl ImMetrics {
             "IM frames (MSG, NOTIFY) handed to the push queue, one per comet and user, by result: queued, router_failed, queue_failed (devices catch up by SYNC)",
             self.deliveries.clone(),
         );
+        registry.register(
+            "rim_logic_im_rate_limited",
+            "IM requests refused for a rate limit (SEND code 3, /im/v1 writes 429), by limit: connection (im.send_rate_per_conn), user (im.send_rate_per_user), api (im.api_write_rate)",
+            self.limited.clone(),
+        );
         registry.register_collector(Box::new(StoreCollector(store)));
+        registry.register_collector(Box::new(LimitsCollector(limits)));
+    }
+}
+
+/// The keys the rate limiters hold (pruned every 10 s), read at scrape time.
+#[derive(Debug)]
+struct LimitsCollector(Arc<Limits>);
+
+impl rim_metrics::Collector for LimitsCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let keys = self.0.keys();
+        rim_metrics::gauge_family(
+            &mut e,
+            "rim_logic_im_rate_limit_keys",
+            "Keys (connections, users, API clients) the IM rate limiters hold: the active ones plus those not yet pruned",
+            "limit",
+            keys.iter().map(|(limit, n)| (limit.name(), *n as i64)),
+        )
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod acks;
 mod deliver;
+mod limits;
 mod metrics;
 mod wire;
 
@@ -31,6 +32,8 @@ use rim_queue::Producer;
 use rim_router::Router;
 
 use self::deliver::Deliverer;
+use self::limits::Limits;
+pub use self::limits::{ApiClient, Limit, Limited};
 use self::metrics::ImMetrics;
 use self::wire::Refusal;
 pub use self::wire::msg as wire_msg;
@@ -40,10 +43,12 @@ pub use self::wire::msg as wire_msg;
 /// last seq), so a reply stays a reasonable frame.
 const MAX_REPLY_BODY_BYTES: usize = 256 << 10;
 
-/// The IM service: the store behind it and the queue its pushes go to.
+/// The IM service: the store behind it, the queue its pushes go to and
+/// the rate limits in front of them.
 pub struct Im {
     store: Arc<dyn MessageStore>,
     deliver: Deliverer,
+    limits: Arc<Limits>,
     max_body: usize,
     metrics: Arc<ImMetrics>,
 }
@@ -58,7 +63,9 @@ impl std::fmt::Debug for Im {
 
 impl Im {
     /// Creates the IM service over a store, the online map (to find the
-    /// recipients' connections) and the push queue.
+    /// recipients' connections) and the push queue, with the rate limits
+    /// of `config`; it starts its background tasks on the current runtime
+    /// (they end when the service is dropped).
     pub fn new(
         store: Arc<dyn MessageStore>,
         router: Arc<dyn Router>,
@@ -66,9 +73,12 @@ impl Im {
         config: &ImConfig,
     ) -> Im {
         let metrics = Arc::new(ImMetrics::default());
+        let limits = Arc::new(Limits::new(config));
+        Limits::spawn_pruning(&limits);
         Im {
             store,
             deliver: Deliverer::new(router, queue, Arc::clone(&metrics), config.ack_timeout),
+            limits,
             max_body: config.max_body,
             metrics,
         }
@@ -76,7 +86,17 @@ impl Im {
 
     /// Registers the IM metrics (`rim_logic_im_*`) in `registry`.
     pub fn register_metrics(&self, registry: &mut rim_metrics::Registry) {
-        self.metrics.register(registry, Arc::clone(&self.store));
+        self.metrics
+            .register(registry, Arc::clone(&self.store), Arc::clone(&self.limits));
+    }
+
+    /// Takes one /im/v1 write (POST, PUT) of `client` from
+    /// `im.api_write_rate`; over it, the request must be refused and
+    /// nothing done.
+    pub fn admit_api_write(&self, client: &ApiClient) -> Result<(), Limited> {
+        self.limits.check_api(client).inspect_err(|limited| {
+            self.metrics.limited(limited.limit);
+        })
     }
 
     /// Returns the largest message body it accepts (`im.max_body`).
@@ -232,6 +252,16 @@ impl Im {
             Ok(req) => req,
             Err(err) => return refused_send(Refusal::undecodable("SEND", &err), ""),
         };
+        // Before the store: a limited SEND stores nothing, and its resend
+        // with the same cmid is a first send.
+        if let Err(limited) = self.limits.check_send(mid, key) {
+            self.metrics.limited(limited.limit);
+            tracing::debug!(mid, key, %limited, "IM send refused");
+            return SendReply {
+                retry_ms: Some(limited.retry_ms()),
+                ..SendReply::refused(Code::RATE_LIMITED, limited.to_string(), req.cmid)
+            };
+        }
         let cmid = req.cmid.clone();
         match self.try_send(mid, key, req).await {
             Ok(sent) => SendReply {
