@@ -379,3 +379,85 @@ async fn a_business_send_over_http_reaches_every_device() {
     );
     rim.stop();
 }
+
+/// Retention (im.max_messages_per_conv): a device syncing from below what
+/// is kept gets `reset` with what is kept, reloads its conversations and
+/// goes on from the sync it was given; history below the floor answers
+/// `reset` with the page from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_below_what_is_retained_gets_reset_reloads_and_continues() {
+    let path = fresh_sqlite_path("im-retention");
+    let env = [
+        ("RIM_IM__SQLITE_PATH", path.as_str()),
+        ("RIM_IM__MAX_MESSAGES_PER_CONV", "5"),
+        ("RIM_IM__PRUNE_INTERVAL", "100ms"),
+        ("RIM_IM__ACK_TIMEOUT", "1h"),
+    ];
+    let mut rim = start_standalone("im-retention", &env);
+    let tcp = rim.addr_after("accepting clients listener=\"tcp\"");
+    let api = rim.addr_after("http api serving");
+    let mut a = chat_device(tcp, 31, "a").await;
+    for i in 1..=12u64 {
+        let reply: SendReply = ask(
+            &mut a,
+            send_to(32, &format!("r-{i}"), "old").to_frame(i as i32),
+        )
+        .await;
+        assert_eq!((reply.code, reply.seq), (Code::OK, i));
+    }
+    // Bob's device was offline through all of it; the pruner keeps 5.
+    let mut b = chat_device(tcp, 32, "b").await;
+    let pull = |before| PullRequest {
+        conv: "p:31:32".into(),
+        before,
+        ..PullRequest::default()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut n = 100;
+    let page = loop {
+        n += 1;
+        let page: PullReply = ask(&mut b, pull(Some(3)).to_frame(n)).await;
+        if page.min_seq == 8 || tokio::time::Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((page.code, page.min_seq, page.max_seq), (Code::OK, 8, 12));
+    assert!(page.reset, "before 3 is below what is kept");
+    let seqs: Vec<u64> = page.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [8, 9, 10, 11, 12], "the page from the floor");
+
+    let sync: SyncReply = ask(&mut b, SyncRequest { sync: 0, limit: 0 }.to_frame(200)).await;
+    assert!(sync.reset, "entries 1-7 are gone");
+    let seqs: Vec<u64> = sync.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [8, 9, 10, 11, 12]);
+    assert_eq!((sync.sync, sync.more), (12, false));
+
+    // Reload: the conversation list has the conversation at its latest.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let list =
+        support::get_json(&http, &format!("http://{api}/im/v1/users/32/conversations")).await;
+    let convs = list["data"].as_array().expect("conversations");
+    assert_eq!(convs[0]["conv"], "p:31:32", "{list}");
+    assert_eq!(convs[0]["max_seq"], 12);
+
+    // And go on from the sync given: nothing is missing any more.
+    let reply: SendReply = ask(&mut a, send_to(32, "r-13", "new").to_frame(13)).await;
+    assert_eq!(reply.seq, 13);
+    let pushed = next_msg(&mut b).await;
+    assert_eq!((pushed.seq, pushed.sync), (13, Some(13)));
+    let sync: SyncReply = ask(
+        &mut b,
+        SyncRequest {
+            sync: sync.sync,
+            limit: 0,
+        }
+        .to_frame(201),
+    )
+    .await;
+    assert!(!sync.reset);
+    let seqs: Vec<u64> = sync.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [13]);
+    rim.stop();
+}

@@ -17,6 +17,7 @@ pub(crate) struct ImMetrics {
     requests: Family<OpCode, Counter>,
     deliveries: Family<Result1, Counter>,
     limited: Family<Result1, Counter>,
+    pruned: Family<Result1, Counter>,
 }
 
 /// Reply codes as label values (a code outside 0–5 is never produced).
@@ -44,6 +45,16 @@ impl ImMetrics {
         self.limited.get_or_create(&[("limit", limit.name())]).inc();
     }
 
+    /// Counts rows retention removed.
+    pub(crate) fn pruned(&self, messages: u64, inbox: u64) {
+        self.pruned
+            .get_or_create(&[("rows", "messages")])
+            .inc_by(messages);
+        self.pruned
+            .get_or_create(&[("rows", "inbox")])
+            .inc_by(inbox);
+    }
+
     pub(crate) fn register(
         &self,
         registry: &mut Registry,
@@ -64,6 +75,11 @@ impl ImMetrics {
             "rim_logic_im_rate_limited",
             "IM requests refused for a rate limit (SEND code 3, /im/v1 writes 429), by limit: connection (im.send_rate_per_conn), user (im.send_rate_per_user), api (im.api_write_rate)",
             self.limited.clone(),
+        );
+        registry.register(
+            "rim_logic_im_pruned",
+            "Rows retention removed (im.retention_days, im.max_messages_per_conv), by rows: messages, inbox",
+            self.pruned.clone(),
         );
         registry.register_collector(Box::new(StoreCollector(store)));
         registry.register_collector(Box::new(LimitsCollector(limits)));

@@ -13,6 +13,7 @@ mod acks;
 mod deliver;
 mod limits;
 mod metrics;
+mod retention;
 mod wire;
 
 use std::sync::Arc;
@@ -75,6 +76,7 @@ impl Im {
         let metrics = Arc::new(ImMetrics::default());
         let limits = Arc::new(Limits::new(config));
         Limits::spawn_pruning(&limits);
+        retention::start(&store, config, &metrics);
         Im {
             store,
             deliver: Deliverer::new(router, queue, Arc::clone(&metrics), config.ack_timeout),
