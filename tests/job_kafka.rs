@@ -106,7 +106,12 @@ async fn a_job_killed_mid_stream_loses_no_push() {
     let start = || Proc::start(&["job", "--config", config.to_str().unwrap()], &[]);
 
     const N: usize = 300;
-    let producer = KafkaProducer::new(std::slice::from_ref(&brokers), &topic).unwrap();
+    let producer = KafkaProducer::new(
+        std::slice::from_ref(&brokers),
+        &topic,
+        std::time::Duration::from_millis(5),
+    )
+    .unwrap();
     for i in 0..N {
         let msg = PushMsg {
             r#type: PushType::Push as i32,

@@ -680,6 +680,16 @@ fn the_fetch_wait_names_its_key() {
 }
 
 #[test]
+fn the_producer_linger_names_its_key() {
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_QUEUE__LINGER", "2s")]);
+    assert!(err.starts_with("invalid value for queue.linger"), "{err}");
+    let config = StandaloneConfig::load_from(None, env(&[("RIM_QUEUE__LINGER", "0s")])).unwrap();
+    assert_eq!(config.queue.linger, Duration::ZERO, "0 = send at once");
+    let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(config.queue.linger, Duration::from_millis(5));
+}
+
+#[test]
 fn presence_event_keys_name_themselves() {
     let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
     assert!(config.logic.presence_webhook.is_empty());

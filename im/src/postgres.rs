@@ -146,14 +146,17 @@ impl PostgresStore {
         })?;
         // Session settings ride on the startup packet, after any the url
         // carries (a search_path), so every pooled connection has them.
-        // The store's statements are prepared once per connection and their
-        // plans do not depend on the values (key lookups, arrays unnested):
-        // generic plans spare the planning PostgreSQL would otherwise
-        // repeat on every execution (a fifth of its CPU in the cluster
-        // benchmark).
+        // Every statement of the store is a key lookup or a range of an
+        // index. A plan chosen while a table was small (a scan of the whole
+        // table is then cheapest) must not stay cached while the table
+        // grows until its next ANALYZE — the cluster benchmark saw the
+        // dedup lookup scan `messages` a thousand times, tens of thousands
+        // of rows each — so scans are ruled out where an index serves, and
+        // with that the statements keep one generic plan, sparing the
+        // planning of every execution (a fifth of PostgreSQL's CPU).
         let timeout_ms = timeout_ms.min(i32::MAX as u128);
         let settings = format!(
-            "-c plan_cache_mode=force_generic_plan \
+            "-c enable_seqscan=off -c plan_cache_mode=force_generic_plan \
              -c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms} \
              -c idle_in_transaction_session_timeout={}",
             timeout_ms.saturating_mul(4).min(i32::MAX as u128)

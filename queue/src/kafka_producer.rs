@@ -28,8 +28,9 @@ impl std::fmt::Debug for KafkaProducer {
 }
 
 impl KafkaProducer {
-    /// Creates a producer for `topic` on the given bootstrap brokers.
-    pub fn new(brokers: &[String], topic: &str) -> Result<KafkaProducer> {
+    /// Creates a producer for `topic` on the given bootstrap brokers that
+    /// gathers messages for up to `linger` into one request.
+    pub fn new(brokers: &[String], topic: &str, linger: Duration) -> Result<KafkaProducer> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers.join(","))
             .set("acks", "all")
@@ -38,7 +39,7 @@ impl KafkaProducer {
                 "message.timeout.ms",
                 DELIVERY_TIMEOUT.as_millis().to_string(),
             )
-            .set("linger.ms", "2")
+            .set("linger.ms", linger.as_millis().min(1_000).to_string())
             .create()
             .map_err(Error::kafka(format!(
                 "create a producer for {}",

@@ -110,6 +110,7 @@ pub fn kafka_producer(config: &QueueConfig) -> Result<Arc<dyn Producer>> {
         QueueBackend::Kafka => Ok(Arc::new(KafkaProducer::new(
             &config.brokers,
             &config.topic,
+            config.linger,
         )?)),
         QueueBackend::Memory => Err(Error::Invalid(
             "queue.backend is memory: use memory_queue() and give the consumer to the job",

@@ -56,8 +56,14 @@ impl Kafka {
         .unwrap_or_else(|_| panic!("RIM_TEST_KAFKA={brokers} set but not answering"))
         .unwrap_or_else(|e| panic!("RIM_TEST_KAFKA={brokers}: cannot create a topic: {e}"));
         assert!(created.iter().all(Result::is_ok), "{created:?}");
-        let producer =
-            Arc::new(KafkaProducer::new(std::slice::from_ref(&brokers), &topic).expect("producer"));
+        let producer = Arc::new(
+            KafkaProducer::new(
+                std::slice::from_ref(&brokers),
+                &topic,
+                std::time::Duration::from_millis(5),
+            )
+            .expect("producer"),
+        );
         Kafka {
             brokers,
             topic,
@@ -119,7 +125,12 @@ async fn in_flight_is_bounded() {
 async fn pushes_are_produced_keyed_and_readable() {
     let brokers = brokers();
     let topic = "rim-push";
-    let producer = KafkaProducer::new(std::slice::from_ref(&brokers), topic).unwrap();
+    let producer = KafkaProducer::new(
+        std::slice::from_ref(&brokers),
+        topic,
+        std::time::Duration::from_millis(5),
+    )
+    .unwrap();
     tokio::time::timeout(Duration::from_secs(10), producer.ping())
         .await
         .unwrap_or_else(|_| panic!("RIM_TEST_KAFKA={brokers} set but not answering"))

@@ -214,10 +214,15 @@ struct Statements {
 
 impl Statements {
     async fn prepare(client: &Object) -> Result<Statements> {
+        // One probe of the dedup key's index per send whatever plan is
+        // cached: a join may become a scan of all of `messages`, and the
+        // LIMIT (the key is unique) keeps the lateral from being turned
+        // into one.
         let earlier_sends = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages m \
-             JOIN unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[]) AS t(conv, sender, cmid) \
-             ON m.conv = t.conv AND m.sender = t.sender AND m.cmid = t.cmid"
+            "SELECT {MESSAGE_COLUMNS} \
+             FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[]) AS t(conv, sender, cmid) \
+             CROSS JOIN LATERAL (SELECT * FROM messages \
+             WHERE conv = t.conv AND sender = t.sender AND cmid = t.cmid LIMIT 1) m"
         );
         let (
             lock_groups,
