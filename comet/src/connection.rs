@@ -59,6 +59,7 @@ pub(crate) async fn serve<T: Transport>(
         session,
         idle_limit,
         auth_reply,
+        send_limit,
     } = match admitted {
         Ok(admitted) => admitted,
         Err(goodbye) => {
@@ -73,6 +74,7 @@ pub(crate) async fn serve<T: Transport>(
         wire,
         idle_limit,
         auth_reply,
+        send_limit,
     )
     .await;
     Box::pin(finish(
@@ -92,6 +94,8 @@ struct Admitted {
     session: Arc<Session>,
     idle_limit: Duration,
     auth_reply: Bytes,
+    /// The connection's SEND limit, on logic's terms.
+    send_limit: im::SendLimit,
 }
 
 /// Authenticates the connection through logic and registers its session.
@@ -190,6 +194,7 @@ async fn admit<T: Transport>(
         session,
         idle_limit: heartbeat * reply.heartbeat_max.max(1),
         auth_reply: encode(Frame::new(Op::AUTH_REPLY, auth.seq, Bytes::new())),
+        send_limit: im::SendLimit::new(reply.im_send_rate, reply.im_send_burst),
     })
 }
 
@@ -322,6 +327,7 @@ async fn run<T: Transport>(
     wire: Wire,
     idle_limit: Duration,
     auth_reply: Bytes,
+    mut send_limit: im::SendLimit,
 ) -> End {
     // Replies this connection owes its client; written before queued pushes.
     let mut replies: Vec<Bytes> = vec![auth_reply];
@@ -399,7 +405,17 @@ async fn run<T: Transport>(
             }
             Op::AUTH => tracing::debug!("auth frame on an authenticated connection ignored"),
             op if im::is_request(op) => {
-                replies.extend(Box::pin(im_request(inner, session, frame)).await);
+                if op == Op::IM_SEND
+                    && let Some(wait) = send_limit.take()
+                {
+                    // Over the connection's limit: answered here, logic
+                    // never sees it.
+                    stats::incr(&inner.stats.upstream_limited);
+                    let body = im::limited_reply(&frame.body, wait);
+                    replies.push(encode(Frame::new(Op::IM_SEND_REPLY, frame.seq, body)));
+                } else {
+                    replies.extend(Box::pin(im_request(inner, session, frame)).await);
+                }
             }
             op if im::is_push(op) => {
                 tracing::debug!(op = op.0, "server-to-client IM op from a client ignored");

@@ -113,11 +113,12 @@ impl rim_metrics::Collector for Collector {
         counter_family(
             &mut e,
             "rim_comet_upstream_frames",
-            "Upstream client frames (ops the comet does not handle itself) handed to logic: ok, failed (refused or not taken in time).",
+            "Upstream client frames (ops the comet does not handle itself) handed to logic: ok, failed (refused or not taken in time); limited: IM SENDs over im.send_rate_per_conn, answered by the comet with code 3 and not handed on.",
             "result",
             [
                 ("ok", get(&s.upstream_ok)),
                 ("failed", get(&s.upstream_failed)),
+                ("limited", get(&s.upstream_limited)),
             ],
         )?;
         counter(

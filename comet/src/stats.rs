@@ -81,6 +81,8 @@ pub(crate) struct Stats {
     pub(crate) upstream_ok: AtomicU64,
     /// Upstream frames logic refused or did not take in time.
     pub(crate) upstream_failed: AtomicU64,
+    /// IM SENDs answered here with code 3 (over im.send_rate_per_conn).
+    pub(crate) upstream_limited: AtomicU64,
     pub(crate) dropped_frames: AtomicU64,
     pub(crate) slow_consumer_closes: AtomicU64,
     /// Push RPCs received, by [`Rpc`].
@@ -103,6 +105,7 @@ impl Default for Stats {
             bad_frames: AtomicU64::new(0),
             upstream_ok: AtomicU64::new(0),
             upstream_failed: AtomicU64::new(0),
+            upstream_limited: AtomicU64::new(0),
             dropped_frames: AtomicU64::new(0),
             slow_consumer_closes: AtomicU64::new(0),
             rpcs: Default::default(),

@@ -305,6 +305,61 @@ async fn other_ops_go_to_logic_and_are_acknowledged() {
 }
 
 #[tokio::test]
+async fn sends_over_the_connections_limit_are_answered_by_the_comet_with_code_3() {
+    let logic = ScriptedLogic {
+        im_send_rate: 1,
+        im_send_burst: 2,
+        ..ScriptedLogic::default()
+    };
+    let comet = start(test_config(), logic).await;
+    let mut client = comet.client(KINDS[0], token(1, "limited", "", &[])).await;
+    for seq in 1..=5 {
+        let body = format!(r#"{{"cmid":"c-{seq}","to":2,"body":"x"}}"#);
+        client
+            .send(Frame::new(Op(18), seq, Bytes::from(body)))
+            .await
+            .unwrap();
+    }
+    let mut limited = Vec::new();
+    for seq in 1..=5 {
+        let reply = next_non_heartbeat(&mut client).await;
+        assert_eq!((reply.op, reply.seq), (Op(19), seq), "in order");
+        if !reply.body.starts_with(b"re:") {
+            let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+            assert_eq!(body["code"], 3, "{body}");
+            assert!(body["retry_ms"].as_u64().unwrap() >= 1, "{body}");
+            assert_eq!(body["cmid"], format!("c-{seq}"));
+            limited.push(seq);
+        }
+    }
+    assert_eq!(
+        limited,
+        [3, 4, 5],
+        "the burst of 2 went to logic, the rest did not"
+    );
+    let sends = comet
+        .logic
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, op, _)| *op == 18)
+        .count();
+    assert_eq!(sends, 2, "logic saw only the SENDs within the limit");
+    // Other IM requests are not counted against it.
+    client
+        .send(Frame::new(Op(22), 9, Bytes::from("s")))
+        .await
+        .unwrap();
+    let reply = next_non_heartbeat(&mut client).await;
+    assert_eq!(
+        (reply.op, reply.seq, &reply.body[..3]),
+        (Op(23), 9, &b"re:"[..])
+    );
+    comet.stop().await;
+}
+
+#[tokio::test]
 async fn im_requests_get_logics_reply_and_no_echo() {
     let comet = start(test_config(), ScriptedLogic::default()).await;
     for kind in KINDS {

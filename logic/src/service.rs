@@ -225,6 +225,12 @@ impl LogicApi for Logic {
         if let Some(presence) = &self.presence {
             presence.connected(identity.mid);
         }
+        // The comet enforces the per-connection SEND limit first.
+        let (im_send_rate, im_send_burst) = self
+            .im
+            .as_ref()
+            .and_then(|im| im.connection_send_limit())
+            .map_or((0, 0), |limit| (limit.rate.get(), limit.burst.get()));
         // The key and the server id come from the client and the caller: escaped.
         tracing::debug!(mid = identity.mid, key = ?key, server = ?req.server, "connected");
         Ok(pb::ConnectReply {
@@ -234,6 +240,8 @@ impl LogicApi for Logic {
             accepts: identity.accepts,
             heartbeat_ms: self.heartbeat.as_millis() as u64,
             heartbeat_max: self.heartbeat_max,
+            im_send_rate,
+            im_send_burst,
         })
     }
 

@@ -27,6 +27,9 @@ use tokio::task::JoinHandle;
 pub struct ScriptedLogic {
     pub heartbeat_ms: u64,
     pub heartbeat_max: u32,
+    /// The per-connection IM SEND terms Connect answers (0 = no limit).
+    pub im_send_rate: u32,
+    pub im_send_burst: u32,
     pub disconnects: Mutex<Vec<(i64, String)>>,
     pub received: Mutex<Vec<(String, i32, Bytes)>>,
     pub heartbeats: AtomicU64,
@@ -93,6 +96,8 @@ impl LogicApi for ScriptedLogic {
             } else {
                 self.heartbeat_max
             },
+            im_send_rate: self.im_send_rate,
+            im_send_burst: self.im_send_burst,
         })
     }
 

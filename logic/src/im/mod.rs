@@ -18,7 +18,7 @@ mod wire;
 
 use std::sync::Arc;
 
-use rim_config::ImConfig;
+use rim_config::{ImConfig, RateLimit};
 use rim_im::{
     ConvId, DEFAULT_SYNC_LIMIT, Draft, MAX_SYNC_LIMIT, MessageStore, Page, Reader, Sent,
     clamp_limit,
@@ -50,6 +50,7 @@ pub struct Im {
     store: Arc<dyn MessageStore>,
     deliver: Deliverer,
     limits: Arc<Limits>,
+    conn_send_limit: Option<RateLimit>,
     max_body: usize,
     metrics: Arc<ImMetrics>,
 }
@@ -81,6 +82,7 @@ impl Im {
             store,
             deliver: Deliverer::new(router, queue, Arc::clone(&metrics), config.ack_timeout),
             limits,
+            conn_send_limit: config.send_limit_per_conn(),
             max_body: config.max_body,
             metrics,
         }
@@ -99,6 +101,13 @@ impl Im {
         self.limits.check_api(client).inspect_err(|limited| {
             self.metrics.limited(limited.limit);
         })
+    }
+
+    /// Returns the per-connection SEND limit (`im.send_rate_per_conn`,
+    /// `im.send_burst_per_conn`), which comets enforce before a SEND
+    /// reaches logic; None when it is off.
+    pub fn connection_send_limit(&self) -> Option<RateLimit> {
+        self.conn_send_limit
     }
 
     /// Returns the largest message body it accepts (`im.max_body`).
