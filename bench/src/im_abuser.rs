@@ -117,7 +117,8 @@ pub struct AbuseComparison {
     pub abuser_limited_pct: f64,
     /// Issue #14's goal for that share, %.
     pub goal_abuser_limited_pct: f64,
-    /// The other users' p99 SEND → SEND_REPLY without and with the abuser.
+    /// The other users' p99 SEND → SEND_REPLY without the abuser (the mean
+    /// of the steps before and after it) and with it.
     pub others_p99_reply_ms_without: f64,
     pub others_p99_reply_ms_with: f64,
     /// (with − without) ÷ without, %.

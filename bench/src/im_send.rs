@@ -17,10 +17,11 @@
 //! `/proc/<pid>/stat` of rim and of rim-bench over the measured window, and
 //! the store's commits (fsyncs) from rim's `/metrics`.
 //!
-//! With `--abuser-rate R`, every rate is measured twice, without and then
+//! With `--abuser-rate R`, every rate is measured three times: without,
 //! with one abusive user sending R SENDs per second on one connection
-//! beside the pairs (`im_abuser`): the report gives the abuser's share of
-//! code-3 replies and the pairs' p99 SEND → SEND_REPLY both ways. The
+//! beside the pairs (`im_abuser`), and without again: the report gives the
+//! abuser's share of code-3 replies and the pairs' p99 SEND → SEND_REPLY
+//! with it against the mean of the two steps around it. The
 //! standalone runs with `--send-rate-per-conn` and `--send-rate-per-user`
 //! (bursts twice the rate); a cluster with its own `[im]` limits.
 //!
@@ -145,8 +146,8 @@ pub struct Args {
     pub procs: Vec<Watched>,
     /// One abusive user beside the pairs, sending this many SENDs per second
     /// on one connection regardless of code 3 (e.g. 10 × its limit: 200
-    /// with `--send-rate-per-conn 20`); every rate is then measured without
-    /// and with it. 0 = no abuser.
+    /// with `--send-rate-per-conn 20`); every rate is then measured without,
+    /// with and again without it. 0 = no abuser.
     #[arg(long, default_value_t = 0.0, value_parser = parse_abuser_rate)]
     pub abuser_rate: f64,
     /// The standalone's `im.send_rate_per_conn` (its burst twice that;
@@ -180,19 +181,25 @@ struct Phase {
     abuser: bool,
 }
 
-/// The steps of a run: each rate, and with `--abuser-rate` each rate again
-/// with the abuser right after it.
+/// The steps of a run: each rate, and with `--abuser-rate` each rate with
+/// the abuser between two steps without it — consecutive identical steps
+/// slow down as the store grows (docs/benchmarks.md), so the step with the
+/// abuser is compared with the ones on both sides of it.
 fn phases(args: &Args) -> Vec<Phase> {
     let abuser = args.abuser_rate > 0.0;
     args.rates
         .iter()
         .flat_map(|&rate| {
-            let with = abuser.then_some(Phase { rate, abuser: true });
-            std::iter::once(Phase {
+            let without = Phase {
                 rate,
                 abuser: false,
-            })
-            .chain(with)
+            };
+            let with = Phase { rate, abuser: true };
+            if abuser {
+                vec![without, with, without]
+            } else {
+                vec![without]
+            }
         })
         .collect()
 }
@@ -624,18 +631,24 @@ fn summarize(
     }
 }
 
-/// Pairs each step with the abuser with the step of the same rate without
-/// it.
+/// Compares each step with the abuser with the steps of the same rate
+/// without it (the one before and the one after: their mean p99).
 fn abuse_comparisons(steps: &[StepReport]) -> Vec<AbuseComparison> {
     steps
         .iter()
         .filter_map(|with| {
             let abuser = with.abuser.as_ref()?;
-            let without = steps
-                .iter()
-                .find(|s| !s.with_abuser && s.offered_rate == with.offered_rate)?;
             let p99 = |s: &StepReport| s.send_reply_us.p99 as f64 / 1e3;
-            let (before, after) = (p99(without), p99(with));
+            let withouts: Vec<f64> = steps
+                .iter()
+                .filter(|s| !s.with_abuser && s.offered_rate == with.offered_rate)
+                .map(p99)
+                .collect();
+            if withouts.is_empty() {
+                return None;
+            }
+            let before = withouts.iter().sum::<f64>() / withouts.len() as f64;
+            let after = p99(with);
             Some(AbuseComparison {
                 offered_rate: with.offered_rate,
                 abuser_rate: abuser.rate,
