@@ -22,8 +22,8 @@ pub use crate::message::{Draft, MAX_CMID_LEN};
 pub use crate::postgres::{PostgresOptions, PostgresStore};
 pub use crate::sqlite::{Pragmas, SqliteOptions, SqliteStore, Synchronous};
 pub use crate::store::{
-    ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, InboxEntry, MAX_CONVERSATIONS_LIMIT,
-    MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged, MembersPage, Message,
-    MessageStore, Page, Pruned, PullPage, ReadPos, Reader, Retention, Sent, SyncPage, Synced,
-    clamp_limit,
+    ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, InboxEntry, MAX_BIG_GROUPS_LIMIT,
+    MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged,
+    MembersPage, Message, MessageStore, Page, Pruned, PullPage, ReadPos, Reader, Retention, Sent,
+    SyncPage, Synced, clamp_limit,
 };

@@ -36,9 +36,10 @@ use crate::error::{Error, Result};
 use crate::id::{IdGenerator, MessageId};
 use crate::message::Draft;
 use crate::store::{
-    ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT,
-    MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged, MembersPage, Message, MessageStore, Page,
-    PruneCursor, Pruned, PullPage, ReadPos, Reader, Retention, Sent, SyncPage, Synced, clamp_limit,
+    ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, MAX_BIG_GROUPS_LIMIT,
+    MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged,
+    MembersPage, Message, MessageStore, Page, PruneCursor, Pruned, PullPage, ReadPos, Reader,
+    Retention, Sent, SyncPage, Synced, clamp_limit,
 };
 
 /// The pooled connections a [`PostgresStore`] opens by default.
@@ -718,31 +719,35 @@ impl MessageStore for PostgresStore {
             tx.execute(&lock, &[&conv_text, &now])
                 .await
                 .map_err(db("locking a group's conversation"))?;
+            // Sticky: a big group stays big (store.rs, `Group::big`).
             let update = tx
                 .prepare_cached(
-                    "UPDATE groups SET name = $2, max_members = $3 WHERE conv = $1 \
-                         RETURNING members",
+                    "UPDATE groups SET name = $2, max_members = $3, big = (big OR $4) \
+                         WHERE conv = $1 RETURNING members, big",
                 )
                 .await
                 .map_err(db("preparing a group change"))?;
-            let (members, created) = match tx
-                .query_opt(&update, &[&conv_text, &spec.name, &max_members])
+            let (members, big, created) = match tx
+                .query_opt(&update, &[&conv_text, &spec.name, &max_members, &spec.big])
                 .await
                 .map_err(db("updating a group"))?
             {
-                Some(row) => (get::<i32>(&row, 0)?, false),
+                Some(row) => (get::<i32>(&row, 0)?, get::<bool>(&row, 1)?, false),
                 None => {
                     let insert = tx
                         .prepare_cached(
-                            "INSERT INTO groups (conv, name, max_members, members, created_ts) \
-                                 VALUES ($1, $2, $3, 0, $4)",
+                            "INSERT INTO groups (conv, name, max_members, members, created_ts, big) \
+                                 VALUES ($1, $2, $3, 0, $4, $5)",
                         )
                         .await
                         .map_err(db("preparing a group change"))?;
-                    tx.execute(&insert, &[&conv_text, &spec.name, &max_members, &now])
-                        .await
-                        .map_err(db("creating a group"))?;
-                    (0, true)
+                    tx.execute(
+                        &insert,
+                        &[&conv_text, &spec.name, &max_members, &now, &spec.big],
+                    )
+                    .await
+                    .map_err(db("creating a group"))?;
+                    (0, spec.big, true)
                 }
             };
             tx.commit().await.map_err(db("committing a group change"))?;
@@ -752,6 +757,7 @@ impl MessageStore for PostgresStore {
                 name: spec.name,
                 max_members: spec.max_members,
                 members: u32::try_from(members).unwrap_or(0),
+                big,
                 created,
             })
         })
@@ -907,7 +913,9 @@ impl MessageStore for PostgresStore {
         let conv = conv.clone();
         with_client!(self.shared, "reading a group", |client| {
             let select = client
-                .prepare_cached("SELECT name, max_members, members FROM groups WHERE conv = $1")
+                .prepare_cached(
+                    "SELECT name, max_members, members, big FROM groups WHERE conv = $1",
+                )
                 .await
                 .map_err(db("preparing a group read"))?;
             let Some(row) = client
@@ -924,8 +932,37 @@ impl MessageStore for PostgresStore {
                 name: get(&row, 0)?,
                 max_members: u32::try_from(max_members).unwrap_or(0),
                 members: u32::try_from(members).unwrap_or(0),
+                big: get(&row, 3)?,
                 created: false,
             })
+        })
+    }
+
+    async fn big_groups(&self, mid: i64, limit: u32) -> Result<Vec<ConvId>> {
+        let limit = limit_db(clamp_limit(
+            limit,
+            MAX_BIG_GROUPS_LIMIT,
+            MAX_BIG_GROUPS_LIMIT,
+        ));
+        with_client!(self.shared, "listing big groups", |client| {
+            // members_groups_by_mid holds the user's group memberships in
+            // the order asked for; each is checked against its group's
+            // primary key, until the limit.
+            let list = client
+                .prepare_cached(
+                    "SELECT m.conv FROM members m JOIN groups g ON g.conv = m.conv \
+                         WHERE m.mid = $1 AND m.conv LIKE 'g:%' AND g.big \
+                         ORDER BY m.conv COLLATE \"C\" LIMIT $2",
+                )
+                .await
+                .map_err(db("preparing a big group list"))?;
+            client
+                .query(&list, &[&mid, &limit])
+                .await
+                .map_err(db("listing big groups"))?
+                .iter()
+                .map(|row| conv_from_db(get(row, 0)?))
+                .collect()
         })
     }
 

@@ -26,9 +26,10 @@ use crate::error::{Error, Result, StoreFailure};
 use crate::id::{IdGenerator, MessageId};
 use crate::message::Draft;
 use crate::store::{
-    ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT,
-    MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged, MembersPage, Message, MessageStore, Page,
-    PruneCursor, Pruned, PullPage, ReadPos, Reader, Retention, Sent, SyncPage, Synced, clamp_limit,
+    ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, MAX_BIG_GROUPS_LIMIT,
+    MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged,
+    MembersPage, Message, MessageStore, Page, PruneCursor, Pruned, PullPage, ReadPos, Reader,
+    Retention, Sent, SyncPage, Synced, clamp_limit,
 };
 
 use self::writer::{Done, Op, Request};
@@ -338,7 +339,7 @@ fn find_group(conn: &Connection, conv: &ConvId) -> Result<Option<Group>> {
     let ConvId::Group(_) = conv else {
         return Ok(None);
     };
-    conn.prepare_cached("SELECT name, max_members, members FROM groups WHERE conv = ?1")
+    conn.prepare_cached("SELECT name, max_members, members, big FROM groups WHERE conv = ?1")
         .and_then(|mut stmt| {
             stmt.query_row([conv.to_string()], |row| {
                 Ok(Group {
@@ -346,6 +347,7 @@ fn find_group(conn: &Connection, conv: &ConvId) -> Result<Option<Group>> {
                     name: row.get(0)?,
                     max_members: row.get(1)?,
                     members: row.get(2)?,
+                    big: row.get(3)?,
                     created: false,
                 })
             })
@@ -652,6 +654,27 @@ impl MessageStore for SqliteStore {
         let conv = conv.clone();
         self.read("reading a group", move |tx| {
             find_group(tx, &conv)?.ok_or(Error::NoSuchGroup { conv })
+        })
+        .await
+    }
+
+    async fn big_groups(&self, mid: i64, limit: u32) -> Result<Vec<ConvId>> {
+        let limit = clamp_limit(limit, MAX_BIG_GROUPS_LIMIT, MAX_BIG_GROUPS_LIMIT);
+        self.read("listing big groups", move |tx| {
+            // The user's group memberships are one range of
+            // members_by_mid ("g:" up to "g;", ':' + 1: group ids sort
+            // ahead of pairs), in conversation order; each is checked
+            // against its group's primary key.
+            tx.prepare_cached(
+                "SELECT m.conv FROM members m JOIN groups g ON g.conv = m.conv \
+                 WHERE m.mid = ?1 AND m.conv >= 'g:' AND m.conv < 'g;' AND g.big \
+                 ORDER BY m.conv LIMIT ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map(params![mid, limit], |row| conv_at(row, 0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(failed("listing big groups"))
         })
         .await
     }

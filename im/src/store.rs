@@ -8,6 +8,14 @@
 //!   read position commit together or not at all, and `send` returns only
 //!   once the commit is durable per the backend's settings. A failure
 //!   returns [`Error::Unavailable`](crate::Error::Unavailable) and stores nothing.
+//! - A big group (read diffusion, im.md "Big groups"; [`Group::big`]) gets
+//!   no inbox entries: a send to it stores the message, its seq and the
+//!   sender's read position, and touches no member's rows but the sender's
+//!   (its membership and its read position), so its cost does not grow
+//!   with the group. Members follow its seq themselves and PULL; their
+//!   conversation list still shows it (max_seq, read_seq, unread, last),
+//!   and [`MessageStore::big_groups`] tells which of a user's groups are
+//!   big. A group once big stays big.
 //! - A conversation's seq is 1, 2, 3, … with no hole and no reuse: it is
 //!   assigned inside the transaction that stores the message, so a rolled
 //!   back or crashed send gives its number back.
@@ -39,6 +47,8 @@ pub const MAX_PULL_LIMIT: u32 = 100;
 pub const MAX_CONVERSATIONS_LIMIT: u32 = 500;
 /// The most members one page of a group's members returns.
 pub const MAX_MEMBERS_LIMIT: u32 = 1000;
+/// The most big groups one [`MessageStore::big_groups`] call returns.
+pub const MAX_BIG_GROUPS_LIMIT: u32 = 1000;
 
 /// Clamps a requested page size to `1..=max`; 0 means `default`.
 pub fn clamp_limit(limit: u32, default: u32, max: u32) -> u32 {
@@ -84,8 +94,13 @@ pub struct Sent {
     /// stored and `inbox` is empty.
     pub duplicate: bool,
     /// The new inbox entry of every member, the sender's included when it
-    /// is a member, ordered by mid.
+    /// is a member, ordered by mid; empty for a big group.
     pub inbox: Vec<InboxEntry>,
+    /// True when the conversation is a big group (read diffusion): the
+    /// message, its seq and the sender's read position were stored, and no
+    /// inbox entry (`inbox` is empty); its members learn of it by a push
+    /// to the group and PULL. A duplicate says it too.
+    pub big: bool,
 }
 
 /// A message as found in a user's inbox.
@@ -329,9 +344,12 @@ pub struct ConvSummary {
 pub struct GroupSpec {
     /// Display name.
     pub name: String,
-    /// The most members the group may have; the caller keeps it at or
-    /// below `im.big_group_members`.
+    /// The most members the group may have.
     pub max_members: u32,
+    /// Read diffusion: the caller sets it when `max_members` is above
+    /// `im.big_group_members`. It is sticky: once a group is stored big,
+    /// a later `false` leaves it big (see [`Group::big`]).
+    pub big: bool,
 }
 
 /// A group as stored.
@@ -345,6 +363,13 @@ pub struct Group {
     pub max_members: u32,
     /// How many members it has.
     pub members: u32,
+    /// True when the group is big (read diffusion): its messages get no
+    /// inbox entries. Never goes back to false: the devices of a big
+    /// group's members track it by PULL, and inbox entries that started
+    /// again after a flip back would begin at an arbitrary seq, leaving
+    /// before them a stretch of the group no inbox ever carried (nor would
+    /// a device know to stop pulling).
+    pub big: bool,
     /// True when this call created it.
     pub created: bool,
 }
@@ -414,8 +439,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// `1..=MAX_CONVERSATIONS_LIMIT`, 0 meaning the max).
     async fn conversations(&self, mid: i64, limit: u32) -> Result<Vec<ConvSummary>>;
 
-    /// Creates group `conv` or updates its name and member limit.
-    /// `conv` must be a group id.
+    /// Creates group `conv` or updates its name and member limit; the
+    /// stored group is big when it already was or `spec.big` is set (a
+    /// group never goes back to inbox diffusion). `conv` must be a group
+    /// id.
     async fn put_group(&self, conv: &ConvId, spec: GroupSpec) -> Result<Group>;
 
     /// Adds and removes members of group `conv` (removals first, then
@@ -438,6 +465,12 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Returns the group's settings, or [`Error::NoSuchGroup`](crate::Error::NoSuchGroup).
     async fn group(&self, conv: &ConvId) -> Result<Group>;
+
+    /// Returns the big groups `mid` is a member of, ascending by
+    /// conversation id, at most `limit` (clamped to
+    /// `1..=MAX_BIG_GROUPS_LIMIT`, 0 meaning the max), in one indexed read
+    /// (logic asks at every connect and presence renewal).
+    async fn big_groups(&self, mid: i64, limit: u32) -> Result<Vec<ConvId>>;
 
     /// Durable commits so far (group commit: fewer than the writes they carried); for metrics and the suite.
     fn commits(&self) -> u64;

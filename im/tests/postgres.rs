@@ -171,6 +171,7 @@ async fn make_group(store: &dyn MessageStore, gid: &str, mids: &[i64]) -> ConvId
     let spec = GroupSpec {
         name: gid.into(),
         max_members: 500,
+        big: false,
     };
     assert!(store.put_group(&conv, spec).await.unwrap().created);
     store.change_members(&conv, mids, &[]).await.unwrap();
@@ -253,6 +254,10 @@ suite_cases!(
     membership_add_remove_and_limits,
     a_store_error_is_code_5_and_stores_nothing,
     acknowledged_writes_survive_a_reopen,
+    big_group_sends_write_no_inbox_entries,
+    big_group_dedup_refusals_reads_and_members,
+    big_mode_is_sticky_and_big_groups_lists_a_users,
+    mixed_batches_give_each_conversation_its_inbox_entries,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -376,6 +381,7 @@ async fn sends_reads_and_groups_work_as_the_trait_says() {
     let spec = GroupSpec {
         name: "Team".into(),
         max_members: 3,
+        big: false,
     };
     let made = store.put_group(&team, spec.clone()).await.unwrap();
     assert!(made.created && made.members == 0);
@@ -666,7 +672,7 @@ async fn a_newer_schema_is_refused() {
     };
     let text = err.to_string();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
-    assert!(text.contains("99") && text.contains("version 2"), "{text}");
+    assert!(text.contains("99") && text.contains("version 3"), "{text}");
     schema.remove().await;
 }
 
@@ -691,7 +697,7 @@ async fn four_stores_migrate_one_database_at_once() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1, 2], "each version applied once");
+    assert_eq!(versions, [1, 2, 3], "each version applied once");
     // And they all work.
     let conv = ConvId::peer(1, 2).unwrap();
     for (i, store) in stores.iter().enumerate() {

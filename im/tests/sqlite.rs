@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rim_im::{
-    ConvId, Draft, Error, IdGenerator, MessageStore, Page, Reader, SqliteOptions, SqliteStore,
-    Synchronous,
+    ConvId, Draft, Error, GroupSpec, IdGenerator, MessageStore, Page, Reader, SqliteOptions,
+    SqliteStore, Synchronous,
 };
 use suite::Backend;
 
@@ -121,6 +121,26 @@ async fn concurrent_sends_share_commits() {
     eprintln!("sqlite: 1000 concurrent sends (50 senders x 20) took {commits} commits");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn big_group_sends_write_no_inbox_entries() {
+    suite::big_group_sends_write_no_inbox_entries(&Sqlite::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn big_group_dedup_refusals_reads_and_members() {
+    suite::big_group_dedup_refusals_reads_and_members(&Sqlite::new()).await;
+}
+
+#[tokio::test]
+async fn big_mode_is_sticky_and_big_groups_lists_a_users() {
+    suite::big_mode_is_sticky_and_big_groups_lists_a_users(&Sqlite::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_batches_give_each_conversation_its_inbox_entries() {
+    suite::mixed_batches_give_each_conversation_its_inbox_entries(&Sqlite::new()).await;
+}
+
 #[tokio::test]
 async fn acknowledged_writes_survive_a_reopen() {
     suite::acknowledged_writes_survive_a_reopen(&Sqlite::new()).await;
@@ -131,14 +151,14 @@ async fn a_newer_schema_is_refused() {
     let backend = Sqlite::new();
     drop(backend.store());
     let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
-    conn.pragma_update(None, "user_version", 3)
+    conn.pragma_update(None, "user_version", 4)
         .expect("user_version set");
     drop(conn);
     let err = SqliteStore::open(&backend.path(), backend.options()).expect_err("refused");
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     let text = err.to_string();
     assert!(
-        text.contains("schema version 3") && text.contains("version 2"),
+        text.contains("schema version 4") && text.contains("version 3"),
         "names both versions: {text}"
     );
 }
@@ -154,11 +174,11 @@ async fn a_version_1_file_gets_the_retention_floors_and_keeps_its_rows() {
             store.send(draft.unwrap()).await.unwrap();
         }
     }
-    // Back to what version 1 wrote: no floors.
+    // Back to what version 1 wrote: no floors, no big groups.
     let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
     conn.execute_batch(
         "ALTER TABLE convs DROP COLUMN min_seq; ALTER TABLE users DROP COLUMN min_sync; \
-         PRAGMA user_version = 1;",
+         ALTER TABLE groups DROP COLUMN big; PRAGMA user_version = 1;",
     )
     .expect("back to version 1");
     drop(conn);
@@ -174,7 +194,59 @@ async fn a_version_1_file_gets_the_retention_floors_and_keeps_its_rows() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+}
+
+#[tokio::test]
+async fn a_version_2_file_gets_big_groups_and_keeps_its_groups_small() {
+    let backend = Sqlite::new();
+    let team = ConvId::group("team").unwrap();
+    {
+        let store = backend.store();
+        let spec = GroupSpec {
+            name: "Team".into(),
+            max_members: 10,
+            big: false,
+        };
+        store.put_group(&team, spec).await.unwrap();
+        store.change_members(&team, &[1, 2], &[]).await.unwrap();
+        let draft = Draft::new(team.clone(), 1, "a".into(), 0, "x".into(), 4000);
+        store.send(draft.unwrap()).await.unwrap();
+    }
+    // Back to what version 2 wrote: no big column.
+    let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
+    conn.execute_batch("ALTER TABLE groups DROP COLUMN big; PRAGMA user_version = 2;")
+        .expect("back to version 2");
+    drop(conn);
+    let store = backend.store();
+    let group = store.group(&team).await.unwrap();
+    assert_eq!(
+        (group.name.as_str(), group.members, group.big),
+        ("Team", 2, false)
+    );
+    assert!(store.big_groups(1, 0).await.unwrap().is_empty());
+    // Its messages and inbox entries are there, and new sends still write
+    // inbox entries.
+    assert_eq!(store.sync(2, 0, 10).await.unwrap().entries.len(), 1);
+    let draft = Draft::new(team.clone(), 2, "b".into(), 0, "x".into(), 4000);
+    let sent = store.send(draft.unwrap()).await.unwrap();
+    assert_eq!(
+        (sent.message.seq, sent.big, sent.inbox.len()),
+        (2, false, 2)
+    );
+    // And it can become big.
+    let spec = GroupSpec {
+        name: "Team".into(),
+        max_members: 10_000,
+        big: true,
+    };
+    assert!(store.put_group(&team, spec).await.unwrap().big);
+    assert_eq!(store.big_groups(1, 0).await.unwrap(), vec![team.clone()]);
+    let conn = rusqlite::Connection::open(backend.path()).expect("a connection");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
 }
 
 #[tokio::test]
@@ -193,7 +265,7 @@ async fn the_file_is_wal_and_full_by_default_normal_when_asked() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .expect("user_version");
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
 
     let normal = SqliteStore::open(
         &backend.path(),

@@ -82,6 +82,9 @@ pub(super) async fn put(
     let spec = GroupSpec {
         name: req.name,
         max_members,
+        // A group above im.big_group_members is refused above: none is
+        // big yet.
+        big: false,
     };
     let stored = im.store().put_group(&conv, spec).await?;
     let created = stored.created;

@@ -336,6 +336,9 @@ impl MessageStore for DownStore {
     async fn group(&self, _conv: &ConvId) -> rim_im::Result<Group> {
         store_down()
     }
+    async fn big_groups(&self, _mid: i64, _limit: u32) -> rim_im::Result<Vec<ConvId>> {
+        store_down()
+    }
     fn commits(&self) -> u64 {
         0
     }

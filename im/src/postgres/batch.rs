@@ -23,6 +23,12 @@
 //! statement that locks their owners, so the only wait in the middle is
 //! for what the decisions need (the conversations' seqs, the groups'
 //! members, earlier sends).
+//!
+//! A big group (read diffusion) gets no inbox entries, so its member list
+//! is never read: the first round trip reads only whether each of its
+//! senders in the batch is a member (a primary key probe each), and the
+//! second writes its messages, its head and those senders' read
+//! positions. Its cost per message does not grow with the group.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -94,11 +100,17 @@ enum Decision {
     /// rows are locked.
     Stored {
         message: Message,
+        /// The inbox owners (none for a big group), ascending.
         recipients: Vec<i64>,
         inbox: Vec<InboxEntry>,
+        /// The sender is a member: its read position moves.
+        sender_member: bool,
+        /// The conversation is a big group.
+        big: bool,
     },
-    /// Already stored (before, or earlier in this batch).
-    Duplicate(Message),
+    /// Already stored (before, or earlier in this batch); `big` as the
+    /// conversation is now.
+    Duplicate { message: Message, big: bool },
     /// Refused; the rest of the batch goes on.
     Refused(Error),
 }
@@ -169,15 +181,22 @@ async fn write(shared: &Shared, jobs: Vec<Job>) {
             shared.committed();
             for (decision, reply_tx) in decisions.into_iter().zip(replies) {
                 let answer = match decision {
-                    Decision::Stored { message, inbox, .. } => Ok(Sent {
+                    Decision::Stored {
+                        message,
+                        inbox,
+                        big,
+                        ..
+                    } => Ok(Sent {
                         message,
                         duplicate: false,
                         inbox,
+                        big,
                     }),
-                    Decision::Duplicate(message) => Ok(Sent {
+                    Decision::Duplicate { message, big } => Ok(Sent {
                         message,
                         duplicate: true,
                         inbox: Vec::new(),
+                        big,
                     }),
                     Decision::Refused(e) => Err(e),
                 };
@@ -205,6 +224,7 @@ struct Statements {
     lock_groups: Statement,
     lock_pairs: Statement,
     group_members: Statement,
+    big_senders: Statement,
     earlier_sends: Statement,
     append_inboxes: Statement,
     insert_messages: Statement,
@@ -228,6 +248,7 @@ impl Statements {
             lock_groups,
             lock_pairs,
             group_members,
+            big_senders,
             earlier_sends,
             append_inboxes,
             insert_messages,
@@ -252,7 +273,20 @@ impl Statements {
                  WHERE c.max_seq = 0 ON CONFLICT DO NOTHING) \
                  SELECT conv, max_seq FROM c"
             ),
-            client.prepare_cached("SELECT conv, mid FROM members WHERE conv = ANY($1)"),
+            // The members of the batch's groups that are not big: a big
+            // group's list (tens of thousands of rows) is never read.
+            client.prepare_cached(
+                "SELECT conv, mid FROM members WHERE conv = ANY(ARRAY(\
+                 SELECT conv FROM groups WHERE conv = ANY($1) AND NOT big))"
+            ),
+            // The batch's senders to big groups, and whether each is a
+            // member: its own row, a primary key probe.
+            client.prepare_cached(
+                "SELECT t.conv, t.mid, EXISTS (SELECT 1 FROM members m \
+                 WHERE m.conv = t.conv AND m.mid = t.mid) \
+                 FROM unnest($1::TEXT[], $2::BIGINT[]) AS t(conv, mid) \
+                 JOIN groups g ON g.conv = t.conv WHERE g.big"
+            ),
             client.prepare_cached(&earlier_sends),
             // Each inbox owner's row takes the batch's count of its new
             // entries in the statement that locks it, and the entries are
@@ -290,6 +324,7 @@ impl Statements {
             lock_groups,
             lock_pairs,
             group_members,
+            big_senders,
             earlier_sends,
             append_inboxes,
             insert_messages,
@@ -372,9 +407,15 @@ async fn transact(
         .iter()
         .map(|p| (p.conv.as_str(), p.draft.from, p.draft.cmid.as_str()))
         .collect();
+    let group_senders: BTreeSet<(&str, i64)> = plan
+        .iter()
+        .filter(|p| matches!(p.draft.conv, ConvId::Group(_)))
+        .map(|p| (p.conv.as_str(), p.draft.from))
+        .collect();
+    let (s_conv, s_mid): (Vec<&str>, Vec<i64>) = group_senders.into_iter().unzip();
     let (k_conv, k_from, k_cmid) = split3(keys.into_iter());
     let none = || Ok::<_, Error>(Vec::new());
-    let ((), group_rows, pair_rows, member_rows, sent_rows) = tokio::try_join!(
+    let ((), group_rows, pair_rows, member_rows, big_rows, sent_rows) = tokio::try_join!(
         biased;
         async {
             client
@@ -413,6 +454,15 @@ async fn transact(
                 .map_err(db("reading the batch's members"))
         },
         async {
+            if s_conv.is_empty() {
+                return none();
+            }
+            client
+                .query(&st.big_senders, &[&s_conv, &s_mid])
+                .await
+                .map_err(db("reading the batch's big groups"))
+        },
+        async {
             client
                 .query(&st.earlier_sends, &[&k_conv, &k_from, &k_cmid])
                 .await
@@ -433,6 +483,14 @@ async fn transact(
     for mids in members.values_mut() {
         mids.sort_unstable();
     }
+    // Big group -> those of its senders in the batch that are members.
+    let mut big: HashMap<String, BTreeSet<i64>> = HashMap::new();
+    for row in &big_rows {
+        let senders = big.entry(get(row, 0)?).or_default();
+        if get::<bool>(row, 2)? {
+            senders.insert(get(row, 1)?);
+        }
+    }
     let mut stored: HashMap<(String, i64, String), Message> = HashMap::new();
     for row in &sent_rows {
         let message = message_at(row, 0)?;
@@ -443,7 +501,7 @@ async fn transact(
     }
 
     // 2. Decide each send in the batch's order.
-    let mut decisions = decide(plan, &mut max_seq, &members, &stored)?;
+    let mut decisions = decide(plan, &mut max_seq, &members, &big, &stored)?;
 
     // 3. The rows, and the commit.
     let mut inbox_counts: BTreeMap<i64, i64> = BTreeMap::new();
@@ -463,6 +521,7 @@ async fn transact(
         let Decision::Stored {
             message,
             recipients,
+            sender_member,
             ..
         } = decision
         else {
@@ -486,7 +545,7 @@ async fn transact(
             inbox.seq.push(seq);
         }
         conv_heads.insert(p.conv.as_str(), (seq, p.ts));
-        if recipients.binary_search(&p.draft.from).is_ok() {
+        if *sender_member {
             let read = reads.entry((p.conv.as_str(), p.draft.from)).or_default();
             *read = (*read).max(seq);
         }
@@ -592,10 +651,13 @@ async fn transact(
 /// Decides each send of the batch in its order: a duplicate of an earlier
 /// send (stored before, or earlier in this batch), refused, or stored with
 /// the conversation's next seq (`max_seq` moves along).
+/// `members` holds the members of the pairs and of the groups that are
+/// not big; `big` each big group's senders that are members.
 fn decide(
     plan: &[Planned],
     max_seq: &mut HashMap<String, i64>,
     members: &HashMap<String, Vec<i64>>,
+    big: &HashMap<String, BTreeSet<i64>>,
     stored: &HashMap<(String, i64, String), Message>,
 ) -> Result<Vec<Decision>> {
     let mut decisions: Vec<Decision> = Vec::with_capacity(plan.len());
@@ -603,14 +665,22 @@ fn decide(
     let no_members: Vec<i64> = Vec::new();
     for p in plan {
         let key = (p.conv.as_str(), p.draft.from, p.draft.cmid.as_str());
+        let big_senders = big.get(&p.conv);
+        let is_big = big_senders.is_some();
         if let Some(message) = stored.get(&(p.conv.clone(), p.draft.from, p.draft.cmid.clone())) {
-            decisions.push(Decision::Duplicate(message.clone()));
+            decisions.push(Decision::Duplicate {
+                message: message.clone(),
+                big: is_big,
+            });
             continue;
         }
         if let Some(&earlier) = accepted.get(&key)
             && let Some(Decision::Stored { message, .. }) = decisions.get(earlier)
         {
-            decisions.push(Decision::Duplicate(message.clone()));
+            decisions.push(Decision::Duplicate {
+                message: message.clone(),
+                big: is_big,
+            });
             continue;
         }
         let Some(seq) = max_seq.get_mut(&p.conv) else {
@@ -627,8 +697,14 @@ fn decide(
             }));
             continue;
         };
-        let recipients = members.get(&p.conv).unwrap_or(&no_members);
-        let is_member = recipients.binary_search(&p.draft.from).is_ok();
+        let (recipients, is_member) = match big_senders {
+            // Read diffusion: no inbox owners.
+            Some(senders) => (&no_members, senders.contains(&p.draft.from)),
+            None => {
+                let recipients = members.get(&p.conv).unwrap_or(&no_members);
+                (recipients, recipients.binary_search(&p.draft.from).is_ok())
+            }
+        };
         if matches!(p.draft.conv, ConvId::Group(_)) && !p.draft.system && !is_member {
             decisions.push(Decision::Refused(Error::NotMember {
                 conv: p.draft.conv.clone(),
@@ -653,6 +729,8 @@ fn decide(
             },
             recipients: recipients.clone(),
             inbox: Vec::new(),
+            sender_member: is_member,
+            big: is_big,
         });
     }
     Ok(decisions)

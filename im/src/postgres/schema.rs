@@ -66,6 +66,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
         "ALTER TABLE convs ADD COLUMN min_seq BIGINT NOT NULL DEFAULT 1;
     ALTER TABLE users ADD COLUMN min_sync BIGINT NOT NULL DEFAULT 1;",
     ),
+    // Big groups (read diffusion): a group's mode, never set back to
+    // false; and a user's group memberships in conversation byte order,
+    // the path of `big_groups` (pairs, most of `members`, stay out of it).
+    (
+        3,
+        "ALTER TABLE groups ADD COLUMN big BOOLEAN NOT NULL DEFAULT false;
+    CREATE INDEX members_groups_by_mid ON members (mid, conv COLLATE \"C\")
+        WHERE conv LIKE 'g:%';",
+    ),
 ];
 
 /// The schema version this code writes.

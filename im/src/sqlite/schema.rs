@@ -16,6 +16,11 @@
 //! Version 2 (retention): `convs.min_seq`, a conversation's oldest retained
 //! seq, and `users.min_sync`, a user's oldest retained inbox entry
 //! (everything below them was pruned).
+//!
+//! Version 3 (big groups): `groups.big`, 1 when the group is big (read
+//! diffusion: its messages get no inbox entries); never set back to 0. A
+//! user's big groups are found through `members_by_mid`, its range of
+//! group ids (`g:…`, ahead of `p:…` in byte order), joined to `groups`.
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -24,7 +29,7 @@ use crate::error::{Error, Result, StoreFailure};
 use super::failed;
 
 /// The schema version this code writes and reads.
-pub(super) const VERSION: i64 = 2;
+pub(super) const VERSION: i64 = 3;
 
 /// Version 1. `messages` keeps its rowid: bodies run to kilobytes, and
 /// SQLite advises WITHOUT ROWID only for small rows.
@@ -80,6 +85,11 @@ ALTER TABLE convs ADD COLUMN min_seq INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE users ADD COLUMN min_sync INTEGER NOT NULL DEFAULT 1;
 ";
 
+/// Version 3: read diffusion.
+const V3: &str = "
+ALTER TABLE groups ADD COLUMN big INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Brings the file to [`VERSION`] in one transaction, or refuses a file
 /// written by a newer rim (its tables may mean something this code does
 /// not know).
@@ -103,6 +113,10 @@ pub(super) fn migrate(conn: &mut Connection, path: &str) -> Result<()> {
     if found < 2 {
         tx.execute_batch(V2)
             .map_err(failed("adding the retention floors to the SQLite schema"))?;
+    }
+    if found < 3 {
+        tx.execute_batch(V3)
+            .map_err(failed("adding big groups to the SQLite schema"))?;
     }
     if found < VERSION {
         tx.pragma_update(None, "user_version", VERSION)

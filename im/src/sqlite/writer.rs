@@ -195,6 +195,9 @@ fn apply(tx: &mut rusqlite::Transaction<'_>, ids: &IdGenerator, op: &Op) -> Resu
 
 fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
     let conv = draft.conv.to_string();
+    // A group's row (a primary key probe): whether it exists and is big.
+    let group = find_group(conn, &draft.conv)?;
+    let big = group.as_ref().is_some_and(|group| group.big);
     // Dedup first: a resend, even within this batch, finds the first send.
     let first = conn
         .prepare_cached(&format!(
@@ -212,6 +215,7 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
             message,
             duplicate: true,
             inbox: Vec::new(),
+            big,
         });
     }
 
@@ -237,7 +241,7 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
             draft.conv.is_peer_of(draft.from)
         }
         ConvId::Group(_) => {
-            if find_group(conn, &draft.conv)?.is_none() {
+            if group.is_none() {
                 return Err(if draft.system {
                     Error::NoSuchGroup {
                         conv: draft.conv.clone(),
@@ -246,6 +250,7 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
                     not_member()
                 });
             }
+            // The sender's row only, big group or not.
             let member = read_seq(conn, &conv, draft.from)
                 .map_err(failed("checking membership"))?
                 .is_some();
@@ -287,6 +292,8 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
         // A pair's members are its two users (one when talking to oneself).
         ConvId::Peer { low, high } if low == high => vec![*low],
         ConvId::Peer { low, high } => vec![*low, *high],
+        // Read diffusion: no inbox entries, and the member list is not read.
+        ConvId::Group(_) if big => Vec::new(),
         ConvId::Group(_) => conn
             .prepare_cached("SELECT mid FROM members WHERE conv = ?1 ORDER BY mid")
             .and_then(|mut stmt| {
@@ -329,6 +336,7 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
         },
         duplicate: false,
         inbox,
+        big,
     })
 }
 
@@ -383,10 +391,10 @@ fn put_group(conn: &Connection, conv: &ConvId, spec: &GroupSpec) -> Result<Group
     if created {
         let now = now_ms();
         conn.prepare_cached(
-            "INSERT INTO groups (conv, name, max_members, members, created_ts) \
-             VALUES (?1, ?2, ?3, 0, ?4)",
+            "INSERT INTO groups (conv, name, max_members, members, created_ts, big) \
+             VALUES (?1, ?2, ?3, 0, ?4, ?5)",
         )
-        .and_then(|mut stmt| stmt.execute(params![key, spec.name, spec.max_members, now]))
+        .and_then(|mut stmt| stmt.execute(params![key, spec.name, spec.max_members, now, spec.big]))
         .map_err(failed("creating a group"))?;
         // Listed in its members' conversations from the start.
         conn.prepare_cached(
@@ -396,9 +404,12 @@ fn put_group(conn: &Connection, conv: &ConvId, spec: &GroupSpec) -> Result<Group
         .and_then(|mut stmt| stmt.execute(params![key, now]))
         .map_err(failed("creating a group"))?;
     } else {
-        conn.prepare_cached("UPDATE groups SET name = ?2, max_members = ?3 WHERE conv = ?1")
-            .and_then(|mut stmt| stmt.execute(params![key, spec.name, spec.max_members]))
-            .map_err(failed("updating a group"))?;
+        // Sticky: a big group stays big (store.rs, `Group::big`).
+        conn.prepare_cached(
+            "UPDATE groups SET name = ?2, max_members = ?3, big = (big OR ?4) WHERE conv = ?1",
+        )
+        .and_then(|mut stmt| stmt.execute(params![key, spec.name, spec.max_members, spec.big]))
+        .map_err(failed("updating a group"))?;
     }
     let group = find_group(conn, conv)?.ok_or_else(|| {
         Error::Unavailable(StoreFailure::bare("a group vanished while it was written"))

@@ -3,7 +3,8 @@
 //! concurrent senders, dedup under concurrent resends, dense inboxes,
 //! history pages with their clamps, monotonic read positions, conversation
 //! lists, membership, store failures as code 5 that store nothing, group
-//! commit, and durability across a reopen.
+//! commit, durability across a reopen, and big groups (read diffusion,
+//! [`big`]).
 //!
 //! Each case takes a backend on a fresh, empty store. Cases that send
 //! concurrently want a multi-thread runtime:
@@ -19,6 +20,10 @@ use rim_im::{
     MAX_SYNC_LIMIT, Message, MessageStore, Page, Reader, Retention, Sent, Synced,
 };
 use tokio::task::JoinSet;
+
+mod big;
+
+pub use big::*;
 
 /// The longest any one step of a case may take.
 const WAIT: Duration = Duration::from_secs(120);
@@ -73,6 +78,7 @@ async fn group(
     let spec = GroupSpec {
         name: gid.into(),
         max_members,
+        big: false,
     };
     store.put_group(&conv, spec).await.expect("group created");
     let mids: Vec<i64> = mids.into_iter().collect();
@@ -602,6 +608,7 @@ pub async fn membership_add_remove_and_limits<B: Backend>(backend: &B) {
     let spec = |name: &str, max_members| GroupSpec {
         name: name.into(),
         max_members,
+        big: false,
     };
     let made = store.put_group(&g, spec("m", 3)).await.expect("created");
     assert_eq!(
