@@ -678,6 +678,56 @@ async fn a_newer_schema_is_refused() {
 
 #[tokio::test]
 #[ignore = "needs PostgreSQL: run deploy/test.sh"]
+async fn a_version_2_database_gets_big_groups_and_keeps_its_groups_small() {
+    let schema = Schema::new().await;
+    let team = make_group(&schema.store().await, "team", &[1, 2]).await;
+    {
+        let store = schema.store().await;
+        store.send(draft(&team, 1, "a")).await.unwrap();
+    }
+    // Back to what version 2 wrote.
+    let session = schema.session().await;
+    session
+        .batch_execute(
+            "DROP INDEX members_groups_by_mid; ALTER TABLE groups DROP COLUMN big; \
+             DELETE FROM rim_im_schema WHERE version = 3",
+        )
+        .await
+        .unwrap();
+    let store = schema.store().await;
+    let versions: Vec<i32> = session
+        .query("SELECT version FROM rim_im_schema ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, [1, 2, 3]);
+    let stored = store.group(&team).await.unwrap();
+    assert_eq!((stored.members, stored.big), (2, false));
+    assert!(store.big_groups(1, 0).await.unwrap().is_empty());
+    assert_eq!(inbox(&store, 2).await.len(), 1);
+    let sent = store.send(draft(&team, 2, "b")).await.unwrap();
+    assert_eq!(
+        (sent.message.seq, sent.big, sent.inbox.len()),
+        (2, false, 2)
+    );
+    // The index built over the rows that were there finds them.
+    let spec = GroupSpec {
+        name: "team".into(),
+        max_members: 10_000,
+        big: true,
+    };
+    assert!(store.put_group(&team, spec).await.unwrap().big);
+    assert_eq!(store.big_groups(2, 0).await.unwrap(), vec![team.clone()]);
+    let sent = store.send(draft(&team, 1, "c")).await.unwrap();
+    assert_eq!((sent.message.seq, sent.big, sent.inbox.len()), (3, true, 0));
+    drop(store);
+    schema.remove().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run deploy/test.sh"]
 async fn four_stores_migrate_one_database_at_once() {
     let schema = Schema::new().await;
     let mut connects = Vec::new();

@@ -8,6 +8,11 @@
 //! fsync, then every request is answered; a failing COMMIT answers all of
 //! them [`Error::Unavailable`] and stored nothing. Nobody is answered before
 //! the commit their write is in is durable.
+//!
+//! A send to a big group (read diffusion) reads the group's row and the
+//! sender's membership and writes the message, the conversation's head and
+//! the sender's read position: its member list is never read, and no inbox
+//! moves.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
