@@ -403,7 +403,8 @@ pub trait MessageStore: Send + Sync + 'static {
     /// who is not a member, or to a group that does not exist, is refused
     /// with [`Error::NotMember`](crate::Error::NotMember) unless the draft is a system send; a
     /// 1:1 conversation's two users are its members (created on its first
-    /// message). The sender's read position moves to the new seq.
+    /// message). The sender's read position moves to the new seq. A big
+    /// group's message gets no inbox entries ([`Sent::big`]).
     async fn send(&self, draft: Draft) -> Result<Sent>;
 
     /// Returns `mid`'s inbox entries after `after`, oldest first, at most

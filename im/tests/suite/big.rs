@@ -302,7 +302,10 @@ pub async fn big_mode_is_sticky_and_big_groups_lists_a_users<B: Backend>(backend
         store.big_groups(7, 0).await.expect("big groups"),
         ["g:B-3", "g:b-1", "g:other", "g:z-2"].map(conv).to_vec()
     );
-    assert!(store.big_groups(6, 0).await.expect("big groups") == vec![s.clone()]);
+    assert_eq!(
+        store.big_groups(6, 0).await.expect("big groups"),
+        vec![s.clone()]
+    );
     assert!(store.big_groups(8, 0).await.expect("big groups").is_empty());
     assert!(
         store
