@@ -41,6 +41,12 @@ impl CometApi for RecordingComet {
     async fn broadcast_room(&self, _req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
         Ok(pb::Delivery::default())
     }
+    async fn broadcast_group(&self, _req: pb::BroadcastGroupRequest) -> RpcResult<pb::Delivery> {
+        Ok(pb::Delivery::default())
+    }
+    async fn change_group(&self, _req: pb::ChangeGroupRequest) -> RpcResult<pb::ChangeGroupReply> {
+        Ok(pb::ChangeGroupReply::default())
+    }
     async fn rooms(&self) -> RpcResult<Vec<String>> {
         Ok(vec![])
     }

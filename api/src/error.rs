@@ -73,16 +73,13 @@ pub enum HttpError {
         "IM is off on this deployment (im.store = \"off\"): the /im/v1 endpoints need a message store"
     )]
     ImOff,
-    /// A group's `max_members` is above `im.big_group_members` (HTTP 413,
-    /// code 4): big groups (read diffusion) are not built yet.
-    #[error(
-        "invalid field \"max_members\": {max_members} is above im.big_group_members ({limit}); \
-         bigger groups need read diffusion, which is not built yet"
-    )]
+    /// A group's `max_members` is above `im.max_group_members` (HTTP 413,
+    /// code 4).
+    #[error("invalid field \"max_members\": {max_members} is above im.max_group_members ({limit})")]
     BigGroup {
         /// What the request asked for.
         max_members: u32,
-        /// `im.big_group_members`.
+        /// `im.max_group_members`.
         limit: u32,
     },
     /// An /im/v1 write over `im.api_write_rate` (HTTP 429 with

@@ -41,8 +41,10 @@ pub struct Api {
 pub(crate) struct ImSettings {
     /// The bearer token: `im.api_token`, else `api.admin_token`.
     pub(crate) token: Option<String>,
-    /// `im.big_group_members`: the most members a group may be set to.
+    /// `im.big_group_members`: a group's `max_members` when a PUT names none.
     pub(crate) big_group_members: u32,
+    /// `im.max_group_members`: the most members a group may be set to.
+    pub(crate) max_group_members: u32,
 }
 
 impl std::fmt::Debug for Api {
@@ -78,6 +80,7 @@ impl Api {
             im: ImSettings {
                 token: im.api_token.clone().or_else(|| config.admin_token.clone()),
                 big_group_members: im.big_group_members,
+                max_group_members: im.max_group_members,
             },
             metrics: ApiMetrics::default(),
         })

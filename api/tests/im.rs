@@ -249,13 +249,17 @@ async fn a_read_moves_the_position_and_notifies_the_users_devices() {
 // ---------------------------------------------------------------------------
 
 /// Group settings, members, paged listing, member and system sends, and
-/// the group's limits: full (409, code 4), above im.big_group_members (413,
-/// code 4), unknown (404, code 2).
+/// the group's limits: full (409, code 4), above im.max_group_members (413,
+/// code 4), unknown (404, code 2); above im.big_group_members a group is
+/// big (read diffusion: no inbox entries), for good.
 #[tokio::test]
 async fn groups_are_created_filled_paged_and_bounded() {
     let h = Setup::new()
         .im_store()
-        .im(|im| im.big_group_members = 10)
+        .im(|im| {
+            im.big_group_members = 10;
+            im.max_group_members = 20;
+        })
         .start()
         .await;
     let created = put(
@@ -267,7 +271,7 @@ async fn groups_are_created_filled_paged_and_bounded() {
     assert_eq!(
         created.ok(),
         &json!({ "gid": "team", "conv": "g:team", "name": "Team", "max_members": 3,
-                 "members": 0, "created": true })
+                 "members": 0, "big": false, "created": true })
     );
     let renamed = put(
         &h,
@@ -293,7 +297,8 @@ async fn groups_are_created_filled_paged_and_bounded() {
     );
     assert_eq!(
         h.get("/im/v1/groups/team").await.ok(),
-        &json!({ "gid": "team", "conv": "g:team", "name": "Team 2", "max_members": 3, "members": 3 })
+        &json!({ "gid": "team", "conv": "g:team", "name": "Team 2", "max_members": 3, "members": 3,
+                 "big": false })
     );
     assert_eq!(
         h.get(&format!("{path}?limit=2")).await.ok(),
@@ -316,20 +321,59 @@ async fn groups_are_created_filled_paged_and_bounded() {
     assert_eq!(inbox.ok()["sync"], 2, "members get system sends");
 
     // Limits and unknown groups.
+    let huge = put(
+        &h,
+        "/im/v1/groups/big",
+        json!({ "name": "Big", "max_members": 21 }),
+    )
+    .await;
+    refused(
+        &huge,
+        413,
+        4,
+        &["\"max_members\"", "im.max_group_members (20)"],
+    );
+    let defaulted = put(&h, "/im/v1/groups/big", json!({ "name": "Big" })).await;
+    assert_eq!(defaulted.ok()["max_members"], 10, "im.big_group_members");
+    assert_eq!(defaulted.ok()["big"], false);
     let big = put(
         &h,
         "/im/v1/groups/big",
         json!({ "name": "Big", "max_members": 11 }),
     )
     .await;
-    refused(
-        &big,
-        413,
-        4,
-        &["\"max_members\"", "im.big_group_members (10)"],
+    assert_eq!(big.ok()["big"], true);
+    let added = post(&h, "/im/v1/groups/big/members", json!({ "add": [1, 8] })).await;
+    assert_eq!(added.ok()["members"], 2);
+    let to_big = post(
+        &h,
+        "/im/v1/messages",
+        json!({ "from": 1, "conv": "g:big", "cmid": "b1", "body": "x" }),
+    )
+    .await;
+    assert_eq!(to_big.ok()["seq"], 1);
+    // Read diffusion: no inbox entry, but the conversation list shows it.
+    assert_eq!(h.get("/im/v1/users/8/sync").await.ok()["msgs"], json!([]));
+    let listed = h.get("/im/v1/users/8/conversations").await;
+    let line = listed
+        .ok()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["conv"] == "g:big")
+        .cloned();
+    assert_eq!(
+        line.map(|c| (c["max_seq"].clone(), c["unread"].clone())),
+        Some((json!(1), json!(1)))
     );
-    let defaulted = put(&h, "/im/v1/groups/big", json!({ "name": "Big" })).await;
-    assert_eq!(defaulted.ok()["max_members"], 10, "im.big_group_members");
+    // Lowering max_members keeps it big.
+    let lowered = put(
+        &h,
+        "/im/v1/groups/big",
+        json!({ "name": "Big", "max_members": 5 }),
+    )
+    .await;
+    assert_eq!(lowered.ok()["big"], true, "a big group stays big");
     let empty = put(
         &h,
         "/im/v1/groups/none",

@@ -67,6 +67,18 @@ impl CometApi for Baseline {
         ))
     }
 
+    async fn broadcast_group(&self, _req: pb::BroadcastGroupRequest) -> RpcResult<pb::Delivery> {
+        Err(RpcError::InvalidArgument(
+            "the baseline serves BroadcastRoom only".into(),
+        ))
+    }
+
+    async fn change_group(&self, _req: pb::ChangeGroupRequest) -> RpcResult<pb::ChangeGroupReply> {
+        Err(RpcError::InvalidArgument(
+            "the baseline serves BroadcastRoom only".into(),
+        ))
+    }
+
     async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
         let proto = req
             .proto

@@ -1,6 +1,11 @@
 //! A shard of the comet's sessions, keyed by connection key, with the rooms
-//! of those sessions. Rooms are split across buckets like sessions are, so a
-//! room broadcast takes each bucket's lock for that bucket's members only.
+//! of those sessions and the big groups' delivery channels they are in.
+//! Rooms and channels are split across buckets like sessions are, so a
+//! broadcast takes each bucket's lock for that bucket's members only.
+//!
+//! A session is in at most one room (goim's model) but in any number of
+//! channels: one per big group its user is a member of (im.md, read
+//! diffusion). Only sessions in some channel cost a channel entry.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -24,6 +29,10 @@ struct Inner {
     /// room → session id → session. Members share the room name with this
     /// map's key.
     rooms: HashMap<Arc<str>, HashMap<u64, Arc<Session>>>,
+    /// big group channel → session id → session.
+    channels: HashMap<Arc<str>, HashMap<u64, Arc<Session>>>,
+    /// session id → the channels it is in (sessions in none are absent).
+    joined: HashMap<u64, Vec<Arc<str>>>,
 }
 
 /// A session hashed and compared by its connection key, so the set needs no
@@ -78,6 +87,52 @@ impl Inner {
         session.set_room(Some(room));
     }
 
+    /// Puts a session in a channel; false when it already was.
+    fn join_channel(&mut self, session: &Arc<Session>, group: &str) -> bool {
+        let name = match self.channels.get_key_value(group) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(group),
+        };
+        let members = self.channels.entry(Arc::clone(&name)).or_default();
+        if members.insert(session.id, Arc::clone(session)).is_some() {
+            return false;
+        }
+        self.joined.entry(session.id).or_default().push(name);
+        true
+    }
+
+    /// Takes a session out of a channel; false when it was not in it.
+    fn leave_channel(&mut self, session: &Session, group: &str) -> bool {
+        let Some(members) = self.channels.get_mut(group) else {
+            return false;
+        };
+        if members.remove(&session.id).is_none() {
+            return false;
+        }
+        if members.is_empty() {
+            self.channels.remove(group);
+        }
+        if let Some(groups) = self.joined.get_mut(&session.id) {
+            groups.retain(|name| &**name != group);
+            if groups.is_empty() {
+                self.joined.remove(&session.id);
+            }
+        }
+        true
+    }
+
+    /// Takes a session out of every channel.
+    fn leave_channels(&mut self, session: &Session) {
+        for group in self.joined.remove(&session.id).unwrap_or_default() {
+            if let Some(members) = self.channels.get_mut(&group) {
+                members.remove(&session.id);
+                if members.is_empty() {
+                    self.channels.remove(&group);
+                }
+            }
+        }
+    }
+
     fn is_current(&self, session: &Session) -> bool {
         self.sessions
             .get(&*session.key)
@@ -100,6 +155,7 @@ impl Bucket {
             .map(|old| old.0);
         if let Some(old) = &replaced {
             inner.leave_room(old);
+            inner.leave_channels(old);
         }
         if let Some(room) = room {
             inner.join_room(session, room);
@@ -116,6 +172,7 @@ impl Bucket {
         }
         inner.sessions.remove(&*session.key);
         inner.leave_room(session);
+        inner.leave_channels(session);
         true
     }
 
@@ -131,6 +188,86 @@ impl Bucket {
             inner.join_room(session, room);
         }
         true
+    }
+
+    /// Puts a current session in the channels of `groups` it is not in yet;
+    /// returns how many it joined.
+    pub(crate) fn join_channels<'a>(
+        &self,
+        session: &Arc<Session>,
+        groups: impl IntoIterator<Item = &'a str>,
+    ) -> usize {
+        let mut inner = self.inner.lock();
+        if !inner.is_current(session) {
+            return 0;
+        }
+        groups
+            .into_iter()
+            .filter(|group| inner.join_channel(session, group))
+            .count()
+    }
+
+    /// Takes a session out of the channel of `group`; false when it was
+    /// not in it.
+    pub(crate) fn leave_channel(&self, session: &Session, group: &str) -> bool {
+        self.inner.lock().leave_channel(session, group)
+    }
+
+    /// Makes a current session's channels exactly `groups`; returns how
+    /// many it joined and left.
+    pub(crate) fn set_channels(&self, session: &Arc<Session>, groups: &[String]) -> (usize, usize) {
+        let mut inner = self.inner.lock();
+        if !inner.is_current(session) {
+            return (0, 0);
+        }
+        let stale: Vec<Arc<str>> = inner
+            .joined
+            .get(&session.id)
+            .map(|now| {
+                now.iter()
+                    .filter(|name| !groups.iter().any(|g| g.as_str() == &***name))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let left = stale
+            .iter()
+            .filter(|group| inner.leave_channel(session, group))
+            .count();
+        let joined = groups
+            .iter()
+            .filter(|group| inner.join_channel(session, group))
+            .count();
+        (joined, left)
+    }
+
+    /// Calls `f` for every session in the channel of `group` in this
+    /// bucket, under the lock: `f` must not block.
+    pub(crate) fn for_each_in_channel(&self, group: &str, mut f: impl FnMut(&Session)) {
+        let inner = self.inner.lock();
+        if let Some(members) = inner.channels.get(group) {
+            members.values().for_each(|s| f(s));
+        }
+    }
+
+    /// Returns how many channel seats this bucket holds (sessions × their
+    /// channels).
+    pub(crate) fn channel_seats(&self) -> usize {
+        self.inner.lock().joined.values().map(Vec::len).sum()
+    }
+
+    /// Returns the channels `session` is in, sorted.
+    #[cfg(test)]
+    pub(crate) fn channels_of(&self, session: &Session) -> Vec<String> {
+        let mut groups: Vec<String> = self
+            .inner
+            .lock()
+            .joined
+            .get(&session.id)
+            .map(|groups| groups.iter().map(|g| g.to_string()).collect())
+            .unwrap_or_default();
+        groups.sort_unstable();
+        groups
     }
 
     /// Returns the session connected with `key`.
@@ -229,6 +366,46 @@ mod tests {
         counts.clear();
         bucket.add_room_counts(&mut counts);
         assert!(counts.is_empty());
+    }
+
+    #[test]
+    fn channels_are_joined_left_replaced_and_emptied_with_the_session() {
+        let bucket = Bucket::default();
+        let (a, b) = (session(1, "a"), session(2, "b"));
+        bucket.put(&a, None);
+        bucket.put(&b, None);
+        assert_eq!(bucket.join_channels(&a, ["g:1", "g:2", "g:1"]), 2);
+        assert_eq!(bucket.join_channels(&b, ["g:1"]), 1);
+        let in_channel = |group: &str| {
+            let mut ids = Vec::new();
+            bucket.for_each_in_channel(group, |s| ids.push(s.id));
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(in_channel("g:1"), [1, 2]);
+        assert_eq!(in_channel("g:2"), [1]);
+        assert_eq!(bucket.channel_seats(), 3);
+
+        assert!(bucket.leave_channel(&b, "g:1"));
+        assert!(!bucket.leave_channel(&b, "g:1"));
+        assert_eq!(in_channel("g:1"), [1]);
+
+        // A renewal's list replaces the set: g:1 stays, g:2 goes, g:3 comes.
+        let now = vec!["g:1".to_string(), "g:3".to_string()];
+        assert_eq!(bucket.set_channels(&a, &now), (1, 1));
+        assert_eq!(bucket.channels_of(&a), ["g:1", "g:3"]);
+        assert!(in_channel("g:2").is_empty());
+
+        // A session replaced by its key's successor leaves its channels;
+        // the successor joins only what it is told.
+        let a2 = session(3, "a");
+        bucket.put(&a2, None);
+        assert!(in_channel("g:1").is_empty());
+        assert_eq!(bucket.join_channels(&a, ["g:9"]), 0, "no longer current");
+        assert_eq!(bucket.join_channels(&a2, ["g:1"]), 1);
+        assert!(bucket.remove(&a2));
+        assert_eq!(bucket.channel_seats(), 0);
+        assert!(in_channel("g:1").is_empty());
     }
 
     #[test]

@@ -205,6 +205,11 @@ impl Inner {
         i32::try_from(local).unwrap_or(i32::MAX)
     }
 
+    /// Returns how many channel seats (sessions × big groups) the comet holds.
+    pub(crate) fn channel_seats(&self) -> u64 {
+        self.buckets.iter().map(|b| b.channel_seats() as u64).sum()
+    }
+
     /// Returns this comet's member count per room.
     pub(crate) fn room_counts(&self) -> HashMap<String, u64> {
         let mut counts = HashMap::new();
@@ -395,6 +400,53 @@ impl CometApi for Comet {
         }
         inner.count(Rpc::Room, started, &tally);
         Ok(tally.delivery)
+    }
+
+    async fn broadcast_group(&self, req: pb::BroadcastGroupRequest) -> RpcResult<pb::Delivery> {
+        let started = Instant::now();
+        let span =
+            tracing::debug_span!("push_rpc", rpc = "group", op = req.proto_op, group = ?req.group);
+        let _entered = span.enter();
+        if req.group.is_empty() {
+            return Err(RpcError::InvalidArgument("group is empty".into()));
+        }
+        let frame = encode(req.proto)?;
+        let inner = &self.inner;
+        let (now, slow) = (inner.now_ms(), inner.slow_ms());
+        let mut tally = Tally::default();
+        for bucket in inner.buckets() {
+            bucket.for_each_in_channel(&req.group, |session| {
+                if session.accepts(req.proto_op) {
+                    tally.record(session.push(&frame, now, slow));
+                } else {
+                    tally.delivery.filtered += 1;
+                }
+            });
+        }
+        inner.count(Rpc::Group, started, &tally);
+        Ok(tally.delivery)
+    }
+
+    async fn change_group(&self, req: pb::ChangeGroupRequest) -> RpcResult<pb::ChangeGroupReply> {
+        if req.group.is_empty() {
+            return Err(RpcError::InvalidArgument("group is empty".into()));
+        }
+        let mut reply = pb::ChangeGroupReply::default();
+        for key in &req.keys {
+            let bucket = self.inner.bucket(key);
+            let Some(session) = bucket.get(key) else {
+                reply.missing += 1;
+                continue;
+            };
+            let changed = if req.leave {
+                bucket.leave_channel(&session, &req.group)
+            } else {
+                bucket.join_channels(&session, [req.group.as_str()]) > 0
+            };
+            reply.changed += u64::from(changed);
+        }
+        tracing::debug!(group = ?req.group, leave = req.leave, changed = reply.changed, missing = reply.missing, "group channel changed");
+        Ok(reply)
     }
 
     async fn rooms(&self) -> RpcResult<Vec<String>> {

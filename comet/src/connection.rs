@@ -176,9 +176,12 @@ async fn admit<T: Transport>(
         inner.config.write_queue,
     ));
     let room = (!reply.room_id.is_empty()).then(|| reply.room_id.clone().into_boxed_str());
-    if let Some(old) = inner.bucket(&session.key).put(&session, room) {
+    let bucket = inner.bucket(&session.key);
+    if let Some(old) = bucket.put(&session, room) {
         old.close(CloseReason::Replaced);
     }
+    // The big groups' delivery channels (im.md, read diffusion).
+    bucket.join_channels(&session, reply.groups.iter().map(String::as_str));
     inner.opened(wire);
     if drain.is_cancelled() {
         // Registered after the drain sweep passed this bucket.
@@ -468,14 +471,27 @@ async fn write<T: Transport>(
     }
 }
 
-async fn renew(inner: &Inner, session: &Session) {
+/// Renews the connection's presence lease; an IM connection also gets its
+/// user's big groups back and its delivery channels are made exactly
+/// those, repairing a join or leave it missed.
+async fn renew(inner: &Inner, session: &Arc<Session>) {
     let req = logic::HeartbeatRequest {
         mid: session.mid,
         key: session.key.to_string(),
         server: inner.id.clone(),
+        groups: session.accepts(Op::IM_MSG.0),
     };
     match tokio::time::timeout(LOGIC_CALL_TIMEOUT, inner.logic.heartbeat(req)).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(reply)) => {
+            if reply.groups_known {
+                let (joined, left) = inner
+                    .bucket(&session.key)
+                    .set_channels(session, &reply.groups);
+                if joined + left > 0 {
+                    tracing::debug!(joined, left, "group channels repaired at renewal");
+                }
+            }
+        }
         Ok(Err(err)) => tracing::warn!(reason = ?err.to_string(), "presence renewal failed"),
         Err(_) => tracing::warn!("presence renewal timed out"),
     }

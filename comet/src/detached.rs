@@ -29,8 +29,8 @@ impl LogicApi for NoLogic {
     async fn disconnect(&self, _: logic::DisconnectRequest) -> RpcResult<bool> {
         Ok(false)
     }
-    async fn heartbeat(&self, _: logic::HeartbeatRequest) -> RpcResult<()> {
-        Ok(())
+    async fn heartbeat(&self, _: logic::HeartbeatRequest) -> RpcResult<logic::HeartbeatReply> {
+        Ok(logic::HeartbeatReply::default())
     }
     async fn renew_online(
         &self,

@@ -75,6 +75,12 @@ impl rim_metrics::Collector for Collector {
             "Rooms with at least one member on this comet.",
             level(inner.room_counts().len() as u64),
         )?;
+        gauge(
+            &mut e,
+            "rim_comet_group_channel_seats",
+            "Connections in big groups' delivery channels, one per connection and group.",
+            level(inner.channel_seats()),
+        )?;
         let traffic = Wire::ALL.map(|w| (w.as_str(), s.traffic.totals(w)));
         counter_family(
             &mut e,

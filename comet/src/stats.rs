@@ -39,10 +39,11 @@ pub(crate) enum Rpc {
     Push = 0,
     Room = 1,
     Broadcast = 2,
+    Group = 3,
 }
 
 impl Rpc {
-    pub(crate) const ALL: [Rpc; 3] = [Rpc::Push, Rpc::Room, Rpc::Broadcast];
+    pub(crate) const ALL: [Rpc; 4] = [Rpc::Push, Rpc::Room, Rpc::Broadcast, Rpc::Group];
 
     /// Returns the `rpc` label value.
     pub(crate) fn as_str(self) -> &'static str {
@@ -50,6 +51,7 @@ impl Rpc {
             Rpc::Push => "push",
             Rpc::Room => "room",
             Rpc::Broadcast => "broadcast",
+            Rpc::Group => "group",
         }
     }
 }
@@ -86,7 +88,7 @@ pub(crate) struct Stats {
     pub(crate) dropped_frames: AtomicU64,
     pub(crate) slow_consumer_closes: AtomicU64,
     /// Push RPCs received, by [`Rpc`].
-    pub(crate) rpcs: [AtomicU64; 3],
+    pub(crate) rpcs: [AtomicU64; 4],
     /// Recipients of push RPCs: delivered, filtered, missing, dropped.
     pub(crate) recipients: [AtomicU64; 4],
     pub(crate) rpc_seconds: RpcSeconds,

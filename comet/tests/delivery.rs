@@ -126,6 +126,113 @@ async fn a_room_broadcast_reaches_exactly_the_room() {
 }
 
 #[tokio::test]
+async fn a_group_broadcast_reaches_the_channel_members_that_accept_msg() {
+    let logic = ScriptedLogic::default();
+    logic.groups.lock().unwrap().extend([
+        (1, vec!["g:big".to_string(), "g:other".to_string()]),
+        (2, vec!["g:big".to_string()]),
+        (3, vec!["g:other".to_string()]),
+    ]);
+    let comet = start(test_config(), logic).await;
+    let im = [21, 27, MARK];
+    let mut a = comet.client(KINDS[0], token(1, "a", "", &im)).await;
+    let mut b = comet.client(KINDS[1], token(2, "b", "", &im)).await;
+    let mut c = comet.client(KINDS[0], token(3, "c", "", &im)).await;
+    // In the channel, but a goim client that never asked for IM ops.
+    let mut plain = comet.client(KINDS[1], token(2, "plain", "", &[MARK])).await;
+
+    let broadcast = |body: &'static str| {
+        comet.comet.broadcast_group(pb::BroadcastGroupRequest {
+            group: "g:big".into(),
+            proto_op: 21,
+            proto: Some(proto(21, body)),
+        })
+    };
+    let d = broadcast("one").await.unwrap();
+    assert_eq!((d.delivered, d.filtered), (2, 1));
+    for (client, key) in [(&mut a, "a"), (&mut b, "b")] {
+        assert_eq!(next(client).await.body, Bytes::from("one"));
+        assert_nothing_before_marker(&comet, client, key).await;
+    }
+    assert_nothing_before_marker(&comet, &mut c, "c").await;
+    assert_nothing_before_marker(&comet, &mut plain, "plain").await;
+
+    // b leaves, c joins; a key not here is counted missing.
+    let change = |keys: &[&str], leave: bool| {
+        comet.comet.change_group(pb::ChangeGroupRequest {
+            group: "g:big".into(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            leave,
+        })
+    };
+    let left = change(&["b", "gone"], true).await.unwrap();
+    assert_eq!((left.changed, left.missing), (1, 1));
+    let joined = change(&["c", "a"], false).await.unwrap();
+    assert_eq!((joined.changed, joined.missing), (1, 0), "a was in already");
+    let d = broadcast("two").await.unwrap();
+    assert_eq!(d.delivered, 2);
+    for (client, key) in [(&mut a, "a"), (&mut c, "c")] {
+        assert_eq!(next(client).await.body, Bytes::from("two"));
+        assert_nothing_before_marker(&comet, client, key).await;
+    }
+    assert_nothing_before_marker(&comet, &mut b, "b").await;
+
+    // An empty group is refused, not a broadcast to nobody.
+    let err = comet
+        .comet
+        .broadcast_group(pb::BroadcastGroupRequest {
+            group: String::new(),
+            proto_op: 21,
+            proto: Some(proto(21, "x")),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, rim_proto::api::RpcError::InvalidArgument(_)),
+        "{err}"
+    );
+    comet.stop().await;
+}
+
+#[tokio::test]
+async fn a_renewal_repairs_the_group_channels_of_an_im_connection() {
+    let logic = ScriptedLogic::default();
+    logic
+        .groups
+        .lock()
+        .unwrap()
+        .insert(1, vec!["g:old".to_string()]);
+    let config = CometConfig {
+        presence_renew: Duration::from_millis(1),
+        ..test_config()
+    };
+    let comet = start(config, logic).await;
+    let mut a = comet.client(KINDS[0], token(1, "a", "", &[21, MARK])).await;
+    // Logic's view changed while a join and a leave were lost.
+    comet
+        .logic
+        .groups
+        .lock()
+        .unwrap()
+        .insert(1, vec!["g:new".to_string()]);
+    // A heartbeat once presence_renew has passed renews the lease, and
+    // its reply is written after the renewal's answer was applied.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.heartbeat().await.unwrap();
+    let reach = |group: &'static str| {
+        comet.comet.broadcast_group(pb::BroadcastGroupRequest {
+            group: group.into(),
+            proto_op: 21,
+            proto: Some(proto(21, group)),
+        })
+    };
+    assert_eq!(reach("g:old").await.unwrap().delivered, 0);
+    assert_eq!(reach("g:new").await.unwrap().delivered, 1);
+    assert_eq!(next(&mut a).await.body, Bytes::from("g:new"));
+    comet.stop().await;
+}
+
+#[tokio::test]
 async fn broadcast_reaches_every_accepting_connection() {
     let comet = start(test_config(), ScriptedLogic::default()).await;
     let mut yes = clients(&comet, "y", 4, "", &[1000, MARK]).await;

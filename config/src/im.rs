@@ -65,9 +65,16 @@ pub struct ImConfig {
     /// told to SYNC (NOTIFY sync) instead of getting the message again.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
-    /// The most members a group may have (write diffusion: one inbox entry
-    /// per member per message).
+    /// Groups whose `max_members` is above this are big groups (read
+    /// diffusion: no inbox entry per member, delivery by the group's
+    /// channel, capped at `big_group_rate`); at or below it, every message
+    /// writes one inbox entry per member.
     pub big_group_members: u32,
+    /// The most members any group may have (`max_members` of a PUT).
+    pub max_group_members: u32,
+    /// Messages per second a big group's members are pushed at most; over
+    /// it, the rest are thinned and members get NOTIFY truncated (0 = no cap).
+    pub big_group_rate: u32,
     /// Bearer token for the /im/v1 endpoints; unset = `api.admin_token`.
     pub api_token: Option<String>,
     /// Messages older than this many days are pruned (0: kept forever).
@@ -191,6 +198,18 @@ impl ImConfig {
             2,
             1_000_000,
         )?;
+        in_range(
+            "im.max_group_members",
+            u64::from(self.max_group_members),
+            u64::from(self.big_group_members),
+            10_000_000,
+        )?;
+        in_range(
+            "im.big_group_rate",
+            u64::from(self.big_group_rate),
+            0,
+            100_000,
+        )?;
         if let Some(token) = &self.api_token {
             secret("im.api_token", token)?;
         }
@@ -261,6 +280,8 @@ impl Default for ImConfig {
             max_body: 4000,
             ack_timeout: Duration::from_secs(10),
             big_group_members: 500,
+            max_group_members: 100_000,
+            big_group_rate: 40,
             api_token: None,
             retention_days: 0,
             max_messages_per_conv: 0,

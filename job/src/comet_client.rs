@@ -1,6 +1,7 @@
 //! The per-comet delivery client: two lanes per comet, each a task making
-//! its calls in the order they were queued — PUSH and ROOM in one (so order
-//! holds per key and per room), BROADCAST in the other, so that a broadcast
+//! its calls in the order they were queued — PUSH, ROOM and the big groups'
+//! calls in one (so order holds per key, per room and per group), BROADCAST
+//! in the other, so that a broadcast
 //! to every connection (paced, or just large) never holds a unicast or room
 //! message back. Calls are retried with backoff while the comet fails
 //! transiently, and a breaker spaces attempts to a comet that keeps failing.
@@ -33,6 +34,8 @@ pub(crate) enum Call {
     Push(pb::PushMsgRequest),
     Room(pb::BroadcastRoomRequest),
     Broadcast(pb::BroadcastRequest),
+    Group(pb::BroadcastGroupRequest),
+    ChangeGroup(pb::ChangeGroupRequest),
 }
 
 /// How a call ended.
@@ -53,7 +56,7 @@ struct Queued {
 
 /// The handle to a comet's delivery lanes.
 pub(crate) struct CometClient {
-    /// PUSH and ROOM, in order.
+    /// PUSH, ROOM and the groups' calls, in order.
     messages: Lane,
     /// BROADCAST, in order.
     broadcasts: Lane,
@@ -98,7 +101,7 @@ impl CometClient {
     pub(crate) async fn call(&self, call: Call) -> oneshot::Receiver<Outcome> {
         let lane = match call {
             Call::Broadcast(_) => &self.broadcasts,
-            Call::Push(_) | Call::Room(_) => &self.messages,
+            Call::Push(_) | Call::Room(_) | Call::Group(_) | Call::ChangeGroup(_) => &self.messages,
         };
         let (done, outcome) = oneshot::channel();
         if let Err(mpsc::error::SendError(queued)) = lane.tx.send(Queued { call, done }).await {
@@ -128,6 +131,8 @@ impl Call {
             Call::Push(_) => "push",
             Call::Room(_) => "room",
             Call::Broadcast(_) => "broadcast",
+            Call::Group(_) => "group",
+            Call::ChangeGroup(_) => "change_group",
         }
     }
 }
@@ -139,6 +144,8 @@ async fn attempt(comet: &Comet, call: &Call) -> Result<(), RpcError> {
         Call::Push(req) => api.push_msg(req.clone()).await.map(drop),
         Call::Room(req) => api.broadcast_room(req.clone()).await.map(drop),
         Call::Broadcast(req) => api.broadcast(req.clone()).await.map(drop),
+        Call::Group(req) => api.broadcast_group(req.clone()).await.map(drop),
+        Call::ChangeGroup(req) => api.change_group(req.clone()).await.map(drop),
     };
     comet
         .metrics

@@ -1,6 +1,7 @@
 //! The dispatcher: plans each queue message by its type — PUSH to the named
-//! comet, ROOM through the room aggregator, BROADCAST to every comet with
-//! the pace divided among them — and queues the calls on the comets'
+//! comet, ROOM and GROUP (a big group's message) through the aggregator,
+//! GROUP_JOIN and GROUP_LEAVE to the named comet, BROADCAST to every comet
+//! with the pace divided among them — and queues the calls on the comets'
 //! delivery clients, in the order messages are given.
 
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::Outcome;
 use crate::comet_client::Call;
 use crate::comets::{CometHandle, Comets};
 use crate::metrics::JobMetrics;
-use crate::room::{self, RoomMessage};
+use crate::room::{self, GroupSeq, RoomMessage, Target};
 use crate::ticket::{Ticket, ready, wait, wait_all};
 
 /// Delivers push messages to one region's comets.
@@ -98,6 +99,8 @@ impl Job {
             PushType::Push => self.push(msg).await,
             PushType::Room => self.room(msg).await,
             PushType::Broadcast => self.broadcast(msg).await,
+            PushType::Group => self.group(msg).await,
+            PushType::GroupJoin | PushType::GroupLeave => self.change_group(msg).await,
             PushType::Unspecified => {
                 tracing::warn!("push message without a type dropped");
                 ready(Outcome::Rejected)
@@ -123,17 +126,56 @@ impl Job {
     /// ROOM: merged with the room's other messages by the aggregator, which
     /// completes the ticket once the batch reached the comets.
     async fn room(&self, msg: PushMsg) -> Ticket {
-        let (done, rx) = oneshot::channel();
         let frame = Frame::new(Op(msg.operation), 0, msg.msg);
+        self.aggregate(Target::Room(msg.room), frame, None).await
+    }
+
+    /// GROUP: like a room's, to the group's delivery channel on every
+    /// comet, within the group's cap (`speed` messages a second).
+    async fn group(&self, msg: PushMsg) -> Ticket {
+        if msg.room.is_empty() {
+            tracing::warn!("group message without a group dropped");
+            return ready(Outcome::Rejected);
+        }
+        let group = GroupSeq {
+            seq: msg.seq,
+            rate: u32::try_from(msg.speed).unwrap_or(0),
+        };
+        let frame = Frame::new(Op(msg.operation), 0, msg.msg);
+        self.aggregate(Target::Group(msg.room), frame, Some(group))
+            .await
+    }
+
+    async fn aggregate(&self, target: Target, frame: Frame, group: Option<GroupSeq>) -> Ticket {
+        let (done, rx) = oneshot::channel();
         let message = RoomMessage {
-            room: msg.room,
+            target,
             frame,
+            group,
             done,
         };
         if self.rooms.send(message).await.is_err() {
             return ready(Outcome::Gone);
         }
         wait(rx)
+    }
+
+    /// GROUP_JOIN, GROUP_LEAVE: the keys on the one comet that hosts them.
+    async fn change_group(&self, msg: PushMsg) -> Ticket {
+        if msg.room.is_empty() {
+            tracing::warn!("group channel change without a group dropped");
+            return ready(Outcome::Rejected);
+        }
+        let Some(client) = self.comets.get(&msg.server) else {
+            return ready(Outcome::Gone);
+        };
+        let leave = msg.r#type() == PushType::GroupLeave;
+        let call = Call::ChangeGroup(pb::ChangeGroupRequest {
+            group: msg.room,
+            keys: msg.keys,
+            leave,
+        });
+        wait(client.call(call).await)
     }
 
     /// BROADCAST: every comet, the requested pace divided among them.

@@ -26,6 +26,10 @@ pub(crate) struct JobMetrics {
     rpc_errors: Family<[(&'static str, String); 1], Counter>,
     rpc_seconds: HistogramFamily,
     room_batch: Histogram,
+    /// Big groups' messages over the group's cap, not delivered.
+    group_thinned: Counter,
+    /// NOTIFY truncated frames added to big groups' batches.
+    group_truncated: Counter,
     in_flight: Gauge,
     /// The consumer's lag by partition, read on each scrape.
     lag: OnceLock<Lag>,
@@ -41,13 +45,20 @@ impl Default for JobMetrics {
             rpc_errors: Family::default(),
             rpc_seconds: Family::new_with_constructor(latency_histogram),
             room_batch: Histogram::new(rim_metrics::size_buckets()),
+            group_thinned: Counter::default(),
+            group_truncated: Counter::default(),
             in_flight: Gauge::default(),
             lag: OnceLock::new(),
             held: OnceLock::new(),
         };
         // Series that exist from the start, so that dashboards and alerts
         // see zeros rather than nothing (an empty family is not exposed).
-        for kind in [PushType::Push, PushType::Room, PushType::Broadcast] {
+        for kind in [
+            PushType::Push,
+            PushType::Room,
+            PushType::Broadcast,
+            PushType::Group,
+        ] {
             let kind = kind_label(kind);
             for outcome in [Outcome::Delivered, Outcome::Rejected, Outcome::Gone] {
                 let _ = metrics
@@ -67,6 +78,9 @@ pub(crate) fn kind_label(kind: PushType) -> &'static str {
         PushType::Push => "push",
         PushType::Room => "room",
         PushType::Broadcast => "broadcast",
+        PushType::Group => "group",
+        PushType::GroupJoin => "group_join",
+        PushType::GroupLeave => "group_leave",
         PushType::Unspecified => "unspecified",
     }
 }
@@ -133,6 +147,16 @@ impl JobMetrics {
         self.room_batch.observe(messages as f64);
     }
 
+    /// Counts a big group's message over its cap, not delivered.
+    pub(crate) fn group_thinned(&self) {
+        self.group_thinned.inc();
+    }
+
+    /// Counts a NOTIFY truncated added to a big group's batch.
+    pub(crate) fn group_truncated(&self) {
+        self.group_truncated.inc();
+    }
+
     /// Reports the lag of the queue consumer the job reads.
     pub(crate) fn watch_lag(&self, lag: Lag) {
         let _ = self.lag.set(lag);
@@ -147,7 +171,7 @@ impl JobMetrics {
     pub(crate) fn register(self: &std::sync::Arc<Self>, registry: &mut Registry) {
         registry.register(
             "rim_job_messages",
-            "Queue messages fully handled, by kind (push, room, broadcast) and result (delivered, rejected as invalid, gone: the comet left)",
+            "Queue messages fully handled, by kind (push, room, broadcast, group, group_join, group_leave) and result (delivered, rejected as invalid, gone: the comet left)",
             self.messages.clone(),
         );
         registry.register(
@@ -162,13 +186,23 @@ impl JobMetrics {
         );
         registry.register(
             "rim_job_comet_rpc_duration_seconds",
-            "Duration of delivery RPC attempts to comets, by RPC (push, room, broadcast)",
+            "Duration of delivery RPC attempts to comets, by RPC (push, room, broadcast, group, change_group)",
             self.rpc_seconds.clone(),
         );
         registry.register(
             "rim_job_room_batch_messages",
             "Messages merged into one room batch (op 9) per flush",
             self.room_batch.clone(),
+        );
+        registry.register(
+            "rim_job_group_thinned",
+            "Big groups' messages over im.big_group_rate, not delivered (their members are told by NOTIFY truncated and PULL them)",
+            self.group_thinned.clone(),
+        );
+        registry.register(
+            "rim_job_group_truncated_notifies",
+            "NOTIFY truncated frames added to big groups' batches (at most one per group per second)",
+            self.group_truncated.clone(),
         );
         registry.register(
             "rim_job_in_flight",

@@ -154,6 +154,20 @@ impl Logic {
         }
     }
 
+    /// Returns the big groups of `mid` (their delivery channels); None
+    /// without IM or when the store cannot say (logged: the connection
+    /// keeps the channels it has until a later renewal).
+    async fn big_groups(&self, mid: i64) -> Option<Vec<String>> {
+        let im = self.im.as_ref()?;
+        match im.big_groups(mid).await {
+            Ok(groups) => Some(groups),
+            Err(err) => {
+                tracing::warn!(%err, mid, "big groups unknown (store); channels repaired at a later renewal");
+                None
+            }
+        }
+    }
+
     /// Returns the online map.
     pub(crate) fn router(&self) -> &Arc<dyn Router> {
         &self.router
@@ -231,6 +245,12 @@ impl LogicApi for Logic {
             .as_ref()
             .and_then(|im| im.connection_send_limit())
             .map_or((0, 0), |limit| (limit.rate.get(), limit.burst.get()));
+        // An IM connection joins its user's big groups' delivery channels.
+        let groups = if identity.accepts.contains(&rim_proto::Op::IM_MSG.0) {
+            self.big_groups(identity.mid).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         // The key and the server id come from the client and the caller: escaped.
         tracing::debug!(mid = identity.mid, key = ?key, server = ?req.server, "connected");
         Ok(pb::ConnectReply {
@@ -242,6 +262,7 @@ impl LogicApi for Logic {
             heartbeat_max: self.heartbeat_max,
             im_send_rate,
             im_send_burst,
+            groups,
         })
     }
 
@@ -260,7 +281,7 @@ impl LogicApi for Logic {
         Ok(removed)
     }
 
-    async fn heartbeat(&self, req: pb::HeartbeatRequest) -> RpcResult<()> {
+    async fn heartbeat(&self, req: pb::HeartbeatRequest) -> RpcResult<pb::HeartbeatReply> {
         require("server", &req.server)?;
         require("key", &req.key)?;
         self.metrics.renewals.inc();
@@ -288,7 +309,15 @@ impl LogicApi for Logic {
                 }
             }
         }
-        Ok(())
+        let groups = if req.groups {
+            self.big_groups(req.mid).await
+        } else {
+            None
+        };
+        Ok(pb::HeartbeatReply {
+            groups_known: groups.is_some(),
+            groups: groups.unwrap_or_default(),
+        })
     }
 
     async fn renew_online(&self, req: pb::RenewOnlineRequest) -> RpcResult<pb::RenewOnlineReply> {

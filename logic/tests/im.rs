@@ -12,8 +12,8 @@ use rim_proto::Op;
 use rim_proto::api::LogicApi;
 use rim_proto::im::{Body, Code, Msg, Notify, SendReply, SendRequest};
 use rim_proto::pb::frame::v1::Proto;
-use rim_proto::pb::logic::v1::ReceiveRequest;
-use rim_queue::{Consumer, MemoryConsumer, PushMsg, memory_queue};
+use rim_proto::pb::logic::v1::{ConnectRequest, HeartbeatRequest, ReceiveRequest};
+use rim_queue::{Consumer, MemoryConsumer, PushMsg, PushType, memory_queue};
 use rim_router::{MemoryRouter, Router};
 
 struct Setup {
@@ -338,4 +338,150 @@ async fn the_user_limit_spans_the_users_devices() {
         stored(&logic, ConvId::peer(1, 2).unwrap()).await,
         ["p-0", "l-0", "p-1", "b-0"]
     );
+}
+
+// ---------------------------------------------------------------------------
+// Big groups (read diffusion)
+// ---------------------------------------------------------------------------
+
+/// (type, comet, keys) of a channel change.
+fn channel_change(msg: &PushMsg) -> (PushType, String, Vec<String>) {
+    assert_eq!(msg.room, "g:big");
+    (msg.r#type(), msg.server.clone(), msg.keys.clone())
+}
+
+fn keys(keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|k| k.to_string()).collect()
+}
+
+/// A big group's message is one GROUP queue message for the whole group
+/// (its seq, the cap, MSG without a sync), and membership changes become
+/// channel joins and leaves for the comets hosting the members.
+#[tokio::test]
+async fn a_big_groups_message_is_one_group_queue_message_and_members_follow_its_channel() {
+    let mut s = setup_with(ImConfig {
+        big_group_members: 2,
+        big_group_rate: 7,
+        ..ImConfig::standalone()
+    })
+    .await;
+    let conv = ConvId::group("big").unwrap();
+    let small = s.im.put_group(&conv, "B".into(), 2).await.unwrap();
+    assert!(!small.big);
+    let big = s.im.put_group(&conv, "B".into(), 10).await.unwrap();
+    assert!(big.big, "above im.big_group_members");
+
+    s.im.change_members(&conv, &[1, 2], &[]).await.unwrap();
+    let mut joins = vec![
+        channel_change(&next(&mut s.queued).await),
+        channel_change(&next(&mut s.queued).await),
+    ];
+    joins.sort();
+    assert_eq!(
+        joins,
+        [
+            (
+                PushType::GroupJoin,
+                "comet-1".into(),
+                keys(&["alice-phone"])
+            ),
+            (
+                PushType::GroupJoin,
+                "comet-2".into(),
+                keys(&["alice-laptop", "bob-phone"])
+            ),
+        ]
+    );
+
+    let draft = Draft::new(conv.clone(), 1, "g-1".into(), 0, "hello".into(), 4000).unwrap();
+    let sent = s.im.send(draft.clone(), Some("alice-phone")).await.unwrap();
+    assert!(sent.big && sent.inbox.is_empty());
+    let msg = next(&mut s.queued).await;
+    assert_eq!(
+        (
+            msg.r#type(),
+            msg.room.as_str(),
+            msg.seq,
+            msg.speed,
+            msg.operation
+        ),
+        (PushType::Group, "g:big", 1, 7, Op::IM_MSG.0)
+    );
+    let body = Msg::decode(&msg.msg).unwrap();
+    assert_eq!(
+        (body.seq, body.sync, body.body.as_str()),
+        (1, None, "hello")
+    );
+    // A resend pushes the stored message again (its first push may be lost).
+    let again = s.im.send(draft, Some("alice-phone")).await.unwrap();
+    assert!(again.duplicate);
+    let msg = next(&mut s.queued).await;
+    assert_eq!((msg.r#type(), msg.seq), (PushType::Group, 1));
+
+    s.im.change_members(&conv, &[], &[2]).await.unwrap();
+    assert_eq!(
+        channel_change(&next(&mut s.queued).await),
+        (PushType::GroupLeave, "comet-2".into(), keys(&["bob-phone"]))
+    );
+    // Nothing else was queued: no per-member frames.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), s.queued.recv())
+            .await
+            .is_err()
+    );
+}
+
+/// An IM connection learns its user's big groups at connect and at each
+/// renewal that asks; a plain push connection is not asked about them.
+#[tokio::test]
+async fn connect_and_renewal_tell_an_im_connection_its_big_groups() {
+    let s = setup_with(ImConfig {
+        big_group_members: 2,
+        ..ImConfig::standalone()
+    })
+    .await;
+    let conv = ConvId::group("big").unwrap();
+    s.im.put_group(&conv, "B".into(), 10).await.unwrap();
+    s.im.change_members(&conv, &[5], &[]).await.unwrap();
+    let small = ConvId::group("small").unwrap();
+    s.im.put_group(&small, "S".into(), 2).await.unwrap();
+    s.im.change_members(&small, &[5], &[]).await.unwrap();
+    let router = rim_router::connect(&rim_config::RouterConfig::default())
+        .await
+        .unwrap();
+    let logic = Logic::new(
+        &LogicConfig::default(),
+        router,
+        Arc::new(Comets::new()),
+        HttpClient::new().unwrap(),
+    )
+    .with_im(Arc::new(s.im));
+    let connect = |token: &str| ConnectRequest {
+        server: "comet-1".into(),
+        token: bytes::Bytes::copy_from_slice(token.as_bytes()),
+        client_ip: "127.0.0.1".into(),
+        ..ConnectRequest::default()
+    };
+    let im = logic
+        .connect(connect(r#"{"mid":5,"key":"im","accepts":[21,27]}"#))
+        .await
+        .unwrap();
+    assert_eq!(im.groups, ["g:big"]);
+    let plain = logic
+        .connect(connect(r#"{"mid":5,"key":"plain","accepts":[1000]}"#))
+        .await
+        .unwrap();
+    assert!(plain.groups.is_empty());
+
+    let beat = |groups: bool| HeartbeatRequest {
+        mid: 5,
+        key: "im".into(),
+        server: "comet-1".into(),
+        groups,
+    };
+    let renewed = logic.heartbeat(beat(true)).await.unwrap();
+    assert!(renewed.groups_known);
+    assert_eq!(renewed.groups, ["g:big"]);
+    let unasked = logic.heartbeat(beat(false)).await.unwrap();
+    assert!(!unasked.groups_known && unasked.groups.is_empty());
 }

@@ -147,10 +147,12 @@ async fn heartbeat_renews_the_lease_and_restores_an_expired_entry() {
         mid: 3,
         key: "hb".into(),
         server: "c".into(),
+        groups: true,
     };
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        logic.heartbeat(beat()).await.unwrap();
+        let reply = logic.heartbeat(beat()).await.unwrap();
+        assert!(!reply.groups_known, "no IM here: no big groups to tell");
     }
     assert_eq!(
         router.servers_of_keys(&["hb".into()]).await.unwrap(),

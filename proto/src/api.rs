@@ -191,8 +191,9 @@ pub trait LogicApi: Send + Sync + 'static {
     async fn connect(&self, req: logic::ConnectRequest) -> RpcResult<logic::ConnectReply>;
     /// Records that a connection ended; returns whether it was known.
     async fn disconnect(&self, req: logic::DisconnectRequest) -> RpcResult<bool>;
-    /// Renews a connection's presence lease.
-    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<()>;
+    /// Renews a connection's presence lease; when asked, answers the
+    /// user's big groups.
+    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<logic::HeartbeatReply>;
     /// Stores a comet's room counts and returns the cluster-wide counts.
     async fn renew_online(
         &self,
@@ -215,6 +216,17 @@ pub trait CometApi: Send + Sync + 'static {
     async fn broadcast(&self, req: comet::BroadcastRequest) -> RpcResult<comet::Delivery>;
     /// Delivers a frame to every member of a room.
     async fn broadcast_room(&self, req: comet::BroadcastRoomRequest) -> RpcResult<comet::Delivery>;
+    /// Delivers a frame to the connections in a big group's channel that
+    /// accept the op.
+    async fn broadcast_group(
+        &self,
+        req: comet::BroadcastGroupRequest,
+    ) -> RpcResult<comet::Delivery>;
+    /// Adds connections to, or removes them from, a big group's channel.
+    async fn change_group(
+        &self,
+        req: comet::ChangeGroupRequest,
+    ) -> RpcResult<comet::ChangeGroupReply>;
     /// Lists the rooms with members on the comet.
     async fn rooms(&self) -> RpcResult<Vec<String>>;
     /// Closes connections by key; returns how many were found.
@@ -269,12 +281,13 @@ impl LogicApi for RemoteLogic {
             .known)
     }
 
-    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<()> {
-        self.client
+    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<logic::HeartbeatReply> {
+        Ok(self
+            .client
             .clone()
             .heartbeat(self.token.request(req))
-            .await?;
-        Ok(())
+            .await?
+            .into_inner())
     }
 
     async fn renew_online(
@@ -375,6 +388,31 @@ impl CometApi for RemoteComet {
         Ok(reply.delivery.unwrap_or_default())
     }
 
+    async fn broadcast_group(
+        &self,
+        req: comet::BroadcastGroupRequest,
+    ) -> RpcResult<comet::Delivery> {
+        let reply = self
+            .client
+            .clone()
+            .broadcast_group(self.token.request(req))
+            .await?
+            .into_inner();
+        Ok(reply.delivery.unwrap_or_default())
+    }
+
+    async fn change_group(
+        &self,
+        req: comet::ChangeGroupRequest,
+    ) -> RpcResult<comet::ChangeGroupReply> {
+        Ok(self
+            .client
+            .clone()
+            .change_group(self.token.request(req))
+            .await?
+            .into_inner())
+    }
+
     async fn rooms(&self) -> RpcResult<Vec<String>> {
         let reply = self
             .client
@@ -444,8 +482,7 @@ impl<T: LogicApi> logic::logic_server::Logic for LogicGrpc<T> {
         &self,
         req: Request<logic::HeartbeatRequest>,
     ) -> Result<Response<logic::HeartbeatReply>, Status> {
-        self.0.heartbeat(req.into_inner()).await?;
-        Ok(Response::new(logic::HeartbeatReply {}))
+        Ok(Response::new(self.0.heartbeat(req.into_inner()).await?))
     }
 
     async fn renew_online(
@@ -520,6 +557,23 @@ impl<T: CometApi> comet::comet_server::Comet for CometGrpc<T> {
         Ok(Response::new(comet::BroadcastRoomReply {
             delivery: Some(delivery),
         }))
+    }
+
+    async fn broadcast_group(
+        &self,
+        req: Request<comet::BroadcastGroupRequest>,
+    ) -> Result<Response<comet::BroadcastGroupReply>, Status> {
+        let delivery = self.0.broadcast_group(req.into_inner()).await?;
+        Ok(Response::new(comet::BroadcastGroupReply {
+            delivery: Some(delivery),
+        }))
+    }
+
+    async fn change_group(
+        &self,
+        req: Request<comet::ChangeGroupRequest>,
+    ) -> Result<Response<comet::ChangeGroupReply>, Status> {
+        Ok(Response::new(self.0.change_group(req.into_inner()).await?))
     }
 
     async fn rooms(

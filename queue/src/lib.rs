@@ -87,7 +87,8 @@ pub trait Producer: Send + Sync + 'static {
 }
 
 /// Returns the partitioning key of a message: the first key (PUSH), the
-/// room (ROOM) or the op (BROADCAST).
+/// room (ROOM), the group (GROUP, GROUP_JOIN, GROUP_LEAVE) or the op
+/// (BROADCAST).
 pub fn partition_key(msg: &PushMsg) -> Result<String> {
     match msg.r#type() {
         PushType::Push => msg
@@ -97,6 +98,14 @@ pub fn partition_key(msg: &PushMsg) -> Result<String> {
             .ok_or(Error::Invalid("a PUSH message has no key")),
         PushType::Room if !msg.room.is_empty() => Ok(msg.room.clone()),
         PushType::Room => Err(Error::Invalid("a ROOM message has no room")),
+        // A group's messages and channel changes share one partition: one
+        // job sees them in order and caps the group's rate alone.
+        PushType::Group | PushType::GroupJoin | PushType::GroupLeave if !msg.room.is_empty() => {
+            Ok(msg.room.clone())
+        }
+        PushType::Group | PushType::GroupJoin | PushType::GroupLeave => {
+            Err(Error::Invalid("a GROUP message has no group"))
+        }
         PushType::Broadcast => Ok(msg.operation.to_string()),
         PushType::Unspecified => Err(Error::Invalid("message type is unspecified")),
     }
@@ -137,6 +146,11 @@ mod tests {
         assert_eq!(partition_key(&msg(PushType::Push)).unwrap(), "k1");
         assert_eq!(partition_key(&msg(PushType::Room)).unwrap(), "live://1");
         assert_eq!(partition_key(&msg(PushType::Broadcast)).unwrap(), "1000");
+        assert_eq!(partition_key(&msg(PushType::Group)).unwrap(), "live://1");
+        assert_eq!(
+            partition_key(&msg(PushType::GroupJoin)).unwrap(),
+            "live://1"
+        );
         assert!(partition_key(&msg(PushType::Unspecified)).is_err());
         let mut empty = msg(PushType::Push);
         empty.keys.clear();

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use rim_im::{ConvId, GroupSpec};
+use rim_im::ConvId;
 use serde::{Deserialize, Serialize};
 
 use super::{Segment, bad, checked_mid, group, json, service};
@@ -35,6 +35,9 @@ struct GroupAnswer {
     name: String,
     max_members: u32,
     members: u32,
+    /// A big group (read diffusion): `max_members` was set above
+    /// `im.big_group_members` at some point; it stays big.
+    big: bool,
     /// Whether this PUT created it (absent on GET).
     #[serde(skip_serializing_if = "Option::is_none")]
     created: Option<bool>,
@@ -48,6 +51,7 @@ impl GroupAnswer {
             name: group.name,
             max_members: group.max_members,
             members: group.members,
+            big: group.big,
             created,
         }
     }
@@ -63,13 +67,13 @@ pub(super) async fn put(
     let im = service(&api)?;
     let conv = group(&gid)?;
     let req: PutBody = json(&api, &headers, body).await?;
-    let limit = api.im.big_group_members;
-    let max_members = req.max_members.unwrap_or(limit);
+    let max_members = req.max_members.unwrap_or(api.im.big_group_members);
     if max_members == 0 {
         return Err(bad(
             "invalid field \"max_members\": a group has room for at least 1 member",
         ));
     }
+    let limit = api.im.max_group_members;
     if max_members > limit {
         return Err(ImError(HttpError::BigGroup { max_members, limit }));
     }
@@ -79,14 +83,7 @@ pub(super) async fn put(
             req.name.len()
         )));
     }
-    let spec = GroupSpec {
-        name: req.name,
-        max_members,
-        // A group above im.big_group_members is refused above: none is
-        // big yet.
-        big: false,
-    };
-    let stored = im.store().put_group(&conv, spec).await?;
+    let stored = im.put_group(&conv, req.name, max_members).await?;
     let created = stored.created;
     Ok(ok(GroupAnswer::new(gid, stored, Some(created))))
 }
@@ -140,10 +137,7 @@ pub(super) async fn change_members(
             checked_mid(name, m)?;
         }
     }
-    let changed = im
-        .store()
-        .change_members(&conv, &req.add, &req.remove)
-        .await?;
+    let changed = im.change_members(&conv, &req.add, &req.remove).await?;
     Ok(ok(MembersChanged {
         added: changed.added,
         removed: changed.removed,

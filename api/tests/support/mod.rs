@@ -110,6 +110,24 @@ impl CometApi for FakeComet {
         ))
     }
 
+    async fn broadcast_group(
+        &self,
+        _req: comet::BroadcastGroupRequest,
+    ) -> RpcResult<comet::Delivery> {
+        Err(RpcError::Internal(
+            "the api must not push to groups directly".into(),
+        ))
+    }
+
+    async fn change_group(
+        &self,
+        _req: comet::ChangeGroupRequest,
+    ) -> RpcResult<comet::ChangeGroupReply> {
+        Err(RpcError::Internal(
+            "the api must not change group channels directly".into(),
+        ))
+    }
+
     async fn rooms(&self) -> RpcResult<Vec<String>> {
         Ok(Vec::new())
     }

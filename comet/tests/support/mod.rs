@@ -41,6 +41,9 @@ pub struct ScriptedLogic {
     pub down: std::sync::atomic::AtomicBool,
     /// While set, Receive fails as unavailable.
     pub receive_down: std::sync::atomic::AtomicBool,
+    /// The big groups of each mid, answered by Connect and by a Heartbeat
+    /// that asks.
+    pub groups: Mutex<HashMap<i64, Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -55,6 +58,15 @@ struct Token {
 }
 
 impl ScriptedLogic {
+    pub fn groups_of(&self, mid: i64) -> Vec<String> {
+        self.groups
+            .lock()
+            .unwrap()
+            .get(&mid)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     pub fn disconnects_of(&self, key: &str) -> usize {
         self.disconnects
             .lock()
@@ -98,6 +110,7 @@ impl LogicApi for ScriptedLogic {
             },
             im_send_rate: self.im_send_rate,
             im_send_burst: self.im_send_burst,
+            groups: self.groups_of(token.mid),
         })
     }
 
@@ -106,9 +119,16 @@ impl LogicApi for ScriptedLogic {
         Ok(true)
     }
 
-    async fn heartbeat(&self, _req: logic::HeartbeatRequest) -> RpcResult<()> {
+    async fn heartbeat(&self, req: logic::HeartbeatRequest) -> RpcResult<logic::HeartbeatReply> {
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(logic::HeartbeatReply {
+            groups_known: req.groups,
+            groups: if req.groups {
+                self.groups_of(req.mid)
+            } else {
+                Vec::new()
+            },
+        })
     }
 
     async fn renew_online(

@@ -15,6 +15,15 @@
 //! conversations go on beside them. A full lane slows new sends' replies
 //! rather than growing without bound. Every MSG queued to a connection is
 //! remembered for the ack timeout (acks.rs), checked by a background loop.
+//!
+//! A big group's message (read diffusion) is one GROUP queue message for
+//! the whole group: the job merges it into the group's batches, caps the
+//! group's rate (`im.big_group_rate`, carried as the message's speed) and
+//! sends each batch once per comet, where the group's delivery channel
+//! holds its members' connections. Membership changes of a big group
+//! become GROUP_JOIN / GROUP_LEAVE messages for the comets that host the
+//! members' connections, on the group's lane, so they keep their order with
+//! the group's messages.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -22,7 +31,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rim_im::Sent;
+use rim_im::{ConvId, Sent};
 use rim_proto::Op;
 use rim_proto::im::{Body, Notify};
 use rim_queue::{Producer, PushMsg, PushType};
@@ -44,10 +53,29 @@ const LANE_CAPACITY: usize = 256;
 /// router (it also ends with the session).
 pub(crate) const ACK_TTL: Duration = Duration::from_secs(3600);
 
+/// Users looked up in the router at once for a channel change.
+const CHANNEL_LOOKUP: usize = 1000;
+
 /// Hands IM frames to the push queue.
 pub(crate) struct Deliverer {
     shared: Arc<Shared>,
-    lanes: Vec<mpsc::Sender<Frames>>,
+    lanes: Vec<mpsc::Sender<Work>>,
+    /// `im.big_group_rate`: the cap a big group's messages carry.
+    big_group_rate: u32,
+}
+
+/// What a lane does, in order.
+enum Work {
+    /// Frames to users' connections.
+    Frames(Frames),
+    /// A big group's message for its channel.
+    Group(PushMsg),
+    /// Users' connections join or leave a big group's channel.
+    Channel {
+        conv: String,
+        mids: Vec<i64>,
+        leave: bool,
+    },
 }
 
 /// What the deliveries and the ack-timeout loop share.
@@ -74,6 +102,7 @@ impl Deliverer {
         queue: Arc<dyn Producer>,
         metrics: Arc<ImMetrics>,
         ack_timeout: Duration,
+        big_group_rate: u32,
     ) -> Deliverer {
         let shared = Arc::new(Shared {
             router,
@@ -84,18 +113,30 @@ impl Deliverer {
         tokio::spawn(check_acks(Arc::downgrade(&shared)));
         let lanes = (0..LANES)
             .map(|_| {
-                let (tx, mut rx) = mpsc::channel::<Frames>(LANE_CAPACITY);
+                let (tx, mut rx) = mpsc::channel::<Work>(LANE_CAPACITY);
                 let shared = Arc::clone(&shared);
                 // Ends when the deliverer (every sender) is dropped.
                 tokio::spawn(async move {
-                    while let Some(frames) = rx.recv().await {
-                        shared.deliver(frames).await;
+                    while let Some(work) = rx.recv().await {
+                        match work {
+                            Work::Frames(frames) => shared.deliver(frames).await,
+                            Work::Group(msg) => {
+                                shared.queue_send(msg, "group").await;
+                            }
+                            Work::Channel { conv, mids, leave } => {
+                                shared.change_channel(&conv, &mids, leave).await;
+                            }
+                        }
                     }
                 });
                 tx
             })
             .collect();
-        Deliverer { shared, lanes }
+        Deliverer {
+            shared,
+            lanes,
+            big_group_rate,
+        }
     }
 
     /// Records a device's cumulative ACK (kept in the router, where every
@@ -123,6 +164,38 @@ impl Deliverer {
         self.hand_over(&sent.message.conv, frames).await;
     }
 
+    /// Pushes a big group's stored message (MSG without an inbox sync) to
+    /// the group's channel on every comet, within the group's cap.
+    pub(crate) async fn group_message(&self, sent: &Sent) {
+        let conv = sent.message.conv.to_string();
+        let msg = PushMsg {
+            r#type: PushType::Group as i32,
+            operation: Op::IM_MSG.0,
+            room: conv.clone(),
+            msg: wire::msg(&sent.message, None).encode(),
+            seq: sent.message.seq,
+            speed: i32::try_from(self.big_group_rate).unwrap_or(i32::MAX),
+            accepted_unix_nanos: unix_nanos(),
+            ..PushMsg::default()
+        };
+        self.enqueue(&conv, Work::Group(msg)).await;
+    }
+
+    /// Puts the connections of `mids` in big group `conv`'s delivery
+    /// channel (`leave`: takes them out) on the comets that host them.
+    pub(crate) async fn channel(&self, conv: &ConvId, mids: Vec<i64>, leave: bool) {
+        if mids.is_empty() {
+            return;
+        }
+        let conv = conv.to_string();
+        let work = Work::Channel {
+            conv: conv.clone(),
+            mids,
+            leave,
+        };
+        self.enqueue(&conv, work).await;
+    }
+
     /// Pushes a NOTIFY to every connection of `mid` except `except_key`.
     pub(crate) async fn notify(&self, mid: i64, notify: &Notify, except_key: Option<&str>) {
         let frames = Frames {
@@ -134,15 +207,20 @@ impl Deliverer {
     }
 
     /// Queues frames on the lane of `order` (what must keep its order).
-    async fn hand_over(&self, order: &impl Hash, frames: Frames) {
+    async fn hand_over(&self, order: &(impl Hash + ?Sized), frames: Frames) {
         if frames.bodies.is_empty() {
             return;
         }
+        self.enqueue(order, Work::Frames(frames)).await;
+    }
+
+    /// Queues work on the lane of `order`.
+    async fn enqueue(&self, order: &(impl Hash + ?Sized), work: Work) {
         let mut hasher = DefaultHasher::new();
         order.hash(&mut hasher);
         // The modulo keeps the index below LANES.
         let lane = (hasher.finish() % LANES as u64) as usize;
-        if self.lanes[lane].send(frames).await.is_err() {
+        if self.lanes[lane].send(work).await.is_err() {
             // Only when the runtime is shutting down: devices catch up by SYNC.
             self.shared.metrics.delivery("dropped");
         }
@@ -204,9 +282,7 @@ impl Shared {
         if keys.is_empty() {
             return true;
         }
-        let accepted_unix_nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let accepted_unix_nanos = unix_nanos();
         let shared = bodies.windows(2).all(|pair| pair[0] == pair[1]);
         let msg = if shared {
             bodies.truncate(1);
@@ -224,6 +300,12 @@ impl Shared {
             accepted_unix_nanos,
             ..PushMsg::default()
         };
+        self.queue_send(msg, "push").await
+    }
+
+    /// Writes one message to the queue; returns whether it took it.
+    async fn queue_send(&self, msg: PushMsg, what: &'static str) -> bool {
+        let server = msg.server.clone();
         match self.queue.send(msg).await {
             Ok(()) => {
                 self.metrics.delivery("queued");
@@ -231,8 +313,44 @@ impl Shared {
             }
             Err(err) => {
                 self.metrics.delivery("queue_failed");
-                tracing::warn!(%err, server, "IM delivery: queue write failed; devices catch up by SYNC");
+                tracing::warn!(%err, server, what, "IM delivery: queue write failed; devices catch up by SYNC or PULL");
                 false
+            }
+        }
+    }
+
+    /// Looks up the connections of `mids` and queues one GROUP_JOIN (or
+    /// GROUP_LEAVE) per comet hosting some. A failure is logged: the
+    /// comets repair a connection's channels at its next presence renewal.
+    async fn change_channel(&self, conv: &str, mids: &[i64], leave: bool) {
+        let kind = if leave {
+            PushType::GroupLeave
+        } else {
+            PushType::GroupJoin
+        };
+        for chunk in mids.chunks(CHANNEL_LOOKUP) {
+            let devices = match self.router.devices(chunk).await {
+                Ok(devices) => devices,
+                Err(err) => {
+                    self.metrics.delivery("router_failed");
+                    tracing::warn!(%err, conv, users = chunk.len(), "IM group channel change: router lookup failed; repaired at the connections' next renewal");
+                    continue;
+                }
+            };
+            let mut by_comet: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for device in devices {
+                by_comet.entry(device.server).or_default().push(device.key);
+            }
+            for (server, keys) in by_comet {
+                let msg = PushMsg {
+                    r#type: kind as i32,
+                    server,
+                    room: conv.to_owned(),
+                    keys,
+                    accepted_unix_nanos: unix_nanos(),
+                    ..PushMsg::default()
+                };
+                self.queue_send(msg, "channel").await;
             }
         }
     }
@@ -273,6 +391,13 @@ impl Shared {
             }
         }
     }
+}
+
+/// Now, unix nanoseconds (the queue message's accept time).
+fn unix_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// Checks the pushes whose ack timeout passed, until the deliverer is gone.

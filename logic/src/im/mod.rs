@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use rim_config::{ImConfig, RateLimit};
 use rim_im::{
-    ConvId, DEFAULT_SYNC_LIMIT, Draft, MAX_SYNC_LIMIT, MessageStore, Page, Reader, Sent,
-    clamp_limit,
+    ConvId, DEFAULT_SYNC_LIMIT, Draft, Group, GroupSpec, MAX_SYNC_LIMIT, MembersChanged,
+    MessageStore, Page, Reader, Sent, clamp_limit,
 };
 use rim_proto::Op;
 use rim_proto::im::{
@@ -52,6 +52,8 @@ pub struct Im {
     limits: Arc<Limits>,
     conn_send_limit: Option<RateLimit>,
     max_body: usize,
+    /// `im.big_group_members`: groups above it are big (read diffusion).
+    big_group_members: u32,
     metrics: Arc<ImMetrics>,
 }
 
@@ -80,10 +82,17 @@ impl Im {
         retention::start(&store, config, &metrics);
         Im {
             store,
-            deliver: Deliverer::new(router, queue, Arc::clone(&metrics), config.ack_timeout),
+            deliver: Deliverer::new(
+                router,
+                queue,
+                Arc::clone(&metrics),
+                config.ack_timeout,
+                config.big_group_rate,
+            ),
             limits,
             conn_send_limit: config.send_limit_per_conn(),
             max_body: config.max_body,
+            big_group_members: config.big_group_members,
             metrics,
         }
     }
@@ -126,7 +135,12 @@ impl Im {
     /// stores and pushes nothing.
     pub async fn send(&self, draft: Draft, sender_key: Option<&str>) -> rim_im::Result<Sent> {
         let sent = self.store.send(draft).await?;
-        if sent.duplicate {
+        if sent.big {
+            // Read diffusion: one push to the group's channel. A resend's
+            // first push may have been lost with its logic: pushed again
+            // (devices drop a (conv, seq) they have).
+            self.deliver.group_message(&sent).await;
+        } else if sent.duplicate {
             self.hint_resent(&sent.message.conv, sender_key).await;
         } else {
             self.deliver.message(&sent, sender_key).await;
@@ -162,6 +176,66 @@ impl Im {
                     .await;
             }
         }
+    }
+
+    /// Creates group `conv` or updates it; `max_members` above
+    /// `im.big_group_members` makes it a big group (read diffusion, for
+    /// good). A group that becomes big has its online members' connections
+    /// put in its delivery channel.
+    pub async fn put_group(
+        &self,
+        conv: &ConvId,
+        name: String,
+        max_members: u32,
+    ) -> rim_im::Result<Group> {
+        let was_big = match self.store.group(conv).await {
+            Ok(group) => group.big,
+            Err(rim_im::Error::NoSuchGroup { .. }) => false,
+            Err(err) => return Err(err),
+        };
+        let spec = GroupSpec {
+            name,
+            max_members,
+            big: max_members > self.big_group_members,
+        };
+        let group = self.store.put_group(conv, spec).await?;
+        if group.big && !was_big && group.members > 0 {
+            let mids = self.members_of(conv).await?;
+            self.deliver.channel(conv, mids, false).await;
+        }
+        Ok(group)
+    }
+
+    /// Removes, then adds members of group `conv` (see
+    /// [`MessageStore::change_members`]); a big group's channel follows:
+    /// the connections of new members join it, those of removed ones
+    /// leave it, within the push pipeline's latency (and at the latest at
+    /// each connection's next presence renewal).
+    pub async fn change_members(
+        &self,
+        conv: &ConvId,
+        add: &[i64],
+        remove: &[i64],
+    ) -> rim_im::Result<MembersChanged> {
+        let changed = self.store.change_members(conv, add, remove).await?;
+        if !(changed.added.is_empty() && changed.removed.is_empty())
+            && self.store.group(conv).await?.big
+        {
+            self.deliver
+                .channel(conv, changed.removed.clone(), true)
+                .await;
+            self.deliver
+                .channel(conv, changed.added.clone(), false)
+                .await;
+        }
+        Ok(changed)
+    }
+
+    /// Returns the big groups `mid` is a member of (conv ids): the delivery
+    /// channels its IM connections belong in.
+    pub async fn big_groups(&self, mid: i64) -> rim_im::Result<Vec<String>> {
+        let groups = self.store.big_groups(mid, 0).await?;
+        Ok(groups.iter().map(ToString::to_string).collect())
     }
 
     /// Every member of a conversation (a group's, page by page).
