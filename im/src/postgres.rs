@@ -181,6 +181,7 @@ impl PostgresStore {
         };
         config.options(startup);
         config.connect_timeout(options.timeout);
+        detect_dead_peers(&mut config, options.timeout);
         if config.get_application_name().is_none() {
             config.application_name("rim-im");
         }
@@ -311,6 +312,33 @@ fn primary_only(config: &tokio_postgres::Config) -> Result<()> {
             "url",
             "the store writes: target_session_attrs must be read-write (or unset with one host)",
         )),
+    }
+}
+
+/// Linux's TCP keepalive default: the first probe after two hours idle.
+const KERNEL_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// Makes a connection to a server that vanished without closing it (a
+/// machine powered off, a network partition) end within seconds rather
+/// than hours, unless the url chose otherwise: an idle connection is
+/// probed after the store timeout, every second, and given up after three
+/// unanswered probes; data unacknowledged for twice the store timeout ends
+/// it too. The message-id node's connection is idle while it holds the
+/// lock: without this, after a failover it would look held on a server
+/// nobody writes to any more, while sends go on against the new primary.
+fn detect_dead_peers(config: &mut tokio_postgres::Config, timeout: Duration) {
+    if config.get_keepalives()
+        && config.get_keepalives_idle() == KERNEL_KEEPALIVE_IDLE
+        && config.get_keepalives_interval().is_none()
+        && config.get_keepalives_retries().is_none()
+    {
+        // TCP counts these in whole seconds.
+        config.keepalives_idle(timeout.max(Duration::from_secs(1)));
+        config.keepalives_interval(Duration::from_secs(1));
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(timeout.saturating_mul(2).max(Duration::from_secs(1)));
     }
 }
 
@@ -1013,6 +1041,34 @@ impl MessageStore for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_peers_are_detected_unless_the_url_says_otherwise() {
+        let timeout = Duration::from_secs(5);
+        let mut config: tokio_postgres::Config = "postgres://rim@127.0.0.1/rim".parse().unwrap();
+        detect_dead_peers(&mut config, timeout);
+        assert_eq!(config.get_keepalives_idle(), timeout);
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(10))
+        );
+        let mut chosen: tokio_postgres::Config =
+            "postgres://rim@127.0.0.1/rim?keepalives_idle=60&tcp_user_timeout=30"
+                .parse()
+                .unwrap();
+        detect_dead_peers(&mut chosen, timeout);
+        assert_eq!(chosen.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(chosen.get_keepalives_interval(), None);
+        assert_eq!(
+            chosen.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(30))
+        );
+    }
 
     #[test]
     fn a_url_that_could_reach_a_standby_is_refused() {
