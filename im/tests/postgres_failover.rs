@@ -360,3 +360,61 @@ async fn acknowledged_messages_survive_losing_the_primary() {
     assert_eq!(holders, "1", "node {node} held on the promoted server");
     println!("failover test: {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's postgresql server binaries: run deploy/test.sh"]
+async fn nothing_is_acknowledged_while_the_synchronous_standby_is_down() {
+    let primary = tokio::task::block_in_place(PostgresServer::start_new);
+    let standby = tokio::task::block_in_place(|| primary.start_sync_standby());
+    let options = PostgresOptions {
+        timeout: STORE_TIMEOUT,
+        ..PostgresOptions::new(primary.url(), Arc::new(IdGenerator::new(21).unwrap()))
+    };
+    let store = within("connecting", PostgresStore::connect(options))
+        .await
+        .unwrap();
+    let pair = ConvId::peer(1, 2).unwrap();
+    let first = within("a send", store.send(draft(&pair, 1, "before")))
+        .await
+        .unwrap();
+    assert_eq!(first.message.seq, 1);
+
+    tokio::task::block_in_place(|| standby.stop_immediate());
+    // The commit waits for the standby, so the send is not acknowledged.
+    let waiting = within(
+        "a send without the standby",
+        store.send(draft(&pair, 1, "waiting")),
+    )
+    .await;
+    assert!(
+        matches!(waiting, Err(Error::Unavailable(_))),
+        "a send while the synchronous standby is down: {waiting:?}"
+    );
+    assert_ne!(
+        primary.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"),
+        "0",
+        "its commit waits in the primary for the standby"
+    );
+
+    tokio::task::block_in_place(|| {
+        standby.start_again();
+        primary.wait_sync(&standby);
+    });
+    // With the standby back the waiting commit completes: the resend
+    // with the same cmid finds it, with the seq it was given.
+    let deadline = Instant::now() + STEP;
+    let resent = loop {
+        match store.send(draft(&pair, 1, "waiting")).await {
+            Ok(sent) => break sent,
+            Err(Error::Unavailable(failure)) if Instant::now() < deadline => {
+                let _ = failure;
+                tokio::time::sleep(RESEND_PAUSE).await;
+            }
+            Err(e) => panic!("the resend with the standby back: {e:?}"),
+        }
+    };
+    assert!(resent.duplicate, "the waiting commit completed");
+    assert_eq!(resent.message.seq, 2);
+    let stored = history(&store, &pair).await;
+    assert_dense(stored.iter().map(|m| m.seq), 2, "the pair's seqs");
+}

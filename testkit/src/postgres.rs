@@ -138,14 +138,22 @@ impl PostgresServer {
         ));
         self.psql("ALTER SYSTEM SET synchronous_commit = on");
         self.psql("SELECT pg_reload_conf()");
+        self.wait_sync(&standby);
+        standby
+    }
+
+    /// Waits until this server reports `standby` (one of
+    /// [`PostgresServer::start_sync_standby`]) streaming as its synchronous
+    /// standby, e.g. after the standby was restarted.
+    pub fn wait_sync(&self, standby: &PostgresServer) {
         let state = format!(
             "SELECT sync_state FROM pg_stat_replication \
-             WHERE application_name = '{name}' AND state = 'streaming'"
+             WHERE application_name = 'rim_standby_{}' AND state = 'streaming'",
+            standby.port
         );
         self.wait_for("the standby to stream synchronously", || {
             self.psql(&state) == "sync"
         });
-        standby
     }
 
     /// Loses the server the way a machine is lost: SIGKILL, by PID, to the
