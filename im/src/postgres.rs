@@ -464,7 +464,11 @@ impl MessageStore for PostgresStore {
             });
         }
         let (reply_tx, reply_rx) = oneshot::channel();
-        let job = batch::Job { draft, reply_tx };
+        let job = batch::Job {
+            draft,
+            reply_tx,
+            asked: tokio::time::Instant::now(),
+        };
         match tokio::time::timeout(self.shared.timeout, self.send_tx.send(job)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {

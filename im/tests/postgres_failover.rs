@@ -238,9 +238,13 @@ async fn acknowledged_messages_survive_losing_the_primary() {
 
     // No host takes writes now: a send is refused, and stores nothing.
     let probe = draft(&pair12, 2, "probe");
+    let asked = Instant::now();
     let refused = within("a send during the outage", store.send(probe.clone())).await;
     match refused {
-        Err(Error::Unavailable(failure)) => println!("a send with no primary: {failure}"),
+        Err(Error::Unavailable(failure)) => println!(
+            "a send with no primary, answered in {:?}: {failure}",
+            asked.elapsed()
+        ),
         other => panic!("a send with no primary: {other:?}"),
     }
 
