@@ -46,8 +46,11 @@ pub struct ImConfig {
     pub sqlite_path: PathBuf,
     /// SQLite's `synchronous`: full (default) or normal.
     pub sqlite_synchronous: SqliteSync,
-    /// PostgreSQL URLs, `postgres://user@host:port/db` (one primary for now).
-    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    /// PostgreSQL URLs, `postgres://user@host:port/db` (one primary for
+    /// now). A URL may name the primary and its standbys, tried in order,
+    /// `postgres://user@h1:5432,h2:5432/db?target_session_attrs=read-write`
+    /// (required with several hosts), so rim follows a promotion.
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize_urls")]
     pub postgres: Vec<String>,
     /// Connections per PostgreSQL primary.
     pub postgres_pool: usize,
@@ -254,13 +257,95 @@ fn rate_limit((rate_key, rate): (&str, u32), (burst_key, burst): (&str, u32)) ->
 /// The largest id-generator node number (10 bits).
 const MAX_ID_NODE: u16 = 1023;
 
+/// Checks a PostgreSQL URL as libpq reads it,
+/// `postgres://[user[:password]@]host[:port][,host[:port]…][/db][?key=value&…]`:
+/// every host named, every port a number, and several hosts (a primary and
+/// its standbys) only with `target_session_attrs=read-write`, so that no
+/// connection lands on a read-only standby. Errors do not repeat the URL
+/// (it may hold a password).
 fn postgres_url(key: &str, url: &str) -> Result<()> {
     not_blank(key, url)?;
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(ConfigError::invalid(
-            key,
-            format!("{url:?} is not a postgres:// URL"),
-        ));
+    let invalid = |reason: String| Err(ConfigError::invalid(key, reason));
+    let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    else {
+        let scheme = url.split_once("://").map_or("none", |(scheme, _)| scheme);
+        return invalid(format!("not a postgres:// URL (scheme {scheme:?})"));
+    };
+    // The credentials end at the first '@', the hosts at the path or query.
+    let rest = rest.split_once('@').map_or(rest, |(_, after)| after);
+    let (hosts, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    if hosts.is_empty() {
+        return invalid("the URL names no host".into());
+    }
+    let mut count = 0;
+    for host in hosts.split(',') {
+        count += 1;
+        postgres_host(host).or_else(|reason| invalid(format!("host {count}: {reason}")))?;
+    }
+    let query = tail.split_once('?').map_or("", |(_, query)| query);
+    let mut attrs = None;
+    for param in query.split('&').filter(|param| !param.is_empty()) {
+        let Some((name, value)) = param.split_once('=') else {
+            return invalid(format!("parameter {name:?} has no value", name = param));
+        };
+        if name == "target_session_attrs" {
+            attrs = Some(value);
+        }
+    }
+    match attrs {
+        Some("read-write") => Ok(()),
+        None | Some("any") if count == 1 => Ok(()),
+        None | Some("any") => invalid(format!(
+            "names {count} hosts (a primary and its standbys) but not \
+             ?target_session_attrs=read-write: rim could connect to a read-only standby"
+        )),
+        Some(other) => invalid(format!(
+            "target_session_attrs={other:?}: rim writes, so it must be read-write"
+        )),
+    }
+}
+
+/// Checks one `host[:port]` or `[ipv6][:port]` of a PostgreSQL URL.
+fn postgres_host(host: &str) -> std::result::Result<(), String> {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(bracketed) => {
+            let (name, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| format!("{host:?} has no closing ']'"))?;
+            match after {
+                "" => (name, None),
+                _ => (
+                    name,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or_else(|| format!("{host:?}: ':' must follow ']'"))?,
+                    ),
+                ),
+            }
+        }
+        None => match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
+    };
+    if name.is_empty() {
+        return Err("empty (two commas in a row, or a port without a host?)".into());
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{name:?} has a blank or control character"));
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(1..) => {}
+            _ => {
+                return Err(format!(
+                    "port {port:?} of {name} is not a number from 1 to 65535"
+                ));
+            }
+        }
     }
     Ok(())
 }

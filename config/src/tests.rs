@@ -612,6 +612,71 @@ fn im_settings_name_their_key() {
 }
 
 #[test]
+fn a_postgres_url_may_name_a_primary_and_its_standbys() {
+    let open = ("RIM_NODE__ALLOW_UNAUTHENTICATED", "true");
+    let store = ("RIM_IM__STORE", "postgres");
+    let list = "postgres://rim:secret@10.0.0.1:5432,10.0.0.2:5432,[::1]:5433/rim\
+                ?target_session_attrs=read-write&application_name=rim";
+    // From the environment the host list's commas stay in the URL.
+    let logic =
+        LogicRoleConfig::load_from(None, env(&[open, store, ("RIM_IM__POSTGRES", list)])).unwrap();
+    assert_eq!(logic.im.postgres, [list]);
+    let file = format!("[im]\nstore = \"postgres\"\npostgres = [\"{list}\"]\n");
+    let logic = LogicRoleConfig::load_from(Some(toml(&file).path()), env(&[open])).unwrap();
+    assert_eq!(logic.im.postgres, [list]);
+    for fine in [
+        "postgres://rim@db/rim",
+        "postgresql://rim@db:5432/rim?target_session_attrs=any",
+        "postgres://rim@[::1]/rim",
+        "postgres://%2Fvar%2Frun%2Fpostgresql/rim",
+    ] {
+        LogicRoleConfig::load_from(None, env(&[open, store, ("RIM_IM__POSTGRES", fine)]))
+            .unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
+    for (bad, says) in [
+        (
+            "postgres://rim@h1:5432,h2:5432/rim",
+            "names 2 hosts (a primary and its standbys) but not ?target_session_attrs=read-write",
+        ),
+        (
+            "postgres://rim@h1,h2/rim?target_session_attrs=any",
+            "names 2 hosts",
+        ),
+        (
+            "postgres://rim@h1/rim?target_session_attrs=read-only",
+            "it must be read-write",
+        ),
+        (
+            "postgres://rim@h1,,h2/rim?target_session_attrs=read-write",
+            "host 2: empty",
+        ),
+        (
+            "postgres://rim:pw@h1:54x2/rim",
+            "host 1: port \"54x2\" of h1 is not a number",
+        ),
+        ("postgres://rim@h1:0/rim", "is not a number from 1 to 65535"),
+        ("postgres://rim@[::1/rim", "has no closing ']'"),
+        ("postgres://rim@/rim", "the URL names no host"),
+        (
+            "postgres://rim@h1/rim?sslmode",
+            "parameter \"sslmode\" has no value",
+        ),
+        ("mysql://rim@h1/rim", "not a postgres:// URL"),
+    ] {
+        let err = load_err::<LogicRoleConfig>(None, &[open, store, ("RIM_IM__POSTGRES", bad)]);
+        assert!(
+            err.starts_with("invalid value for im.postgres") && err.contains(says),
+            "{bad}: {err}"
+        );
+        assert!(!err.contains("pw"), "the password is not repeated: {err}");
+    }
+    // Two URLs are two primaries: refused until sharding is built.
+    let two = "postgres://rim@h1/rim,postgres://rim@h2/rim";
+    let err = load_err::<LogicRoleConfig>(None, &[open, store, ("RIM_IM__POSTGRES", two)]);
+    assert!(err.contains("one primary for now"), "{err}");
+}
+
+#[test]
 fn im_rate_limits_default_on_and_zero_turns_one_off() {
     let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
     let limit = |rate: u32, burst: u32| {

@@ -19,6 +19,14 @@
 //! one lost during the commit is answered `Unavailable`, as its outcome is
 //! unknown: the sender's resend with the same cmid then finds it stored
 //! (`duplicate`) or stores it.
+//!
+//! Failover: the url may list the primary and its standbys with
+//! `target_session_attrs=read-write`. When the primary is lost, its pooled
+//! connections are closed and the pool drops them (the `Fast` recycling
+//! checks `is_closed`), new ones skip the read-only standbys, so calls
+//! fail with `Unavailable` within the store timeout, nothing half-stored,
+//! until a standby is promoted; then new connections, and the message-id
+//! node's lock ([`node`]), land on it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,7 +64,11 @@ const MAX_BATCHES_IN_FLIGHT: usize = 4;
 pub struct PostgresOptions {
     /// The connection string, `postgres://user[:password]@host:port/db`; it
     /// may carry `options=-csearch_path%3D<schema>` to keep rim's tables in
-    /// a schema of their own.
+    /// a schema of their own. It may name a primary and its standbys,
+    /// `postgres://user@primary:5432,standby:5432/db?target_session_attrs=read-write`
+    /// (required with several hosts): every new connection tries them in
+    /// order and keeps the first that takes writes, so after a standby is
+    /// promoted the store reaches it without a restart.
     pub url: String,
     /// How many connections the store's pool opens at most, shared by the
     /// send batches and everything else (default 8).
@@ -145,6 +157,7 @@ impl PostgresStore {
         let mut config: tokio_postgres::Config = options.url.parse().map_err(|e| {
             Error::invalid("url", format!("not a PostgreSQL connection string: {e}"))
         })?;
+        primary_only(&config)?;
         // Session settings ride on the startup packet, after any the url
         // carries (a search_path), so every pooled connection has them.
         // Every statement of the store is a key lookup or a range of an
@@ -168,6 +181,7 @@ impl PostgresStore {
         };
         config.options(startup);
         config.connect_timeout(options.timeout);
+        detect_dead_peers(&mut config, options.timeout);
         if config.get_application_name().is_none() {
             config.application_name("rim-im");
         }
@@ -274,6 +288,59 @@ mod batch;
 mod node;
 mod prune;
 mod schema;
+
+/// Refuses a connection string that could connect to a standby: one
+/// that names several hosts (a primary and its standbys, tried in order)
+/// must ask for `target_session_attrs=read-write`, so that every
+/// connection — the pool's and the message-id node's — skips a read-only
+/// standby and reaches whichever host is the primary now; and none may ask
+/// for `read-only`.
+fn primary_only(config: &tokio_postgres::Config) -> Result<()> {
+    use tokio_postgres::config::TargetSessionAttrs;
+    let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
+    match config.get_target_session_attrs() {
+        TargetSessionAttrs::ReadWrite => Ok(()),
+        TargetSessionAttrs::Any if hosts <= 1 => Ok(()),
+        TargetSessionAttrs::Any => Err(Error::invalid(
+            "url",
+            format!(
+                "names {hosts} hosts but not target_session_attrs=read-write: \
+                 a connection could land on a read-only standby"
+            ),
+        )),
+        _ => Err(Error::invalid(
+            "url",
+            "the store writes: target_session_attrs must be read-write (or unset with one host)",
+        )),
+    }
+}
+
+/// Linux's TCP keepalive default: the first probe after two hours idle.
+const KERNEL_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// Makes a connection to a server that vanished without closing it (a
+/// machine powered off, a network partition) end within seconds rather
+/// than hours, unless the url chose otherwise: an idle connection is
+/// probed after the store timeout, every second, and given up after three
+/// unanswered probes; data unacknowledged for twice the store timeout ends
+/// it too. The message-id node's connection is idle while it holds the
+/// lock: without this, after a failover it would look held on a server
+/// nobody writes to any more, while sends go on against the new primary.
+fn detect_dead_peers(config: &mut tokio_postgres::Config, timeout: Duration) {
+    if config.get_keepalives()
+        && config.get_keepalives_idle() == KERNEL_KEEPALIVE_IDLE
+        && config.get_keepalives_interval().is_none()
+        && config.get_keepalives_retries().is_none()
+    {
+        // TCP counts these in whole seconds.
+        config.keepalives_idle(timeout.max(Duration::from_secs(1)));
+        config.keepalives_interval(Duration::from_secs(1));
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(timeout.saturating_mul(2).max(Duration::from_secs(1)));
+    }
+}
 
 /// Maps a database error to [`Error::Unavailable`] saying what failed.
 fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
@@ -397,7 +464,11 @@ impl MessageStore for PostgresStore {
             });
         }
         let (reply_tx, reply_rx) = oneshot::channel();
-        let job = batch::Job { draft, reply_tx };
+        let job = batch::Job {
+            draft,
+            reply_tx,
+            asked: tokio::time::Instant::now(),
+        };
         match tokio::time::timeout(self.shared.timeout, self.send_tx.send(job)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
@@ -974,6 +1045,65 @@ impl MessageStore for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_peers_are_detected_unless_the_url_says_otherwise() {
+        let timeout = Duration::from_secs(5);
+        let mut config: tokio_postgres::Config = "postgres://rim@127.0.0.1/rim".parse().unwrap();
+        detect_dead_peers(&mut config, timeout);
+        assert_eq!(config.get_keepalives_idle(), timeout);
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(10))
+        );
+        let mut chosen: tokio_postgres::Config =
+            "postgres://rim@127.0.0.1/rim?keepalives_idle=60&tcp_user_timeout=30"
+                .parse()
+                .unwrap();
+        detect_dead_peers(&mut chosen, timeout);
+        assert_eq!(chosen.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(chosen.get_keepalives_interval(), None);
+        assert_eq!(
+            chosen.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn a_url_that_could_reach_a_standby_is_refused() {
+        let check = |url: &str| primary_only(&url.parse().unwrap());
+        for fine in [
+            "postgres://rim@127.0.0.1:5432/rim",
+            "postgres://rim@127.0.0.1:5432/rim?target_session_attrs=read-write",
+            "postgres://rim@10.0.0.1:5432,10.0.0.2:5432/rim?target_session_attrs=read-write",
+            "host=10.0.0.1,10.0.0.2 user=rim target_session_attrs=read-write",
+        ] {
+            assert!(check(fine).is_ok(), "{fine}");
+        }
+        for (bad, says) in [
+            (
+                "postgres://rim@10.0.0.1:5432,10.0.0.2:5432/rim",
+                "names 2 hosts",
+            ),
+            (
+                "postgres://rim@10.0.0.1,10.0.0.2,10.0.0.3/rim?target_session_attrs=any",
+                "names 3 hosts",
+            ),
+            (
+                "postgres://rim@127.0.0.1/rim?target_session_attrs=read-only",
+                "must be read-write",
+            ),
+        ] {
+            let err = check(bad).unwrap_err();
+            assert!(matches!(err, Error::Invalid { .. }), "{bad}: {err:?}");
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+    }
 
     async fn session(url: &str) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)

@@ -50,6 +50,9 @@ pub(super) struct Job {
     pub draft: Draft,
     /// Where its outcome goes once the batch has committed (or failed).
     pub reply_tx: oneshot::Sender<Result<Sent>>,
+    /// When the send was asked for: its wait for the message-id node ends
+    /// a store timeout after it, however long it queued for its batch.
+    pub asked: tokio::time::Instant,
 }
 
 /// Forms batches from `send_rx` until every sender is gone.
@@ -115,21 +118,40 @@ enum Decision {
     Refused(Error),
 }
 
+/// Issues a message id, with its BIGINT and its time.
+fn issue_id(shared: &Shared) -> Result<(MessageId, i64, i64)> {
+    let id = shared.ids.next();
+    let id_db = i64::try_from(id.as_u64())
+        .map_err(|e| Error::unavailable("a message id over 63 bits", e))?;
+    let ts = i64::try_from(id.unix_ms())
+        .map_err(|e| Error::unavailable("a message time over 63 bits", e))?;
+    Ok((id, id_db, ts))
+}
+
+/// Gives every send of `plan` a new id (from the generator's node now).
+fn reissue_ids(shared: &Shared, plan: &mut [Planned]) -> Result<()> {
+    for planned in plan {
+        (planned.id, planned.id_db, planned.ts) = issue_id(shared)?;
+    }
+    Ok(())
+}
+
 /// Stores one batch and answers each of its sends.
 async fn write(shared: &Shared, jobs: Vec<Job>) {
     let mut plan = Vec::with_capacity(jobs.len());
     let mut replies = Vec::with_capacity(jobs.len());
+    // While the node is not held (its connection was lost: a failover, a
+    // restart) a send is answered `Unavailable` within the store timeout
+    // of when it was asked, not that timeout after its batch started.
+    let node_deadline = jobs
+        .iter()
+        .map(|job| job.asked)
+        .min()
+        .unwrap_or_else(tokio::time::Instant::now)
+        + shared.timeout;
     for job in jobs {
-        let id = shared.ids.next();
-        let planned = i64::try_from(id.as_u64())
-            .map_err(|e| Error::unavailable("a message id over 63 bits", e))
-            .and_then(|id_db| {
-                let ts = i64::try_from(id.unix_ms())
-                    .map_err(|e| Error::unavailable("a message time over 63 bits", e))?;
-                Ok((id_db, ts))
-            });
-        match planned {
-            Ok((id_db, ts)) => {
+        match issue_id(shared) {
+            Ok((id, id_db, ts)) => {
                 plan.push(Planned {
                     conv: job.draft.conv.to_string(),
                     draft: job.draft,
@@ -151,7 +173,16 @@ async fn write(shared: &Shared, jobs: Vec<Job>) {
     let outcome = loop {
         attempt += 1;
         // Ids of a node this process may no longer hold are not written.
-        if let Err(e) = shared.node.held(shared.timeout).await {
+        let wait = node_deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Err(e) = shared.node.held(wait).await {
+            break Err(e);
+        }
+        // Taken back, the node may be another one (the old one went to
+        // another process meanwhile): ids issued from the old one are not
+        // written either.
+        if plan.iter().any(|p| p.id.node() != shared.ids.node())
+            && let Err(e) = reissue_ids(shared, &mut plan)
+        {
             break Err(e);
         }
         let client = match shared.client("storing sends").await {
