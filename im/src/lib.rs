@@ -12,6 +12,8 @@ mod error;
 mod id;
 mod message;
 mod postgres;
+mod shard;
+mod sharded;
 mod sqlite;
 mod store;
 
@@ -20,10 +22,12 @@ pub use crate::error::{Code, Error, Result, StoreFailure};
 pub use crate::id::{IdGenerator, MAX_NODE, MessageId};
 pub use crate::message::{Draft, MAX_CMID_LEN};
 pub use crate::postgres::{PostgresOptions, PostgresStore};
+pub use crate::shard::{BUCKETS, ShardMap, conv_bucket, mid_bucket};
+pub use crate::sharded::ShardedStore;
 pub use crate::sqlite::{Pragmas, SqliteOptions, SqliteStore, Synchronous};
 pub use crate::store::{
     ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, InboxEntry, MAX_BIG_GROUPS_LIMIT,
     MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged,
-    MembersPage, Message, MessageStore, Page, Pruned, PullPage, ReadPos, Reader, Retention, Sent,
-    SyncPage, Synced, clamp_limit,
+    MembersPage, Message, MessageStore, Page, Pruned, PullPage, ReadPos, Reader, Relayed,
+    Retention, Sent, SyncPage, Synced, clamp_limit,
 };

@@ -43,6 +43,7 @@ use crate::conv::ConvId;
 use crate::error::{Error, Result};
 use crate::id::{IdGenerator, MessageId};
 use crate::message::Draft;
+use crate::shard::ShardMap;
 use crate::store::{
     ConvSummary, DEFAULT_SYNC_LIMIT, Group, GroupSpec, MAX_BIG_GROUPS_LIMIT,
     MAX_CONVERSATIONS_LIMIT, MAX_MEMBERS_LIMIT, MAX_PULL_LIMIT, MAX_SYNC_LIMIT, MembersChanged,
@@ -90,6 +91,12 @@ pub struct PostgresOptions {
     /// The generator's node was configured (`im.node`): refuse to open when
     /// another process holds it, rather than taking another.
     pub exact_node: bool,
+    /// This database is primary `.1` of a store sharded by `.0`
+    /// ([`ShardedStore`](crate::ShardedStore)): a send's inbox entries for
+    /// members whose inbox is on another primary go to this primary's
+    /// outbox, and retention leaves inboxes alone (their messages may be
+    /// elsewhere). `None`: a store of its own.
+    pub shard: Option<(Arc<ShardMap>, usize)>,
 }
 
 impl PostgresOptions {
@@ -102,6 +109,7 @@ impl PostgresOptions {
             max_batch: DEFAULT_MAX_BATCH,
             ids,
             exact_node: false,
+            shard: None,
         }
     }
 }
@@ -128,6 +136,17 @@ struct Shared {
     /// every pooled connection a server restart left dead.
     attempts: usize,
     commits: AtomicU64,
+    /// Set when this database is one primary of a sharded store.
+    shard: Option<(Arc<ShardMap>, usize)>,
+}
+
+impl Shared {
+    /// Whether `mid`'s inbox is in this database.
+    fn holds_inbox(&self, mid: i64) -> bool {
+        self.shard
+            .as_ref()
+            .is_none_or(|(map, me)| map.mid_shard(mid) == *me)
+    }
 }
 
 impl PostgresStore {
@@ -213,6 +232,7 @@ impl PostgresStore {
             timeout: options.timeout,
             attempts: options.pool_size.saturating_add(2),
             commits: AtomicU64::new(0),
+            shard: options.shard,
         });
         schema::migrate(&shared).await?;
         let in_flight = (options.pool_size / 2).clamp(1, MAX_BATCHES_IN_FLIGHT);
@@ -287,7 +307,10 @@ macro_rules! with_client {
 mod batch;
 mod node;
 mod prune;
+mod remote;
 mod schema;
+
+pub(crate) use remote::{InboxKeys, Owed};
 
 /// Refuses a connection string that could connect to a standby: one
 /// that names several hosts (a primary and its standbys, tried in order)
@@ -544,8 +567,9 @@ impl MessageStore for PostgresStore {
 
     async fn prune(&self, retention: &Retention, budget: u32) -> Result<Pruned> {
         let mut cursor = self.prune_cursor.lock().clone();
+        let inboxes = self.shared.shard.is_none();
         let outcome = with_client!(self.shared, "pruning", |client| {
-            prune::step(client, retention, u64::from(budget), &mut cursor).await
+            prune::step(client, retention, u64::from(budget), &mut cursor, inboxes).await
         });
         *self.prune_cursor.lock() = cursor;
         outcome

@@ -101,6 +101,22 @@ pub struct Sent {
     /// inbox entry (`inbox` is empty); its members learn of it by a push
     /// to the group and PULL. A duplicate says it too.
     pub big: bool,
+    /// Members whose inbox lives on another primary of a sharded store and
+    /// whose entry is not appended yet (that primary was unreachable): the
+    /// message's primary keeps them in its outbox and
+    /// [`MessageStore::relay`] appends them later. Empty on a single
+    /// store, and once every entry is in `inbox`.
+    pub pending: Vec<i64>,
+}
+
+/// Inbox entries appended late by [`MessageStore::relay`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// The entries appended (owner, sync), whose owners' devices have not
+    /// been told.
+    pub appended: Vec<InboxEntry>,
+    /// More was waiting than one call handles.
+    pub more: bool,
 }
 
 /// A message as found in a user's inbox.
@@ -472,6 +488,15 @@ pub trait MessageStore: Send + Sync + 'static {
     /// `1..=MAX_BIG_GROUPS_LIMIT`, 0 meaning the max), in one indexed read
     /// (logic asks at every connect and presence renewal).
     async fn big_groups(&self, mid: i64, limit: u32) -> Result<Vec<ConvId>>;
+
+    /// Appends the inbox entries a sharded store's sends left pending
+    /// (their members' primary was unreachable, or the process died
+    /// between the message's commit and the append), at most `budget`
+    /// messages' worth; idempotent, so every logic may run it. A single
+    /// store has nothing pending.
+    async fn relay(&self, _budget: u32) -> Result<Relayed> {
+        Ok(Relayed::default())
+    }
 
     /// Durable commits so far (group commit: fewer than the writes they carried); for metrics and the suite.
     fn commits(&self) -> u64;

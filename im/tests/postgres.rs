@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use rim_im::{
     ConvId, Draft, Error, GroupSpec, IdGenerator, MessageStore, Page, PostgresOptions,
-    PostgresStore, Reader,
+    PostgresStore, Reader, ShardMap, ShardedStore,
 };
 use suite::Backend;
 
@@ -243,6 +243,107 @@ macro_rules! suite_cases {
 }
 
 suite_cases!(
+    seq_is_dense_under_concurrent_senders,
+    dedup_holds_under_concurrent_resends,
+    inbox_sync_is_dense_per_user,
+    retention_cap_keeps_the_newest_and_reads_below_say_reset,
+    retention_by_age_removes_what_is_older,
+    history_pages_both_ways_with_clamps,
+    read_position_is_monotonic,
+    conversations_list_most_recent_first,
+    membership_add_remove_and_limits,
+    a_store_error_is_code_5_and_stores_nothing,
+    acknowledged_writes_survive_a_reopen,
+    big_group_sends_write_no_inbox_entries,
+    big_group_dedup_refusals_reads_and_members,
+    big_mode_is_sticky_and_big_groups_lists_a_users,
+    mixed_batches_give_each_conversation_its_inbox_entries,
+);
+
+/// The suite's backend sharded: two primaries (two schemas of the test
+/// database), buckets split evenly, so most conversations have members
+/// whose inbox is on the other primary.
+struct Sharded {
+    schemas: [Schema; 2],
+}
+
+impl Sharded {
+    async fn new() -> Sharded {
+        Sharded {
+            schemas: [Schema::new().await, Schema::new().await],
+        }
+    }
+
+    async fn connect(&self) -> Arc<dyn MessageStore> {
+        let ids = Arc::new(IdGenerator::new(next_node()).unwrap());
+        let primaries = self
+            .schemas
+            .iter()
+            .map(|schema| {
+                let mut options = PostgresOptions::new(schema.url.clone(), Arc::clone(&ids));
+                options.timeout = SUITE_TIMEOUT;
+                options
+            })
+            .collect();
+        let store = ShardedStore::connect(primaries, ShardMap::even(2).unwrap());
+        Arc::new(within("connecting a sharded store", store).await.unwrap())
+    }
+
+    async fn remove(self) {
+        for schema in self.schemas {
+            schema.remove().await;
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Sharded {
+    fn inbox_follows_seq(&self) -> bool {
+        false
+    }
+
+    async fn open(&self) -> Arc<dyn MessageStore> {
+        self.connect().await
+    }
+
+    async fn reopen(&self) -> Arc<dyn MessageStore> {
+        self.connect().await
+    }
+
+    async fn block_writes(&self) -> Box<dyn Send> {
+        let mut sessions = Vec::new();
+        for schema in &self.schemas {
+            let session = schema.session().await;
+            session
+                .batch_execute(
+                    "BEGIN; LOCK TABLE convs, groups, members, messages, users, inbox IN EXCLUSIVE MODE",
+                )
+                .await
+                .unwrap();
+            sessions.push(session);
+        }
+        Box::new(sessions)
+    }
+}
+
+macro_rules! sharded_cases {
+    ($($case:ident),* $(,)?) => {
+        mod sharded {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                #[ignore = "needs PostgreSQL: run deploy/test.sh"]
+                async fn $case() {
+                    let backend = Sharded::new().await;
+                    suite::$case(&backend).await;
+                    backend.remove().await;
+                }
+            )*
+        }
+    };
+}
+
+sharded_cases!(
     seq_is_dense_under_concurrent_senders,
     dedup_holds_under_concurrent_resends,
     inbox_sync_is_dense_per_user,
@@ -672,7 +773,7 @@ async fn a_newer_schema_is_refused() {
     };
     let text = err.to_string();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
-    assert!(text.contains("99") && text.contains("version 3"), "{text}");
+    assert!(text.contains("99") && text.contains("version 4"), "{text}");
     schema.remove().await;
 }
 
@@ -690,7 +791,8 @@ async fn a_version_2_database_gets_big_groups_and_keeps_its_groups_small() {
     session
         .batch_execute(
             "DROP INDEX members_groups_by_mid; ALTER TABLE groups DROP COLUMN big; \
-             DELETE FROM rim_im_schema WHERE version = 3",
+             DROP TABLE inbox_outbox, inbox_remote; \
+             DELETE FROM rim_im_schema WHERE version >= 3",
         )
         .await
         .unwrap();
@@ -702,7 +804,7 @@ async fn a_version_2_database_gets_big_groups_and_keeps_its_groups_small() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3]);
+    assert_eq!(versions, [1, 2, 3, 4]);
     let stored = store.group(&team).await.unwrap();
     assert_eq!((stored.members, stored.big), (2, false));
     assert!(store.big_groups(1, 0).await.unwrap().is_empty());
@@ -747,7 +849,7 @@ async fn four_stores_migrate_one_database_at_once() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3], "each version applied once");
+    assert_eq!(versions, [1, 2, 3, 4], "each version applied once");
     // And they all work.
     let conv = ConvId::peer(1, 2).unwrap();
     for (i, store) in stores.iter().enumerate() {
@@ -1006,4 +1108,133 @@ async fn a_store_takes_its_id_node_back_when_its_holding_connection_is_lost() {
     );
     drop(store);
     schema.remove().await;
+}
+
+/// Pairs (1, m) for m in 2..=n whose conversation is on primary 0 and
+/// whose users' inboxes are on primary 1 (user 1's is): every message of
+/// them needs appends across primaries.
+fn crossing_pairs(map: &ShardMap, n: i64) -> Vec<(ConvId, i64)> {
+    assert_eq!(map.mid_shard(1), 1, "user 1's inbox is on primary 1");
+    (2..=n)
+        .filter_map(|m| {
+            let conv = ConvId::peer(1, m).unwrap();
+            (map.conv_shard(&conv) == 0 && map.mid_shard(m) == 1).then_some((conv, m))
+        })
+        .collect()
+}
+
+/// A message whose members' inbox is on another primary is stored and
+/// acknowledged even when that primary cannot take the append; the store
+/// dies with the append undone (dropped: its outbox row is all that is
+/// left); a new store's relay appends it later — each entry once, and
+/// each user's sync dense.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL: run deploy/test.sh"]
+async fn appends_lost_between_the_commit_and_the_other_primary_are_relayed_once() {
+    let backend = Sharded::new().await;
+    let map = ShardMap::even(2).unwrap();
+    let pairs = crossing_pairs(&map, 60);
+    assert!(pairs.len() >= 5, "{} crossing pairs", pairs.len());
+    let store = backend.connect().await;
+    // Primary 1 takes no writes: the appends fail after the store timeout.
+    let blocked = backend.schemas[1].session().await;
+    blocked
+        .batch_execute("BEGIN; LOCK TABLE users, inbox IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut acked = Vec::new();
+    for (conv, m) in &pairs {
+        let sent = within("a send", store.send(draft(conv, 1, "lost")))
+            .await
+            .unwrap();
+        assert_eq!(sent.pending, [1, *m], "the appends are left pending");
+        assert!(sent.inbox.is_empty());
+        acked.push((conv.clone(), *m, sent.message.seq));
+    }
+    drop(store);
+    blocked.batch_execute("ROLLBACK").await.unwrap();
+
+    // A new store (another process after a crash) relays them.
+    let store = backend.connect().await;
+    // The relay leaves rows younger than 2 s to their sends.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let relayed = within("a relay", store.relay(100)).await.unwrap();
+    let mut got: Vec<i64> = relayed.appended.iter().map(|e| e.mid).collect();
+    got.sort_unstable();
+    let mut want: Vec<i64> = acked.iter().map(|(_, m, _)| *m).collect();
+    want.extend(std::iter::repeat_n(1, acked.len()));
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert!(!relayed.more);
+    assert!(
+        store.relay(100).await.unwrap().appended.is_empty(),
+        "done once"
+    );
+    for (conv, m, seq) in &acked {
+        let entries = inbox(&*store, *m).await;
+        assert_eq!(entries, [(1, conv.clone(), *seq)], "{m} has its entry once");
+    }
+    let mut ones = inbox(&*store, 1).await;
+    assert_eq!(
+        ones.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (1..=acked.len() as u64).collect::<Vec<_>>(),
+        "1's inbox is dense"
+    );
+    ones.sort_by_key(|e| e.1.to_string());
+    let mut convs: Vec<String> = acked.iter().map(|(c, _, _)| c.to_string()).collect();
+    convs.sort();
+    assert_eq!(
+        ones.iter().map(|e| e.1.to_string()).collect::<Vec<_>>(),
+        convs,
+        "each of 1's entries once"
+    );
+    backend.remove().await;
+}
+
+/// An append that went through while its outbox row stayed (the clear
+/// failed) is relayed again and adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL: run deploy/test.sh"]
+async fn an_append_done_twice_adds_its_entry_once() {
+    let backend = Sharded::new().await;
+    let map = ShardMap::even(2).unwrap();
+    let pairs = crossing_pairs(&map, 40);
+    let store = backend.connect().await;
+    let mut sent_to = Vec::new();
+    for (conv, m) in &pairs {
+        let sent = within("a send", store.send(draft(conv, 1, "twice")))
+            .await
+            .unwrap();
+        assert!(sent.pending.is_empty(), "appended at once");
+        sent_to.push((conv.clone(), *m, sent.message.seq));
+    }
+    // Put the outbox rows back, as if their clear had failed.
+    let session = backend.schemas[0].session().await;
+    for (conv, m, seq) in &sent_to {
+        session
+            .execute(
+                "INSERT INTO inbox_outbox (conv, seq, mid, at) VALUES ($1, $2, $3, 0)",
+                &[&conv.to_string(), &(*seq as i64), m],
+            )
+            .await
+            .unwrap();
+    }
+    let relayed = within("a relay", store.relay(100)).await.unwrap();
+    assert_eq!(relayed.appended.len(), sent_to.len());
+    for (conv, m, seq) in &sent_to {
+        let entries = inbox(&*store, *m).await;
+        assert_eq!(entries, [(1, conv.clone(), *seq)], "{m}'s entry once");
+    }
+    assert_eq!(
+        inbox(&*store, 1).await.len(),
+        sent_to.len(),
+        "1's entries once each"
+    );
+    let left: i64 = session
+        .query_one("SELECT count(*) FROM inbox_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the relay cleared them");
+    backend.remove().await;
 }

@@ -103,8 +103,12 @@ enum Decision {
     /// rows are locked.
     Stored {
         message: Message,
-        /// The inbox owners (none for a big group), ascending.
+        /// The inbox owners (none for a big group), ascending: those whose
+        /// inbox is in this database.
         recipients: Vec<i64>,
+        /// Members whose inbox is on another primary of a sharded store:
+        /// kept in the outbox with the message, appended there later.
+        remote: Vec<i64>,
         inbox: Vec<InboxEntry>,
         /// The sender is a member: its read position moves.
         sender_member: bool,
@@ -190,8 +194,10 @@ async fn write(shared: &Shared, jobs: Vec<Job>) {
             Err(e) => break Err(e),
         };
         let mut progress = Progress::default();
+        let holds = |mid: i64| shared.holds_inbox(mid);
         let outcome =
-            tokio::time::timeout(shared.bound(), store(&client, &plan, &mut progress)).await;
+            tokio::time::timeout(shared.bound(), store(&client, &plan, &holds, &mut progress))
+                .await;
         let outcome = if progress.left_open {
             // A transaction that could not be ended stays out of the pool.
             drop(Object::take(client));
@@ -216,18 +222,21 @@ async fn write(shared: &Shared, jobs: Vec<Job>) {
                         message,
                         inbox,
                         big,
+                        remote,
                         ..
                     } => Ok(Sent {
                         message,
                         duplicate: false,
                         inbox,
                         big,
+                        pending: remote,
                     }),
                     Decision::Duplicate { message, big } => Ok(Sent {
                         message,
                         duplicate: true,
                         inbox: Vec::new(),
                         big,
+                        pending: Vec::new(),
                     }),
                     Decision::Refused(e) => Err(e),
                 };
@@ -261,6 +270,7 @@ struct Statements {
     insert_messages: Statement,
     move_convs: Statement,
     move_reads: Statement,
+    outbox: Statement,
 }
 
 impl Statements {
@@ -285,6 +295,7 @@ impl Statements {
             insert_messages,
             move_convs,
             move_reads,
+            outbox,
         ) = tokio::try_join!(
             client.prepare_cached(
                 "SELECT conv, max_seq FROM convs WHERE conv = ANY($1) \
@@ -349,6 +360,10 @@ impl Statements {
                  FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(conv, mid, seq) \
                  WHERE m.conv = t.conv AND m.mid = t.mid"
             ),
+            client.prepare_cached(
+                "INSERT INTO inbox_outbox (conv, seq, mid, at) \
+                 SELECT *, $4 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[])"
+            ),
         )
         .map_err(db("preparing a batch"))?;
         Ok(Statements {
@@ -361,6 +376,7 @@ impl Statements {
             insert_messages,
             move_convs,
             move_reads,
+            outbox,
         })
     }
 }
@@ -381,10 +397,11 @@ struct Progress {
 async fn store(
     client: &Object,
     plan: &[Planned],
+    holds: &(dyn Fn(i64) -> bool + Sync),
     progress: &mut Progress,
 ) -> Result<Vec<Decision>> {
     let statements = Statements::prepare(client).await?;
-    let outcome = transact(client, &statements, plan, progress).await;
+    let outcome = transact(client, &statements, plan, holds, progress).await;
     // ROLLBACK ends the transaction in whatever state it is (only a
     // warning once the pipelined COMMIT has ended it, as a rollback after
     // an error).
@@ -404,6 +421,7 @@ async fn transact(
     client: &Object,
     st: &Statements,
     plan: &[Planned],
+    holds: &(dyn Fn(i64) -> bool + Sync),
     progress: &mut Progress,
 ) -> Result<Vec<Decision>> {
     // 1. The conversations' rows, in byte order: groups ("g:…") exist
@@ -532,7 +550,7 @@ async fn transact(
     }
 
     // 2. Decide each send in the batch's order.
-    let mut decisions = decide(plan, &mut max_seq, &members, &big, &stored)?;
+    let mut decisions = decide(plan, &mut max_seq, &members, &big, &stored, holds)?;
 
     // 3. The rows, and the commit.
     let mut inbox_counts: BTreeMap<i64, i64> = BTreeMap::new();
@@ -547,11 +565,13 @@ async fn transact(
     let mut inbox = InboxRows::default();
     let mut conv_heads: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     let mut reads: BTreeMap<(&str, i64), i64> = BTreeMap::new();
+    let mut outbox = InboxRows::default();
     let mut remaining = inbox_counts.clone();
     for (p, decision) in plan.iter().zip(decisions.iter()) {
         let Decision::Stored {
             message,
             recipients,
+            remote,
             sender_member,
             ..
         } = decision
@@ -574,6 +594,11 @@ async fn transact(
             inbox.back.push(*left);
             inbox.conv.push(p.conv.as_str());
             inbox.seq.push(seq);
+        }
+        for mid in remote {
+            outbox.mid.push(*mid);
+            outbox.conv.push(p.conv.as_str());
+            outbox.seq.push(seq);
         }
         conv_heads.insert(p.conv.as_str(), (seq, p.ts));
         if *sender_member {
@@ -640,6 +665,18 @@ async fn transact(
                 .map_err(db("moving the senders' read positions"))
         },
         async {
+            if outbox.mid.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    &st.outbox,
+                    &[&outbox.conv, &outbox.seq, &outbox.mid, &super::now_ms()],
+                )
+                .await
+                .map_err(db("storing the batch's outbox"))
+        },
+        async {
             client
                 .batch_execute("COMMIT")
                 .await
@@ -690,6 +727,7 @@ fn decide(
     members: &HashMap<String, Vec<i64>>,
     big: &HashMap<String, BTreeSet<i64>>,
     stored: &HashMap<(String, i64, String), Message>,
+    holds: &(dyn Fn(i64) -> bool + Sync),
 ) -> Result<Vec<Decision>> {
     let mut decisions: Vec<Decision> = Vec::with_capacity(plan.len());
     let mut accepted: HashMap<(&str, i64, &str), usize> = HashMap::new();
@@ -758,7 +796,16 @@ fn decide(
                 body: p.draft.body.clone(),
                 ts: p.ts,
             },
-            recipients: recipients.clone(),
+            recipients: recipients
+                .iter()
+                .copied()
+                .filter(|&mid| holds(mid))
+                .collect(),
+            remote: recipients
+                .iter()
+                .copied()
+                .filter(|&mid| !holds(mid))
+                .collect(),
             inbox: Vec::new(),
             sender_member: is_member,
             big: is_big,

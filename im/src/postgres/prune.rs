@@ -22,6 +22,7 @@ pub(super) async fn step(
     retention: &Retention,
     budget: u64,
     cursor: &mut PruneCursor,
+    inboxes: bool,
 ) -> Result<Pruned> {
     let mut step = PruneStep::new(budget);
     if !retention.prunes() {
@@ -129,7 +130,11 @@ pub(super) async fn step(
     }
 
     // Inboxes: each swept user's entries before the first one whose
-    // message is still there.
+    // message is still there. A primary of a sharded store cannot tell
+    // (the messages may be on another one): it keeps them.
+    if !inboxes {
+        return Ok(step.pruned);
+    }
     let sweep = client
         .prepare_cached(
             "SELECT u.mid, u.min_sync, coalesce(k.sync, u.max_sync + 1) FROM users u \

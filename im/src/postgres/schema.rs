@@ -75,6 +75,29 @@ const MIGRATIONS: &[(i32, &str)] = &[
     CREATE INDEX members_groups_by_mid ON members (mid, conv COLLATE \"C\")
         WHERE conv LIKE 'g:%';",
     ),
+    // Sharding: inbox entries whose message lives on another primary. The
+    // message's primary keeps the members still to append in its outbox
+    // (written with the message); the members' primary records each late
+    // append under its key, so a repeated append finds it and adds
+    // nothing.
+    (
+        4,
+        "CREATE TABLE inbox_outbox (
+        conv TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        mid BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (conv, seq, mid)
+    );
+    CREATE INDEX inbox_outbox_by_at ON inbox_outbox (at);
+    CREATE TABLE inbox_remote (
+        mid BIGINT NOT NULL,
+        conv TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        sync BIGINT NOT NULL,
+        PRIMARY KEY (mid, conv, seq)
+    );",
+    ),
 ];
 
 /// The schema version this code writes.

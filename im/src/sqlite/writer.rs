@@ -221,6 +221,7 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
             duplicate: true,
             inbox: Vec::new(),
             big,
+            pending: Vec::new(),
         });
     }
 
@@ -342,6 +343,7 @@ fn send(conn: &Connection, ids: &IdGenerator, draft: &Draft) -> Result<Sent> {
         duplicate: false,
         inbox,
         big,
+        pending: Vec::new(),
     })
 }
 
