@@ -5,14 +5,15 @@
 #    postgresql and chromium, tests/browser's npm dependency (playwright-core, which drives
 #    Debian's Chromium), and the Kafka-protocol broker tansu (cargo install,
 #    ~10 min on 2 cores).
-# 2. Starts throwaway Redis, a 3-master Redis Cluster, ZooKeeper, PostgreSQL
+# 2. Starts throwaway Redis, a 3-master Redis Cluster, ZooKeeper, two PostgreSQL primaries
 #    (initdb'd as the postgres user, database "rim", trust auth on loopback)
 #    and tansu servers on 127.0.0.1 with their data in a temp dir, and creates
 #    the topic rim-push.
 # 3. Runs `cargo test --workspace --all-targets -- --include-ignored` (or,
 #    given arguments, `cargo test <arguments> -- --include-ignored`) with
 #    RIM_TEST_REDIS, RIM_TEST_REDIS_CLUSTER (comma-separated seed URLs),
-#    RIM_TEST_ZK, RIM_TEST_KAFKA and RIM_TEST_POSTGRES pointing at them, and
+#    RIM_TEST_ZK, RIM_TEST_KAFKA, RIM_TEST_POSTGRES and RIM_TEST_POSTGRES_2 (the second
+#    primary, for the sharded store) pointing at them, and
 #    RIM_TEST_LOCAL_CLUSTER=1 (the deploy kit's local-cluster test).
 # 4. Stops the servers (by PID) and removes the temp dir on exit.
 #
@@ -22,7 +23,7 @@
 #                                 two ports, and each port + 10000 for the bus)
 #   RIM_TEST_ZK_PORT     (default 12181)
 #   RIM_TEST_KAFKA_PORT  (default 19092)
-#   RIM_TEST_POSTGRES_PORT (default 15432)
+#   RIM_TEST_POSTGRES_PORT (default 15432; the second primary uses the next port)
 #   RIM_TEST_KEEP_SERVICES=1  leave the servers and temp dir behind for debugging
 #
 # Runs as root on Debian 12; CI runs it via .ci/run (no stdin).
@@ -34,6 +35,7 @@ readonly CLUSTER_NODES=3 # masters, no replicas
 readonly ZK_PORT="${RIM_TEST_ZK_PORT:-12181}"
 readonly KAFKA_PORT="${RIM_TEST_KAFKA_PORT:-19092}"
 readonly PG_PORT="${RIM_TEST_POSTGRES_PORT:-15432}"
+readonly PG2_PORT="$((PG_PORT + 1))"
 readonly TANSU_VERSION="0.6.0"
 readonly TOPIC="rim-push"
 readonly TOPIC_PARTITIONS=4
@@ -322,28 +324,35 @@ pg_bindir() {
 }
 
 # initdb refuses to run as root: the cluster belongs to the postgres user
-# the package creates, in a directory of its own under $WORK.
+# the package creates, in a directory of its own under $WORK. Two primaries
+# (the sharded store's tests spread one store over both): $WORK/pg on
+# PG_PORT and $WORK/pg2 on PG_PORT + 1.
 start_postgres() {
-    require_free_port PostgreSQL "$PG_PORT" RIM_TEST_POSTGRES_PORT
-    local bin dir="$WORK/pg"
+    start_postgres_at "$WORK/pg" "$PG_PORT"
+    start_postgres_at "$WORK/pg2" "$PG2_PORT"
+}
+
+start_postgres_at() {
+    local dir="$1" port="$2" bin
+    require_free_port PostgreSQL "$port" RIM_TEST_POSTGRES_PORT
     bin="$(pg_bindir)"
     chmod 711 "$WORK"
     mkdir -p "$dir"
     chown postgres: "$dir"
-    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    log "starting PostgreSQL on 127.0.0.1:$port"
     if ! runuser -u postgres -- "$bin/initdb" -D "$dir/data" -U rim --auth=trust \
         </dev/null >"$dir/initdb.log" 2>&1; then
         show_log "$dir/initdb.log"
         die "initdb failed"
     fi
     if ! runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
-        -o "-p $PG_PORT -k $dir -c listen_addresses=127.0.0.1" start \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start \
         </dev/null >"$dir/pg_ctl.log" 2>&1; then
         show_log "$dir/postgres.log"
         die "PostgreSQL did not start"
     fi
-    wait_ready PostgreSQL "$dir/postgres.log" pg_ready
-    if ! runuser -u postgres -- "$bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U rim rim \
+    wait_ready PostgreSQL "$dir/postgres.log" pg_ready "$port"
+    if ! runuser -u postgres -- "$bin/createdb" -h 127.0.0.1 -p "$port" -U rim rim \
         </dev/null >"$dir/createdb.log" 2>&1; then
         show_log "$dir/createdb.log"
         die "createdb rim failed"
@@ -351,16 +360,18 @@ start_postgres() {
 }
 
 pg_ready() {
-    timeout 2 psql -h 127.0.0.1 -p "$PG_PORT" -U rim -d postgres -Atc 'select 1' 2>/dev/null | grep -qx 1
+    timeout 2 psql -h 127.0.0.1 -p "$1" -U rim -d postgres -Atc 'select 1' 2>/dev/null | grep -qx 1
 }
 
 # Fast shutdown by the postmaster's PID (SIGINT), then stop_pid's fallback.
 stop_postgres() {
-    local pidfile="$WORK/pg/data/postmaster.pid" pid
-    [[ -s "$pidfile" ]] || return 0
-    pid="$(head -n 1 "$pidfile")"
-    kill -INT "$pid" 2>/dev/null || true
-    stop_pid PostgreSQL "$pid"
+    local pidfile pid
+    for pidfile in "$WORK/pg/data/postmaster.pid" "$WORK/pg2/data/postmaster.pid"; do
+        [[ -s "$pidfile" ]] || continue
+        pid="$(head -n 1 "$pidfile")"
+        kill -INT "$pid" 2>/dev/null || true
+        stop_pid PostgreSQL "$pid"
+    done
 }
 
 # ------------------------------------------------------------- main
@@ -373,7 +384,8 @@ cleanup() {
         echo "RIM_TEST_KEEP_SERVICES=1: leaving services running, data in $WORK" >&2
         echo "  redis pid $(cat "$WORK/redis/redis.pid" 2>/dev/null), zookeeper pid" \
             "$(cat "$WORK/zk/data/zookeeper_server.pid" 2>/dev/null), tansu pid ${TANSU_PID:-}," \
-            "postgres pid $(head -n 1 "$WORK/pg/data/postmaster.pid" 2>/dev/null)" >&2
+            "postgres pids $(head -n 1 "$WORK/pg/data/postmaster.pid" 2>/dev/null)" \
+            "$(head -n 1 "$WORK/pg2/data/postmaster.pid" 2>/dev/null)" >&2
         echo "  redis cluster pids" "$(cat "$WORK"/redis-cluster/*/redis.pid 2>/dev/null | tr '\n' ' ')" >&2
         exit "$rc"
     fi
@@ -407,11 +419,13 @@ main() {
     export RIM_TEST_ZK="127.0.0.1:$ZK_PORT"
     export RIM_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
     export RIM_TEST_POSTGRES="postgres://rim@127.0.0.1:$PG_PORT/rim"
+    export RIM_TEST_POSTGRES_2="postgres://rim@127.0.0.1:$PG2_PORT/rim"
     # tests/deploy_kit.rs runs deploy/local-cluster.sh (its own Redis,
     # ZooKeeper and tansu on ports 25001-25299, with the packages above).
     export RIM_TEST_LOCAL_CLUSTER=1
     log "RIM_TEST_REDIS=$RIM_TEST_REDIS RIM_TEST_REDIS_CLUSTER=$RIM_TEST_REDIS_CLUSTER"
-    log "RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA RIM_TEST_POSTGRES=$RIM_TEST_POSTGRES"
+    log "RIM_TEST_ZK=$RIM_TEST_ZK RIM_TEST_KAFKA=$RIM_TEST_KAFKA"
+    log "RIM_TEST_POSTGRES=$RIM_TEST_POSTGRES RIM_TEST_POSTGRES_2=$RIM_TEST_POSTGRES_2"
     # Arguments narrow the run while iterating (deploy/test.sh -p rim --test cluster);
     # without them, everything runs.
     local args=(--workspace --all-targets)

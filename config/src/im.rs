@@ -46,12 +46,18 @@ pub struct ImConfig {
     pub sqlite_path: PathBuf,
     /// SQLite's `synchronous`: full (default) or normal.
     pub sqlite_synchronous: SqliteSync,
-    /// PostgreSQL URLs, `postgres://user@host:port/db` (one primary for
-    /// now). A URL may name the primary and its standbys, tried in order,
+    /// PostgreSQL URLs, `postgres://user@host:port/db`, one per primary
+    /// (several: the store is sharded over them). A URL may name the
+    /// primary and its standbys, tried in order,
     /// `postgres://user@h1:5432,h2:5432/db?target_session_attrs=read-write`
     /// (required with several hosts), so rim follows a promotion.
     #[serde(default, deserialize_with = "crate::serde_list::deserialize_urls")]
     pub postgres: Vec<String>,
+    /// Which primary holds which of the 1024 virtual buckets, as
+    /// `"first-last=primary"` ranges covering every bucket once; empty =
+    /// the buckets split evenly in order.
+    #[serde(default, deserialize_with = "crate::serde_list::deserialize")]
+    pub shard_map: Vec<String>,
     /// Connections per PostgreSQL primary.
     pub postgres_pool: usize,
     /// How long a store operation may take before the request gets code 5.
@@ -157,6 +163,49 @@ impl ImConfig {
         RateLimit::of(self.send_rate_per_user, self.send_burst_per_user)
     }
 
+    /// The `im.shard_map` ranges, (first bucket, last bucket, primary),
+    /// checked for form and bounds (whether they cover every bucket once is
+    /// checked when the store opens).
+    pub fn shard_ranges(&self) -> Result<Vec<(u16, u16, usize)>> {
+        let primaries = self.postgres.len().max(1);
+        self.shard_map
+            .iter()
+            .map(|range| {
+                let invalid = |why: &str| {
+                    ConfigError::invalid(
+                        "im.shard_map",
+                        format!("{range:?}: {why} (write \"first-last=primary\", buckets 0-{MAX_BUCKET})"),
+                    )
+                };
+                let (buckets, primary) = range.split_once('=').ok_or_else(|| invalid("no '='"))?;
+                let (lo, hi) = buckets
+                    .split_once('-')
+                    .ok_or_else(|| invalid("no '-' between the buckets"))?;
+                let bucket = |text: &str| {
+                    text.trim()
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|b| *b <= MAX_BUCKET)
+                        .ok_or_else(|| invalid("a bucket is not a number in range"))
+                };
+                let (lo, hi) = (bucket(lo)?, bucket(hi)?);
+                if lo > hi {
+                    return Err(invalid("the first bucket is after the last"));
+                }
+                let primary: usize = primary
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid("the primary is not a number"))?;
+                if primary >= primaries {
+                    return Err(invalid(&format!(
+                        "primary {primary}, but im.postgres lists {primaries}"
+                    )));
+                }
+                Ok((lo, hi, primary))
+            })
+            .collect()
+    }
+
     /// The /im/v1 write limit (`im.api_write_rate`), if on.
     pub fn api_write_limit(&self) -> Option<RateLimit> {
         RateLimit::of(self.api_write_rate, self.api_write_burst)
@@ -177,14 +226,13 @@ impl ImConfig {
                         "store is postgres but no URL is set",
                     ));
                 }
-                [url] => postgres_url("im.postgres", url)?,
-                _ => {
-                    return Err(ConfigError::invalid(
-                        "im.postgres",
-                        "one primary for now (sharding over several is not built yet)",
-                    ));
+                urls => {
+                    for url in urls {
+                        postgres_url("im.postgres", url)?;
+                    }
                 }
             }
+            self.shard_ranges()?;
         }
         in_range("im.postgres_pool", self.postgres_pool as u64, 1, 1024)?;
         positive("im.store_timeout", self.store_timeout)?;
@@ -263,6 +311,9 @@ const MAX_ID_NODE: u16 = 1023;
 /// its standbys) only with `target_session_attrs=read-write`, so that no
 /// connection lands on a read-only standby. Errors do not repeat the URL
 /// (it may hold a password).
+/// The last of the store's 1024 virtual buckets (rim-im's `BUCKETS` - 1).
+const MAX_BUCKET: u16 = 1023;
+
 fn postgres_url(key: &str, url: &str) -> Result<()> {
     not_blank(key, url)?;
     let invalid = |reason: String| Err(ConfigError::invalid(key, reason));
@@ -358,6 +409,7 @@ impl Default for ImConfig {
             sqlite_path: PathBuf::from("rim-data/im.sqlite3"),
             sqlite_synchronous: SqliteSync::Full,
             postgres: Vec::new(),
+            shard_map: Vec::new(),
             postgres_pool: 8,
             store_timeout: Duration::from_secs(5),
             max_batch: 256,

@@ -670,10 +670,54 @@ fn a_postgres_url_may_name_a_primary_and_its_standbys() {
         );
         assert!(!err.contains("pw"), "the password is not repeated: {err}");
     }
-    // Two URLs are two primaries: refused until sharding is built.
+    // Two URLs are two primaries, each checked.
     let two = "postgres://rim@h1/rim,postgres://rim@h2/rim";
-    let err = load_err::<LogicRoleConfig>(None, &[open, store, ("RIM_IM__POSTGRES", two)]);
-    assert!(err.contains("one primary for now"), "{err}");
+    let logic =
+        LogicRoleConfig::load_from(None, env(&[open, store, ("RIM_IM__POSTGRES", two)])).unwrap();
+    assert_eq!(logic.im.postgres.len(), 2);
+    let err = load_err::<LogicRoleConfig>(
+        None,
+        &[
+            open,
+            store,
+            ("RIM_IM__POSTGRES", "postgres://rim@h1/rim,mysql://h2/rim"),
+        ],
+    );
+    assert!(err.contains("not a postgres:// URL"), "{err}");
+}
+
+#[test]
+fn a_shard_map_names_bucket_ranges_of_the_listed_primaries() {
+    let open = ("RIM_NODE__ALLOW_UNAUTHENTICATED", "true");
+    let store = ("RIM_IM__STORE", "postgres");
+    let two = (
+        "RIM_IM__POSTGRES",
+        "postgres://rim@h1/rim,postgres://rim@h2/rim",
+    );
+    let file = "[im]\nshard_map = [\"0-99=1\", \"100-1023=0\"]\n";
+    let logic =
+        LogicRoleConfig::load_from(Some(toml(file).path()), env(&[open, store, two])).unwrap();
+    assert_eq!(
+        logic.im.shard_ranges().unwrap(),
+        [(0, 99, 1), (100, 1023, 0)]
+    );
+    for (bad, says) in [
+        ("0-99", "no '='"),
+        ("0:99=1", "no '-'"),
+        ("0-1024=1", "not a number in range"),
+        ("99-0=1", "the first bucket is after the last"),
+        ("0-1023=2", "primary 2, but im.postgres lists 2"),
+        ("0-1023=x", "the primary is not a number"),
+    ] {
+        let file = format!("[im]\nshard_map = [\"{bad}\"]\n");
+        let err = LogicRoleConfig::load_from(Some(toml(&file).path()), env(&[open, store, two]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("im.shard_map") && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
 }
 
 #[test]

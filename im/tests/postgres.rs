@@ -47,8 +47,23 @@ struct Schema {
     admin: tokio_postgres::Client,
 }
 
+/// The second primary deploy/test.sh starts (RIM_TEST_POSTGRES_2), for the
+/// sharded store; without it, the sharded tests put both primaries on the
+/// first server (still two databases' worth of schemas, one server).
+fn second_url() -> String {
+    match std::env::var("RIM_TEST_POSTGRES_2") {
+        Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
+        _ => base_url(),
+    }
+}
+
 impl Schema {
     async fn new() -> Schema {
+        Schema::on(base_url()).await
+    }
+
+    /// A schema on the server of `base`.
+    async fn on(base: String) -> Schema {
         static COUNT: AtomicU64 = AtomicU64::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -60,7 +75,6 @@ impl Schema {
             nanos % 1_000_000_000,
             COUNT.fetch_add(1, Ordering::Relaxed)
         );
-        let base = base_url();
         let admin = session(&base).await;
         admin
             .batch_execute(&format!("CREATE SCHEMA {name}"))
@@ -260,9 +274,9 @@ suite_cases!(
     mixed_batches_give_each_conversation_its_inbox_entries,
 );
 
-/// The suite's backend sharded: two primaries (two schemas of the test
-/// database), buckets split evenly, so most conversations have members
-/// whose inbox is on the other primary.
+/// The suite's backend sharded: two primaries (a schema on each of the two
+/// servers deploy/test.sh starts), buckets split evenly, so most
+/// conversations have members whose inbox is on the other primary.
 struct Sharded {
     schemas: [Schema; 2],
 }
@@ -270,7 +284,7 @@ struct Sharded {
 impl Sharded {
     async fn new() -> Sharded {
         Sharded {
-            schemas: [Schema::new().await, Schema::new().await],
+            schemas: [Schema::new().await, Schema::on(second_url()).await],
         }
     }
 

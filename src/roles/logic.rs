@@ -8,8 +8,8 @@ use rim_api::{Api, serve_with_metrics};
 use rim_config::{ImConfig, ImStore, LogicConfig, LogicRoleConfig, NodeConfig, RouterConfig};
 use rim_discovery::{Addrs, Kind, NodeInfo};
 use rim_im::{
-    IdGenerator, MessageStore, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore,
-    Synchronous,
+    IdGenerator, MessageStore, PostgresOptions, PostgresStore, ShardMap, ShardedStore,
+    SqliteOptions, SqliteStore, Synchronous,
 };
 use rim_logic::{CometNode, Comets, HttpClient, Im, Logic, LogicFacade};
 use rim_queue::Producer;
@@ -194,15 +194,37 @@ async fn open_store(
             Ok(Some(Arc::new(store)))
         }
         ImStore::Postgres => {
-            // Validation keeps exactly one URL until sharding lands.
-            let url = im.postgres.first().context("im.postgres")?;
-            let options = PostgresOptions {
-                pool_size: im.postgres_pool,
-                timeout: im.store_timeout,
-                max_batch: im.max_batch,
-                exact_node: im.node.is_some(),
-                ..PostgresOptions::new(url.clone(), Arc::clone(&ids))
-            };
+            let primaries: Vec<PostgresOptions> = im
+                .postgres
+                .iter()
+                .map(|url| PostgresOptions {
+                    pool_size: im.postgres_pool,
+                    timeout: im.store_timeout,
+                    max_batch: im.max_batch,
+                    exact_node: im.node.is_some(),
+                    ..PostgresOptions::new(url.clone(), Arc::clone(&ids))
+                })
+                .collect();
+            if primaries.len() > 1 {
+                let ranges = im.shard_ranges()?;
+                let map = if ranges.is_empty() {
+                    ShardMap::even(primaries.len())
+                } else {
+                    ShardMap::from_ranges(primaries.len(), &ranges)
+                }
+                .context("im.shard_map")?;
+                let shards = primaries.len();
+                let store = ShardedStore::connect(primaries, map)
+                    .await
+                    .context("im.postgres: cannot open the sharded message store")?;
+                tracing::info!(
+                    id_node = ids.node(),
+                    primaries = shards,
+                    "IM messages are stored in PostgreSQL, sharded"
+                );
+                return Ok(Some(Arc::new(store)));
+            }
+            let options = primaries.into_iter().next().context("im.postgres")?;
             let store = PostgresStore::connect(options)
                 .await
                 .context("im.postgres: cannot open the message store")?;

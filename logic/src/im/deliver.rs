@@ -56,7 +56,8 @@ pub(crate) const ACK_TTL: Duration = Duration::from_secs(3600);
 /// Users looked up in the router at once for a channel change.
 const CHANNEL_LOOKUP: usize = 1000;
 
-/// Hands IM frames to the push queue.
+/// Hands IM frames to the push queue. Clones share the lanes.
+#[derive(Clone)]
 pub(crate) struct Deliverer {
     shared: Arc<Shared>,
     lanes: Vec<mpsc::Sender<Work>>,

@@ -18,6 +18,7 @@ pub(crate) struct ImMetrics {
     deliveries: Family<Result1, Counter>,
     limited: Family<Result1, Counter>,
     pruned: Family<Result1, Counter>,
+    relayed: Counter,
 }
 
 /// Reply codes as label values (a code outside 0–5 is never produced).
@@ -55,6 +56,11 @@ impl ImMetrics {
             .inc_by(inbox);
     }
 
+    /// Counts inbox entries a sharded store appended late (the relay).
+    pub(crate) fn relayed(&self, entries: usize) {
+        self.relayed.inc_by(entries as u64);
+    }
+
     pub(crate) fn register(
         &self,
         registry: &mut Registry,
@@ -80,6 +86,11 @@ impl ImMetrics {
             "rim_logic_im_pruned",
             "Rows retention removed (im.retention_days, im.max_messages_per_conv), by rows: messages, inbox",
             self.pruned.clone(),
+        );
+        registry.register(
+            "rim_logic_im_relayed",
+            "Inbox entries a sharded store appended late on their primary, from the outbox of the message's primary (the append right after the send failed, or its process died); their owners get NOTIFY sync",
+            self.relayed.clone(),
         );
         registry.register_collector(Box::new(StoreCollector(store)));
         registry.register_collector(Box::new(LimitsCollector(limits)));

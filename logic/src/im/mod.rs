@@ -13,6 +13,7 @@ mod acks;
 mod deliver;
 mod limits;
 mod metrics;
+mod relay;
 mod retention;
 mod wire;
 
@@ -80,15 +81,17 @@ impl Im {
         let limits = Arc::new(Limits::new(config));
         Limits::spawn_pruning(&limits);
         retention::start(&store, config, &metrics);
+        let deliver = Deliverer::new(
+            router,
+            queue,
+            Arc::clone(&metrics),
+            config.ack_timeout,
+            config.big_group_rate,
+        );
+        relay::start(&store, deliver.clone(), &metrics);
         Im {
             store,
-            deliver: Deliverer::new(
-                router,
-                queue,
-                Arc::clone(&metrics),
-                config.ack_timeout,
-                config.big_group_rate,
-            ),
+            deliver,
             limits,
             conn_send_limit: config.send_limit_per_conn(),
             max_body: config.max_body,
