@@ -14,8 +14,12 @@
 //! back over the wire from fresh connections (SYNC every inbox from 0, PULL
 //! every conversation from 1), checks the invariants against what every
 //! device was acknowledged and received, and the test compares those rows
-//! with the store's own tables (the SQLite file, the PostgreSQL database).
-//! Duplicates on the wire are counted and printed, never asserted away.
+//! with the store's own tables (the SQLite file, the PostgreSQL databases).
+//! The cluster run stores on two PostgreSQL primaries (the sharded store)
+//! and restarts one of them mid-run: inbox entries that could not reach it
+//! are relayed from the outbox, and the test waits for the outboxes to
+//! drain. Duplicates on the wire are counted and printed, never asserted
+//! away.
 
 mod support;
 
@@ -1298,6 +1302,7 @@ impl Cluster {
         let mut scrapes = Vec::new();
         for (n, (_, http)) in self.logics.iter().enumerate() {
             scrapes.push((format!("logic {n}"), *http, "rim_logic_im_deliveries"));
+            scrapes.push((format!("logic {n}"), *http, "rim_logic_im_relayed"));
         }
         for (n, (_, _, metrics)) in self.comets.iter().enumerate() {
             scrapes.push((format!("comet {n}"), *metrics, "rim_comet_dropped_frames"));
@@ -1379,14 +1384,17 @@ async fn create_topic(kafka: &str, topic: &str) {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs ZooKeeper, Redis, Kafka and PostgreSQL: run deploy/test.sh"]
 async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
+    // The message store is sharded over two primaries; the restart hits
+    // one of them.
     let started = Instant::now();
     let run = format!("{}", std::process::id());
     let tag = format!("cl{run}");
     let kafka = support::service("RIM_TEST_KAFKA");
     let topic = format!("rim-imf-{run}");
     create_topic(&kafka, &topic).await;
-    // A PostgreSQL of this test's own, so it can be crashed.
+    // PostgreSQL servers of this test's own, so one can be crashed.
     let postgres = tokio::task::block_in_place(rim_testkit::PostgresServer::start_new);
+    let other = tokio::task::block_in_place(rim_testkit::PostgresServer::start_new);
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let mut cluster = Cluster {
         run: run.clone(),
@@ -1394,7 +1402,7 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
         kafka,
         redis: support::service("RIM_TEST_REDIS"),
         topic,
-        store: postgres.url(),
+        store: format!("{},{}", other.url(), postgres.url()),
         comets: Vec::new(),
         logics: Vec::new(),
         job: None,
@@ -1474,6 +1482,22 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
         || run_state.sending.load(Ordering::SeqCst) == 0,
     )
     .await;
+    // Appends that could not reach the restarted primary wait in the
+    // outboxes: the logics' relay appends them (the devices are told to
+    // SYNC).
+    let urls = [other.url(), postgres.url()];
+    let drained_at = Instant::now();
+    let mut owed = outbox_rows(&urls).await;
+    println!("{owed} inbox entries waiting in the outboxes after the last send");
+    while owed > 0 {
+        assert!(
+            drained_at.elapsed() < Duration::from_secs(120),
+            "{owed} inbox entries still owed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        owed = outbox_rows(&urls).await;
+    }
+    println!("the outboxes drained in {:?}", drained_at.elapsed());
     tokio::time::sleep(QUIET).await;
     run_state.finish.store(true, Ordering::SeqCst);
     let reports = collect(devices).await;
@@ -1490,9 +1514,29 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
         moved.iter().filter(|a| ***a != restarted).count()
     );
     cluster.print_push_path().await;
-    postgres_rows(&postgres.url())
-        .await
-        .assert_same_as(&wire, "PostgreSQL");
+    let mut rows = postgres_rows(&postgres.url()).await;
+    let theirs = postgres_rows(&other.url()).await;
+    rows.messages.extend(theirs.messages);
+    rows.inbox.extend(theirs.inbox);
+    rows.assert_same_as(&wire, "PostgreSQL (both primaries)");
     cluster.stop();
     drop(postgres);
+    drop(other);
+}
+
+/// Inbox entries still owed across the primaries of `urls`.
+async fn outbox_rows(urls: &[String]) -> i64 {
+    let mut owed = 0;
+    for url in urls {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        tokio::spawn(connection);
+        let row = client
+            .query_one("SELECT count(*) FROM inbox_outbox", &[])
+            .await
+            .unwrap();
+        owed += row.get::<_, i64>(0);
+    }
+    owed
 }
