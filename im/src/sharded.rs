@@ -49,6 +49,12 @@ use crate::store::{
 /// the ones a send could not.
 const RELAY_AFTER: Duration = Duration::from_secs(2);
 
+/// How long a send waits for another primary to append its members'
+/// entries before it answers and leaves them to the relay: a slow or
+/// unreachable primary delays the sender's acknowledgement at most this
+/// much.
+const APPEND_WAIT: Duration = Duration::from_secs(1);
+
 /// A message store over several PostgreSQL primaries.
 pub struct ShardedStore {
     shards: Vec<Arc<PostgresStore>>,
@@ -114,7 +120,13 @@ impl ShardedStore {
         }
         let appends = by_shard.into_values().map(|owed| async move {
             let shard = &self.shards[self.map.mid_shard(owed[0].mid)];
-            (shard.append_remote(&owed).await, owed)
+            // Dropped past the wait: its transaction rolls back.
+            let appended = tokio::time::timeout(APPEND_WAIT, shard.append_remote(&owed))
+                .await
+                .unwrap_or_else(|elapsed| {
+                    Err(Error::unavailable("appending on another primary", elapsed))
+                });
+            (appended, owed)
         });
         let mut entries = Vec::new();
         let mut failed = Vec::new();

@@ -55,10 +55,16 @@ pub fn service(var: &str) -> String {
 /// (dropping an older one of that name) and returns a URL whose
 /// connections use it, for a store of its own.
 pub async fn postgres_schema(name: &str) -> String {
-    let url = service("RIM_TEST_POSTGRES");
+    postgres_schema_on("RIM_TEST_POSTGRES", name).await
+}
+
+/// Like [`postgres_schema`], on the server the environment variable `var`
+/// names (RIM_TEST_POSTGRES_2: the second primary deploy/test.sh starts).
+pub async fn postgres_schema_on(var: &str, name: &str) -> String {
+    let url = service(var);
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at RIM_TEST_POSTGRES={url}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {var}={url}: {e}"));
     tokio::spawn(connection);
     client
         .batch_execute(&format!(
