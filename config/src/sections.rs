@@ -771,6 +771,14 @@ pub struct JobConfig {
     /// ... or when its oldest message has waited this long.
     #[serde(with = "humantime_serde")]
     pub room_flush: Duration,
+    /// How often the job asks the comets which rooms they host, to send a
+    /// room's batches only to those; 0 = every room to every comet.
+    #[serde(with = "humantime_serde")]
+    pub room_routes_interval: Duration,
+    /// Room routing applies once the region has at least this many comets
+    /// (with fewer, every comet gets every room: little to save, and no
+    /// routing delay for a room's first member on a comet).
+    pub room_routes_min_comets: usize,
 }
 
 impl Default for JobConfig {
@@ -779,6 +787,8 @@ impl Default for JobConfig {
             group: String::new(),
             room_batch: 20,
             room_flush: Duration::from_millis(50),
+            room_routes_interval: Duration::from_secs(1),
+            room_routes_min_comets: 4,
         }
     }
 }
@@ -789,6 +799,12 @@ impl JobConfig {
             self.group = format!("rim-job-{}", node.region);
         }
         in_range("job.room_batch", self.room_batch as u64, 1, 10_000)?;
+        in_range(
+            "job.room_routes_min_comets",
+            self.room_routes_min_comets as u64,
+            1,
+            100_000,
+        )?;
         positive("job.room_flush", self.room_flush)
     }
 }

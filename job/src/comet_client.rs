@@ -56,6 +56,7 @@ struct Queued {
 
 /// The handle to a comet's delivery lanes.
 pub(crate) struct CometClient {
+    comet: Arc<Comet>,
     /// PUSH, ROOM and the groups' calls, in order.
     messages: Lane,
     /// BROADCAST, in order.
@@ -92,7 +93,8 @@ impl CometClient {
         let comet = Arc::new(Comet { id, api, metrics });
         CometClient {
             messages: Lane::spawn(Arc::clone(&comet), &gone),
-            broadcasts: Lane::spawn(comet, &gone),
+            broadcasts: Lane::spawn(Arc::clone(&comet), &gone),
+            comet,
             gone,
         }
     }
@@ -108,6 +110,11 @@ impl CometClient {
             let _ = queued.done.send(Outcome::Gone);
         }
         outcome
+    }
+
+    /// The comet's API, for calls outside the delivery lanes (its rooms).
+    pub(crate) fn api(&self) -> Arc<dyn CometApi> {
+        Arc::clone(&self.comet.api)
     }
 
     /// Marks the comet gone: queued and future calls complete as `Gone`.

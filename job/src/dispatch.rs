@@ -19,12 +19,15 @@ use crate::comet_client::Call;
 use crate::comets::{CometHandle, Comets};
 use crate::metrics::JobMetrics;
 use crate::room::{self, GroupSeq, RoomMessage, Target};
+use crate::routes::{self, RoomRoutes};
 use crate::ticket::{Ticket, ready, wait, wait_all};
 
 /// Delivers push messages to one region's comets.
 #[derive(Clone)]
 pub struct Job {
     comets: Arc<Comets>,
+    routes: Arc<RoomRoutes>,
+    routes_every: std::time::Duration,
     rooms: mpsc::Sender<RoomMessage>,
     pub(crate) metrics: Arc<JobMetrics>,
 }
@@ -42,17 +45,44 @@ impl Job {
     pub fn new(config: &JobConfig) -> Job {
         let comets = Arc::new(Comets::default());
         let metrics = Arc::new(JobMetrics::default());
+        let every = config.room_routes_interval;
+        let routes = Arc::new(RoomRoutes::new(
+            !every.is_zero(),
+            config.room_routes_min_comets,
+        ));
+        if !every.is_zero() {
+            tokio::spawn(routes::poll(
+                Arc::clone(&routes),
+                Arc::downgrade(&comets),
+                every,
+            ));
+        }
         let rooms = room::spawn(
             config.room_batch,
             config.room_flush,
             Arc::downgrade(&comets),
+            Arc::clone(&routes),
             Arc::clone(&metrics),
         );
         Job {
             comets,
+            routes,
+            routes_every: every,
             rooms,
             metrics,
         }
+    }
+
+    /// Asks every comet for its rooms now (the background poll does it
+    /// every `job.room_routes_interval`); room batches go only to the
+    /// comets that host the room from then on.
+    pub async fn refresh_room_routes(&self) {
+        let limit = if self.routes_every.is_zero() {
+            std::time::Duration::from_secs(1)
+        } else {
+            self.routes_every
+        };
+        self.routes.refresh(&self.comets, limit).await;
     }
 
     /// Replaces the set of comets this job delivers to: new ones get a

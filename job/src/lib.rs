@@ -16,6 +16,7 @@ mod consume;
 mod dispatch;
 mod metrics;
 mod room;
+mod routes;
 mod ticket;
 
 pub use crate::comet_client::Outcome;

@@ -26,6 +26,8 @@ pub(crate) struct JobMetrics {
     rpc_errors: Family<[(&'static str, String); 1], Counter>,
     rpc_seconds: HistogramFamily,
     room_batch: Histogram,
+    /// Room batch calls to comets, by whether the comet hosts the room.
+    room_calls: Family<[(&'static str, &'static str); 1], Counter>,
     /// Big groups' messages over the group's cap, not delivered.
     group_thinned: Counter,
     /// NOTIFY truncated frames added to big groups' batches.
@@ -45,6 +47,7 @@ impl Default for JobMetrics {
             rpc_errors: Family::default(),
             rpc_seconds: Family::new_with_constructor(latency_histogram),
             room_batch: Histogram::new(rim_metrics::size_buckets()),
+            room_calls: Family::default(),
             group_thinned: Counter::default(),
             group_truncated: Counter::default(),
             in_flight: Gauge::default(),
@@ -147,6 +150,13 @@ impl JobMetrics {
         self.room_batch.observe(messages as f64);
     }
 
+    /// Counts a room batch call made to a comet hosting the room, or
+    /// skipped for one that does not.
+    pub(crate) fn room_call(&self, sent: bool) {
+        let result = if sent { "sent" } else { "skipped" };
+        self.room_calls.get_or_create(&[("result", result)]).inc();
+    }
+
     /// Counts a big group's message over its cap, not delivered.
     pub(crate) fn group_thinned(&self) {
         self.group_thinned.inc();
@@ -193,6 +203,11 @@ impl JobMetrics {
             "rim_job_room_batch_messages",
             "Messages merged into one room batch (op 9) per flush",
             self.room_batch.clone(),
+        );
+        registry.register(
+            "rim_job_room_calls",
+            "Room batches per comet, by result: sent (the comet hosts the room, or its rooms are not known yet), skipped (it hosts none of the room's members)",
+            self.room_calls.clone(),
         );
         registry.register(
             "rim_job_group_thinned",

@@ -34,7 +34,8 @@ use tokio::time::Instant;
 use crate::comet_client::Call;
 use crate::comets::Comets;
 use crate::metrics::JobMetrics;
-use crate::ticket::wait_all;
+use crate::routes::RoomRoutes;
+use crate::ticket::{ready, wait_all};
 
 /// Messages queued to the aggregator before dispatchers wait.
 const QUEUE: usize = 4096;
@@ -177,6 +178,7 @@ pub(crate) fn spawn(
     batch_size: usize,
     max_wait: Duration,
     comets: Weak<Comets>,
+    routes: Arc<RoomRoutes>,
     metrics: Arc<JobMetrics>,
 ) -> mpsc::Sender<RoomMessage> {
     let (in_tx, in_rx) = mpsc::channel(QUEUE);
@@ -193,14 +195,16 @@ pub(crate) fn spawn(
         metrics: Arc::clone(&metrics),
     };
     tokio::spawn(aggregator.run(in_rx));
-    tokio::spawn(deliver_flushes(comets, metrics, out_rx));
+    tokio::spawn(deliver_flushes(comets, routes, metrics, out_rx));
     in_tx
 }
 
-/// Sends each flushed batch to every comet, in flush order, and tells the
-/// batch's messages when all comets have handled it.
+/// Sends each flushed batch to every comet (a room's: every comet that
+/// hosts the room, see routes.rs), in flush order, and tells the batch's
+/// messages when all those comets have handled it.
 async fn deliver_flushes(
     comets: Weak<Comets>,
+    routes: Arc<RoomRoutes>,
     metrics: Arc<JobMetrics>,
     mut flushes: mpsc::Receiver<Flush>,
 ) {
@@ -215,9 +219,14 @@ async fn deliver_flushes(
         };
         metrics.room_batch(dones.len());
         let proto: rim_proto::pb::frame::v1::Proto = frame.into();
+        let routed = routes.applies(clients.len());
         let mut rxs = Vec::with_capacity(clients.len());
-        for (_, client) in clients {
+        for (id, client) in clients {
             let call = match &target {
+                Target::Room(room) if routed && !routes.hosts(&id, room) => {
+                    metrics.room_call(false);
+                    continue;
+                }
                 Target::Room(room) => Call::Room(pb::BroadcastRoomRequest {
                     room_id: room.clone(),
                     proto: Some(proto.clone()),
@@ -228,9 +237,17 @@ async fn deliver_flushes(
                     proto: Some(proto.clone()),
                 }),
             };
+            if matches!(target, Target::Room(_)) {
+                metrics.room_call(true);
+            }
             rxs.push(client.call(call).await);
         }
-        let ticket = wait_all(rxs);
+        // No comet hosts the room: nobody to deliver to.
+        let ticket = if rxs.is_empty() {
+            ready(crate::Outcome::Delivered)
+        } else {
+            wait_all(rxs)
+        };
         tokio::spawn(async move {
             let outcome = ticket.await;
             for done in dones {

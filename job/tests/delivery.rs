@@ -19,6 +19,10 @@ use rim_queue::{Consumer, Producer, PushMsg, PushType};
 struct FakeComet {
     calls: Mutex<Vec<String>>,
     fail_first: AtomicU32,
+    /// The rooms it says it hosts.
+    hosted: Mutex<Vec<String>>,
+    /// While set, listing its rooms fails.
+    rooms_down: std::sync::atomic::AtomicBool,
 }
 
 impl FakeComet {
@@ -99,7 +103,10 @@ impl CometApi for FakeComet {
         Ok(pb::ChangeGroupReply::default())
     }
     async fn rooms(&self) -> RpcResult<Vec<String>> {
-        Ok(vec![])
+        if self.rooms_down.load(Ordering::SeqCst) {
+            return Err(RpcError::Unavailable("rooms unknown (test)".into()));
+        }
+        Ok(self.hosted.lock().unwrap().clone())
     }
     async fn kick(&self, _keys: Vec<String>) -> RpcResult<u64> {
         Ok(0)
@@ -148,6 +155,7 @@ fn job_with(batch: usize, flush: Duration, comets: &[(&str, Arc<FakeComet>)]) ->
         group: "g".into(),
         room_batch: batch,
         room_flush: flush,
+        ..JobConfig::default()
     });
     job.set_comets(
         comets
@@ -344,6 +352,105 @@ async fn channel_changes_go_to_the_named_comet() {
     assert_eq!(done(job.deliver(nameless).await).await, Outcome::Rejected);
 }
 
+/// Four comets hosting rooms as they say; the job's routes refreshed.
+async fn routed(every: Duration, hosted: [&[&str]; 4]) -> (Job, Vec<Arc<FakeComet>>) {
+    let comets: Vec<Arc<FakeComet>> = hosted
+        .iter()
+        .map(|rooms| {
+            let comet = FakeComet::default();
+            *comet.hosted.lock().unwrap() = rooms.iter().map(|r| r.to_string()).collect();
+            Arc::new(comet)
+        })
+        .collect();
+    let job = Job::new(&JobConfig {
+        group: "g".into(),
+        room_batch: 1,
+        room_flush: Duration::from_millis(5),
+        room_routes_interval: every,
+        ..JobConfig::default()
+    });
+    job.set_comets(
+        ["a", "b", "c", "d"]
+            .iter()
+            .zip(&comets)
+            .map(|(id, c)| (id.to_string(), Arc::clone(c) as Arc<dyn CometApi>))
+            .collect(),
+    );
+    job.refresh_room_routes().await;
+    (job, comets)
+}
+
+/// With routing (four comets or more), a room's batches go to the comets
+/// hosting it, and to any whose rooms are not known; none is lost for a
+/// room nobody hosts.
+#[tokio::test]
+async fn room_batches_go_only_to_the_comets_hosting_the_room() {
+    let (job, comets) = routed(
+        Duration::from_secs(60),
+        [&["live://1"], &["live://1", "live://2"], &[], &["live://9"]],
+    )
+    .await;
+    comets[3].rooms_down.store(true, Ordering::SeqCst);
+    job.refresh_room_routes().await;
+    for (name, body) in [
+        ("live://1", "one"),
+        ("live://2", "two"),
+        ("live://3", "three"),
+    ] {
+        assert_eq!(
+            done(job.deliver(room(name, body)).await).await,
+            Outcome::Delivered
+        );
+    }
+    let got = |i: usize| comets[i].calls();
+    assert_eq!(got(0), ["room live://1 single one"]);
+    assert_eq!(
+        got(1),
+        ["room live://1 single one", "room live://2 single two"]
+    );
+    assert!(got(2).is_empty(), "c hosts none of them: {:?}", got(2));
+    assert_eq!(
+        got(3),
+        [
+            "room live://1 single one",
+            "room live://2 single two",
+            "room live://3 single three"
+        ],
+        "d's rooms are unknown: it gets every room"
+    );
+}
+
+/// A room's first member on a comet gets the room's batches from the
+/// job's next poll of the comets on: within one interval (plus an answer).
+#[tokio::test]
+async fn a_room_joined_on_another_comet_is_routed_there_within_the_poll_interval() {
+    let every = Duration::from_millis(100);
+    let (job, comets) = routed(every, [&["live://1"], &[], &[], &[]]).await;
+    assert_eq!(
+        done(job.deliver(room("live://1", "before")).await).await,
+        Outcome::Delivered
+    );
+    assert!(comets[2].calls().is_empty());
+    // A client joins live://1 on c.
+    comets[2].hosted.lock().unwrap().push("live://1".into());
+    let joined = tokio::time::Instant::now();
+    let mut sent = 0;
+    while comets[2].calls().is_empty() {
+        assert!(
+            joined.elapsed() < every * 50,
+            "c never got live://1's batches after its member joined"
+        );
+        sent += 1;
+        done(job.deliver(room("live://1", &format!("m{sent}"))).await).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "routed to the new host {:?} after the join (poll every {every:?})",
+        joined.elapsed()
+    );
+    assert!(comets[1].calls().is_empty(), "b still hosts nothing");
+}
+
 #[tokio::test]
 async fn broadcast_reaches_every_comet_with_the_speed_divided() {
     let (a, b) = (
@@ -538,6 +645,7 @@ async fn a_broadcast_in_progress_holds_no_push_or_room_message_back() {
         group: "g".into(),
         room_batch: 1,
         room_flush: Duration::from_millis(5),
+        ..JobConfig::default()
     });
     job.set_comets(vec![("c1".into(), Arc::clone(&comet) as Arc<dyn CometApi>)]);
     let all = PushMsg {
