@@ -401,6 +401,41 @@ fn retryable(err: &Error, committing: bool) -> bool {
 }
 
 /// A seq, sync or position from a caller as a BIGINT.
+/// One page of `mid`'s inbox after `after` by `page_sql` ($1 the mid, $2
+/// the sync after which, $3 how many rows), with the user's bounds: at most
+/// `limit` rows, whether more follow, the latest sync (0 without any) and
+/// the oldest retained (1 while nothing was pruned).
+async fn inbox_page(
+    client: &Object,
+    page_sql: &str,
+    mid: i64,
+    after: u64,
+    limit: u32,
+) -> Result<(Vec<Row>, bool, u64, u64)> {
+    let after_db = to_db("sync", after)?;
+    let fetch = limit_db(limit) + 1;
+    let (page, bounds) = tokio::try_join!(
+        client.prepare_cached(page_sql),
+        client.prepare_cached("SELECT max_sync, min_sync FROM users WHERE mid = $1"),
+    )
+    .map_err(db("preparing an inbox read"))?;
+    let (mut rows, bounds) = tokio::try_join!(
+        async { client.query(&page, &[&mid, &after_db, &fetch]).await },
+        async { client.query_opt(&bounds, &[&mid]).await },
+    )
+    .map_err(db("reading an inbox"))?;
+    let (latest, oldest) = match bounds {
+        Some(row) => (
+            from_db("a sync", get(&row, 0)?)?,
+            from_db("a sync", get(&row, 1)?)?,
+        ),
+        None => (0, 1),
+    };
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    Ok((rows, more, latest, oldest))
+}
+
 fn to_db(field: &'static str, value: u64) -> Result<i64> {
     i64::try_from(value)
         .map_err(|_| Error::invalid(field, format!("{value} is over the largest, {}", i64::MAX)))
@@ -512,7 +547,6 @@ impl MessageStore for PostgresStore {
     }
 
     async fn sync(&self, mid: i64, after: u64, limit: u32) -> Result<SyncPage> {
-        let after_db = to_db("sync", after)?;
         let limit = clamp_limit(limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT);
         with_client!(self.shared, "reading an inbox", |client| {
             // An entry whose message retention removed comes back without
@@ -522,29 +556,12 @@ impl MessageStore for PostgresStore {
                      LEFT JOIN messages m ON m.conv = i.conv AND m.seq = i.seq \
                      WHERE i.mid = $1 AND i.sync > $2 ORDER BY i.sync LIMIT $3"
             );
-            let (page, bounds) = tokio::try_join!(
-                client.prepare_cached(&page_sql),
-                client.prepare_cached("SELECT max_sync, min_sync FROM users WHERE mid = $1"),
-            )
-            .map_err(db("preparing an inbox read"))?;
-            let fetch = limit_db(limit) + 1;
-            let (rows, bounds) = tokio::try_join!(
-                async { client.query(&page, &[&mid, &after_db, &fetch]).await },
-                async { client.query_opt(&bounds, &[&mid]).await },
-            )
-            .map_err(db("reading an inbox"))?;
-            let (latest, oldest) = match bounds {
-                Some(row) => (
-                    from_db("a sync", get(&row, 0)?)?,
-                    from_db("a sync", get(&row, 1)?)?,
-                ),
-                None => (0, 1),
-            };
-            let more = rows.len() > limit as usize;
-            let mut entries = Vec::with_capacity(rows.len().min(limit as usize));
+            let (rows, more, latest, oldest) =
+                inbox_page(client, &page_sql, mid, after, limit).await?;
+            let mut entries = Vec::with_capacity(rows.len());
             let mut last = None;
             let mut pruned = false;
-            for row in rows.iter().take(limit as usize) {
+            for row in &rows {
                 let sync = from_db("a sync", get(row, 0)?)?;
                 last = Some(sync);
                 if get::<Option<&str>>(row, 1)?.is_none() {

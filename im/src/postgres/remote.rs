@@ -11,8 +11,8 @@ use crate::error::Result;
 use crate::store::{InboxEntry, Message};
 
 use super::{
-    MESSAGE_COLUMNS, PostgresStore, Shared, conv_from_db, db, from_db, get, limit_db, message_at,
-    to_db,
+    MESSAGE_COLUMNS, PostgresStore, Shared, conv_from_db, db, from_db, get, inbox_page, limit_db,
+    message_at, to_db,
 };
 
 /// A message's inbox entry still to append on another primary.
@@ -212,33 +212,18 @@ impl PostgresStore {
     /// A page of `mid`'s inbox after `after`: the entries' keys, at most
     /// `limit`.
     pub(crate) async fn inbox_keys(&self, mid: i64, after: u64, limit: u32) -> Result<InboxKeys> {
-        let after_db = to_db("sync", after)?;
-        let fetch = limit_db(limit) + 1;
         with_client!(self.shared, "reading an inbox", |client| {
-            let (page, bounds) = tokio::try_join!(
-                client.prepare_cached(
-                    "SELECT sync, conv, seq FROM inbox WHERE mid = $1 AND sync > $2 \
-                     ORDER BY sync LIMIT $3"
-                ),
-                client.prepare_cached("SELECT max_sync, min_sync FROM users WHERE mid = $1"),
+            let (rows, more, latest, oldest) = inbox_page(
+                client,
+                "SELECT sync, conv, seq FROM inbox WHERE mid = $1 AND sync > $2 \
+                 ORDER BY sync LIMIT $3",
+                mid,
+                after,
+                limit,
             )
-            .map_err(db("preparing an inbox read"))?;
-            let (rows, bounds) = tokio::try_join!(
-                async { client.query(&page, &[&mid, &after_db, &fetch]).await },
-                async { client.query_opt(&bounds, &[&mid]).await },
-            )
-            .map_err(db("reading an inbox"))?;
-            let (latest, oldest) = match bounds {
-                Some(row) => (
-                    from_db("a sync", get(&row, 0)?)?,
-                    from_db("a sync", get(&row, 1)?)?,
-                ),
-                None => (0, 1),
-            };
-            let more = rows.len() > limit as usize;
+            .await?;
             let entries = rows
                 .iter()
-                .take(limit as usize)
                 .map(|row| {
                     Ok((
                         from_db("a sync", get(row, 0)?)?,
