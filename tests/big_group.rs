@@ -18,9 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rim_client::{AuthToken, Client, ImEvent};
 use rim_proto::im::{Code, Notify, PullRequest};
 use serde_json::json;
@@ -50,18 +47,7 @@ async fn start(run: &str) -> Roles {
         service("RIM_TEST_KAFKA"),
     );
     let topic = format!("rim-big-{run}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .create()
-        .unwrap();
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    support::create_topic(&kafka, &topic).await;
     let common = |id: String| -> Vec<(&'static str, String)> {
         vec![
             ("RIM_NODE__ID", id),

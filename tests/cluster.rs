@@ -8,9 +8,6 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rim_client::{AuthToken, Client};
 use support::exposition::scrape;
 use support::{Proc, get_json, next_push, post_ok, service, shipped_config};
@@ -32,18 +29,7 @@ async fn start_cluster(run: &str) -> Cluster {
         service("RIM_TEST_KAFKA"),
     );
     let topic = format!("rim-e2e-{run}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .create()
-        .unwrap();
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    support::create_topic(&kafka, &topic).await;
     let common = |id: String, region: &str| -> Vec<(&'static str, String)> {
         vec![
             ("RIM_NODE__ID", id),

@@ -1362,25 +1362,6 @@ impl Cluster {
     }
 }
 
-async fn create_topic(kafka: &str, topic: &str) {
-    use rdkafka::ClientConfig;
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .create()
-        .unwrap();
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(topic, 4, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs ZooKeeper, Redis, Kafka and PostgreSQL: run deploy/test.sh"]
 async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
@@ -1391,7 +1372,7 @@ async fn cluster_survives_kills_of_comet_job_logic_and_a_postgres_restart() {
     let tag = format!("cl{run}");
     let kafka = support::service("RIM_TEST_KAFKA");
     let topic = format!("rim-imf-{run}");
-    create_topic(&kafka, &topic).await;
+    support::create_topic(&kafka, &topic).await;
     // PostgreSQL servers of this test's own, so one can be crashed.
     let postgres = tokio::task::block_in_place(rim_testkit::PostgresServer::start_new);
     let other = tokio::task::block_in_place(rim_testkit::PostgresServer::start_new);

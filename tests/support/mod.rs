@@ -295,3 +295,23 @@ pub fn key_paths(table: &toml::Table, prefix: &str, out: &mut std::collections::
         }
     }
 }
+
+/// Creates `topic` with 4 partitions on the Kafka-protocol broker at `kafka`.
+pub async fn create_topic(kafka: &str, topic: &str) {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap();
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, 4, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+}
