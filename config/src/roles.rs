@@ -116,6 +116,7 @@ impl Default for CometRoleConfig {
 impl Load for CometRoleConfig {
     fn validate(&mut self) -> Result<()> {
         self.node.validate()?;
+        self.node.validate_grpc_server_tls()?;
         self.comet.validate()?;
         self.discovery.validate()?;
         self.metrics.validate()?;
@@ -169,6 +170,7 @@ impl Default for LogicRoleConfig {
 impl Load for LogicRoleConfig {
     fn validate(&mut self) -> Result<()> {
         self.node.validate()?;
+        self.node.validate_grpc_server_tls()?;
         self.logic.validate()?;
         self.api.validate()?;
         self.router.validate()?;

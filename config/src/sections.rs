@@ -102,6 +102,22 @@ pub struct NodeConfig {
     /// without the tokens that protect it (it logs a warning naming what is
     /// open); for networks that are private by other means.
     pub allow_unauthenticated: bool,
+    /// PEM certificate chain of this node's gRPC server (comet 3109, logic
+    /// 3119), also presented by its gRPC clients to servers that require
+    /// one; with `tls_key`. Set = the gRPC server speaks only TLS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates the cluster's gRPC certificates are signed by.
+    /// Set = this node's gRPC clients (comet → logic, job and logic →
+    /// comet) dial with TLS and trust only servers this CA signed.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this node's gRPC server refuses clients without a
+    /// certificate signed by `tls_ca`; needs `tls_ca`, `tls_cert` and `tls_key`.
+    pub tls_client_auth: bool,
 }
 
 impl Default for NodeConfig {
@@ -114,6 +130,10 @@ impl Default for NodeConfig {
             listen_backlog: 1024,
             grpc_token: None,
             allow_unauthenticated: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_client_auth: false,
         }
     }
 }
@@ -135,8 +155,80 @@ impl NodeConfig {
         if let Some(token) = &self.grpc_token {
             secret("node.grpc_token", token)?;
         }
+        self.validate_tls()
+    }
+
+    /// The `node.tls_*` keys: a whole pair, readable files, a CA wherever a
+    /// certificate is (every node of a cluster speaks TLS or none does),
+    /// and everything mutual TLS needs.
+    fn validate_tls(&self) -> Result<()> {
+        pem_pair(
+            ("node.tls_cert", &self.tls_cert),
+            ("node.tls_key", &self.tls_key),
+        )?;
+        if let Some(ca) = &self.tls_ca {
+            readable_file("node.tls_ca", ca)?;
+        }
+        if self.tls_cert.is_some() && self.tls_ca.is_none() {
+            return Err(ConfigError::invalid(
+                "node.tls_ca",
+                "required with node.tls_cert: this node's grpc clients verify their peers against it (a cluster's grpc is tls on every node or on none)",
+            ));
+        }
+        if self.tls_client_auth && self.tls_cert.is_none() {
+            return Err(ConfigError::invalid(
+                "node.tls_client_auth",
+                "needs node.tls_cert, node.tls_key and node.tls_ca (the server's certificate and the ca its clients' certificates are checked against)",
+            ));
+        }
         Ok(())
     }
+
+    /// For a role that serves gRPC in a cluster (comet, logic): with
+    /// `node.tls_ca` set its peers dial it with TLS, so it must serve TLS.
+    pub(crate) fn validate_grpc_server_tls(&self) -> Result<()> {
+        if self.tls_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError::invalid(
+                "node.tls_cert",
+                "required with node.tls_ca on a role that serves grpc: its peers dial it with tls",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a certificate/key pair of keys: both set or neither, each a
+/// readable file.
+fn pem_pair(
+    (cert_key, cert): (&str, &Option<PathBuf>),
+    (key_key, key): (&str, &Option<PathBuf>),
+) -> Result<()> {
+    match (cert, key) {
+        (Some(_), None) => Err(ConfigError::invalid(
+            key_key,
+            format!("{cert_key} is set but {key_key} is not"),
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            cert_key,
+            format!("{key_key} is set but {cert_key} is not"),
+        )),
+        (Some(cert), Some(key)) => {
+            readable_file(cert_key, cert)?;
+            readable_file(key_key, key)
+        }
+        (None, None) => Ok(()),
+    }
+}
+
+/// Checks that `path` is a file (the process reads it at start).
+fn readable_file(key: &str, path: &std::path::Path) -> Result<()> {
+    if !path.is_file() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{} is not a readable file", path.display()),
+        ));
+    }
+    Ok(())
 }
 
 fn host_name() -> String {
@@ -240,31 +332,10 @@ impl CometConfig {
                 "no client listener: set tcp_bind, ws_bind or wss_bind with tls_cert and tls_key",
             ));
         }
-        match (&self.tls_cert, &self.tls_key) {
-            (Some(_), None) => {
-                return Err(ConfigError::invalid(
-                    "comet.tls_key",
-                    "tls_cert is set but tls_key is not",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "comet.tls_cert",
-                    "tls_key is set but tls_cert is not",
-                ));
-            }
-            (Some(cert), Some(key)) => {
-                for (name, path) in [("comet.tls_cert", cert), ("comet.tls_key", key)] {
-                    if !path.is_file() {
-                        return Err(ConfigError::invalid(
-                            name,
-                            format!("{} is not a readable file", path.display()),
-                        ));
-                    }
-                }
-            }
-            (None, None) => {}
-        }
+        pem_pair(
+            ("comet.tls_cert", &self.tls_cert),
+            ("comet.tls_key", &self.tls_key),
+        )?;
         host_name_or_empty("comet.public_domain", &self.public_domain)?;
         in_range("comet.buckets", self.buckets as u64, 1, 4096)?;
         in_range("comet.max_body", self.max_body as u64, 16, 16 << 20)?;
@@ -552,6 +623,13 @@ pub struct ApiConfig {
     /// are in; connections still open then are closed.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// PEM certificate chain of the HTTP API; with `tls_key`. Set = the API
+    /// speaks only HTTPS on `http_bind`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -566,12 +644,18 @@ impl Default for ApiConfig {
             keep_alive_timeout: Duration::from_secs(30),
             max_connections: 1024,
             drain_timeout: Duration::from_secs(5),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
 
 impl ApiConfig {
     pub(crate) fn validate(&self) -> Result<()> {
+        pem_pair(
+            ("api.tls_cert", &self.tls_cert),
+            ("api.tls_key", &self.tls_key),
+        )?;
         in_range("api.max_body", self.max_body as u64, 1, 16 << 20)?;
         positive("api.header_read_timeout", self.header_read_timeout)?;
         positive("api.body_read_timeout", self.body_read_timeout)?;

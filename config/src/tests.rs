@@ -224,6 +224,49 @@ fn half_a_tls_pair_is_rejected() {
 }
 
 #[test]
+fn grpc_tls_settings_are_checked() {
+    let err = load_err::<JobRoleConfig>(Some("[node]\ntls_cert = \"/etc/hostname\"\n"), &[]);
+    assert!(err.starts_with("invalid value for node.tls_key"), "{err}");
+    let err = load_err::<JobRoleConfig>(Some("[node]\ntls_ca = \"/nonexistent/ca.pem\"\n"), &[]);
+    assert!(
+        err.starts_with("invalid value for node.tls_ca") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+    let pair = "[node]\ntls_cert = \"/etc/hostname\"\ntls_key = \"/etc/hostname\"\n";
+    let err = load_err::<JobRoleConfig>(Some(pair), &[]);
+    assert!(err.starts_with("invalid value for node.tls_ca"), "{err}");
+    let err = load_err::<JobRoleConfig>(Some("[node]\ntls_client_auth = true\n"), &[]);
+    assert!(err.starts_with("invalid value for node.tls_client_auth"), "{err}");
+    // A CA alone makes a job's clients speak TLS; a comet or logic must then
+    // serve TLS too, since its peers dial it with TLS.
+    let ca_only = "[node]\ntls_ca = \"/etc/hostname\"\n";
+    let job = JobRoleConfig::load_from(Some(toml(ca_only).path()), env(&TOKENS)).unwrap();
+    assert_eq!(job.node.tls_ca.as_deref(), Some(std::path::Path::new("/etc/hostname")));
+    let err = load_err::<CometRoleConfig>(Some(ca_only), &TOKENS);
+    assert!(err.starts_with("invalid value for node.tls_cert"), "{err}");
+    let err = load_err::<LogicRoleConfig>(Some(ca_only), &TOKENS);
+    assert!(err.starts_with("invalid value for node.tls_cert"), "{err}");
+    let whole = format!("{pair}tls_ca = \"/etc/hostname\"\ntls_client_auth = true\n");
+    let comet = CometRoleConfig::load_from(Some(toml(&whole).path()), env(&TOKENS)).unwrap();
+    assert!(comet.node.tls_client_auth && comet.node.tls_cert.is_some());
+    assert!(!CometRoleConfig::default().node.tls_client_auth, "plaintext by default");
+}
+
+#[test]
+fn api_tls_settings_are_checked() {
+    let err = load_err::<LogicRoleConfig>(Some("[api]\ntls_key = \"/etc/hostname\"\n"), &TOKENS);
+    assert!(err.starts_with("invalid value for api.tls_cert"), "{err}");
+    let err = load_err::<LogicRoleConfig>(
+        Some("[api]\ntls_cert = \"/etc/hostname\"\ntls_key = \"/nonexistent.key\"\n"),
+        &TOKENS,
+    );
+    assert!(
+        err.starts_with("invalid value for api.tls_key") && err.contains("/nonexistent.key"),
+        "{err}"
+    );
+}
+
+#[test]
 fn redis_tls_settings_are_checked() {
     let tls = "[router]\nbackend = \"redis\"\n";
     let err = load_err::<LogicRoleConfig>(
