@@ -43,6 +43,7 @@ async fn cluster() -> Cluster {
     tokio::spawn(rim_logic::serve_grpc(
         logic,
         Some(GRPC_TOKEN),
+        None,
         grpc,
         stop_logic.clone(),
     ));
@@ -164,6 +165,7 @@ async fn logic_grpc_refuses_calls_without_the_grpc_token() {
     let served = tokio::spawn(rim_logic::serve_grpc(
         logic,
         Some(GRPC_TOKEN),
+        None,
         grpc,
         stop.clone(),
     ));

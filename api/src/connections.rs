@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+pub use rim_tls::TlsAcceptor;
+
 use crate::metrics::ConnectionMetrics;
 
 /// How long the accept loop pauses after an accept error (e.g. out of file
@@ -56,9 +58,14 @@ pub(crate) struct Limits {
 /// Over `limits.max_connections`, new connections are not accepted: they
 /// wait in the listen backlog (and the kernel refuses them when that is
 /// full) until a served connection closes.
+///
+/// With `tls` (`api.tls_cert`), every connection first completes a TLS
+/// handshake, within `limits.header_read_timeout` (the handshake counts as
+/// part of the first head); one that fails is closed.
 pub(crate) async fn serve(
     routes: Router,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: Limits,
     metrics: ConnectionMetrics,
     stop: CancellationToken,
@@ -111,6 +118,7 @@ pub(crate) async fn serve(
             stop: stop.clone(),
             force: force.clone(),
             metrics: metrics.clone(),
+            tls: tls.clone(),
         };
         tracker.spawn(async move {
             connection.serve(stream, peer).await;
@@ -142,13 +150,41 @@ struct Connection {
     stop: CancellationToken,
     force: CancellationToken,
     metrics: ConnectionMetrics,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Connection {
     /// Serves one connection until the client closes it, an error or a
-    /// timeout ends it, or shutdown closes it.
+    /// timeout ends it, or shutdown closes it; over TLS when configured.
     async fn serve(self, stream: TcpStream, peer: SocketAddr) {
         let _open = self.metrics.opened();
+        let Some(tls) = self.tls.clone() else {
+            return self.serve_io(stream, peer).await;
+        };
+        let handshake = tokio::select! {
+            done = tokio::time::timeout(self.header_read_timeout, tls.accept(stream)) => done,
+            () = self.stop.cancelled() => return,
+        };
+        match handshake {
+            Ok(Ok(stream)) => self.serve_io(stream, peer).await,
+            Ok(Err(err)) => {
+                // A plaintext request or a client that does not trust the
+                // certificate ends here.
+                tracing::debug!(peer = %peer, reason = %err, "http api tls handshake failed");
+                self.metrics.closed("tls_handshake");
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer, "http api tls handshake timed out");
+                self.metrics.closed("header_timeout");
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 on `stream` (TCP, or TLS over it).
+    async fn serve_io<S>(self, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity::new());
         let io = TokioIo::new(Watched {
             inner: stream,
@@ -301,12 +337,12 @@ impl Drop for Busy {
 }
 
 /// A stream that records its reads and writes in an [`Activity`].
-struct Watched {
-    inner: TcpStream,
+struct Watched<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -321,7 +357,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -27,4 +27,5 @@ mod push;
 mod server;
 
 pub use error::{HttpError, NotEnqueued};
-pub use server::{Api, router, serve, serve_with_metrics};
+pub use connections::TlsAcceptor;
+pub use server::{Api, router, serve, serve_with_metrics, tls_acceptor};

@@ -33,7 +33,7 @@ pub(crate) struct ApiMetrics {
 }
 
 /// Why the server closed an HTTP API connection.
-pub(crate) const CLOSE_REASONS: [&str; 3] = ["header_timeout", "idle", "drain"];
+pub(crate) const CLOSE_REASONS: [&str; 4] = ["header_timeout", "idle", "drain", "tls_handshake"];
 
 /// The connections' metrics, shared with every connection's task.
 #[derive(Clone, Debug, Default)]

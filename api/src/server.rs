@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::Limits;
+use crate::connections::{Limits, TlsAcceptor};
 use crate::error::ok;
 use crate::metrics::{ApiMetrics, ConnectionMetrics, track};
 use crate::{HttpError, admin, im, nodes, online, push};
@@ -177,35 +177,51 @@ async fn readyz(State(api): State<Arc<Api>>) -> Response {
     }
 }
 
-/// Serves the API on `listener` until `stop` is cancelled.
+/// Returns the TLS acceptor of the API when `api.tls_cert` and
+/// `api.tls_key` are set (HTTPS only), `None` for plain HTTP.
+pub fn tls_acceptor(config: &ApiConfig) -> Result<Option<TlsAcceptor>, rim_tls::TlsError> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => rim_tls::acceptor(cert, key).map(Some),
+        // The config check refuses half a pair.
+        _ => Ok(None),
+    }
+}
+
+/// Serves the API on `listener` until `stop` is cancelled; HTTPS with
+/// `tls` (see [`tls_acceptor`]).
 pub async fn serve(
     api: Arc<Api>,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let (limits, metrics) = (api.limits, api.metrics.connections.clone());
-    serve_routes(routes(api, None), listener, limits, metrics, stop).await
+    serve_routes(routes(api, None), listener, tls, limits, metrics, stop).await
 }
 
 /// Serves the API and `GET /metrics` (the registry's exposition) on
-/// `listener` until `stop` is cancelled.
+/// `listener` until `stop` is cancelled; HTTPS with `tls` (see
+/// [`tls_acceptor`]).
 pub async fn serve_with_metrics(
     api: Arc<Api>,
     registry: Arc<rim_metrics::Registry>,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let (limits, metrics) = (api.limits, api.metrics.connections.clone());
-    serve_routes(routes(api, Some(registry)), listener, limits, metrics, stop).await
+    let routes = routes(api, Some(registry));
+    serve_routes(routes, listener, tls, limits, metrics, stop).await
 }
 
 async fn serve_routes(
     routes: Router,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: Limits,
     metrics: ConnectionMetrics,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    tracing::info!(addr = ?listener.local_addr().ok(), "http api serving");
-    crate::connections::serve(routes, listener, limits, metrics, stop).await
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "http api serving");
+    crate::connections::serve(routes, listener, tls, limits, metrics, stop).await
 }

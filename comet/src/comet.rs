@@ -37,6 +37,8 @@ pub(crate) struct Inner {
     /// The cluster's gRPC token (`node.grpc_token`) the gRPC service
     /// requires; `None` = no check.
     pub(crate) grpc_token: Option<String>,
+    /// The gRPC service's TLS files (`node.tls_*`), read when it starts.
+    pub(crate) grpc_tls: rim_tls::GrpcTlsFiles,
     pub(crate) config: CometConfig,
     pub(crate) logic: Arc<dyn LogicApi>,
     pub(crate) stats: Stats,
@@ -111,6 +113,7 @@ impl Comet {
                 id: node.id.clone(),
                 region: node.region.clone(),
                 grpc_token: node.grpc_token.clone(),
+                grpc_tls: rim_tls::GrpcTlsFiles::of(node),
                 config,
                 logic,
                 stats: Stats::default(),

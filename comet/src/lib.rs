@@ -11,7 +11,7 @@
 //! accepting has stopped, before clients are drained.
 //!
 //! Where things are: `server` (start, then the drain order), `listener`
-//! (listeners and accept loops), `tls` (WSS), `connection` (one client from
+//! (listeners and accept loops), `tls` (WSS and gRPC TLS), `connection` (one client from
 //! accept to close), `transport` (frames over TCP or WebSocket), `limits` (the
 //! checks of what a client asks for: room ids, accepted ops), `session`
 //! and `bucket` (sessions, rooms and outbound queues), `comet` (shared state

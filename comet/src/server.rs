@@ -39,6 +39,7 @@ impl Comet {
     ) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         let tls = tls::wss_acceptor(&inner.config, !listeners.wss.is_empty())?;
+        let grpc_tls = tls::grpc_server(&inner.grpc_tls)?;
         tracing::info!(
             id = %inner.id,
             region = %inner.region,
@@ -52,7 +53,7 @@ impl Comet {
         let Listeners { tcp, ws, wss, grpc } = listeners;
         let accepting = Accepting::start(&inner, [tcp, ws, wss], tls, &shutdown);
         let reporter = tokio::spawn(report_rooms(Arc::clone(&inner), accepting.stopped_token()));
-        let mut grpc = GrpcServer::spawn(self.clone(), grpc);
+        let mut grpc = GrpcServer::spawn(self.clone(), grpc, grpc_tls)?;
 
         tokio::select! {
             () = shutdown.triggered() => {}
@@ -111,20 +112,29 @@ struct GrpcServer {
 }
 
 impl GrpcServer {
-    /// Serves `comet` on `listener` until [`GrpcServer::stop`].
-    fn spawn(comet: Comet, listener: TcpListener) -> GrpcServer {
+    /// Serves `comet` on `listener` until [`GrpcServer::stop`], with TLS
+    /// when `tls` is given (`node.tls_cert`, and `node.tls_client_auth`).
+    fn spawn(
+        comet: Comet,
+        listener: TcpListener,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Result<GrpcServer> {
         let stop = CancellationToken::new();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         // Calls without node.grpc_token (when set) are refused as Unauthenticated.
         let token = comet.inner.grpc_token.clone();
         let service = CometGrpc(Arc::new(comet)).into_guarded_service(token.as_deref());
         let stopped = stop.clone();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
         let task = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move { stopped.cancelled().await }),
         );
-        GrpcServer { task, stop }
+        Ok(GrpcServer { task, stop })
     }
 
     /// Stops serving and waits for the server to end.

@@ -1,58 +1,33 @@
-//! TLS for the WSS listeners: the acceptor built from `comet.tls_cert` and
-//! `comet.tls_key`.
-
-use std::path::Path;
-use std::sync::Arc;
+//! TLS of the comet's listeners: the WSS acceptor built from
+//! `comet.tls_cert` and `comet.tls_key`, and the gRPC service's settings
+//! from `node.tls_*` (both read by `rim_tls`).
 
 use rim_config::CometConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rim_tls::{GrpcTls, GrpcTlsFiles};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls;
 
-use crate::error::TlsError;
+use crate::error::Error;
 
 /// Returns the acceptor the WSS listeners need: `None` when there are none,
 /// an error when there are some but no certificate and key to serve them.
 pub(crate) fn wss_acceptor(
     config: &CometConfig,
     has_wss_listeners: bool,
-) -> Result<Option<TlsAcceptor>, TlsError> {
+) -> Result<Option<TlsAcceptor>, Error> {
     if !has_wss_listeners {
         return Ok(None);
     }
     match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => acceptor(cert, key).map(Some),
-        _ => Err(TlsError::MissingFiles),
+        (Some(cert), Some(key)) => rim_tls::acceptor(cert, key).map(Some).map_err(Error::Tls),
+        _ => Err(Error::WssWithoutFiles),
     }
 }
 
-/// Loads the certificate chain and key into a TLS acceptor.
-fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsError::ReadCertificates {
-            path: cert.to_path_buf(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: cert.to_path_buf(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadKey {
-        path: key.to_path_buf(),
-        source,
-    })?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(TlsError::Provider)?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(TlsError::Config)?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+/// Returns what the gRPC service serves with: `None` = plaintext.
+pub(crate) fn grpc_server(
+    files: &GrpcTlsFiles,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, Error> {
+    Ok(GrpcTls::load(files).map_err(Error::GrpcTls)?.server())
 }
 
 #[cfg(test)]
@@ -66,7 +41,7 @@ mod tests {
         let config = CometConfig::default();
         assert!(matches!(
             wss_acceptor(&config, true),
-            Err(TlsError::MissingFiles)
+            Err(Error::WssWithoutFiles)
         ));
         assert!(matches!(wss_acceptor(&config, false), Ok(None)));
     }
@@ -84,11 +59,16 @@ mod tests {
             ..CometConfig::default()
         };
         match wss_acceptor(&config, true) {
-            Err(err @ TlsError::ReadKey { .. }) => {
+            Err(Error::Tls(err @ rim_tls::TlsError::ReadKey { .. })) => {
                 assert!(err.to_string().contains("missing-key.pem"), "{err}");
                 assert!(err.source().is_some(), "the i/o cause is kept");
             }
             other => panic!("expected a key error, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn grpc_serves_plaintext_without_node_tls_files() {
+        assert!(matches!(grpc_server(&GrpcTlsFiles::default()), Ok(None)));
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rim_discovery::NodeInfo;
 use rim_proto::api::{CometApi, RemoteComet, RpcError};
+use rim_tls::GrpcTls;
 
 /// How long one call to a comet (stats, kick) may take.
 pub(crate) const COMET_CALL: Duration = Duration::from_secs(5);
@@ -83,6 +84,8 @@ pub struct Comets {
     /// The cluster's gRPC token (`node.grpc_token`) sent to the comets it
     /// connects to; `None` = none.
     grpc_token: Option<String>,
+    /// How clients of discovered comets dial them (`node.tls_ca`).
+    grpc_tls: GrpcTls,
 }
 
 impl std::fmt::Debug for Comets {
@@ -118,6 +121,13 @@ impl Comets {
         }
     }
 
+    /// Makes clients of discovered comets dial with `tls` (`node.tls_ca`,
+    /// presenting `node.tls_cert` to comets that require it).
+    pub fn with_grpc_tls(mut self, tls: GrpcTls) -> Comets {
+        self.grpc_tls = tls;
+        self
+    }
+
     /// Makes the directory hold exactly `nodes` (from discovery): clients of
     /// comets whose gRPC address did not change are kept, new ones connect
     /// lazily, missing ones are dropped.
@@ -134,7 +144,7 @@ impl Comets {
             let api = match kept {
                 Some(api) => api,
                 None => Arc::new(
-                    RemoteComet::connect_lazy(&node.grpc)
+                    RemoteComet::connect_lazy_with_tls(&node.grpc, &self.grpc_tls)
                         .and_then(|c| c.with_token(self.grpc_token.as_deref()))
                         .map_err(|e| BadComet {
                             id: node.id.clone(),

@@ -345,10 +345,18 @@ impl RemoteComet {
         Ok(self)
     }
 
-    /// Creates a client for the comet at `addr` (`host:port`) that connects
-    /// on first use, so a comet that is down does not stop its caller.
+    /// Creates a plaintext client for the comet at `addr` (`host:port`)
+    /// that connects on first use, so a comet that is down does not stop
+    /// its caller.
     pub fn connect_lazy(addr: &str) -> RpcResult<Self> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        Self::connect_lazy_with_tls(addr, &rim_tls::GrpcTls::plaintext())
+    }
+
+    /// Like [`RemoteComet::connect_lazy`], over TLS when `tls` says so
+    /// (`node.tls_ca`, presenting `node.tls_cert` to a comet that asks).
+    pub fn connect_lazy_with_tls(addr: &str, tls: &rim_tls::GrpcTls) -> RpcResult<Self> {
+        let endpoint = tls
+            .endpoint(addr)
             .map_err(|e| RpcError::InvalidArgument(format!("bad comet address {addr:?}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(3))
             .timeout(std::time::Duration::from_secs(30));

@@ -7,7 +7,8 @@ use std::time::Duration;
 use rim_discovery::NodeInfo;
 use tokio::sync::watch;
 use tonic::transport::channel::Change;
-use tonic::transport::{Channel, Endpoint};
+use rim_tls::GrpcTls;
+use tonic::transport::Channel;
 
 /// How long connecting to one node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -17,8 +18,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Returns a gRPC channel balanced over the gRPC addresses of `nodes`, and
 /// keeps it following them: nodes discovery adds become endpoints, nodes it
-/// drops are removed.
-pub fn follow(mut nodes: watch::Receiver<Vec<NodeInfo>>) -> Channel {
+/// drops are removed. Endpoints dial with `tls` (`node.tls_ca`: `https://`,
+/// verified against the cluster's CA) or plaintext.
+pub fn follow(mut nodes: watch::Receiver<Vec<NodeInfo>>, tls: GrpcTls) -> Channel {
     let (channel, changes) = Channel::balance_channel::<String>(64);
     tokio::spawn(async move {
         let mut current: HashSet<String> = HashSet::new();
@@ -33,7 +35,7 @@ pub fn follow(mut nodes: watch::Receiver<Vec<NodeInfo>>) -> Channel {
                 let _ = changes.send(Change::Remove(gone.clone())).await;
             }
             for new in wanted.difference(&current) {
-                match Endpoint::from_shared(format!("http://{new}")) {
+                match tls.endpoint(new) {
                     Ok(endpoint) => {
                         let endpoint = endpoint
                             .connect_timeout(CONNECT_TIMEOUT)

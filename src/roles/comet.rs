@@ -38,6 +38,9 @@ pub enum Error {
     /// The comet could not register in discovery.
     #[error("discovery: cannot register")]
     Register(#[source] rim_discovery::Error),
+    /// The `node.tls_*` files do not make gRPC TLS settings.
+    #[error("node.tls")]
+    GrpcTls(#[source] rim_tls::TlsError),
     /// `node.grpc_token` cannot be sent in gRPC metadata.
     #[error("node.grpc_token")]
     GrpcToken(#[source] rim_proto::api::RpcError),
@@ -61,7 +64,9 @@ pub async fn run(
         .watch(Kind::Logic)
         .await
         .map_err(Error::WatchLogics)?;
-    let logic = RemoteLogic::new(super::balanced_channel::follow(logics))
+    let grpc_tls = rim_tls::GrpcTls::load(&rim_tls::GrpcTlsFiles::of(&config.node))
+        .map_err(Error::GrpcTls)?;
+    let logic = RemoteLogic::new(super::balanced_channel::follow(logics, grpc_tls))
         .with_token(config.node.grpc_token.as_deref())
         .map_err(Error::GrpcToken)?;
     // Advertised to web clients through discovery (the comet config moves below).

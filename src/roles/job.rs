@@ -10,6 +10,7 @@ use rim_job::{CometHandle, Job};
 use rim_proto::api::{CometApi, RemoteComet};
 use rim_queue::{KafkaConsumer, KafkaConsumerOptions};
 use rim_shutdown::Shutdown;
+use rim_tls::{GrpcTls, GrpcTlsFiles};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -21,12 +22,18 @@ pub fn bind(config: &JobRoleConfig) -> anyhow::Result<Option<TcpListener>> {
 }
 
 /// The comets of `region` among discovered nodes, as lazily connected
-/// clients sending `token` (the cluster's `node.grpc_token`).
-fn region_comets(nodes: &[NodeInfo], region: &str, token: Option<&str>) -> Vec<CometHandle> {
+/// clients sending `token` (the cluster's `node.grpc_token`) and dialing
+/// with `tls` (`node.tls_ca`).
+fn region_comets(
+    nodes: &[NodeInfo],
+    region: &str,
+    token: Option<&str>,
+    tls: &GrpcTls,
+) -> Vec<CometHandle> {
     rim_discovery::in_region(nodes, region)
         .into_iter()
         .filter_map(|node| {
-            match RemoteComet::connect_lazy(&node.addrs.grpc)
+            match RemoteComet::connect_lazy_with_tls(&node.addrs.grpc, tls)
                 .and_then(|client| client.with_token(token))
             {
                 Ok(client) => Some((node.id, Arc::new(client) as Arc<dyn CometApi>)),
@@ -65,10 +72,12 @@ pub async fn run(
         MetricsServer::spawn(listener, registry)
     });
     let token = config.node.grpc_token.clone();
+    let tls = GrpcTls::load(&GrpcTlsFiles::of(&config.node)).context("node.tls")?;
     job.set_comets(region_comets(
         &comets.borrow_and_update(),
         &region,
         token.as_deref(),
+        &tls,
     ));
     tracing::info!(%region, comets = ?job.comet_ids(), group = %config.job.group, "job starting");
     // Follow the region's comets: a comet that leaves discovery is retired
@@ -82,6 +91,7 @@ pub async fn run(
                     &comets.borrow_and_update(),
                     &region,
                     token.as_deref(),
+                    &tls,
                 ));
                 tracing::info!(comets = ?job.comet_ids(), "region comets changed");
             }

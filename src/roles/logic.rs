@@ -14,6 +14,7 @@ use rim_im::{
 use rim_logic::{CometNode, Comets, HttpClient, Im, Logic, LogicFacade};
 use rim_queue::Producer;
 use rim_shutdown::Shutdown;
+use rim_tls::{GrpcTls, GrpcTlsFiles};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -60,7 +61,10 @@ pub async fn run(
         .watch(Kind::Comet)
         .await
         .context("discovery: cannot watch the comets")?;
-    let comets = Arc::new(Comets::with_grpc_token(config.node.grpc_token.clone()));
+    let grpc_tls = GrpcTls::load(&GrpcTlsFiles::of(&config.node)).context("node.tls")?;
+    let comets = Arc::new(
+        Comets::with_grpc_token(config.node.grpc_token.clone()).with_grpc_tls(grpc_tls.clone()),
+    );
     comets
         .replace(comet_nodes(&watched.borrow_and_update()))
         .context("discovery")?;
@@ -114,7 +118,8 @@ pub async fn run(
     let grpc_task = {
         let (logic, stop) = (Arc::clone(&logic), stop.clone());
         tokio::spawn(async move {
-            rim_logic::serve_grpc(logic, grpc_token.as_deref(), listeners.grpc, stop).await
+            let tls = grpc_tls.server();
+            rim_logic::serve_grpc(logic, grpc_token.as_deref(), tls, listeners.grpc, stop).await
         })
     };
     let api = Api::new(
@@ -126,7 +131,14 @@ pub async fn run(
     let mut registry = super::metrics_registry("logic");
     logic.register_metrics(&mut registry);
     api.register_metrics(&mut registry);
-    let http_task = spawn_http(api, Arc::new(registry), listeners.http, stop.clone());
+    let http_tls = rim_api::tls_acceptor(&config.api).context("api.tls_cert")?;
+    let http_task = spawn_http(
+        api,
+        Arc::new(registry),
+        listeners.http,
+        http_tls,
+        stop.clone(),
+    );
 
     shutdown.triggered().await;
     if let Err(err) = registration.deregister().await {
@@ -241,7 +253,8 @@ pub(super) fn spawn_http(
     api: Arc<Api>,
     registry: Arc<rim_metrics::Registry>,
     listener: TcpListener,
+    tls: Option<rim_api::TlsAcceptor>,
     stop: CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(serve_with_metrics(api, registry, listener, stop))
+    tokio::spawn(serve_with_metrics(api, registry, listener, tls, stop))
 }

@@ -70,6 +70,9 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
         config.queue.backend == QueueBackend::Memory,
         "standalone consumes its own in-process queue; queue.backend = \"kafka\" needs `rim job` (issue #5)"
     );
+    // Certificates are read before anything binds.
+    let http_tls = rim_api::tls_acceptor(&config.api).context("api.tls_cert")?;
+    let scheme = if http_tls.is_some() { "https" } else { "http" };
     // Bind everything first: a port in use fails before anything starts.
     let backlog = config.node.listen_backlog;
     let listeners = Listeners::bind(&config.comet, backlog)?;
@@ -139,7 +142,7 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     // The same exposition on a listener of its own, when `metrics.bind` is set.
     let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
     let metrics = metrics.map(|listener| MetricsServer::spawn(listener, Arc::clone(&registry)));
-    let serving = super::logic::spawn_http(api, registry, http, stop.clone());
+    let serving = super::logic::spawn_http(api, registry, http, http_tls, stop.clone());
 
     println!(
         "rim standalone is running (node {}, region {})",
@@ -154,8 +157,8 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
     if !node.wss.is_empty() {
         println!("  clients, WSS:        wss://{}/sub", node.wss);
     }
-    println!("  push API:            http://{http_addr}/goim/push/...");
-    println!("  metrics:             http://{http_addr}/metrics");
+    println!("  push API:            {scheme}://{http_addr}/goim/push/...");
+    println!("  metrics:             {scheme}://{http_addr}/metrics");
     if config.im.store == rim_config::ImStore::Sqlite {
         println!(
             "  chat (IM) store:     {} (SQLite, synchronous={:?})",
@@ -177,7 +180,7 @@ pub async fn run(mut config: StandaloneConfig, shutdown: Shutdown) -> anyhow::Re
         ""
     };
     println!(
-        "  try:  curl {auth}-X POST 'http://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
+        "  try:  curl {auth}-X POST '{scheme}://{http_addr}/goim/push/room?operation=1000&type=live&room=1000' -d 'hello'"
     );
 
     // The comet runs until shutdown, then drains its clients.

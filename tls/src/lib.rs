@@ -144,6 +144,18 @@ pub struct GrpcTls {
     client: Option<ClientTlsConfig>,
 }
 
+impl GrpcTlsFiles {
+    /// The files `[node]` names.
+    pub fn of(node: &rim_config::NodeConfig) -> GrpcTlsFiles {
+        GrpcTlsFiles {
+            cert: node.tls_cert.clone(),
+            key: node.tls_key.clone(),
+            ca: node.tls_ca.clone(),
+            client_auth: node.tls_client_auth,
+        }
+    }
+}
+
 impl GrpcTls {
     /// Plaintext gRPC, as without any `node.tls_*` key.
     pub fn plaintext() -> GrpcTls {

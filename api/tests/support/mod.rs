@@ -602,6 +602,7 @@ impl Setup {
             api,
             Arc::new(registry),
             listener,
+            None,
             stop.clone(),
         ));
         let http = reqwest::Client::builder()
