@@ -3,14 +3,17 @@
 //! durable storage, PostgreSQL) on ports and data dirs of their own, so a test can stop
 //! and restart them without disturbing the shared services deploy/test.sh
 //! runs. Every instance is stopped by its own PID on drop. It also holds
-//! [`Logs`], which captures what the code under test writes to its log.
+//! [`Logs`], which captures what the code under test writes to its log,
+//! and [`TestCa`], the certificates of TLS tests.
 
 mod logs;
 mod postgres;
 mod tansu;
+mod tls;
 mod zookeeper;
 
 pub use logs::Logs;
+pub use tls::{CertFiles, TestCa};
 pub use postgres::PostgresServer;
 pub use tansu::TansuServer;
 pub use zookeeper::ZkServer;

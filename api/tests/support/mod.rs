@@ -598,11 +598,13 @@ impl Setup {
         // GET /metrics answers the API's own metrics.
         let mut registry = rim_metrics::Registry::default();
         api.register_metrics(&mut registry);
+        // HTTPS when the setup set api.tls_cert and api.tls_key.
+        let tls = rim_api::tls_acceptor(&api_config).expect("api tls settings");
         let server = tokio::spawn(rim_api::serve_with_metrics(
             api,
             Arc::new(registry),
             listener,
-            None,
+            tls,
             stop.clone(),
         ));
         let http = reqwest::Client::builder()
