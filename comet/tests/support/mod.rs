@@ -220,6 +220,21 @@ async fn start_node(
     logic: ScriptedLogic,
     wss: Vec<TcpListener>,
 ) -> TestComet {
+    let node = NodeConfig {
+        id: "comet-test".into(),
+        grpc_token,
+        ..NodeConfig::default()
+    };
+    start_as(node, config, logic, wss).await
+}
+
+/// Like [`start`], as the node `node` describes (id, token, gRPC TLS).
+pub async fn start_as(
+    node: NodeConfig,
+    config: CometConfig,
+    logic: ScriptedLogic,
+    wss: Vec<TcpListener>,
+) -> TestComet {
     let logic = Arc::new(logic);
     let bind = || TcpListener::bind("127.0.0.1:0");
     let (tcp, ws, grpc) = (
@@ -232,11 +247,6 @@ async fn start_node(
         ws.local_addr().unwrap(),
         grpc.local_addr().unwrap(),
     );
-    let node = NodeConfig {
-        id: "comet-test".into(),
-        grpc_token,
-        ..NodeConfig::default()
-    };
     let comet = Comet::new(&node, config, logic.clone());
     let shutdown = Shutdown::new();
     let listeners = Listeners {
