@@ -26,6 +26,6 @@ mod params;
 mod push;
 mod server;
 
-pub use error::{HttpError, NotEnqueued};
 pub use connections::TlsAcceptor;
+pub use error::{HttpError, NotEnqueued};
 pub use server::{Api, router, serve, serve_with_metrics, tls_acceptor};

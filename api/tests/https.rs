@@ -75,7 +75,10 @@ async fn the_api_answers_over_tls_and_refuses_plaintext_and_untrusting_clients()
     let mut plain = TcpStream::connect(api.addr).await.unwrap();
     plain.write_all(REQUEST).await.unwrap();
     let answer = read_all(&mut plain).await;
-    assert!(!answer.contains("HTTP/1.1"), "plaintext got an answer: {answer}");
+    assert!(
+        !answer.contains("HTTP/1.1"),
+        "plaintext got an answer: {answer}"
+    );
 
     // A client trusting another CA refuses the server's certificate.
     let other = TestCa::new("other ca");
@@ -83,7 +86,10 @@ async fn the_api_answers_over_tls_and_refuses_plaintext_and_untrusting_clients()
     let refused = timeout(BOUND, connector(&other.ca()).connect(name, tcp))
         .await
         .expect("handshake ends in time");
-    assert!(refused.is_err(), "a certificate from an unknown CA was accepted");
+    assert!(
+        refused.is_err(),
+        "a certificate from an unknown CA was accepted"
+    );
 
     // The failed handshakes are counted (the server may count a moment
     // after the client saw the close: look again, a bounded number of times).
@@ -100,7 +106,9 @@ async fn the_api_answers_over_tls_and_refuses_plaintext_and_untrusting_clients()
         let metrics = read_all(&mut tls).await;
         counted = metrics
             .lines()
-            .find_map(|l| l.strip_prefix("rim_api_connections_closed_total{reason=\"tls_handshake\"} "))
+            .find_map(|l| {
+                l.strip_prefix("rim_api_connections_closed_total{reason=\"tls_handshake\"} ")
+            })
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0);
         if counted >= 2.0 {
@@ -108,5 +116,8 @@ async fn the_api_answers_over_tls_and_refuses_plaintext_and_untrusting_clients()
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(counted >= 2.0, "plaintext and untrusting handshakes counted: {counted}");
+    assert!(
+        counted >= 2.0,
+        "plaintext and untrusting handshakes counted: {counted}"
+    );
 }

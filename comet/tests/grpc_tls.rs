@@ -52,7 +52,10 @@ async fn a_comet_with_mutual_tls_serves_only_the_cluster() {
         ..GrpcTlsFiles::default()
     };
     let refused = stats(&addr, no_cert).await;
-    assert!(refused.is_err(), "a caller without a certificate got through");
+    assert!(
+        refused.is_err(),
+        "a caller without a certificate got through"
+    );
 
     let stranger_ca = TestCa::new("stranger ca");
     let stranger = stranger_ca.issue("stranger");
@@ -63,7 +66,10 @@ async fn a_comet_with_mutual_tls_serves_only_the_cluster() {
         client_auth: false,
     };
     let refused = stats(&addr, wrong).await;
-    assert!(refused.is_err(), "a certificate from another CA got through");
+    assert!(
+        refused.is_err(),
+        "a certificate from another CA got through"
+    );
 
     let plain = stats(&addr, GrpcTlsFiles::default()).await;
     assert!(plain.is_err(), "a plaintext caller got through");

@@ -801,6 +801,13 @@ pub struct QueueConfig {
     /// in rim and the broker per message — and that much more latency.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// Extra librdkafka properties of the Kafka producer (logic) and
+    /// consumer (job), for TLS and SASL only: `security.protocol`, `ssl.*`,
+    /// `sasl.*` and `enable.ssl.certificate.verification`. A key may be
+    /// written with `_` for `.` (`ssl_ca_location`), which is how an
+    /// environment variable names it (`RIM_QUEUE__KAFKA__SASL_PASSWORD`).
+    #[serde(default)]
+    pub kafka: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for QueueConfig {
@@ -813,6 +820,7 @@ impl Default for QueueConfig {
             max_bytes: 64 << 20,
             fetch_wait: Duration::from_millis(100),
             linger: Duration::from_millis(5),
+            kafka: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -840,7 +848,40 @@ impl QueueConfig {
             self.linger.as_millis().try_into().unwrap_or(u64::MAX),
             0,
             1_000,
-        )
+        )?;
+        for (name, value) in self.kafka_properties() {
+            let key = format!("queue.kafka.{name}");
+            let known = name == "security.protocol"
+                || name == "enable.ssl.certificate.verification"
+                || name.starts_with("ssl.")
+                || name.starts_with("sasl.");
+            if !known {
+                return Err(ConfigError::invalid(
+                    &key,
+                    "not passed to Kafka: queue.kafka takes security.protocol, ssl.*, sasl.* and enable.ssl.certificate.verification only",
+                ));
+            }
+            not_blank(&key, &value)?;
+            if name == "security.protocol"
+                && !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+                    .contains(&value.to_ascii_lowercase().as_str())
+            {
+                return Err(ConfigError::invalid(
+                    &key,
+                    format!("{value:?} is not plaintext, ssl, sasl_plaintext or sasl_ssl"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `queue.kafka` properties under librdkafka's names (`_` in a key
+    /// read as `.`), for the producer and the consumer.
+    pub fn kafka_properties(&self) -> Vec<(String, String)> {
+        self.kafka
+            .iter()
+            .map(|(name, value)| (name.replace('_', "."), value.clone()))
+            .collect()
     }
 }
 

@@ -236,12 +236,18 @@ fn grpc_tls_settings_are_checked() {
     let err = load_err::<JobRoleConfig>(Some(pair), &[]);
     assert!(err.starts_with("invalid value for node.tls_ca"), "{err}");
     let err = load_err::<JobRoleConfig>(Some("[node]\ntls_client_auth = true\n"), &[]);
-    assert!(err.starts_with("invalid value for node.tls_client_auth"), "{err}");
+    assert!(
+        err.starts_with("invalid value for node.tls_client_auth"),
+        "{err}"
+    );
     // A CA alone makes a job's clients speak TLS; a comet or logic must then
     // serve TLS too, since its peers dial it with TLS.
     let ca_only = "[node]\ntls_ca = \"/etc/hostname\"\n";
     let job = JobRoleConfig::load_from(Some(toml(ca_only).path()), env(&TOKENS)).unwrap();
-    assert_eq!(job.node.tls_ca.as_deref(), Some(std::path::Path::new("/etc/hostname")));
+    assert_eq!(
+        job.node.tls_ca.as_deref(),
+        Some(std::path::Path::new("/etc/hostname"))
+    );
     let err = load_err::<CometRoleConfig>(Some(ca_only), &TOKENS);
     assert!(err.starts_with("invalid value for node.tls_cert"), "{err}");
     let err = load_err::<LogicRoleConfig>(Some(ca_only), &TOKENS);
@@ -249,7 +255,10 @@ fn grpc_tls_settings_are_checked() {
     let whole = format!("{pair}tls_ca = \"/etc/hostname\"\ntls_client_auth = true\n");
     let comet = CometRoleConfig::load_from(Some(toml(&whole).path()), env(&TOKENS)).unwrap();
     assert!(comet.node.tls_client_auth && comet.node.tls_cert.is_some());
-    assert!(!CometRoleConfig::default().node.tls_client_auth, "plaintext by default");
+    assert!(
+        !CometRoleConfig::default().node.tls_client_auth,
+        "plaintext by default"
+    );
 }
 
 #[test]
@@ -262,6 +271,49 @@ fn api_tls_settings_are_checked() {
     );
     assert!(
         err.starts_with("invalid value for api.tls_key") && err.contains("/nonexistent.key"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kafka_security_properties_pass_through_and_nothing_else() {
+    let file = toml(
+        "[queue.kafka]\n\"security.protocol\" = \"SASL_SSL\"\nssl_ca_location = \"/etc/rim/kafka-ca.pem\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n",
+    );
+    let job = JobRoleConfig::load_from(
+        Some(file.path()),
+        env(&[("RIM_QUEUE__KAFKA__SASL_PASSWORD", "kafka-secret")]),
+    )
+    .unwrap();
+    assert_eq!(
+        job.queue.kafka_properties(),
+        vec![
+            ("sasl.mechanism".to_string(), "SCRAM-SHA-512".to_string()),
+            ("sasl.password".to_string(), "kafka-secret".to_string()),
+            ("security.protocol".to_string(), "SASL_SSL".to_string()),
+            (
+                "ssl.ca.location".to_string(),
+                "/etc/rim/kafka-ca.pem".to_string()
+            ),
+        ]
+    );
+    assert!(
+        JobRoleConfig::default().queue.kafka.is_empty(),
+        "nothing by default"
+    );
+    let err = load_err::<JobRoleConfig>(Some("[queue.kafka]\n\"group.id\" = \"x\"\n"), &[]);
+    assert!(
+        err.starts_with("invalid value for queue.kafka.group.id"),
+        "{err}"
+    );
+    let err = load_err::<JobRoleConfig>(Some("[queue.kafka]\nsecurity_protocol = \"tls\"\n"), &[]);
+    assert!(
+        err.starts_with("invalid value for queue.kafka.security.protocol"),
+        "{err}"
+    );
+    let err = load_err::<JobRoleConfig>(Some("[queue.kafka]\nsasl_username = \" \"\n"), &[]);
+    assert!(
+        err.starts_with("invalid value for queue.kafka.sasl.username"),
         "{err}"
     );
 }

@@ -61,7 +61,9 @@ async fn serve(files: &GrpcTlsFiles) -> String {
     let addr = listener.local_addr().unwrap().to_string();
     let mut builder = tonic::transport::Server::builder();
     if let Some(server) = tls.server() {
-        builder = builder.tls_config(server).expect("tonic accepts the settings");
+        builder = builder
+            .tls_config(server)
+            .expect("tonic accepts the settings");
     }
     let service = CometGrpc(Arc::new(StatsOnly)).into_guarded_service(Some(TOKEN));
     tokio::spawn(
@@ -100,11 +102,17 @@ async fn a_client_trusting_the_ca_reaches_a_tls_server_and_others_are_refused() 
         ca: Some(ca.ca()),
         ..GrpcTlsFiles::default()
     };
-    assert_eq!(stats(&addr, &trusting, Some(TOKEN)).await.unwrap(), "comet-tls");
+    assert_eq!(
+        stats(&addr, &trusting, Some(TOKEN)).await.unwrap(),
+        "comet-tls"
+    );
 
     let plaintext = stats(&addr, &GrpcTlsFiles::default(), Some(TOKEN)).await;
     assert!(
-        matches!(plaintext, Err(RpcError::Unavailable(_) | RpcError::Internal(_))),
+        matches!(
+            plaintext,
+            Err(RpcError::Unavailable(_) | RpcError::Internal(_))
+        ),
         "a plaintext client must not get through: {plaintext:?}"
     );
 
@@ -115,7 +123,10 @@ async fn a_client_trusting_the_ca_reaches_a_tls_server_and_others_are_refused() 
     };
     let refused = stats(&addr, &distrusting, Some(TOKEN)).await;
     assert!(
-        matches!(refused, Err(RpcError::Unavailable(_) | RpcError::Internal(_))),
+        matches!(
+            refused,
+            Err(RpcError::Unavailable(_) | RpcError::Internal(_))
+        ),
         "a client must not accept a server its CA did not sign: {refused:?}"
     );
 }
@@ -140,7 +151,10 @@ async fn mutual_tls_lets_only_clients_with_a_certificate_from_the_ca_in() {
         ca: Some(ca.ca()),
         client_auth: true,
     };
-    assert_eq!(stats(&addr, &member, Some(TOKEN)).await.unwrap(), "comet-tls");
+    assert_eq!(
+        stats(&addr, &member, Some(TOKEN)).await.unwrap(),
+        "comet-tls"
+    );
     // TLS does not replace the token: the server still checks it.
     let without_token = stats(&addr, &member, None).await;
     assert!(

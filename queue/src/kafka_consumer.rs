@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::budget::Budget;
 use crate::consumer::{Consumer, Delivery, HeldFor, Lag, Receipt, Slots};
+use crate::kafka_properties::ClientProperties as _;
 use crate::tracker::Tracker;
 use crate::{Error, HeldBytes, PushMsg, Result};
 
@@ -85,6 +86,15 @@ impl std::fmt::Debug for KafkaConsumer {
 impl KafkaConsumer {
     /// Joins the group and subscribes to the topic; commits start at once.
     pub fn new(options: &KafkaConsumerOptions) -> Result<KafkaConsumer> {
+        Self::with_properties(options, &[])
+    }
+
+    /// Like [`KafkaConsumer::new`], with extra librdkafka `properties`
+    /// (`queue.kafka`: TLS and SASL).
+    pub fn with_properties(
+        options: &KafkaConsumerOptions,
+        properties: &[(String, String)],
+    ) -> Result<KafkaConsumer> {
         let brokers = options.brokers.join(",");
         let topic = options.topic.clone();
         let tracker = Arc::new(Mutex::new(Tracker::default()));
@@ -110,6 +120,7 @@ impl KafkaConsumer {
                 "statistics.interval.ms",
                 STATISTICS_EVERY.as_millis().to_string(),
             )
+            .set_properties(properties)
             .create_with_context(context)
             .map_err(Error::kafka(format!("create a consumer for {brokers}")))?;
         consumer

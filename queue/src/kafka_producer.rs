@@ -8,6 +8,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 
+use crate::kafka_properties::ClientProperties as _;
 use crate::{Error, Producer, PushMsg, Result, partition_key};
 
 /// How long one message may take to be acknowledged before the push fails.
@@ -31,6 +32,17 @@ impl KafkaProducer {
     /// Creates a producer for `topic` on the given bootstrap brokers that
     /// gathers messages for up to `linger` into one request.
     pub fn new(brokers: &[String], topic: &str, linger: Duration) -> Result<KafkaProducer> {
+        Self::with_properties(brokers, topic, linger, &[])
+    }
+
+    /// Like [`KafkaProducer::new`], with extra librdkafka `properties`
+    /// (`queue.kafka`: TLS and SASL).
+    pub fn with_properties(
+        brokers: &[String],
+        topic: &str,
+        linger: Duration,
+        properties: &[(String, String)],
+    ) -> Result<KafkaProducer> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers.join(","))
             .set("acks", "all")
@@ -40,6 +52,7 @@ impl KafkaProducer {
                 DELIVERY_TIMEOUT.as_millis().to_string(),
             )
             .set("linger.ms", linger.as_millis().min(1_000).to_string())
+            .set_properties(properties)
             .create()
             .map_err(Error::kafka(format!(
                 "create a producer for {}",

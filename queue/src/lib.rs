@@ -15,6 +15,7 @@ mod budget;
 mod consumer;
 mod kafka_consumer;
 mod kafka_producer;
+mod kafka_properties;
 mod memory;
 mod tracker;
 
@@ -116,10 +117,11 @@ pub fn partition_key(msg: &PushMsg) -> Result<String> {
 /// that runs the job.
 pub fn kafka_producer(config: &QueueConfig) -> Result<Arc<dyn Producer>> {
     match config.backend {
-        QueueBackend::Kafka => Ok(Arc::new(KafkaProducer::new(
+        QueueBackend::Kafka => Ok(Arc::new(KafkaProducer::with_properties(
             &config.brokers,
             &config.topic,
             config.linger,
+            &config.kafka_properties(),
         )?)),
         QueueBackend::Memory => Err(Error::Invalid(
             "queue.backend is memory: use memory_queue() and give the consumer to the job",

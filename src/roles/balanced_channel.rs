@@ -5,10 +5,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use rim_discovery::NodeInfo;
-use tokio::sync::watch;
-use tonic::transport::channel::Change;
 use rim_tls::GrpcTls;
+use tokio::sync::watch;
 use tonic::transport::Channel;
+use tonic::transport::channel::Change;
 
 /// How long connecting to one node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

@@ -64,8 +64,8 @@ pub async fn run(
         .watch(Kind::Logic)
         .await
         .map_err(Error::WatchLogics)?;
-    let grpc_tls = rim_tls::GrpcTls::load(&rim_tls::GrpcTlsFiles::of(&config.node))
-        .map_err(Error::GrpcTls)?;
+    let grpc_tls =
+        rim_tls::GrpcTls::load(&rim_tls::GrpcTlsFiles::of(&config.node)).map_err(Error::GrpcTls)?;
     let logic = RemoteLogic::new(super::balanced_channel::follow(logics, grpc_tls))
         .with_token(config.node.grpc_token.as_deref())
         .map_err(Error::GrpcToken)?;

@@ -97,15 +97,18 @@ pub async fn run(
             }
         })
     };
-    let consumer = KafkaConsumer::new(&KafkaConsumerOptions {
-        brokers: config.queue.brokers.clone(),
-        topic: config.queue.topic.clone(),
-        group: config.job.group.clone(),
-        instance: config.node.id.clone(),
-        max_in_flight: rim_queue::MAX_IN_FLIGHT,
-        max_in_flight_bytes: config.queue.max_bytes,
-        fetch_wait: config.queue.fetch_wait,
-    })
+    let consumer = KafkaConsumer::with_properties(
+        &KafkaConsumerOptions {
+            brokers: config.queue.brokers.clone(),
+            topic: config.queue.topic.clone(),
+            group: config.job.group.clone(),
+            instance: config.node.id.clone(),
+            max_in_flight: rim_queue::MAX_IN_FLIGHT,
+            max_in_flight_bytes: config.queue.max_bytes,
+            fetch_wait: config.queue.fetch_wait,
+        },
+        &config.queue.kafka_properties(),
+    )
     .context("queue consumer")?;
     let stop = CancellationToken::new();
     let consumer = rim_job::consume(job, consumer, stop.clone());

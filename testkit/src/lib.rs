@@ -13,9 +13,9 @@ mod tls;
 mod zookeeper;
 
 pub use logs::Logs;
-pub use tls::{CertFiles, TestCa};
 pub use postgres::PostgresServer;
 pub use tansu::TansuServer;
+pub use tls::{CertFiles, TestCa};
 pub use zookeeper::ZkServer;
 
 use std::time::Duration;

@@ -71,7 +71,9 @@ impl TestCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let key = KeyPair::generate().expect("node key");
-        let cert = params.signed_by(&key, &self.issuer).expect("node certificate");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("node certificate");
         let n = self.issued.fetch_add(1, Ordering::Relaxed);
         let files = CertFiles {
             cert: self.dir.path().join(format!("{n}-{name}.pem")),
