@@ -310,12 +310,18 @@ async fn comet_and_logic_work_over_mutual_tls_and_refuse_outsiders() {
         .nodes(logic_pb::NodesRequest::default())
         .await
         .unwrap_err();
-    assert!(!matches!(err, RpcError::Unauthenticated(_)), "refused by TLS, not the token: {err}");
+    assert!(
+        !matches!(err, RpcError::Unauthenticated(_)),
+        "refused by TLS, not the token: {err}"
+    );
     let to_comet = RemoteComet::connect_lazy_with_tls(&comet_addr, &outsider)
         .unwrap()
         .with_token(Some(GRPC_TOKEN))
         .unwrap();
-    assert!(to_comet.stats().await.is_err(), "an outsider reached the comet");
+    assert!(
+        to_comet.stats().await.is_err(),
+        "an outsider reached the comet"
+    );
     // A plaintext caller of the TLS logic.
     let plain = RemoteLogic::new(
         GrpcTls::plaintext()
@@ -325,7 +331,12 @@ async fn comet_and_logic_work_over_mutual_tls_and_refuse_outsiders() {
     )
     .with_token(Some(GRPC_TOKEN))
     .unwrap();
-    assert!(plain.nodes(logic_pb::NodesRequest::default()).await.is_err());
+    assert!(
+        plain
+            .nodes(logic_pb::NodesRequest::default())
+            .await
+            .is_err()
+    );
 
     shutdown.trigger();
     stop.cancel();

@@ -103,6 +103,18 @@ fn optional_keys_are_documented_too() {
     let commented = commented_keys(&text);
     assert!(commented.contains("comet.tls_cert"), "{commented:?}");
     assert!(commented.contains("comet.tls_key"), "{commented:?}");
+    // The cluster configs show the internal gRPC's TLS (commented: they run
+    // plaintext as shipped), and logic the HTTPS API.
+    for role in ["comet", "logic", "job"] {
+        let commented = commented_keys(&std::fs::read_to_string(path(role)).unwrap());
+        for key in ["node.tls_cert", "node.tls_key", "node.tls_ca"] {
+            assert!(commented.contains(key), "{role}.toml: {key} in {commented:?}");
+        }
+    }
+    let commented = commented_keys(&std::fs::read_to_string(path("logic")).unwrap());
+    for key in ["api.tls_cert", "api.tls_key"] {
+        assert!(commented.contains(key), "logic.toml: {key} in {commented:?}");
+    }
 }
 
 #[test]

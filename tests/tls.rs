@@ -92,7 +92,10 @@ async fn standalone_serves_https_and_mutual_tls_grpc() {
     })
     .unwrap();
     let comet = RemoteComet::connect_lazy_with_tls(&grpc, &member).unwrap();
-    let stats = timeout(BOUND, comet.stats()).await.expect("in time").unwrap();
+    let stats = timeout(BOUND, comet.stats())
+        .await
+        .expect("in time")
+        .unwrap();
     assert_eq!(stats.server_id, "tls-test");
     // The gRPC server's graceful stop waits for its connections to close,
     // and `rim.stop()` blocks this test's runtime, which would keep the
@@ -107,7 +110,10 @@ async fn standalone_serves_https_and_mutual_tls_grpc() {
     .unwrap();
     let comet = RemoteComet::connect_lazy_with_tls(&grpc, &outsider).unwrap();
     let refused = timeout(BOUND, comet.stats()).await.expect("in time");
-    assert!(refused.is_err(), "a caller without a certificate got through");
+    assert!(
+        refused.is_err(),
+        "a caller without a certificate got through"
+    );
     drop(comet);
     rim.stop();
 }
