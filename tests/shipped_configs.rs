@@ -108,12 +108,18 @@ fn optional_keys_are_documented_too() {
     for role in ["comet", "logic", "job"] {
         let commented = commented_keys(&std::fs::read_to_string(path(role)).unwrap());
         for key in ["node.tls_cert", "node.tls_key", "node.tls_ca"] {
-            assert!(commented.contains(key), "{role}.toml: {key} in {commented:?}");
+            assert!(
+                commented.contains(key),
+                "{role}.toml: {key} in {commented:?}"
+            );
         }
     }
     let commented = commented_keys(&std::fs::read_to_string(path("logic")).unwrap());
     for key in ["api.tls_cert", "api.tls_key"] {
-        assert!(commented.contains(key), "logic.toml: {key} in {commented:?}");
+        assert!(
+            commented.contains(key),
+            "logic.toml: {key} in {commented:?}"
+        );
     }
 }
 
