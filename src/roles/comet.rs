@@ -57,6 +57,9 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     super::clamp_connections(&mut config.comet);
+    // Certificates are read before anything connects: a bad file stops the role at once.
+    let grpc_tls =
+        rim_tls::GrpcTls::load(&rim_tls::GrpcTlsFiles::of(&config.node)).map_err(Error::GrpcTls)?;
     let discovery = rim_discovery::connect(&config.discovery)
         .await
         .map_err(Error::Connect)?;
@@ -64,8 +67,6 @@ pub async fn run(
         .watch(Kind::Logic)
         .await
         .map_err(Error::WatchLogics)?;
-    let grpc_tls =
-        rim_tls::GrpcTls::load(&rim_tls::GrpcTlsFiles::of(&config.node)).map_err(Error::GrpcTls)?;
     let logic = RemoteLogic::new(super::balanced_channel::follow(logics, grpc_tls))
         .with_token(config.node.grpc_token.as_deref())
         .map_err(Error::GrpcToken)?;

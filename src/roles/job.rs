@@ -57,6 +57,8 @@ pub async fn run(
         config.queue.backend == QueueBackend::Kafka,
         "rim job consumes Kafka: set queue.backend = \"kafka\" (the in-process queue is standalone's)"
     );
+    // Certificates are read before anything connects: a bad file stops the role at once.
+    let tls = GrpcTls::load(&GrpcTlsFiles::of(&config.node)).context("node.tls")?;
     let discovery = rim_discovery::connect(&config.discovery)
         .await
         .context("discovery")?;
@@ -72,7 +74,6 @@ pub async fn run(
         MetricsServer::spawn(listener, registry)
     });
     let token = config.node.grpc_token.clone();
-    let tls = GrpcTls::load(&GrpcTlsFiles::of(&config.node)).context("node.tls")?;
     job.set_comets(region_comets(
         &comets.borrow_and_update(),
         &region,

@@ -54,6 +54,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    // Certificates are read before anything connects: a bad file stops the role at once.
+    let grpc_tls = GrpcTls::load(&GrpcTlsFiles::of(&config.node)).context("node.tls")?;
+    let http_tls = rim_api::tls_acceptor(&config.api).context("api.tls_cert")?;
     let discovery = rim_discovery::connect(&config.discovery)
         .await
         .context("discovery")?;
@@ -61,7 +64,6 @@ pub async fn run(
         .watch(Kind::Comet)
         .await
         .context("discovery: cannot watch the comets")?;
-    let grpc_tls = GrpcTls::load(&GrpcTlsFiles::of(&config.node)).context("node.tls")?;
     let comets = Arc::new(
         Comets::with_grpc_token(config.node.grpc_token.clone()).with_grpc_tls(grpc_tls.clone()),
     );
@@ -131,7 +133,6 @@ pub async fn run(
     let mut registry = super::metrics_registry("logic");
     logic.register_metrics(&mut registry);
     api.register_metrics(&mut registry);
-    let http_tls = rim_api::tls_acceptor(&config.api).context("api.tls_cert")?;
     let http_task = spawn_http(
         api,
         Arc::new(registry),
