@@ -2,7 +2,7 @@
 # Runs the whole test suite, including the tests that need real services.
 #
 # 1. Installs what is missing: Debian packages redis-server, zookeeperd,
-#    postgresql and chromium, tests/browser's npm dependency (playwright-core, which drives
+#    postgresql, chromium, libssl-dev and pkg-config, tests/browser's npm dependency (playwright-core, which drives
 #    Debian's Chromium), and the Kafka-protocol broker tansu (cargo install,
 #    ~10 min on 2 cores).
 # 2. Starts throwaway Redis, a 3-master Redis Cluster, ZooKeeper, two PostgreSQL primaries
@@ -114,8 +114,9 @@ stop_pid() {
 
 install_packages() {
     local missing=() pkg
-    # chromium and nodejs/npm drive the browser demo test.
-    for pkg in redis-server zookeeperd postgresql chromium; do
+    # chromium and nodejs/npm drive the browser demo test; libssl-dev and
+    # pkg-config build librdkafka with TLS (rdkafka's ssl feature).
+    for pkg in redis-server zookeeperd postgresql chromium libssl-dev pkg-config; do
         if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
             missing+=("$pkg")
         fi
