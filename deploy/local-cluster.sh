@@ -407,10 +407,16 @@ start_job() {
         extra+=(RIM_METRICS__BIND="127.0.0.1:$metrics")
         ports="metrics $metrics"
     fi
+    # tansu holds a static member's JoinGroup and SyncGroup for 3 s each:
+    # dynamic members with a session under its 3 s follower pause get a
+    # restarted job delivering again soonest (docs/operations.md, "Job restart").
     run_rim "job-$region" job "$region" "$ports" "$ROOT/deploy/config/job.toml" \
         RIM_JOB__GROUP="rim-job-$region" \
         RIM_QUEUE__BROKERS="127.0.0.1:$KAFKA_PORT" \
         RIM_QUEUE__TOPIC="$TOPIC" \
+        RIM_QUEUE__STATIC_MEMBERSHIP=false \
+        RIM_QUEUE__SESSION_TIMEOUT=2s \
+        RIM_QUEUE__HEARTBEAT_INTERVAL=500ms \
         "${extra[@]}"
 }
 

@@ -22,9 +22,9 @@ pub use im::{ImConfig, ImStore, RateLimit, SqliteSync};
 pub use load::{ENV_PREFIX, Load};
 pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, OpenListener, StandaloneConfig};
 pub use sections::{
-    ApiConfig, AuthConfig, AuthPolicy, CometConfig, DiscoveryBackend, DiscoveryConfig, JobConfig,
-    LogicConfig, MetricsConfig, NodeConfig, NodesConfig, QueueBackend, QueueConfig, RegionCidr,
-    RouterBackend, RouterConfig, StaticComet,
+    ApiConfig, AssignmentStrategy, AuthConfig, AuthPolicy, CometConfig, DiscoveryBackend,
+    DiscoveryConfig, JobConfig, LogicConfig, MetricsConfig, NodeConfig, NodesConfig, QueueBackend,
+    QueueConfig, RegionCidr, RouterBackend, RouterConfig, StaticComet,
 };
 
 #[cfg(test)]

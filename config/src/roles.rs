@@ -224,6 +224,7 @@ impl Load for JobRoleConfig {
         self.node.validate()?;
         self.job.validate(&self.node)?;
         self.queue.validate()?;
+        self.queue.validate_group_instance(&self.node)?;
         self.discovery.validate()?;
         self.metrics.validate()
     }

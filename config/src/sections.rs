@@ -808,6 +808,56 @@ pub struct QueueConfig {
     /// environment variable names it (`RIM_QUEUE__KAFKA__SASL_PASSWORD`).
     #[serde(default)]
     pub kafka: std::collections::BTreeMap<String, String>,
+    /// How long the job's consumer group waits for a silent member before
+    /// it gives the member's partitions to others (`session.timeout.ms`).
+    /// Apache Kafka refuses values outside its `group.min.session.timeout.ms`
+    /// (6 s) .. `group.max.session.timeout.ms` (30 min).
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// How often the job's consumer tells the group coordinator it is alive
+    /// (`heartbeat.interval.ms`); below `session_timeout`, usually a third.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Whether the job joins its consumer group as a static member
+    /// (`group.instance.id`, KIP-345): on Apache Kafka a job restarted
+    /// within `session_timeout` gets its partitions back at once, without a
+    /// rebalance. Turn it off on tansu (the test broker), which holds every
+    /// static member's JoinGroup and SyncGroup for 3 s (docs/operations.md).
+    pub static_membership: bool,
+    /// The static member id when `static_membership` is on; empty = the
+    /// node id (`node.id`). Unique per group: two live jobs with the same id
+    /// fence each other.
+    pub group_instance_id: String,
+    /// How the group spreads partitions over its jobs
+    /// (`partition.assignment.strategy`): `range`, `roundrobin` (eager: a
+    /// rebalance revokes every partition first) or `cooperative-sticky`
+    /// (only the partitions that move are revoked). Every job of a group
+    /// must use the same one.
+    pub assignment_strategy: AssignmentStrategy,
+}
+
+/// How a Kafka consumer group spreads partitions over its members
+/// (librdkafka's `partition.assignment.strategy`).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AssignmentStrategy {
+    /// Eager: each member gets a contiguous range of each topic's partitions.
+    Range,
+    /// Eager: partitions dealt out one by one.
+    Roundrobin,
+    /// Incremental (KIP-429): a rebalance revokes only what moves.
+    CooperativeSticky,
+}
+
+impl AssignmentStrategy {
+    /// The librdkafka name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssignmentStrategy::Range => "range",
+            AssignmentStrategy::Roundrobin => "roundrobin",
+            AssignmentStrategy::CooperativeSticky => "cooperative-sticky",
+        }
+    }
 }
 
 impl Default for QueueConfig {
@@ -821,6 +871,11 @@ impl Default for QueueConfig {
             fetch_wait: Duration::from_millis(100),
             linger: Duration::from_millis(5),
             kafka: std::collections::BTreeMap::new(),
+            session_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            static_membership: true,
+            group_instance_id: String::new(),
+            assignment_strategy: AssignmentStrategy::CooperativeSticky,
         }
     }
 }
@@ -849,6 +904,37 @@ impl QueueConfig {
             0,
             1_000,
         )?;
+        // librdkafka wants max.poll.interval.ms (300 s) >= session.timeout.ms.
+        in_range(
+            "queue.session_timeout",
+            self.session_timeout
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+            1_000,
+            300_000,
+        )?;
+        in_range(
+            "queue.heartbeat_interval",
+            self.heartbeat_interval
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+            100,
+            3_600_000,
+        )?;
+        if self.heartbeat_interval >= self.session_timeout {
+            return Err(ConfigError::invalid(
+                "queue.heartbeat_interval",
+                format!(
+                    "must be below queue.session_timeout ({:?}), got {:?}",
+                    self.session_timeout, self.heartbeat_interval
+                ),
+            ));
+        }
+        if !self.group_instance_id.is_empty() {
+            group_instance_id("queue.group_instance_id", &self.group_instance_id)?;
+        }
         for (name, value) in self.kafka_properties() {
             let key = format!("queue.kafka.{name}");
             let known = name == "security.protocol"
@@ -883,6 +969,44 @@ impl QueueConfig {
             .map(|(name, value)| (name.replace('_', "."), value.clone()))
             .collect()
     }
+
+    /// The static group member id the job joins with: `None` without
+    /// static membership, else `group_instance_id` or the node id.
+    pub fn group_instance(&self, node: &NodeConfig) -> Option<String> {
+        self.static_membership.then(|| {
+            if self.group_instance_id.is_empty() {
+                node.id.clone()
+            } else {
+                self.group_instance_id.clone()
+            }
+        })
+    }
+
+    /// Checks the static member id a job derives from its node id.
+    pub(crate) fn validate_group_instance(&self, node: &NodeConfig) -> Result<()> {
+        match self.group_instance(node) {
+            Some(id) if self.group_instance_id.is_empty() => {
+                group_instance_id("node.id (the job's queue.group_instance_id)", &id)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Kafka's rule for a `group.instance.id`: 1 to 249 of `[A-Za-z0-9._-]`.
+fn group_instance_id(key: &str, id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 249
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(ConfigError::invalid(
+            key,
+            format!("a Kafka group instance id is 1 to 249 of A-Z a-z 0-9 . _ -, got {id:?}"),
+        ));
+    }
+    Ok(())
 }
 
 /// `[job]`: the queue consumer that fans pushes out to comets.

@@ -894,6 +894,85 @@ fn the_producer_linger_names_its_key() {
 }
 
 #[test]
+fn consumer_group_keys_default_to_static_membership_from_the_node_id() {
+    let job = JobRoleConfig::load_from(None, env(&[("RIM_NODE__ID", "job-7")])).unwrap();
+    assert_eq!(job.queue.session_timeout, Duration::from_secs(10));
+    assert_eq!(job.queue.heartbeat_interval, Duration::from_secs(1));
+    assert_eq!(
+        job.queue.assignment_strategy,
+        AssignmentStrategy::CooperativeSticky
+    );
+    assert_eq!(
+        job.queue.group_instance(&job.node).as_deref(),
+        Some("job-7")
+    );
+    let named =
+        JobRoleConfig::load_from(None, env(&[("RIM_QUEUE__GROUP_INSTANCE_ID", "member.a_1")]))
+            .unwrap();
+    assert_eq!(
+        named.queue.group_instance(&named.node).as_deref(),
+        Some("member.a_1")
+    );
+    let dynamic = JobRoleConfig::load_from(
+        None,
+        env(&[
+            ("RIM_QUEUE__STATIC_MEMBERSHIP", "false"),
+            ("RIM_QUEUE__ASSIGNMENT_STRATEGY", "range"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(dynamic.queue.group_instance(&dynamic.node), None);
+    assert_eq!(dynamic.queue.assignment_strategy.as_str(), "range");
+}
+
+#[test]
+fn consumer_group_keys_name_themselves() {
+    for (key, vars) in [
+        (
+            "queue.session_timeout",
+            vec![("RIM_QUEUE__SESSION_TIMEOUT", "500ms")],
+        ),
+        (
+            "queue.session_timeout",
+            vec![("RIM_QUEUE__SESSION_TIMEOUT", "301s")],
+        ),
+        (
+            "queue.heartbeat_interval",
+            vec![("RIM_QUEUE__HEARTBEAT_INTERVAL", "10ms")],
+        ),
+        (
+            "queue.heartbeat_interval",
+            vec![
+                ("RIM_QUEUE__SESSION_TIMEOUT", "3s"),
+                ("RIM_QUEUE__HEARTBEAT_INTERVAL", "3s"),
+            ],
+        ),
+        (
+            "queue.group_instance_id",
+            vec![("RIM_QUEUE__GROUP_INSTANCE_ID", "a b")],
+        ),
+        (
+            "queue.assignment_strategy",
+            vec![("RIM_QUEUE__ASSIGNMENT_STRATEGY", "sticky")],
+        ),
+        // Derived from the node id, which must then be a valid instance id.
+        ("node.id", vec![("RIM_NODE__ID", "job/1")]),
+    ] {
+        let err = load_err::<JobRoleConfig>(None, &vars);
+        assert!(err.contains(key), "{vars:?}: {err}");
+    }
+    // Without static membership the node id is not an instance id.
+    JobRoleConfig::load_from(
+        None,
+        env(&[
+            ("RIM_NODE__ID", "job/1"),
+            ("RIM_QUEUE__STATIC_MEMBERSHIP", "false"),
+        ]),
+    )
+    .unwrap();
+}
+
+#[test]
 fn presence_event_keys_name_themselves() {
     let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
     assert!(config.logic.presence_webhook.is_empty());

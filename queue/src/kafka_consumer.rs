@@ -48,10 +48,19 @@ pub struct KafkaConsumerOptions {
     pub topic: String,
     /// The consumer group.
     pub group: String,
-    /// Static group membership id (the job's node id): a consumer restarted
-    /// after a crash takes its partitions back at once instead of waiting for
-    /// the dead member's session to expire.
-    pub instance: String,
+    /// Static group membership id (`group.instance.id`; `None` = a dynamic
+    /// member): on Apache Kafka a consumer restarted after a crash takes its
+    /// partitions back at once instead of waiting for the dead member's
+    /// session to expire.
+    pub instance: Option<String>,
+    /// `session.timeout.ms`: how long the coordinator waits for a silent
+    /// member before its partitions go to others.
+    pub session_timeout: Duration,
+    /// `heartbeat.interval.ms`.
+    pub heartbeat_interval: Duration,
+    /// `partition.assignment.strategy` (`range`, `roundrobin`,
+    /// `cooperative-sticky`).
+    pub assignment_strategy: String,
     /// Messages handed out and not yet handled before `recv` waits.
     pub max_in_flight: usize,
     /// Bytes of messages handed out and not yet handled before `recv` waits
@@ -104,25 +113,36 @@ impl KafkaConsumer {
             tracker: Arc::clone(&tracker),
             lag: Arc::clone(&lag),
         };
-        let consumer: StreamConsumer<Context> = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &brokers)
             .set("group.id", &options.group)
-            .set("group.instance.id", &options.instance)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
+            .set("session.timeout.ms", millis(options.session_timeout))
+            .set("heartbeat.interval.ms", millis(options.heartbeat_interval))
             .set(
-                "fetch.wait.max.ms",
-                options.fetch_wait.as_millis().clamp(1, 300_000).to_string(),
+                "partition.assignment.strategy",
+                &options.assignment_strategy,
             )
-            .set(
-                "statistics.interval.ms",
-                STATISTICS_EVERY.as_millis().to_string(),
-            )
-            .set_properties(properties)
+            .set("fetch.wait.max.ms", millis(options.fetch_wait))
+            .set("statistics.interval.ms", millis(STATISTICS_EVERY))
+            .set_properties(properties);
+        if let Some(instance) = &options.instance {
+            config.set("group.instance.id", instance);
+        }
+        let consumer: StreamConsumer<Context> = config
             .create_with_context(context)
             .map_err(Error::kafka(format!("create a consumer for {brokers}")))?;
+        tracing::info!(
+            %topic,
+            group = %options.group,
+            instance = options.instance.as_deref().unwrap_or(""),
+            session_timeout = ?options.session_timeout,
+            assignment = %options.assignment_strategy,
+            "joining the consumer group"
+        );
         consumer
             .subscribe(&[&topic])
             .map_err(Error::kafka(format!("subscribe to {topic}")))?;
@@ -208,6 +228,12 @@ impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         self.committer.abort();
     }
+}
+
+/// A duration in whole milliseconds for librdkafka, at least 1 and at most
+/// librdkafka's largest (1 h); config validation keeps values inside.
+fn millis(duration: Duration) -> String {
+    duration.as_millis().clamp(1, 3_600_000).to_string()
 }
 
 /// Commits handled offsets every COMMIT_EVERY.

@@ -87,10 +87,13 @@ impl Backend for Kafka {
             group: format!("{}-group", self.topic),
             // The same member every time: a restart after a crash takes the
             // partitions back at once.
-            instance: format!("{}-member", self.topic),
+            instance: Some(format!("{}-member", self.topic)),
             max_in_flight,
             max_in_flight_bytes: 64 << 20,
             fetch_wait: std::time::Duration::from_millis(100),
+            session_timeout: std::time::Duration::from_secs(10),
+            heartbeat_interval: std::time::Duration::from_secs(3),
+            assignment_strategy: "range,roundrobin".into(),
         })
         .expect("consumer")
     }
@@ -184,10 +187,13 @@ async fn in_flight_bytes_are_bounded() {
         brokers: vec![kafka.brokers.clone()],
         topic: kafka.topic.clone(),
         group: format!("{}-group", kafka.topic),
-        instance: format!("{}-member", kafka.topic),
+        instance: Some(format!("{}-member", kafka.topic)),
         max_in_flight: 64,
         max_in_flight_bytes: 150_000,
         fetch_wait: std::time::Duration::from_millis(100),
+        session_timeout: std::time::Duration::from_secs(10),
+        heartbeat_interval: std::time::Duration::from_secs(3),
+        assignment_strategy: "range,roundrobin".into(),
     })
     .expect("consumer");
     // Two messages (~128 KiB) are under the limit, the third crosses it.

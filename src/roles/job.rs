@@ -67,6 +67,7 @@ pub async fn run(
         .await
         .context("discovery: cannot watch the comets")?;
     let region = config.node.region.clone();
+    let instance = config.queue.group_instance(&config.node);
     let job = Job::new(&config.job);
     let metrics = metrics.map(|listener| {
         let mut registry = super::metrics_registry("job");
@@ -103,7 +104,10 @@ pub async fn run(
             brokers: config.queue.brokers.clone(),
             topic: config.queue.topic.clone(),
             group: config.job.group.clone(),
-            instance: config.node.id.clone(),
+            instance,
+            session_timeout: config.queue.session_timeout,
+            heartbeat_interval: config.queue.heartbeat_interval,
+            assignment_strategy: config.queue.assignment_strategy.as_str().to_owned(),
             max_in_flight: rim_queue::MAX_IN_FLIGHT,
             max_in_flight_bytes: config.queue.max_bytes,
             fetch_wait: config.queue.fetch_wait,
