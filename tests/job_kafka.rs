@@ -223,6 +223,11 @@ fn job_env() -> Vec<(String, String)> {
         .collect()
 }
 
+/// A job SIGKILLed after it owned every partition, and started again with
+/// the same node id (after `RIM_TEST_JOB_RESTART_DELAY_MS`, default at
+/// once), delivers pushes produced after the restart on every partition and
+/// keeps them: no revocation in the next 5 s. Prints the time from the
+/// start to the first delivery (docs/benchmarks.md, "Job restart recovery").
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Kafka: run deploy/test.sh"]
 async fn a_restarted_job_takes_its_partitions_back_and_delivers() {

@@ -135,18 +135,17 @@ impl KafkaConsumer {
         let consumer: StreamConsumer<Context> = config
             .create_with_context(context)
             .map_err(Error::kafka(format!("create a consumer for {brokers}")))?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(Error::kafka(format!("subscribe to {topic}")))?;
         tracing::info!(
             %topic,
             group = %options.group,
             instance = options.instance.as_deref().unwrap_or(""),
             session_timeout = ?options.session_timeout,
             assignment = %options.assignment_strategy,
-            "joining the consumer group"
+            "consuming"
         );
-        consumer
-            .subscribe(&[&topic])
-            .map_err(Error::kafka(format!("subscribe to {topic}")))?;
-        tracing::info!(%topic, group = %options.group, "consuming");
         let consumer = Arc::new(consumer);
         let committer = tokio::spawn(commit_every(
             Arc::clone(&consumer),
