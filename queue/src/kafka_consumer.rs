@@ -350,6 +350,41 @@ impl ConsumerContext for Context {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_group_settings_reach_librdkafka() {
+        let options = KafkaConsumerOptions {
+            brokers: vec!["127.0.0.1:9".into()],
+            topic: "rim-push".into(),
+            group: "rim-job-test".into(),
+            instance: None,
+            session_timeout: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(500),
+            assignment_strategy: "cooperative-sticky".into(),
+            max_in_flight: 16,
+            max_in_flight_bytes: 1 << 20,
+            fetch_wait: Duration::from_millis(100),
+        };
+        KafkaConsumer::new(&options).expect("dynamic, cooperative");
+        KafkaConsumer::new(&KafkaConsumerOptions {
+            instance: Some("job-1".into()),
+            assignment_strategy: "range".into(),
+            ..options.clone()
+        })
+        .expect("static, eager");
+        // librdkafka refuses what it does not know, and eager mixed with
+        // cooperative: the strategy is really passed.
+        for refused in ["sticky-ish", "range,cooperative-sticky"] {
+            assert!(
+                KafkaConsumer::new(&KafkaConsumerOptions {
+                    assignment_strategy: refused.into(),
+                    ..options.clone()
+                })
+                .is_err(),
+                "{refused}"
+            );
+        }
+    }
+
     #[test]
     fn lag_is_the_high_watermark_minus_the_position() {
         assert_eq!(partition_lag(120, 100, 30), Some(20));
