@@ -17,6 +17,7 @@ mod im_device;
 mod im_history;
 mod im_raw;
 mod im_send;
+mod im_store;
 mod latency;
 mod options;
 mod pacing;
@@ -64,6 +65,11 @@ enum Command {
     /// rim's schema before rim starts): p50/p99 per PULL, newest pages and
     /// random depths. Plot: page latency CDF.
     ImHistory(im_history::Args),
+    /// The IM store alone, no sockets: messages/s, inbox rows/s, commits,
+    /// send latency, and per message the bytes of each table, WAL and
+    /// PostgreSQL CPU, for 1:1, groups and big groups, on one PostgreSQL
+    /// primary or sharded over several.
+    ImStore(im_store::Args),
     /// The raw tokio fan-out server `fanout` compares rim with.
     Baseline(baseline::Args),
     /// A load-generator child process driven over stdin (used by the other
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
             Command::ImSend(args) => im_send::run(args).await,
             Command::ImCatchup(args) => im_catchup::run(args).await,
             Command::ImHistory(args) => im_history::run(args).await,
+            Command::ImStore(args) => im_store::run(args).await,
             Command::ClientProc(args) => clientproc::run(args).await,
         }
     });
@@ -315,5 +322,85 @@ mod tests {
         );
         assert_eq!(json["json"], "h.json");
         assert!(Cli::try_parse_from(["rim-bench", "im-history", "--limit", "101"]).is_err());
+    }
+
+    /// `im-store` needs a URL, defaults to the four scenarios, and takes
+    /// several primaries, scenarios and postmaster PIDs.
+    #[test]
+    fn im_store_keeps_its_flags_and_defaults() {
+        assert!(Cli::try_parse_from(["rim-bench", "im-store"]).is_err());
+        let url = "postgres://postgres@127.0.0.1:15800/postgres";
+        let cli = Cli::try_parse_from(["rim-bench", "im-store", "--postgres", url]).unwrap();
+        let Command::ImStore(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(json["postgres"], serde_json::json!([url]));
+        assert_eq!(
+            json["scenarios"],
+            serde_json::json!(["one-to-one", "group:20", "group:200", "big:10000"])
+        );
+        assert_eq!(
+            (json["senders"].as_u64(), json["seconds"].as_u64()),
+            (Some(32), Some(20))
+        );
+        assert_eq!(
+            (
+                json["users"].as_u64(),
+                json["groups"].as_u64(),
+                json["big_groups"].as_u64()
+            ),
+            (Some(20_000), Some(200), Some(16))
+        );
+        assert_eq!(json["pool_size"], 8);
+        assert_eq!(json["pg_pids"], serde_json::json!([]));
+        assert_eq!(json["keep"], false);
+        let cli = Cli::try_parse_from([
+            "rim-bench",
+            "im-store",
+            "--postgres",
+            url,
+            "--postgres",
+            url,
+            "--scenario",
+            "group:20",
+            "--scenario",
+            "one-to-one",
+            "--pg-pid",
+            "7",
+            "--pg-pid",
+            "8",
+            "--senders",
+            "64",
+            "--seconds",
+            "1",
+            "--keep",
+            "--json",
+            "s.json",
+        ])
+        .unwrap();
+        let Command::ImStore(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        assert_eq!(args.postgres.len(), 2);
+        assert_eq!(
+            args.scenarios,
+            [im_store::Scenario::Group(20), im_store::Scenario::OneToOne]
+        );
+        assert_eq!(
+            (args.pg_pids, args.senders, args.seconds, args.keep),
+            (vec![7, 8], 64, 1, true)
+        );
+        for bad in [
+            ["--scenario", "group:1"],
+            ["--senders", "0"],
+            ["--seconds", "0"],
+            ["--seconds", "601"],
+            ["--pg-pid", "x"],
+        ] {
+            let mut argv = vec!["rim-bench", "im-store", "--postgres", url];
+            argv.extend(bad);
+            assert!(Cli::try_parse_from(&argv).is_err(), "{bad:?} accepted");
+        }
     }
 }
