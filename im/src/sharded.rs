@@ -32,6 +32,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use futures::future::join_all;
 
+mod batching;
+
+use self::batching::{Appender, Clearer};
 use crate::conv::ConvId;
 use crate::error::{Error, Result};
 use crate::message::Draft;
@@ -59,6 +62,10 @@ const APPEND_WAIT: Duration = Duration::from_secs(1);
 pub struct ShardedStore {
     shards: Vec<Arc<PostgresStore>>,
     map: Arc<ShardMap>,
+    /// Per primary: appends its users' entries owed by sends elsewhere.
+    appenders: Vec<Appender>,
+    /// Per primary: clears its outbox of what was appended.
+    clearers: Vec<Clearer>,
     /// Per primary: the last user whose inbox retention swept.
     inbox_cursors: parking_lot::Mutex<Vec<i64>>,
 }
@@ -98,6 +105,14 @@ impl ShardedStore {
         }
         Ok(ShardedStore {
             inbox_cursors: parking_lot::Mutex::new(vec![i64::MIN; shards.len()]),
+            appenders: shards
+                .iter()
+                .map(|shard| Appender::spawn(Arc::clone(shard), APPEND_WAIT))
+                .collect(),
+            clearers: shards
+                .iter()
+                .map(|shard| Clearer::spawn(Arc::clone(shard)))
+                .collect(),
             shards,
             map,
         })
@@ -107,10 +122,17 @@ impl ShardedStore {
         &self.shards[self.map.conv_shard(conv)]
     }
 
-    /// Appends `owed` on the members' primaries and clears them from the
-    /// outbox of `from`; returns the entries appended. What could not be
-    /// appended stays in the outbox for the relay.
-    async fn append(&self, from: usize, owed: Vec<Owed>) -> (Vec<InboxEntry>, Vec<i64>) {
+    /// Appends `owed` on the members' primaries (batched with other
+    /// sends' there) and has them cleared from the outbox of `from` — in
+    /// the background, or before returning when `clear_now`; returns the
+    /// entries appended and the members whose entries could not be (they
+    /// stay in the outbox for the relay).
+    async fn append(
+        &self,
+        from: usize,
+        owed: Vec<Owed>,
+        clear_now: bool,
+    ) -> (Vec<InboxEntry>, Vec<i64>) {
         let mut by_shard: BTreeMap<usize, Vec<Owed>> = BTreeMap::new();
         for o in owed {
             by_shard
@@ -118,32 +140,36 @@ impl ShardedStore {
                 .or_default()
                 .push(o);
         }
-        let appends = by_shard.into_values().map(|owed| async move {
-            let shard = &self.shards[self.map.mid_shard(owed[0].mid)];
-            // Dropped past the wait: its transaction rolls back.
-            let appended = tokio::time::timeout(APPEND_WAIT, shard.append_remote(&owed))
-                .await
-                .unwrap_or_else(|elapsed| {
-                    Err(Error::unavailable("appending on another primary", elapsed))
-                });
-            (appended, owed)
-        });
+        let appends = by_shard
+            .into_iter()
+            .map(|(to, owed)| async move { (self.appenders[to].append(owed.clone()).await, owed) });
         let mut entries = Vec::new();
         let mut failed = Vec::new();
-        let mut done = Vec::new();
+        // Each message's outbox row goes once every entry of it is in.
+        let mut done: BTreeMap<(String, u64), (ConvId, bool)> = BTreeMap::new();
         for (appended, owed) in join_all(appends).await {
+            let ok = appended.is_ok();
+            for o in &owed {
+                let key = (o.conv.to_string(), o.seq);
+                let entry = done.entry(key).or_insert_with(|| (o.conv.clone(), true));
+                entry.1 &= ok;
+            }
             match appended {
-                Ok(appended) => {
-                    entries.extend(appended);
-                    done.extend(owed);
-                }
+                Ok(appended) => entries.extend(appended),
                 Err(err) => {
                     tracing::warn!(%err, entries = owed.len(), "inbox entries not appended on their primary; the relay appends them later");
                     failed.extend(owed.iter().map(|o| o.mid));
                 }
             }
         }
-        if let Err(err) = self.shards[from].clear_outbox(&done).await {
+        let done: Vec<(ConvId, u64)> = done
+            .into_iter()
+            .filter(|(_, (_, all_in))| *all_in)
+            .map(|((_, seq), (conv, _))| (conv, seq))
+            .collect();
+        if !clear_now {
+            self.clearers[from].clear(done);
+        } else if let Err(err) = self.shards[from].clear_outbox(&done).await {
             // Appended: a later relay finds them appended and adds nothing.
             tracing::warn!(%err, "outbox not cleared; the relay finds its entries appended");
         }
@@ -259,7 +285,7 @@ impl MessageStore for ShardedStore {
                 mid,
             })
             .collect();
-        let (entries, failed) = self.append(from, owed).await;
+        let (entries, failed) = self.append(from, owed, false).await;
         sent.inbox.extend(entries);
         sent.inbox.sort_unstable();
         sent.pending = failed;
@@ -421,8 +447,10 @@ impl MessageStore for ShardedStore {
         let mut relayed = Relayed::default();
         for (from, shard) in self.shards.iter().enumerate() {
             let due = shard.outbox_due(before, budget).await?;
-            relayed.more |= due.len() >= budget as usize;
-            let (entries, failed) = self.append(from, due).await;
+            let rows: HashSet<(String, u64)> =
+                due.iter().map(|o| (o.conv.to_string(), o.seq)).collect();
+            relayed.more |= rows.len() >= budget as usize;
+            let (entries, failed) = self.append(from, due, true).await;
             relayed.appended.extend(entries);
             relayed.more |= !failed.is_empty();
         }

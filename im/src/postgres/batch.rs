@@ -360,9 +360,12 @@ impl Statements {
                  FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(conv, mid, seq) \
                  WHERE m.conv = t.conv AND m.mid = t.mid"
             ),
+            // One outbox row per message, its remote members in an array.
             client.prepare_cached(
-                "INSERT INTO inbox_outbox (conv, seq, mid, at) \
-                 SELECT *, $4 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[])"
+                "INSERT INTO inbox_outbox (conv, seq, mids, at) \
+                 SELECT conv, seq, array_agg(mid ORDER BY mid), $4 \
+                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(conv, seq, mid) \
+                 GROUP BY conv, seq"
             ),
         )
         .map_err(db("preparing a batch"))?;

@@ -154,42 +154,44 @@ impl PostgresStore {
             .collect()
     }
 
-    /// Forgets outbox entries that were appended on their primary.
-    pub(crate) async fn clear_outbox(&self, done: &[Owed]) -> Result<()> {
+    /// Forgets the outbox rows of messages (conv, seq) whose every entry
+    /// was appended on its primary.
+    pub(crate) async fn clear_outbox(&self, done: &[(ConvId, u64)]) -> Result<()> {
         if done.is_empty() {
             return Ok(());
         }
-        let convs: Vec<String> = done.iter().map(|o| o.conv.to_string()).collect();
+        let convs: Vec<String> = done.iter().map(|(conv, _)| conv.to_string()).collect();
         let seqs = done
             .iter()
-            .map(|o| to_db("seq", o.seq))
+            .map(|(_, seq)| to_db("seq", *seq))
             .collect::<Result<Vec<i64>>>()?;
-        let mids: Vec<i64> = done.iter().map(|o| o.mid).collect();
         with_client!(self.shared, "clearing the outbox", |client| {
             let clear = client
                 .prepare_cached(
                     "DELETE FROM inbox_outbox o USING \
-                     unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(conv, seq, mid) \
-                     WHERE o.conv = t.conv AND o.seq = t.seq AND o.mid = t.mid",
+                     unnest($1::TEXT[], $2::BIGINT[]) AS t(conv, seq) \
+                     WHERE o.conv = t.conv AND o.seq = t.seq",
                 )
                 .await
                 .map_err(db("preparing an outbox clear"))?;
             client
-                .execute(&clear, &[&convs, &seqs, &mids])
+                .execute(&clear, &[&convs, &seqs])
                 .await
                 .map_err(db("clearing the outbox"))?;
             Ok(())
         })
     }
 
-    /// The outbox entries written before `before_ms` (older ones first), at
-    /// most `limit`: what a send did not append itself.
+    /// The entries of the outbox rows written before `before_ms` (older
+    /// ones first), at most `limit` rows: what sends did not append
+    /// themselves.
     pub(crate) async fn outbox_due(&self, before_ms: i64, limit: u32) -> Result<Vec<Owed>> {
         let limit = limit_db(limit.max(1));
         with_client!(self.shared, "reading the outbox", |client| {
             let due = client
                 .prepare_cached(
-                    "SELECT conv, seq, mid FROM inbox_outbox WHERE at < $1 ORDER BY at LIMIT $2",
+                    "SELECT o.conv, o.seq, m FROM (SELECT conv, seq, mids FROM inbox_outbox \
+                     WHERE at < $1 ORDER BY at LIMIT $2) o, unnest(o.mids) AS m",
                 )
                 .await
                 .map_err(db("preparing an outbox read"))?;

@@ -76,18 +76,18 @@ const MIGRATIONS: &[(i32, &str)] = &[
         WHERE conv LIKE 'g:%';",
     ),
     // Sharding: inbox entries whose message lives on another primary. The
-    // message's primary keeps the members still to append in its outbox
-    // (written with the message); the members' primary records each late
-    // append under its key, so a repeated append finds it and adds
-    // nothing.
+    // message's primary keeps the members still to append in its outbox,
+    // one row per message (written with the message); the members' primary
+    // records each late append under its key, so a repeated append finds
+    // it and adds nothing.
     (
         4,
         "CREATE TABLE inbox_outbox (
         conv TEXT NOT NULL,
         seq BIGINT NOT NULL,
-        mid BIGINT NOT NULL,
+        mids BIGINT[] NOT NULL,
         at BIGINT NOT NULL,
-        PRIMARY KEY (conv, seq, mid)
+        PRIMARY KEY (conv, seq)
     );
     CREATE INDEX inbox_outbox_by_at ON inbox_outbox (at);
     CREATE TABLE inbox_remote (
