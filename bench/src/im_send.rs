@@ -150,6 +150,14 @@ pub struct Args {
     /// with and again without it. 0 = no abuser.
     #[arg(long, default_value_t = 0.0, value_parser = parse_abuser_rate)]
     pub abuser_rate: f64,
+    /// With `--abuser-rate`: how many steps with the abuser each rate gets,
+    /// each between two without it (without, with, without, with, …,
+    /// without): each step with it is compared with its two neighbours,
+    /// and the report gives the median change over the rounds, so drift
+    /// between windows weighs less than in a single comparison.
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub abuser_rounds: u32,
     /// The standalone's `im.send_rate_per_conn` (its burst twice that;
     /// 0 = off). The default keeps the limiter on the path but far above
     /// any pair's share; rim's own default is 20. A cluster uses its config.
@@ -196,7 +204,11 @@ fn phases(args: &Args) -> Vec<Phase> {
             };
             let with = Phase { rate, abuser: true };
             if abuser {
-                vec![without, with, without]
+                let mut steps = vec![without];
+                for _ in 0..args.abuser_rounds {
+                    steps.extend([with, without]);
+                }
+                steps
             } else {
                 vec![without]
             }
@@ -631,17 +643,22 @@ fn summarize(
     }
 }
 
-/// Compares each step with the abuser with the steps of the same rate
-/// without it (the one before and the one after: their mean p99).
+/// Compares each step with the abuser with its neighbours of the same rate
+/// without it (the step before and the step after: their mean p99).
 fn abuse_comparisons(steps: &[StepReport]) -> Vec<AbuseComparison> {
     steps
         .iter()
-        .filter_map(|with| {
+        .enumerate()
+        .filter_map(|(at, with)| {
             let abuser = with.abuser.as_ref()?;
             let p99 = |s: &StepReport| s.send_reply_us.p99 as f64 / 1e3;
-            let withouts: Vec<f64> = steps
+            let neighbour = |s: &&StepReport| !s.with_abuser && s.offered_rate == with.offered_rate;
+            let withouts: Vec<f64> = steps[..at]
                 .iter()
-                .filter(|s| !s.with_abuser && s.offered_rate == with.offered_rate)
+                .rev()
+                .find(neighbour)
+                .into_iter()
+                .chain(steps[at + 1..].iter().find(neighbour))
                 .map(p99)
                 .collect();
             if withouts.is_empty() {
@@ -664,6 +681,31 @@ fn abuse_comparisons(steps: &[StepReport]) -> Vec<AbuseComparison> {
                 goal_change_pct: 10.0,
                 others_refused_with: with.refused_by_code.values().sum(),
             })
+        })
+        .collect()
+}
+
+/// Per offered rate: the median of the others' p99 changes over the rounds
+/// with the abuser, and how many rounds.
+fn median_abuse_changes(abuse: &[AbuseComparison]) -> Vec<(f64, f64, usize)> {
+    let mut by_rate: Vec<(f64, Vec<f64>)> = Vec::new();
+    for a in abuse {
+        match by_rate.iter_mut().find(|(rate, _)| *rate == a.offered_rate) {
+            Some((_, changes)) => changes.push(a.others_p99_change_pct),
+            None => by_rate.push((a.offered_rate, vec![a.others_p99_change_pct])),
+        }
+    }
+    by_rate
+        .into_iter()
+        .map(|(rate, mut changes)| {
+            changes.sort_by(f64::total_cmp);
+            let n = changes.len();
+            let median = if n % 2 == 1 {
+                changes[n / 2]
+            } else {
+                (changes[n / 2 - 1] + changes[n / 2]) / 2.0
+            };
+            (rate, median, n)
         })
         .collect()
 }
@@ -1543,6 +1585,11 @@ fn print_report(r: &Report) {
         );
     }
     let s = &r.summary;
+    for (rate, median, n) in median_abuse_changes(&s.abuse) {
+        println!(
+            "  abuse at {rate:.0} msg/s over {n} rounds: the others' p99 SEND→SEND_REPLY changed by a median of {median:+.1} % (goal < 10 %)"
+        );
+    }
     for a in &s.abuse {
         println!(
             "  abuse at {:.0} msg/s: abuser at {:.0} msg/s got {:.1} % code 3 (goal ≥ {} %); the others' p99 SEND→SEND_REPLY {:.2} ms without, {:.2} ms with = {:+.1} % (goal < {} %); the others refused with it: {}",
@@ -1718,6 +1765,56 @@ mod tests {
         assert_eq!(parse_body("0 5 2"), None);
         assert_eq!(parse_body("x 5 1"), None);
         assert_eq!(parse_body(""), None);
+    }
+
+    #[test]
+    fn abuser_rounds_interleave_and_the_median_is_per_rate() {
+        use clap::Parser;
+        let cli = crate::Cli::try_parse_from([
+            "rim-bench",
+            "im-send",
+            "--rates",
+            "1000,2000",
+            "--abuser-rate",
+            "200",
+            "--abuser-rounds",
+            "3",
+        ])
+        .unwrap();
+        let crate::Command::ImSend(args) = cli.command else {
+            panic!("im-send");
+        };
+        let plan: Vec<(f64, bool)> = phases(&args).iter().map(|p| (p.rate, p.abuser)).collect();
+        let one = |rate: f64| {
+            let mut steps = vec![(rate, false)];
+            for _ in 0..3 {
+                steps.extend([(rate, true), (rate, false)]);
+            }
+            steps
+        };
+        assert_eq!(plan, [one(1000.0), one(2000.0)].concat());
+        let comparison = |rate: f64, change: f64| AbuseComparison {
+            offered_rate: rate,
+            abuser_rate: 200.0,
+            abuser_limited_pct: 90.0,
+            goal_abuser_limited_pct: 90.0,
+            others_p99_reply_ms_without: 1.0,
+            others_p99_reply_ms_with: 1.0,
+            others_p99_change_pct: change,
+            goal_change_pct: 10.0,
+            others_refused_with: 0,
+        };
+        let all = [
+            comparison(1000.0, 30.0),
+            comparison(1000.0, -2.0),
+            comparison(1000.0, 4.0),
+            comparison(2000.0, 8.0),
+            comparison(2000.0, 2.0),
+        ];
+        assert_eq!(
+            median_abuse_changes(&all),
+            [(1000.0, 4.0, 3), (2000.0, 5.0, 2)]
+        );
     }
 
     #[test]
