@@ -74,47 +74,77 @@ async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// A topic of this run's own, a recording comet on real gRPC, and a job
+/// config naming them (node id `name`, group and topic `rim-<name>-<pid>`,
+/// the group settings for tansu).
+struct JobUnderTest {
+    brokers: String,
+    topic: String,
+    comet: Arc<RecordingComet>,
+    config: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl JobUnderTest {
+    async fn new(name: &str) -> JobUnderTest {
+        let brokers = service("RIM_TEST_KAFKA");
+        let run = std::process::id();
+        let topic = format!("rim-{name}-{run}");
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("RIM_TEST_KAFKA={brokers}: cannot create a topic: {e}"));
+        assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+        // The comet, over real gRPC.
+        let comet = Arc::new(RecordingComet::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CometGrpc(Arc::clone(&comet)).into_service())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("job.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"{name}\"\nregion = \"r1\"\n[job]\ngroup = \"rim-{name}-{run}\"\n\
+                 [queue]\nbackend = \"kafka\"\nbrokers = [\"{brokers}\"]\ntopic = \"{topic}\"\n\
+                 {TANSU_GROUP}\
+                 [discovery]\nbackend = \"static\"\n[[discovery.comets]]\nid = \"fake-1\"\nregion = \"r1\"\ngrpc = \"{grpc}\"\n"
+            ),
+        )
+        .unwrap();
+        JobUnderTest {
+            brokers,
+            topic,
+            comet,
+            config,
+            _dir: dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Kafka: run deploy/test.sh"]
 async fn a_job_killed_mid_stream_loses_no_push() {
-    let brokers = service("RIM_TEST_KAFKA");
-    let run = std::process::id();
-    let topic = format!("rim-job-test-{run}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("RIM_TEST_KAFKA={brokers}: cannot create a topic: {e}"));
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
-
-    // The comet, over real gRPC.
-    let comet = Arc::new(RecordingComet::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(CometGrpc(Arc::clone(&comet)).into_service())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("job.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nid = \"job-test\"\nregion = \"r1\"\n[job]\ngroup = \"rim-job-test-{run}\"\n\
-             [queue]\nbackend = \"kafka\"\nbrokers = [\"{brokers}\"]\ntopic = \"{topic}\"\n\
-             {TANSU_GROUP}\
-             [discovery]\nbackend = \"static\"\n[[discovery.comets]]\nid = \"fake-1\"\nregion = \"r1\"\ngrpc = \"{grpc}\"\n"
-        ),
-    )
-    .unwrap();
+    let JobUnderTest {
+        brokers,
+        topic,
+        comet,
+        config,
+        _dir,
+    } = JobUnderTest::new("job-test").await;
     let start = || Proc::start(&["job", "--config", config.to_str().unwrap()], &[]);
 
     const N: usize = 300;
@@ -231,45 +261,15 @@ fn job_env() -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Kafka: run deploy/test.sh"]
 async fn a_restarted_job_takes_its_partitions_back_and_delivers() {
-    let brokers = service("RIM_TEST_KAFKA");
-    let run = std::process::id();
-    let topic = format!("rim-job-restart-{run}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("RIM_TEST_KAFKA={brokers}: cannot create a topic: {e}"));
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
-
-    let comet = Arc::new(RecordingComet::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(CometGrpc(Arc::clone(&comet)).into_service())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-
     // The same node id (the job's identity) before and after the restart,
     // and the group settings for tansu (docs/operations.md, "Job restart").
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("job.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nid = \"job-restart\"\nregion = \"r1\"\n[job]\ngroup = \"rim-job-restart-{run}\"\n\
-             [queue]\nbackend = \"kafka\"\nbrokers = [\"{brokers}\"]\ntopic = \"{topic}\"\n\
-             {TANSU_GROUP}\
-             [discovery]\nbackend = \"static\"\n[[discovery.comets]]\nid = \"fake-1\"\nregion = \"r1\"\ngrpc = \"{grpc}\"\n"
-        ),
-    )
-    .unwrap();
+    let JobUnderTest {
+        brokers,
+        topic,
+        comet,
+        config,
+        _dir,
+    } = JobUnderTest::new("job-restart").await;
     let env = job_env();
     let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     let start = || Proc::start(&["job", "--config", config.to_str().unwrap()], &env);
