@@ -244,36 +244,6 @@ impl Backend for Postgres {
     }
 }
 
-macro_rules! suite_cases {
-    ($($case:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        #[ignore = "needs PostgreSQL: run deploy/test.sh"]
-        async fn $case() {
-            let backend = Postgres::new().await;
-            suite::$case(&backend).await;
-            backend.schema.remove().await;
-        }
-    )*};
-}
-
-suite_cases!(
-    seq_is_dense_under_concurrent_senders,
-    dedup_holds_under_concurrent_resends,
-    inbox_sync_is_dense_per_user,
-    retention_cap_keeps_the_newest_and_reads_below_say_reset,
-    retention_by_age_removes_what_is_older,
-    history_pages_both_ways_with_clamps,
-    read_position_is_monotonic,
-    conversations_list_most_recent_first,
-    membership_add_remove_and_limits,
-    a_store_error_is_code_5_and_stores_nothing,
-    acknowledged_writes_survive_a_reopen,
-    big_group_sends_write_no_inbox_entries,
-    big_group_dedup_refusals_reads_and_members,
-    big_mode_is_sticky_and_big_groups_lists_a_users,
-    mixed_batches_give_each_conversation_its_inbox_entries,
-);
-
 /// The suite's backend sharded: two primaries (a schema on each of the two
 /// servers deploy/test.sh starts), buckets split evenly, so most
 /// conversations have members whose inbox is on the other primary.
@@ -340,8 +310,18 @@ impl Backend for Sharded {
     }
 }
 
-macro_rules! sharded_cases {
+/// Each suite case twice: on one primary, and (in `sharded`) on two.
+macro_rules! suite_cases {
     ($($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            #[ignore = "needs PostgreSQL: run deploy/test.sh"]
+            async fn $case() {
+                let backend = Postgres::new().await;
+                suite::$case(&backend).await;
+                backend.schema.remove().await;
+            }
+        )*
         mod sharded {
             use super::*;
             $(
@@ -357,7 +337,7 @@ macro_rules! sharded_cases {
     };
 }
 
-sharded_cases!(
+suite_cases!(
     seq_is_dense_under_concurrent_senders,
     dedup_holds_under_concurrent_resends,
     inbox_sync_is_dense_per_user,
