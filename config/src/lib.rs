@@ -24,7 +24,7 @@ pub use roles::{CometRoleConfig, JobRoleConfig, LogicRoleConfig, OpenListener, S
 pub use sections::{
     ApiConfig, AssignmentStrategy, AuthConfig, AuthPolicy, CometConfig, DiscoveryBackend,
     DiscoveryConfig, JobConfig, LogicConfig, MetricsConfig, NodeConfig, NodesConfig, QueueBackend,
-    QueueConfig, RegionCidr, RouterBackend, RouterConfig, StaticComet,
+    QueueConfig, RegionCidr, RoomFlushRule, RouterBackend, RouterConfig, StaticComet,
 };
 
 #[cfg(test)]

@@ -1009,6 +1009,37 @@ fn group_instance_id(key: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// When the job's aggregator sends a room's (or a big group's) batch
+/// before it is full (`job.room_flush_rule`).
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomFlushRule {
+    /// Self-clocked, like Nagle's: a message to a room with no batch in
+    /// flight (sent and not yet answered by every comet) goes at once;
+    /// while one is in flight the room's messages gather and go when it is
+    /// answered, when the batch is full, or at `job.room_flush`, whichever
+    /// comes first.
+    Adaptive,
+    /// A fixed window: a batch goes when it is full or when its oldest
+    /// message has waited `job.room_flush` (goim merges for up to 1 s).
+    Fixed,
+}
+
+impl<'de> Deserialize<'de> for RoomFlushRule {
+    /// Reads `adaptive` or `fixed`; anything else is refused with both
+    /// choices named (loading adds the key).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "adaptive" => Ok(RoomFlushRule::Adaptive),
+            "fixed" => Ok(RoomFlushRule::Fixed),
+            _ => Err(serde::de::Error::custom(format!(
+                "must be \"adaptive\" or \"fixed\", got {name:?}"
+            ))),
+        }
+    }
+}
+
 /// `[job]`: the queue consumer that fans pushes out to comets.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -1017,9 +1048,13 @@ pub struct JobConfig {
     pub group: String,
     /// A room's batch is flushed when it holds this many messages.
     pub room_batch: usize,
-    /// ... or when its oldest message has waited this long.
+    /// ... or when its oldest message has waited this long (with the
+    /// adaptive rule: at the latest).
     #[serde(with = "humantime_serde")]
     pub room_flush: Duration,
+    /// When a room's (or big group's) batch that is neither full nor due
+    /// goes out: adaptive (self-clocked) or fixed (the window only).
+    pub room_flush_rule: RoomFlushRule,
     /// How often the job asks the comets which rooms they host, to send a
     /// room's batches only to those; 0 = every room to every comet.
     #[serde(with = "humantime_serde")]
@@ -1036,6 +1071,7 @@ impl Default for JobConfig {
             group: String::new(),
             room_batch: 20,
             room_flush: Duration::from_millis(50),
+            room_flush_rule: RoomFlushRule::Adaptive,
             room_routes_interval: Duration::from_secs(1),
             room_routes_min_comets: 4,
         }

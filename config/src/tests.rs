@@ -1016,3 +1016,19 @@ fn presence_event_keys_name_themselves() {
         "{err}"
     );
 }
+
+#[test]
+fn the_room_flush_rule_defaults_to_adaptive_and_names_its_key() {
+    let job = JobRoleConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(job.job.room_flush_rule, RoomFlushRule::Adaptive);
+    assert_eq!(job.job.room_flush, Duration::from_millis(50));
+    let fixed = JobRoleConfig::load_from(
+        Some(toml("[job]\nroom_flush_rule = \"fixed\"\n").path()),
+        env(&[]),
+    )
+    .unwrap();
+    assert_eq!(fixed.job.room_flush_rule, RoomFlushRule::Fixed);
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_JOB__ROOM_FLUSH_RULE", "nagle")]);
+    assert!(err.contains("job.room_flush_rule"), "{err}");
+    assert!(err.contains("adaptive") && err.contains("fixed"), "{err}");
+}

@@ -58,8 +58,11 @@ impl Job {
             ));
         }
         let rooms = room::spawn(
-            config.room_batch,
-            config.room_flush,
+            room::Batching {
+                rule: config.room_flush_rule,
+                batch_size: config.room_batch,
+                max_wait: config.room_flush,
+            },
             Arc::downgrade(&comets),
             Arc::clone(&routes),
             Arc::clone(&metrics),

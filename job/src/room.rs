@@ -1,10 +1,29 @@
 //! The aggregator: messages to one room, or to one big group's channel, are
-//! merged into one op-9 batch, flushed when it holds `room_batch` messages
-//! or its oldest message has waited `room_flush`, whichever comes first. A
-//! flushed target is retired (forgotten) — only after its batch was handed
-//! to the comets, so retiring an idle one loses nothing. Flushed batches go
-//! to every comet, in flush order, and each batch's messages are told when
-//! all comets handled it.
+//! merged into one op-9 batch. When a batch goes is `job.room_flush_rule`'s
+//! (see [`flush_now`]):
+//!
+//! - adaptive (the default), self-clocked like Nagle's algorithm: a message
+//!   to a target with no batch in flight (handed to the comets and not yet
+//!   answered by every one of them) goes at once, alone (a batch of one is
+//!   the frame itself). While one is in flight the target's messages
+//!   gather, and the gathered batch goes when the target has no batch in
+//!   flight any more, when it holds `room_batch` messages (a full batch goes
+//!   at once, even with others in flight), or when its oldest message has
+//!   waited `room_flush`, whichever comes first. A quiet room never waits;
+//!   a busy one merges what arrives during its fan-out, so batches grow
+//!   with the load and `room_flush` only bounds the wait when a comet is
+//!   slow or failing. An answer includes the time the call waited in the
+//!   comet's lane behind other targets' calls, so a backed-up comet gets
+//!   bigger batches.
+//! - fixed: a batch goes when it holds `room_batch` messages or its oldest
+//!   message has waited `room_flush`.
+//!
+//! A target with nothing gathered and no batch in flight is retired
+//! (forgotten) — only after its batch was handed to the comets, so retiring
+//! an idle one loses nothing, and the aggregator holds state only for the
+//! targets with messages in the last moments. Flushed batches go to every
+//! comet, in flush order (each comet's lane keeps that order, whatever is in
+//! flight), and each batch's messages are told when all comets handled it.
 //!
 //! A big group's messages are capped at the rate its queue messages carry
 //! (`im.big_group_rate`, im.md read diffusion): a governor limiter per
@@ -25,6 +44,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rim_config::RoomFlushRule;
 use rim_proto::im::{Body, Notify};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::{BatchBuilder, Frame, Op};
@@ -37,7 +57,11 @@ use crate::metrics::JobMetrics;
 use crate::routes::RoomRoutes;
 use crate::ticket::{ready, wait_all};
 
-/// Messages queued to the aggregator before dispatchers wait.
+/// Messages queued to the aggregator before dispatchers wait; also the
+/// flushed batches queued for delivery before the aggregator waits, and the
+/// answered batches queued back to it before their answer tasks wait (the
+/// aggregator drains those first, and they are few: one per batch whose
+/// calls were queued on the comets' bounded lanes).
 const QUEUE: usize = 4096;
 
 /// The least time between two NOTIFY truncated of one group.
@@ -73,11 +97,39 @@ pub(crate) struct RoomMessage {
     pub(crate) done: oneshot::Sender<crate::Outcome>,
 }
 
+/// Whether a target's gathered batch goes now (the `room_flush` deadline
+/// aside): when it is full, or, with the adaptive rule, as soon as none of
+/// the target's batches is in flight.
+pub(crate) fn flush_now(
+    rule: RoomFlushRule,
+    gathered: usize,
+    batch_size: usize,
+    in_flight: u32,
+) -> bool {
+    gathered >= batch_size || (rule == RoomFlushRule::Adaptive && gathered > 0 && in_flight == 0)
+}
+
 /// A batch ready to broadcast, with the messages it carries.
 struct Flush {
     target: Target,
     frame: Frame,
     dones: Vec<oneshot::Sender<crate::Outcome>>,
+}
+
+/// What the aggregator holds for one target; retired when idle.
+#[derive(Default)]
+struct Slot {
+    /// The batch being gathered.
+    pending: Option<Pending>,
+    /// Batches handed to delivery and not yet answered by every comet they
+    /// were sent to (adaptive rule only; 0 with the fixed rule).
+    in_flight: u32,
+}
+
+impl Slot {
+    fn idle(&self) -> bool {
+        self.pending.is_none() && self.in_flight == 0
+    }
 }
 
 struct Pending {
@@ -172,41 +224,50 @@ enum Due {
     Notify(String),
 }
 
+/// How the aggregator batches: `job.room_flush_rule`, `job.room_batch`,
+/// `job.room_flush`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Batching {
+    pub(crate) rule: RoomFlushRule,
+    pub(crate) batch_size: usize,
+    pub(crate) max_wait: Duration,
+}
+
 /// Starts the aggregator and the task that delivers its flushed batches to
 /// `comets` (in order per target) until the comet set is gone.
 pub(crate) fn spawn(
-    batch_size: usize,
-    max_wait: Duration,
+    batching: Batching,
     comets: Weak<Comets>,
     routes: Arc<RoomRoutes>,
     metrics: Arc<JobMetrics>,
 ) -> mpsc::Sender<RoomMessage> {
     let (in_tx, in_rx) = mpsc::channel(QUEUE);
     let (out_tx, out_rx) = mpsc::channel(QUEUE);
-    let aggregator = Aggregator {
-        batch_size: batch_size.max(1),
-        max_wait,
-        out: out_tx,
-        pending: HashMap::new(),
-        caps: HashMap::new(),
-        deadlines: BinaryHeap::new(),
-        generation: 0,
-        last_prune: Instant::now(),
-        metrics: Arc::clone(&metrics),
-    };
-    tokio::spawn(aggregator.run(in_rx));
-    tokio::spawn(deliver_flushes(comets, routes, metrics, out_rx));
+    let (answered_tx, answered_rx) = mpsc::channel(QUEUE);
+    // Only the adaptive rule waits for answers.
+    let answered_tx = (batching.rule == RoomFlushRule::Adaptive).then_some(answered_tx);
+    let aggregator = Aggregator::new(batching, out_tx, Arc::clone(&metrics));
+    tokio::spawn(aggregator.run(in_rx, answered_rx));
+    tokio::spawn(deliver_flushes(
+        comets,
+        routes,
+        metrics,
+        out_rx,
+        answered_tx,
+    ));
     in_tx
 }
 
 /// Sends each flushed batch to every comet (a room's: every comet that
 /// hosts the room, see routes.rs), in flush order, and tells the batch's
-/// messages when all those comets have handled it.
+/// messages when all those comets have handled it — and then the
+/// aggregator, through `answered`, when given (the adaptive rule).
 async fn deliver_flushes(
     comets: Weak<Comets>,
     routes: Arc<RoomRoutes>,
     metrics: Arc<JobMetrics>,
     mut flushes: mpsc::Receiver<Flush>,
+    answered: Option<mpsc::Sender<Target>>,
 ) {
     while let Some(Flush {
         target,
@@ -248,20 +309,27 @@ async fn deliver_flushes(
         } else {
             wait_all(rxs)
         };
+        let answered = answered.clone().map(|tx| (tx, target));
         tokio::spawn(async move {
             let outcome = ticket.await;
             for done in dones {
                 let _ = done.send(outcome);
+            }
+            if let Some((tx, target)) = answered {
+                // Gone only when the aggregator stopped.
+                let _ = tx.send(target).await;
             }
         });
     }
 }
 
 struct Aggregator {
+    rule: RoomFlushRule,
     batch_size: usize,
     max_wait: Duration,
     out: mpsc::Sender<Flush>,
-    pending: HashMap<Target, Pending>,
+    /// The targets with a batch gathering or in flight.
+    targets: HashMap<Target, Slot>,
     caps: HashMap<String, Cap>,
     deadlines: BinaryHeap<Reverse<(Instant, Due)>>,
     generation: u64,
@@ -273,11 +341,40 @@ struct Aggregator {
 struct Closed;
 
 impl Aggregator {
-    async fn run(mut self, mut rx: mpsc::Receiver<RoomMessage>) {
+    fn new(batching: Batching, out: mpsc::Sender<Flush>, metrics: Arc<JobMetrics>) -> Aggregator {
+        Aggregator {
+            rule: batching.rule,
+            batch_size: batching.batch_size.max(1),
+            max_wait: batching.max_wait,
+            out,
+            targets: HashMap::new(),
+            caps: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            generation: 0,
+            last_prune: Instant::now(),
+            metrics,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<RoomMessage>,
+        mut answered_rx: mpsc::Receiver<Target>,
+    ) {
+        let adaptive = self.rule == RoomFlushRule::Adaptive;
         loop {
             let next = self.deadlines.peek().map(|Reverse((at, _))| *at);
+            // Answers first: a gathered batch goes before the messages
+            // after it are looked at; then deadlines, so that a steady
+            // stream of messages cannot hold a due batch back.
             let message = tokio::select! {
-                message = rx.recv() => message,
+                biased;
+                Some(target) = answered_rx.recv(), if adaptive => {
+                    if self.answered(target).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 () = async {
                     match next {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -289,10 +386,15 @@ impl Aggregator {
                     }
                     continue;
                 }
+                message = rx.recv() => message,
             };
             let Some(message) = message else {
                 // Producers gone: flush everything held, then stop.
-                let held: Vec<(Target, Pending)> = self.pending.drain().collect();
+                let held: Vec<(Target, Pending)> = self
+                    .targets
+                    .drain()
+                    .filter_map(|(target, slot)| Some((target, slot.pending?)))
+                    .collect();
                 for (target, pending) in held {
                     let _ = self.flush(target, pending).await;
                 }
@@ -301,6 +403,42 @@ impl Aggregator {
             if self.take(message).await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// One of the target's batches was answered by every comet it went to:
+    /// its gathered batch goes if none is in flight any more.
+    async fn answered(&mut self, target: Target) -> Result<(), Closed> {
+        let Some(slot) = self.targets.get_mut(&target) else {
+            return Ok(());
+        };
+        slot.in_flight = slot.in_flight.saturating_sub(1);
+        let gathered = slot.pending.as_ref().map_or(0, |p| p.frames);
+        if flush_now(self.rule, gathered, self.batch_size, slot.in_flight)
+            && let Some(pending) = slot.pending.take()
+        {
+            return self.send(target, pending).await;
+        }
+        self.retire_if_idle(&target);
+        Ok(())
+    }
+
+    /// Flushes a target's batch, counts it in flight (adaptive rule) and
+    /// retires the target if that left it idle.
+    async fn send(&mut self, target: Target, pending: Pending) -> Result<(), Closed> {
+        let sent = self.flush(target.clone(), pending).await?;
+        if sent && self.rule == RoomFlushRule::Adaptive {
+            // Also for a group's notice sent alone (no slot before).
+            self.targets.entry(target.clone()).or_default().in_flight += 1;
+        }
+        self.retire_if_idle(&target);
+        Ok(())
+    }
+
+    /// Forgets a target with nothing gathered and nothing in flight.
+    fn retire_if_idle(&mut self, target: &Target) {
+        if self.targets.get(target).is_some_and(Slot::idle) {
+            self.targets.remove(target);
         }
     }
 
@@ -315,13 +453,14 @@ impl Aggregator {
             };
             match due {
                 Due::Flush(target, generation) => {
-                    if self
-                        .pending
-                        .get(&target)
-                        .is_some_and(|p| p.generation == generation)
-                        && let Some(pending) = self.pending.remove(&target)
+                    if let Some(slot) = self.targets.get_mut(&target)
+                        && slot
+                            .pending
+                            .as_ref()
+                            .is_some_and(|p| p.generation == generation)
+                        && let Some(pending) = slot.pending.take()
                     {
-                        self.flush(target, pending).await?;
+                        self.send(target, pending).await?;
                     }
                 }
                 Due::Notify(group) => {
@@ -331,11 +470,15 @@ impl Aggregator {
                     // The group's batch takes the notice with it; alone
                     // when nothing is pending.
                     let target = Target::Group(group);
-                    let pending = self.pending.remove(&target).unwrap_or_else(|| {
+                    let held = self
+                        .targets
+                        .get_mut(&target)
+                        .and_then(|slot| slot.pending.take());
+                    let pending = held.unwrap_or_else(|| {
                         self.generation += 1;
                         Pending::new(self.generation)
                     });
-                    self.flush(target, pending).await?;
+                    self.send(target, pending).await?;
                 }
             }
         }
@@ -363,17 +506,20 @@ impl Aggregator {
             self.schedule_notice(name);
             return Ok(());
         }
-        let pending = match self.pending.get_mut(&target) {
+        let slot = self.targets.entry(target.clone()).or_default();
+        let in_flight = slot.in_flight;
+        let pending = match &mut slot.pending {
             Some(pending) => pending,
             None => {
                 self.generation += 1;
-                self.deadlines.push(Reverse((
-                    now + self.max_wait,
-                    Due::Flush(target.clone(), self.generation),
-                )));
-                self.pending
-                    .entry(target.clone())
-                    .or_insert(Pending::new(self.generation))
+                // A message that goes at once needs no deadline.
+                if !flush_now(self.rule, 1, self.batch_size, in_flight) {
+                    self.deadlines.push(Reverse((
+                        now + self.max_wait,
+                        Due::Flush(target.clone(), self.generation),
+                    )));
+                }
+                slot.pending.insert(Pending::new(self.generation))
             }
         };
         // Encoding a frame built from a queue message cannot exceed the
@@ -381,13 +527,17 @@ impl Aggregator {
         // reported rejected rather than lost silently.
         if !pending.push(&frame) {
             let _ = done.send(crate::Outcome::Rejected);
+            if pending.frames == 0 {
+                slot.pending = None;
+                self.retire_if_idle(&target);
+            }
             return Ok(());
         }
         pending.dones.push(done);
-        if pending.frames >= self.batch_size
-            && let Some(pending) = self.pending.remove(&target)
+        if flush_now(self.rule, pending.frames, self.batch_size, in_flight)
+            && let Some(pending) = slot.pending.take()
         {
-            self.flush(target, pending).await?;
+            self.send(target, pending).await?;
         }
         Ok(())
     }
@@ -436,8 +586,9 @@ impl Aggregator {
     }
 
     /// Hands a batch to the delivery task; a group's batch carries the
-    /// group's owed NOTIFY truncated when one may go out.
-    async fn flush(&mut self, target: Target, mut pending: Pending) -> Result<(), Closed> {
+    /// group's owed NOTIFY truncated when one may go out. True when a batch
+    /// went (false: nothing to send).
+    async fn flush(&mut self, target: Target, mut pending: Pending) -> Result<bool, Closed> {
         if let Target::Group(group) = &target
             && let Some(cap) = self.caps.get_mut(group)
             && let Some(at) = cap.notify_at()
@@ -467,12 +618,13 @@ impl Aggregator {
             for done in pending.dones {
                 let _ = done.send(crate::Outcome::Delivered);
             }
-            return Ok(());
+            return Ok(false);
         }
         self.out
             .send(pending.into_flush(target))
             .await
-            .map_err(|_| Closed)
+            .map_err(|_| Closed)?;
+        Ok(true)
     }
 
     /// Forgets the caps of groups idle for a while, at most every
@@ -486,3 +638,6 @@ impl Aggregator {
             .retain(|_, cap| cap.owed.is_some() || now.duration_since(cap.last_used) < CAP_IDLE);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,6 @@
 //! The job's delivery against scripted comets: routing by type, room
-//! batching by count and by time, order, retries, and gone comets.
+//! batching (the fixed rule by count and by time, the adaptive rule against
+//! a comet that holds its answers), order, retries, and gone comets.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rim_config::JobConfig;
+use rim_config::{JobConfig, RoomFlushRule};
 use rim_job::{Job, Outcome};
 use rim_proto::api::{CometApi, RpcError, RpcResult};
 use rim_proto::pb::comet::v1 as pb;
@@ -150,11 +151,24 @@ fn group(conv: &str, seq: u64, rate: i32) -> PushMsg {
     }
 }
 
+/// A job with the default (adaptive) flush rule.
 fn job_with(batch: usize, flush: Duration, comets: &[(&str, Arc<FakeComet>)]) -> Job {
+    job_ruled(RoomFlushRule::Adaptive, batch, flush, comets)
+}
+
+fn job_ruled<C: CometApi + 'static>(
+    rule: RoomFlushRule,
+    batch: usize,
+    flush: Duration,
+    comets: &[(&str, Arc<C>)],
+) -> Job {
     let job = Job::new(&JobConfig {
         group: "g".into(),
         room_batch: batch,
         room_flush: flush,
+        room_flush_rule: rule,
+        // No background polls: paused-time tests see only their own timers.
+        room_routes_interval: Duration::ZERO,
         ..JobConfig::default()
     });
     job.set_comets(
@@ -202,7 +216,8 @@ async fn room_messages_are_batched_by_count_in_order_on_every_comet() {
         Arc::new(FakeComet::default()),
         Arc::new(FakeComet::default()),
     );
-    let job = job_with(
+    let job = job_ruled(
+        RoomFlushRule::Fixed,
         3,
         Duration::from_secs(60),
         &[("a", a.clone()), ("b", b.clone())],
@@ -225,7 +240,12 @@ async fn room_messages_are_batched_by_count_in_order_on_every_comet() {
 #[tokio::test]
 async fn a_room_batch_is_flushed_after_the_wait_even_if_not_full_and_nothing_is_lost() {
     let a = Arc::new(FakeComet::default());
-    let job = job_with(20, Duration::from_millis(50), &[("a", a.clone())]);
+    let job = job_ruled(
+        RoomFlushRule::Fixed,
+        20,
+        Duration::from_millis(50),
+        &[("a", a.clone())],
+    );
     let one = job.deliver(room("live://quiet", "only")).await;
     let two = job.deliver(room("live://busy", "x")).await;
     let three = job.deliver(room("live://busy", "y")).await;
@@ -258,7 +278,8 @@ async fn group_messages_are_merged_to_the_group_channel_on_every_comet() {
         Arc::new(FakeComet::default()),
         Arc::new(FakeComet::default()),
     );
-    let job = job_with(
+    let job = job_ruled(
+        RoomFlushRule::Fixed,
         3,
         Duration::from_secs(60),
         &[("a", a.clone()), ("b", b.clone())],
@@ -279,8 +300,14 @@ async fn group_messages_are_merged_to_the_group_channel_on_every_comet() {
 /// the latest seq by NOTIFY truncated; every message's ticket completes.
 #[tokio::test]
 async fn a_group_over_its_cap_is_thinned_and_told_the_latest_seq() {
+    for rule in [RoomFlushRule::Adaptive, RoomFlushRule::Fixed] {
+        group_over_its_cap_is_thinned(rule).await;
+    }
+}
+
+async fn group_over_its_cap_is_thinned(rule: RoomFlushRule) {
     let a = Arc::new(FakeComet::default());
-    let job = job_with(100, Duration::from_millis(50), &[("a", a.clone())]);
+    let job = job_ruled(rule, 100, Duration::from_millis(50), &[("a", a.clone())]);
     let mut tickets = Vec::new();
     // 200 messages at once to a group capped at 40 a second (bursts of 10).
     for seq in 1..=200 {
@@ -301,11 +328,14 @@ async fn a_group_over_its_cap_is_thinned_and_told_the_latest_seq() {
         frames.iter().partition(|f| f.contains("truncated"));
     // The burst went through in order; the rest was thinned (a few more
     // may pass while the test runs: 40 a second).
-    assert!(msgs.len() >= 10 && msgs.len() < 30, "{msgs:?}");
+    assert!(msgs.len() >= 10 && msgs.len() < 30, "{rule:?}: {msgs:?}");
     for (i, m) in msgs.iter().take(10).enumerate() {
-        assert_eq!(**m, format!("m{}", i + 1));
+        assert_eq!(**m, format!("m{}", i + 1), "{rule:?}");
     }
-    assert!(!notices.is_empty() && notices.len() <= 2, "{notices:?}");
+    assert!(
+        !notices.is_empty() && notices.len() <= 2,
+        "{rule:?}: {notices:?}"
+    );
     let last: serde_json::Value = serde_json::from_str(notices.last().unwrap()).unwrap();
     assert_eq!(
         last,
@@ -685,8 +715,14 @@ async fn a_broadcast_in_progress_holds_no_push_or_room_message_back() {
 /// second (plus one burst) over the whole run.
 #[tokio::test]
 async fn a_group_offered_steadily_above_its_cap_is_pushed_at_the_cap() {
+    for rule in [RoomFlushRule::Adaptive, RoomFlushRule::Fixed] {
+        group_offered_steadily_above_its_cap(rule).await;
+    }
+}
+
+async fn group_offered_steadily_above_its_cap(rule: RoomFlushRule) {
     let a = Arc::new(FakeComet::default());
-    let job = job_with(100, Duration::from_millis(50), &[("a", a.clone())]);
+    let job = job_ruled(rule, 100, Duration::from_millis(50), &[("a", a.clone())]);
     let started = tokio::time::Instant::now();
     let mut tickets = Vec::new();
     // 200 a second for 2 s, capped at 40.
@@ -705,10 +741,174 @@ async fn a_group_offered_steadily_above_its_cap_is_pushed_at_the_cap() {
         .filter(|frame| !frame.contains("truncated"))
         .count();
     let allowed = (40.0 * offered.as_secs_f64()) as usize + 10 + 1;
-    println!("{msgs} pushed of 400 offered in {offered:?} (allowed {allowed})");
+    println!("{rule:?}: {msgs} pushed of 400 offered in {offered:?} (allowed {allowed})");
     assert!(
         msgs <= allowed,
-        "{msgs} pushed in {offered:?}, over {allowed}"
+        "{rule:?}: {msgs} pushed in {offered:?}, over {allowed}"
     );
-    assert!(msgs >= 40, "{msgs} pushed: the cap, not a stop");
+    assert!(msgs >= 40, "{rule:?}: {msgs} pushed: the cap, not a stop");
+}
+
+/// A comet that takes each room call at once (recorded as it arrives) but
+/// answers it only when the test releases it, in order: a big room's
+/// fan-out taking a while.
+struct HeldRooms {
+    inner: FakeComet,
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for HeldRooms {
+    fn default() -> Self {
+        HeldRooms {
+            inner: FakeComet::default(),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl CometApi for HeldRooms {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
+        self.inner.push_msg(req).await
+    }
+    async fn broadcast(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
+        self.inner.broadcast(req).await
+    }
+    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
+        let answer = self.inner.broadcast_room(req).await;
+        self.release.acquire().await.unwrap().forget();
+        answer
+    }
+    async fn broadcast_group(&self, req: pb::BroadcastGroupRequest) -> RpcResult<pb::Delivery> {
+        self.inner.broadcast_group(req).await
+    }
+    async fn change_group(&self, req: pb::ChangeGroupRequest) -> RpcResult<pb::ChangeGroupReply> {
+        self.inner.change_group(req).await
+    }
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
+        Ok(vec![])
+    }
+    async fn kick(&self, _keys: Vec<String>) -> RpcResult<u64> {
+        Ok(0)
+    }
+    async fn stats(&self) -> RpcResult<pb::StatsReply> {
+        Ok(pb::StatsReply::default())
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// With paused time, returns once every task is waiting (the clock only
+/// moves when nothing can run), having moved the clock by 1 ms.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+/// At a low rate each room message goes out alone, at once: its ticket
+/// completes although the room's flush window is an hour (the wait for the
+/// ticket is bounded by 10 s).
+#[tokio::test(start_paused = true)]
+async fn adaptive_room_messages_at_a_low_rate_go_alone_without_waiting() {
+    let a = Arc::new(FakeComet::default());
+    let job = job_ruled(RoomFlushRule::Adaptive, 20, HOUR, &[("a", a.clone())]);
+    for i in 0..3 {
+        let ticket = job.deliver(room("live://1", &format!("m{i}"))).await;
+        assert_eq!(done(ticket).await, Outcome::Delivered);
+    }
+    assert_eq!(
+        a.calls(),
+        [
+            "room live://1 single m0",
+            "room live://1 single m1",
+            "room live://1 single m2"
+        ]
+    );
+}
+
+/// While a comet holds the answer to a room's batch, the room's next
+/// messages gather — on every comet, though the other one answered — and
+/// go as one batch when the last comet answers.
+#[tokio::test(start_paused = true)]
+async fn adaptive_room_messages_gather_until_every_comet_answered_the_batch_in_flight() {
+    let (a, b) = (
+        Arc::new(HeldRooms::default()),
+        Arc::new(HeldRooms::default()),
+    );
+    b.release.add_permits(1000);
+    let job = job_ruled(
+        RoomFlushRule::Adaptive,
+        20,
+        HOUR,
+        &[("a", a.clone()), ("b", b.clone())],
+    );
+    let mut tickets = vec![job.deliver(room("live://1", "m1")).await];
+    settle().await;
+    assert_eq!(a.inner.calls(), ["room live://1 single m1"]);
+    for body in ["m2", "m3", "m4"] {
+        tickets.push(job.deliver(room("live://1", body)).await);
+    }
+    settle().await;
+    assert_eq!(a.inner.calls(), ["room live://1 single m1"]);
+    assert_eq!(
+        b.inner.calls(),
+        ["room live://1 single m1"],
+        "b answered, but a has not: m2..m4 gather"
+    );
+    a.release.add_permits(1);
+    settle().await;
+    let expected = ["room live://1 single m1", "room live://1 batch m2|m3|m4"];
+    assert_eq!(a.inner.calls(), expected);
+    assert_eq!(b.inner.calls(), expected);
+    a.release.add_permits(1000);
+    for ticket in tickets {
+        assert_eq!(done(ticket).await, Outcome::Delivered);
+    }
+    // Nothing in flight any more: the next message goes alone again.
+    let ticket = job.deliver(room("live://1", "m5")).await;
+    assert_eq!(done(ticket).await, Outcome::Delivered);
+    assert_eq!(
+        a.inner.calls().last().map(String::as_str),
+        Some("room live://1 single m5")
+    );
+}
+
+/// When the answer does not come, the gathered batch goes once its oldest
+/// message has waited room_flush; a message after it gathers again.
+#[tokio::test(start_paused = true)]
+async fn adaptive_gathering_waits_at_most_room_flush() {
+    let a = Arc::new(HeldRooms::default());
+    let job = job_ruled(
+        RoomFlushRule::Adaptive,
+        20,
+        Duration::from_millis(50),
+        &[("a", a.clone())],
+    );
+    let mut tickets = vec![job.deliver(room("live://1", "m1")).await];
+    settle().await;
+    for body in ["m2", "m3"] {
+        tickets.push(job.deliver(room("live://1", body)).await);
+    }
+    // m1 still unanswered: m2|m3 go at 50 ms, queued behind m1.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tickets.push(job.deliver(room("live://1", "m4")).await);
+    settle().await;
+    // m1 answered; m2|m3 is in flight (held), so m4 keeps gathering.
+    a.release.add_permits(1);
+    settle().await;
+    assert_eq!(
+        a.inner.calls(),
+        ["room live://1 single m1", "room live://1 batch m2|m3"]
+    );
+    a.release.add_permits(1000);
+    for ticket in tickets {
+        assert_eq!(done(ticket).await, Outcome::Delivered);
+    }
+    assert_eq!(
+        a.inner.calls(),
+        [
+            "room live://1 single m1",
+            "room live://1 batch m2|m3",
+            "room live://1 single m4"
+        ]
+    );
 }
