@@ -9,15 +9,16 @@
 //! (with one `rim logic` for auth) and every rate is measured unbatched, then
 //! batched. Messages go in through the comet gRPC `BroadcastRoom` call, as
 //! the job sends them: one call per message per comet (unbatched), or one
-//! call per `--batch` messages carrying an op-9 batch (batched), each comet
-//! (or baseline process) fed by one sequential worker like the job's.
+//! call per op-9 batch of up to `--batch` messages (batched: the job's fixed
+//! rule; adaptive: its adaptive rule; full batches), each comet (or
+//! baseline process) fed by one sequential worker like the job's.
 //! Server CPU is utime + stime from /proc of every server process over the
 //! step (sending, then draining until every delivery arrived or `--drain`).
 
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -57,9 +58,16 @@ pub enum Mode {
     Baseline,
     /// rim comets, one BroadcastRoom call per message.
     Unbatched,
-    /// rim comets, messages merged into op-9 batches as the job does: a
-    /// batch goes out at `--batch` messages or `--flush-ms` after its first.
+    /// rim comets, messages merged into op-9 batches as the job's fixed
+    /// rule does: a batch goes out at `--batch` messages or `--flush-ms`
+    /// after its first.
     Batched,
+    /// rim comets, batches as the job's adaptive rule (the default) makes
+    /// them: a message goes at once while no batch is in flight (sent and
+    /// not yet answered by every comet); else messages gather until the
+    /// batch in flight is answered, the batch holds `--batch` messages, or
+    /// its first has waited `--flush-ms`.
+    Adaptive,
     /// rim comets, always full batches of `--batch` messages (no timed
     /// flush): what batching saves once a room's rate fills batches.
     FullBatches,
@@ -91,19 +99,21 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "baseline,unbatched,batched,full-batches"
+        default_value = "baseline,unbatched,batched,adaptive,full-batches"
     )]
     pub modes: Vec<Mode>,
     /// Seconds of sending per step.
     #[arg(long, default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub step_secs: u64,
-    /// Messages per op-9 batch in batched mode (the job's room_batch).
+    /// Messages per op-9 batch in the batched and adaptive modes (the job's
+    /// room_batch).
     #[arg(long, default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(2..=1000))]
     pub batch: u32,
     /// Milliseconds after its first message a partial batch is sent anyway
-    /// (the job's room_flush); 0 = only full batches.
+    /// (the job's room_flush; in adaptive mode the most a batch waits for
+    /// the one in flight); 0 = no timed flush.
     #[arg(long, default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub flush_ms: u64,
@@ -160,6 +170,7 @@ struct Ratio {
     rate: f64,
     unbatched_vs_baseline: Option<f64>,
     batched_vs_baseline: Option<f64>,
+    adaptive_vs_baseline: Option<f64>,
     full_batches_vs_baseline: Option<f64>,
 }
 
@@ -327,6 +338,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 rate,
                 unbatched_vs_baseline: base.zip(per(Mode::Unbatched)).map(|(b, u)| u / b),
                 batched_vs_baseline: base.zip(per(Mode::Batched)).map(|(b, u)| u / b),
+                adaptive_vs_baseline: base.zip(per(Mode::Adaptive)).map(|(b, u)| u / b),
                 full_batches_vs_baseline: base.zip(per(Mode::FullBatches)).map(|(b, u)| u / b),
             }
         })
@@ -421,9 +433,40 @@ struct CallStats {
     dropped: AtomicU64,
 }
 
+/// The job's adaptive rule, as job/src/room.rs `flush_now` has it
+/// (duplicated: the bench does not build the job and its Kafka client):
+/// a gathered batch goes when it is full, or, adaptive, as soon as none of
+/// the room's batches is in flight. The timed flush is separate.
+fn flush_now(adaptive: bool, gathered: u64, batch_size: u64, in_flight: u32) -> bool {
+    gathered >= batch_size || (adaptive && gathered > 0 && in_flight == 0)
+}
+
+/// A frame for a server's worker, and in adaptive mode its batch's answer.
+struct Call {
+    frame: Frame,
+    answer: Option<Arc<Answer>>,
+}
+
+/// Counts the servers yet to answer a batch; tells the sender when none is
+/// left (like the job's wait for every comet).
+struct Answer {
+    remaining: AtomicUsize,
+    /// Unbounded: one message per batch, and batches in flight are bounded
+    /// by the workers' queues.
+    tx: mpsc::UnboundedSender<()>,
+}
+
+impl Answer {
+    fn done(&self, n: usize) {
+        if self.remaining.fetch_sub(n, Ordering::AcqRel) == n {
+            let _ = self.tx.send(());
+        }
+    }
+}
+
 /// One server's worker: calls BroadcastRoom for each frame, in order.
-async fn worker(api: RemoteComet, mut rx: mpsc::Receiver<Frame>, stats: Arc<CallStats>) {
-    while let Some(frame) = rx.recv().await {
+async fn worker(api: RemoteComet, mut rx: mpsc::Receiver<Call>, stats: Arc<CallStats>) {
+    while let Some(Call { frame, answer }) = rx.recv().await {
         let req = pb::BroadcastRoomRequest {
             room_id: ROOM.into(),
             proto: Some(frame.into()),
@@ -438,6 +481,9 @@ async fn worker(api: RemoteComet, mut rx: mpsc::Receiver<Frame>, stats: Arc<Call
                     eprintln!("warning: BroadcastRoom: {err}");
                 }
             }
+        }
+        if let Some(answer) = answer {
+            answer.done(1);
         }
     }
 }
@@ -505,11 +551,15 @@ async fn step(
         }
         series
     });
-    // Batched mode also wakes to flush partial batches on time.
+    // Batched modes also wake to flush partial batches on time.
     let wake = match mode {
-        Mode::Batched | Mode::FullBatches => pacer.tick().min(Duration::from_millis(10)),
-        _ => pacer.tick(),
+        Mode::Batched | Mode::Adaptive | Mode::FullBatches => {
+            pacer.tick().min(Duration::from_millis(10))
+        }
+        Mode::Baseline | Mode::Unbatched => pacer.tick(),
     };
+    let adaptive = mode == Mode::Adaptive;
+    let batch_size = u64::from(args.batch);
     let mut tick = tokio::time::interval(wake);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hard_stop = started + Duration::from_secs(args.step_secs + 5);
@@ -524,20 +574,51 @@ async fn step(
         _ => batch.finish(),
     };
     let mut single: Option<Frame> = None;
-    let send = |frame: Frame, messages: u64, sent: &mut u64, skipped: &mut u64| {
-        // A message counts as sent when every server took it.
-        let mut all = true;
-        for tx in &txs {
-            all &= tx.try_send(frame.clone()).is_ok();
-        }
-        if all {
-            *sent += messages;
-        } else {
-            *skipped += messages;
-        }
-    };
+    // Adaptive mode: the room's batches not yet answered by every server.
+    let (answered_tx, mut answered_rx) = mpsc::unbounded_channel();
+    let mut in_flight = 0u32;
+    let send =
+        |frame: Frame, messages: u64, sent: &mut u64, skipped: &mut u64, in_flight: &mut u32| {
+            let answer = adaptive.then(|| {
+                // One more than the servers until all were tried: a server
+                // that skipped it will not answer.
+                Arc::new(Answer {
+                    remaining: AtomicUsize::new(txs.len() + 1),
+                    tx: answered_tx.clone(),
+                })
+            });
+            // A message counts as sent when every server took it.
+            let mut took = 0;
+            for tx in &txs {
+                let call = Call {
+                    frame: frame.clone(),
+                    answer: answer.clone(),
+                };
+                took += usize::from(tx.try_send(call).is_ok());
+            }
+            if took == txs.len() {
+                *sent += messages;
+            } else {
+                *skipped += messages;
+            }
+            if let Some(answer) = answer {
+                *in_flight += 1;
+                answer.done(txs.len() - took + 1);
+            }
+        };
     while seq < planned && Instant::now() < hard_stop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = answered_rx.recv(), if adaptive => {
+                in_flight = in_flight.saturating_sub(1);
+                if flush_now(adaptive, in_batch, batch_size, in_flight) {
+                    let gathered = finish(std::mem::take(&mut batch), &single, in_batch);
+                    send(gathered, in_batch, &mut sent, &mut skipped, &mut in_flight);
+                    in_batch = 0;
+                }
+                continue;
+            }
+        }
         let due = pacer.due(started.elapsed().as_secs_f64());
         while seq < due {
             let frame = Frame::new(
@@ -547,29 +628,31 @@ async fn step(
             );
             seq += 1;
             match mode {
-                Mode::Baseline | Mode::Unbatched => send(frame, 1, &mut sent, &mut skipped),
-                Mode::Batched | Mode::FullBatches => {
+                Mode::Baseline | Mode::Unbatched => {
+                    send(frame, 1, &mut sent, &mut skipped, &mut in_flight);
+                }
+                Mode::Batched | Mode::Adaptive | Mode::FullBatches => {
                     batch.push(&frame)?;
                     if in_batch == 0 {
                         batch_opened = Instant::now();
                         single = Some(frame);
                     }
                     in_batch += 1;
-                    if in_batch == u64::from(args.batch) {
-                        let full = finish(std::mem::take(&mut batch), &single, in_batch);
-                        send(full, in_batch, &mut sent, &mut skipped);
+                    if flush_now(adaptive, in_batch, batch_size, in_flight) {
+                        let ready = finish(std::mem::take(&mut batch), &single, in_batch);
+                        send(ready, in_batch, &mut sent, &mut skipped, &mut in_flight);
                         in_batch = 0;
                     }
                 }
             }
         }
         if in_batch > 0
-            && mode == Mode::Batched
+            && matches!(mode, Mode::Batched | Mode::Adaptive)
             && args.flush_ms > 0
             && batch_opened.elapsed() >= flush_after
         {
             let partial = finish(std::mem::take(&mut batch), &single, in_batch);
-            send(partial, in_batch, &mut sent, &mut skipped);
+            send(partial, in_batch, &mut sent, &mut skipped, &mut in_flight);
             in_batch = 0;
         }
     }
@@ -579,6 +662,7 @@ async fn step(
             in_batch,
             &mut sent,
             &mut skipped,
+            &mut in_flight,
         );
     }
     skipped += planned - seq;
@@ -648,6 +732,7 @@ fn mode_name(mode: Mode) -> &'static str {
         Mode::Baseline => "baseline",
         Mode::Unbatched => "rim unbatched",
         Mode::Batched => "rim batched",
+        Mode::Adaptive => "rim adaptive",
         Mode::FullBatches => "rim full batches",
     }
 }
@@ -760,10 +845,11 @@ fn print_report(r: &Report) {
     for ratio in &r.ratios {
         let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{:.0}%", v * 100.0));
         println!(
-            "  at {}/s: unbatched = {} of the baseline, batched = {}, full batches = {}",
+            "  at {}/s: unbatched = {} of the baseline, batched = {}, adaptive = {}, full batches = {}",
             ratio.rate,
             f(ratio.unbatched_vs_baseline),
             f(ratio.batched_vs_baseline),
+            f(ratio.adaptive_vs_baseline),
             f(ratio.full_batches_vs_baseline)
         );
     }
@@ -771,4 +857,37 @@ fn print_report(r: &Report) {
         "  load average: {:?} at start, {:?} at end",
         r.load_average_start, r.load_average_end
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_adaptive_rule_is_the_jobs() {
+        assert!(flush_now(true, 1, 20, 0), "alone, at once, when idle");
+        assert!(!flush_now(true, 1, 20, 1), "gathers while one is in flight");
+        assert!(flush_now(true, 20, 20, 2), "a full batch goes at once");
+        assert!(!flush_now(true, 0, 20, 0), "nothing to send");
+        assert!(!flush_now(false, 1, 20, 0), "the fixed rule waits");
+        assert!(flush_now(false, 20, 20, 0));
+    }
+
+    /// A batch is answered once every server answered it, or skipped it.
+    #[test]
+    fn a_batch_is_answered_by_the_last_server() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Three servers, one of which skipped it: 3 + 1 - 1 answers left
+        // once the sender has counted.
+        let answer = Answer {
+            remaining: AtomicUsize::new(4),
+            tx,
+        };
+        answer.done(1);
+        answer.done(2);
+        assert!(rx.try_recv().is_err(), "one server still working");
+        answer.done(1);
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "told once");
+    }
 }
