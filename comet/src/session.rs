@@ -1,5 +1,11 @@
 //! One authenticated connection as the rest of the comet sees it: identity,
 //! accepted ops, room, and the outbound queue pushes are written to.
+//!
+//! A push to a raw TCP connection that has nothing queued and is not being
+//! written by its task goes straight to the socket from the pushing task (a
+//! nonblocking write under the outbox lock), so the connection task is not
+//! woken. Everything else is queued for the connection task. The outbox's
+//! `writing` state keeps the two writers apart; see [`Session::push`].
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -12,6 +18,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::limits::{MAX_ACCEPTS, too_many_accepts};
+use crate::transport::DirectWriter;
 
 /// How the client is connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,11 +65,20 @@ impl CloseReason {
     }
 }
 
-/// Outcome of queueing one frame for one connection.
+/// Outcome of pushing one frame to one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Queued {
-    /// The frame is queued.
-    Yes,
+pub(crate) enum Pushed {
+    /// The frame is queued for the connection task.
+    Queued,
+    /// The pushing task wrote the whole frame to the socket: `bytes` wire
+    /// bytes; the connection task was not woken.
+    Written {
+        /// Bytes written (the TCP wire form: an op-9 batch without its header).
+        bytes: usize,
+    },
+    /// The pushing task wrote the start of the frame; the rest is queued
+    /// at the head of the queue for the connection task.
+    Partial,
     /// The queue was full (or the connection closing): the frame is dropped
     /// for this connection.
     Dropped,
@@ -90,13 +106,51 @@ pub(crate) struct Session {
 /// one `Notify` for both "frames queued" and "close requested".
 #[derive(Debug)]
 struct Outbox {
-    /// Full = pushes to this connection are dropped and counted.
-    queue: Mutex<VecDeque<Bytes>>,
+    /// Everything both writers (pushers and the connection task) decide on,
+    /// under one lock.
+    state: Mutex<OutState>,
     capacity: usize,
     wake: Notify,
     close: AtomicU8,
     /// Milliseconds (comet clock) since the queue has been full; 0 = not full.
     full_since_ms: AtomicU64,
+}
+
+/// The outbox under its lock.
+///
+/// Invariants (all changed only under the lock):
+/// - a pusher writes to the socket only while `frames` is empty, `writing`
+///   is false and `direct` is set, and holds the lock for the whole write;
+/// - the connection task sets `writing` before it owes the client anything
+///   (it read a frame, or takes frames to write) and clears it only when it
+///   finds `frames` empty and owes nothing, so the two never write at once
+///   and a push never overtakes a reply the task owes or a frame it holds;
+/// - `head_sent` > 0 only while `frames` is non-empty: the first frame's
+///   first `head_sent` wire bytes are on the socket already, and the task
+///   writes its rest before anything else.
+#[derive(Debug)]
+struct OutState {
+    /// Full = pushes to this connection are dropped and counted.
+    frames: VecDeque<Bytes>,
+    /// Wire bytes of `frames[0]` a direct write already sent.
+    head_sent: usize,
+    /// The connection task is writing or owes the client frames: pushers
+    /// queue. True from the start (the task owes the Auth reply).
+    writing: bool,
+    /// How pushers write straight to the socket; `None` for transports
+    /// without one (WebSocket, TLS), before the task attaches it and after
+    /// the connection closes.
+    direct: Option<DirectWriter>,
+}
+
+/// What the connection task takes to write.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    /// Queued frames, oldest first.
+    pub(crate) frames: VecDeque<Bytes>,
+    /// Wire bytes of `frames[0]` a direct write already sent: the task
+    /// writes the rest of that frame first, before anything it owes.
+    pub(crate) head_sent: usize,
 }
 
 impl Session {
@@ -118,7 +172,12 @@ impl Session {
             accepts: Mutex::new(accepts),
             room: Mutex::new(None),
             outbox: Outbox {
-                queue: Mutex::new(VecDeque::new()),
+                state: Mutex::new(OutState {
+                    frames: VecDeque::new(),
+                    head_sent: 0,
+                    writing: true,
+                    direct: None,
+                }),
                 capacity,
                 wake: Notify::new(),
                 close: AtomicU8::new(0),
@@ -170,19 +229,45 @@ impl Session {
         *self.room.lock() = room;
     }
 
-    /// Queues an encoded frame without waiting. `now_ms` and `slow_ms` decide
-    /// when a queue that stays full closes the connection.
-    pub(crate) fn push(&self, frame: &Bytes, now_ms: u64, slow_ms: u64) -> Queued {
+    /// Delivers an encoded frame without waiting. `now_ms` and `slow_ms`
+    /// decide when a queue that stays full closes the connection.
+    ///
+    /// When the connection has a direct writer, nothing queued and its task
+    /// is neither writing nor owing a reply, the frame is written to the
+    /// socket here, under the outbox lock, without waking the task. What
+    /// the socket does not take at once (a partial write, WouldBlock, an
+    /// error) is queued as before, and the task is woken to finish it or to
+    /// find the error.
+    pub(crate) fn push(&self, frame: &Bytes, now_ms: u64, slow_ms: u64) -> Pushed {
         if self.close_reason().is_some() {
-            return Queued::Dropped;
+            return Pushed::Dropped;
         }
         {
-            let mut queue = self.outbox.queue.lock();
-            if queue.len() < self.outbox.capacity {
-                queue.push_back(frame.clone());
-                drop(queue);
+            let mut state = self.outbox.state.lock();
+            if state.frames.len() < self.outbox.capacity {
+                let mut pushed = Pushed::Queued;
+                if state.frames.is_empty()
+                    && !state.writing
+                    && let Some(direct) = &state.direct
+                {
+                    match direct.write_now(frame) {
+                        Ok(sent) if sent.is_whole() => {
+                            return Pushed::Written { bytes: sent.bytes };
+                        }
+                        Ok(sent) if sent.bytes > 0 => {
+                            state.head_sent = sent.bytes;
+                            pushed = Pushed::Partial;
+                        }
+                        // Nothing sent (WouldBlock) or the socket failed:
+                        // queued, and the task's own write waits for room
+                        // or meets the error.
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+                state.frames.push_back(frame.clone());
+                drop(state);
                 self.outbox.wake.notify_one();
-                return Queued::Yes;
+                return pushed;
             }
         }
         // Full: remember since when, and give up on the connection once it
@@ -194,23 +279,59 @@ impl Session {
             Ordering::AcqRel,
             Ordering::Acquire,
         ) {
-            Ok(_) => Queued::Dropped,
+            Ok(_) => Pushed::Dropped,
             Err(since) if now_ms.saturating_sub(since) >= slow_ms => {
                 if self.close(CloseReason::SlowConsumer) {
-                    Queued::DroppedAndClosed
+                    Pushed::DroppedAndClosed
                 } else {
-                    Queued::Dropped
+                    Pushed::Dropped
                 }
             }
-            Err(_) => Queued::Dropped,
+            Err(_) => Pushed::Dropped,
         }
     }
 
-    /// Takes every queued frame, leaving the queue empty and unallocated.
+    /// Takes every queued frame, leaving the queue empty and unallocated
+    /// (for sessions without a connection task).
     pub(crate) fn take_queued(&self) -> VecDeque<Bytes> {
-        let taken = std::mem::take(&mut *self.outbox.queue.lock());
+        self.take_for_write(false).frames
+    }
+
+    /// Takes every queued frame for the connection task to write. The task
+    /// keeps the socket to itself (pushers queue) while it takes frames or
+    /// `owes` the client replies; it hands the socket back to direct
+    /// writes only when it finds nothing queued and owes nothing.
+    pub(crate) fn take_for_write(&self, owes: bool) -> Taken {
+        let mut state = self.outbox.state.lock();
+        let taken = Taken {
+            frames: std::mem::take(&mut state.frames),
+            head_sent: std::mem::take(&mut state.head_sent),
+        };
+        state.writing = owes || !taken.frames.is_empty();
+        drop(state);
         self.outbox.full_since_ms.store(0, Ordering::Release);
         taken
+    }
+
+    /// Keeps pushes from writing directly from now until the task's next
+    /// [`take_for_write`](Self::take_for_write): the task read a frame and
+    /// may owe a reply, which must reach the client before any push that
+    /// comes after it.
+    pub(crate) fn hold_direct(&self) {
+        self.outbox.state.lock().writing = true;
+    }
+
+    /// Lets pushers write straight to the connection's socket.
+    pub(crate) fn attach_direct(&self, writer: DirectWriter) {
+        self.outbox.state.lock().direct = Some(writer);
+    }
+
+    /// Stops direct writes for good (the connection is closing); returns
+    /// once none is in progress.
+    pub(crate) fn detach_direct(&self) {
+        let mut state = self.outbox.state.lock();
+        state.writing = true;
+        state.direct = None;
     }
 
     /// Completes when frames were queued or a close was requested since the
@@ -227,6 +348,8 @@ impl Session {
             .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if set {
+            // No direct write starts once this returns, and none is under way.
+            self.detach_direct();
             self.outbox.wake.notify_one();
         }
         set
@@ -273,24 +396,24 @@ mod tests {
     fn a_full_queue_drops_then_closes_after_the_slow_limit() {
         let s = session(2);
         let frame = Bytes::from_static(b"x");
-        assert_eq!(s.push(&frame, 10, 100), Queued::Yes);
-        assert_eq!(s.push(&frame, 10, 100), Queued::Yes);
-        assert_eq!(s.push(&frame, 10, 100), Queued::Dropped);
-        assert_eq!(s.push(&frame, 109, 100), Queued::Dropped);
-        assert_eq!(s.push(&frame, 110, 100), Queued::DroppedAndClosed);
+        assert_eq!(s.push(&frame, 10, 100), Pushed::Queued);
+        assert_eq!(s.push(&frame, 10, 100), Pushed::Queued);
+        assert_eq!(s.push(&frame, 10, 100), Pushed::Dropped);
+        assert_eq!(s.push(&frame, 109, 100), Pushed::Dropped);
+        assert_eq!(s.push(&frame, 110, 100), Pushed::DroppedAndClosed);
         assert_eq!(s.close_reason(), Some(CloseReason::SlowConsumer));
-        assert_eq!(s.push(&frame, 111, 100), Queued::Dropped);
+        assert_eq!(s.push(&frame, 111, 100), Pushed::Dropped);
     }
 
     #[test]
     fn draining_the_queue_resets_the_full_clock() {
         let s = session(1);
         let frame = Bytes::from_static(b"x");
-        assert_eq!(s.push(&frame, 10, 100), Queued::Yes);
-        assert_eq!(s.push(&frame, 10, 100), Queued::Dropped);
+        assert_eq!(s.push(&frame, 10, 100), Pushed::Queued);
+        assert_eq!(s.push(&frame, 10, 100), Pushed::Dropped);
         assert_eq!(s.take_queued().len(), 1);
-        assert_eq!(s.push(&frame, 200, 100), Queued::Yes);
-        assert_eq!(s.push(&frame, 250, 100), Queued::Dropped);
+        assert_eq!(s.push(&frame, 200, 100), Pushed::Queued);
+        assert_eq!(s.push(&frame, 250, 100), Pushed::Dropped);
         assert_eq!(s.close_reason(), None);
     }
 
