@@ -599,3 +599,28 @@ fn frame_len(frame: &Frame) -> usize {
 fn encode(frame: Frame) -> Bytes {
     frame.to_bytes().unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rest_of_a_begun_push_goes_before_replies_and_replies_before_queued_pushes() {
+        let (begun, reply, queued) = (
+            Bytes::from_static(b"begun"),
+            Bytes::from_static(b"reply"),
+            Bytes::from_static(b"queued"),
+        );
+        let both = || VecDeque::from([begun.clone(), queued.clone()]);
+        assert_eq!(
+            in_order(vec![reply.clone()], both(), 2),
+            [begun.clone(), reply.clone(), queued.clone()]
+        );
+        // Nothing begun: replies first, as always.
+        assert_eq!(
+            in_order(vec![reply.clone()], both(), 0),
+            [reply.clone(), begun.clone(), queued.clone()]
+        );
+        assert_eq!(in_order(Vec::new(), both(), 0), [begun, queued]);
+    }
+}

@@ -424,4 +424,167 @@ mod tests {
         assert!(!s.close(CloseReason::Drain));
         assert_eq!(s.close_reason(), Some(CloseReason::Kicked));
     }
+
+    mod direct {
+        use std::time::Duration;
+
+        use rim_proto::{BatchBuilder, Frame, Op};
+        use tokio::io::AsyncReadExt;
+        use tokio::net::{TcpSocket, TcpStream};
+
+        use super::*;
+        use crate::transport::{TcpTransport, Transport};
+
+        /// A connection on loopback: the comet's end as a transport and
+        /// the client's stream; with `small`, both buffers are small.
+        async fn pair(small: bool) -> (TcpTransport, TcpStream) {
+            let listening = TcpSocket::new_v4().unwrap();
+            let client = TcpSocket::new_v4().unwrap();
+            if small {
+                listening.set_send_buffer_size(4096).unwrap();
+                client.set_recv_buffer_size(4096).unwrap();
+            }
+            listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = listening.listen(1).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (connected, accepted) = tokio::join!(client.connect(addr), listener.accept());
+            let (server, _) = accepted.unwrap();
+            (TcpTransport::new(server, 4096), connected.unwrap())
+        }
+
+        fn frame(op: i32, body: &[u8]) -> Bytes {
+            Frame::new(Op(op), 0, Bytes::copy_from_slice(body))
+                .to_bytes()
+                .unwrap()
+        }
+
+        /// Reads exactly `len` bytes (failing after 10 s).
+        async fn read(peer: &mut TcpStream, len: usize) -> Vec<u8> {
+            let mut buf = vec![0; len];
+            tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut buf))
+                .await
+                .expect("bytes arrive in time")
+                .unwrap();
+            buf
+        }
+
+        /// Asserts the client has nothing more to read.
+        async fn nothing_more(peer: &mut TcpStream) {
+            // A loopback write is in the peer's buffer when it returns.
+            let mut buf = [0; 1];
+            assert_eq!(
+                peer.try_read(&mut buf).unwrap_err().kind(),
+                std::io::ErrorKind::WouldBlock
+            );
+        }
+
+        #[tokio::test]
+        async fn a_push_goes_straight_out_only_while_the_task_lets_it() {
+            let s = session(8);
+            let (transport, mut peer) = pair(false).await;
+            s.attach_direct(transport.direct_writer().unwrap());
+            let (a, b, c) = (frame(1000, b"a"), frame(1000, b"bb"), frame(1000, b"ccc"));
+
+            // The task owes its auth reply from the start.
+            assert_eq!(s.push(&a, 1, 100), Pushed::Queued);
+            // Taking frames keeps the socket the task's until a take finds
+            // nothing.
+            assert_eq!(s.take_for_write(false).frames, [&a]);
+            assert_eq!(s.push(&b, 1, 100), Pushed::Queued);
+            assert_eq!(s.take_for_write(false).frames, [&b]);
+            assert!(s.take_for_write(false).frames.is_empty());
+            assert_eq!(s.push(&c, 1, 100), Pushed::Written { bytes: c.len() });
+            assert_eq!(read(&mut peer, c.len()).await, c);
+
+            // A frame read (a reply may be owed) holds pushes back until the
+            // task's next take; owing replies keeps them back too.
+            s.hold_direct();
+            assert_eq!(s.push(&a, 1, 100), Pushed::Queued);
+            assert_eq!(s.take_for_write(true).frames, [&a]);
+            assert_eq!(s.push(&b, 1, 100), Pushed::Queued);
+            assert_eq!(s.take_for_write(false).frames, [&b]);
+            assert!(s.take_for_write(false).frames.is_empty());
+
+            // An op-9 batch goes out as its inner frames.
+            let mut batch = BatchBuilder::new();
+            batch
+                .push(&Frame::new(Op(1000), 1, Bytes::from_static(b"x")))
+                .unwrap();
+            batch
+                .push(&Frame::new(Op(1000), 2, Bytes::from_static(b"yz")))
+                .unwrap();
+            let batch = batch.finish().to_bytes().unwrap();
+            let inner = &batch[rim_proto::HEADER_LEN..];
+            assert_eq!(
+                s.push(&batch, 1, 100),
+                Pushed::Written { bytes: inner.len() }
+            );
+            assert_eq!(read(&mut peer, inner.len()).await, inner);
+
+            // A kicked session takes no push at all, and lets go of the
+            // socket.
+            assert!(s.close(CloseReason::Kicked));
+            assert_eq!(s.push(&c, 1, 100), Pushed::Dropped);
+            assert!(s.outbox.state.lock().direct.is_none());
+            nothing_more(&mut peer).await;
+        }
+
+        #[tokio::test]
+        async fn a_detached_session_queues_even_when_idle() {
+            let s = session(8);
+            let (transport, mut peer) = pair(false).await;
+            s.attach_direct(transport.direct_writer().unwrap());
+            assert!(s.take_for_write(false).frames.is_empty());
+            s.detach_direct();
+            let a = frame(1000, b"a");
+            assert_eq!(s.push(&a, 1, 100), Pushed::Queued);
+            assert_eq!(s.take_queued(), [a]);
+            nothing_more(&mut peer).await;
+        }
+
+        /// A push the socket takes only in part is finished by the task,
+        /// before anything else; nothing is written directly meanwhile,
+        /// even once the socket has room again.
+        #[tokio::test]
+        async fn a_partial_direct_write_is_finished_first_by_the_task() {
+            let s = session(8);
+            let (mut transport, mut peer) = pair(true).await;
+            s.attach_direct(transport.direct_writer().unwrap());
+            assert!(s.take_for_write(false).frames.is_empty());
+
+            let mut batch = BatchBuilder::new();
+            let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+            batch
+                .push(&Frame::new(Op(1000), 1, Bytes::from(body)))
+                .unwrap();
+            let big = batch.finish().to_bytes().unwrap();
+            let big_wire = big[rim_proto::HEADER_LEN..].to_vec();
+            assert_eq!(s.push(&big, 1, 100), Pushed::Partial);
+            let sent = s.outbox.state.lock().head_sent;
+            assert!(sent > 0 && sent < big_wire.len(), "{sent}");
+
+            // The client reads what was sent: the socket has room again,
+            // but the rest of the big frame must come first.
+            assert_eq!(read(&mut peer, sent).await, big_wire[..sent]);
+            let small = frame(1000, b"after");
+            assert_eq!(s.push(&small, 1, 100), Pushed::Queued);
+            nothing_more(&mut peer).await;
+
+            let taken = s.take_for_write(false);
+            assert_eq!(taken.head_sent, sent);
+            let frames: Vec<Bytes> = taken.frames.into_iter().collect();
+            assert_eq!(frames, [big.clone(), small.clone()]);
+            let rest = big_wire.len() - sent + small.len();
+            let (written, received) = tokio::join!(
+                transport.write_frames(taken.head_sent, &frames),
+                read(&mut peer, rest)
+            );
+            // Each frame counted whole, once.
+            assert_eq!(written.unwrap(), big_wire.len() + small.len());
+            let mut expected = big_wire[sent..].to_vec();
+            expected.extend_from_slice(&small);
+            assert!(received == expected, "the rest arrived out of order");
+            nothing_more(&mut peer).await;
+        }
+    }
 }
