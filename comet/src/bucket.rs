@@ -241,15 +241,6 @@ impl Bucket {
         (joined, left)
     }
 
-    /// Calls `f` for every session in the channel of `group` in this
-    /// bucket, under the lock: `f` must not block.
-    pub(crate) fn for_each_in_channel(&self, group: &str, mut f: impl FnMut(&Session)) {
-        let inner = self.inner.lock();
-        if let Some(members) = inner.channels.get(group) {
-            members.values().for_each(|s| f(s));
-        }
-    }
-
     /// Returns how many channel seats this bucket holds (sessions × their
     /// channels).
     pub(crate) fn channel_seats(&self) -> usize {
@@ -279,12 +270,22 @@ impl Bucket {
             .map(|found| Arc::clone(&found.0))
     }
 
-    /// Calls `f` for every member of `room` in this bucket, under the lock:
-    /// `f` must not block.
-    pub(crate) fn for_each_member(&self, room: &str, mut f: impl FnMut(&Session)) {
+    /// Appends this bucket's members of `room` to `out`, so that they can
+    /// be pushed to without the bucket's lock (a push may write to a
+    /// socket).
+    pub(crate) fn members_into(&self, room: &str, out: &mut Vec<Arc<Session>>) {
         let inner = self.inner.lock();
         if let Some(members) = inner.rooms.get(room) {
-            members.values().for_each(|s| f(s));
+            out.extend(members.values().cloned());
+        }
+    }
+
+    /// Appends this bucket's members of `group`'s channel to `out` (see
+    /// [`members_into`](Self::members_into)).
+    pub(crate) fn channel_into(&self, group: &str, out: &mut Vec<Arc<Session>>) {
+        let inner = self.inner.lock();
+        if let Some(members) = inner.channels.get(group) {
+            out.extend(members.values().cloned());
         }
     }
 
@@ -377,8 +378,9 @@ mod tests {
         assert_eq!(bucket.join_channels(&a, ["g:1", "g:2", "g:1"]), 2);
         assert_eq!(bucket.join_channels(&b, ["g:1"]), 1);
         let in_channel = |group: &str| {
-            let mut ids = Vec::new();
-            bucket.for_each_in_channel(group, |s| ids.push(s.id));
+            let mut sessions = Vec::new();
+            bucket.channel_into(group, &mut sessions);
+            let mut ids: Vec<u64> = sessions.iter().map(|s| s.id).collect();
             ids.sort_unstable();
             ids
         };
@@ -417,8 +419,9 @@ mod tests {
         assert!(bucket.change_room(&b, Some("live://1".into())));
         let (room_a, room_b) = (a.room().unwrap(), b.room().unwrap());
         assert!(Arc::ptr_eq(&room_a, &room_b));
-        let mut members = Vec::new();
-        bucket.for_each_member("live://1", |s| members.push(s.id));
+        let mut sessions = Vec::new();
+        bucket.members_into("live://1", &mut sessions);
+        let mut members: Vec<u64> = sessions.iter().map(|s| s.id).collect();
         members.sort_unstable();
         assert_eq!(members, [1, 2]);
         // Keys are found by value, not by the session that holds them.

@@ -20,8 +20,8 @@ use tracing::Instrument;
 use crate::bucket::Bucket;
 use crate::log_limit::LogLimit;
 use crate::pacer::{Paced, Pacer};
-use crate::session::{Queued, Session};
-use crate::stats::{self, Rpc, Stats, Wire};
+use crate::session::{Pushed, Session};
+use crate::stats::{self, Rpc, Stats, Wire, WritePath};
 
 /// The comet: sessions in buckets, limits, counters and the logic it reports to.
 ///
@@ -89,14 +89,30 @@ impl Drop for ConnSlot {
 pub(crate) struct Tally {
     pub(crate) delivery: pb::Delivery,
     slow_closes: u64,
+    /// Deliveries by path: direct, partial, queued (see [`WritePath`]).
+    paths: [u64; 3],
+    /// Wire bytes the pushing task wrote itself (whole direct writes).
+    direct_bytes: u64,
 }
 
 impl Tally {
-    fn record(&mut self, queued: Queued) {
-        match queued {
-            Queued::Yes => self.delivery.delivered += 1,
-            Queued::Dropped => self.delivery.dropped += 1,
-            Queued::DroppedAndClosed => {
+    fn record(&mut self, pushed: Pushed) {
+        match pushed {
+            Pushed::Queued => {
+                self.delivery.delivered += 1;
+                self.paths[WritePath::Queued as usize] += 1;
+            }
+            Pushed::Partial => {
+                self.delivery.delivered += 1;
+                self.paths[WritePath::Partial as usize] += 1;
+            }
+            Pushed::Written { bytes } => {
+                self.delivery.delivered += 1;
+                self.paths[WritePath::Direct as usize] += 1;
+                self.direct_bytes += bytes as u64;
+            }
+            Pushed::Dropped => self.delivery.dropped += 1,
+            Pushed::DroppedAndClosed => {
                 self.delivery.dropped += 1;
                 self.slow_closes += 1;
             }
@@ -233,6 +249,21 @@ impl Inner {
         let d = &tally.delivery;
         stats::add(&s.dropped_frames, d.dropped);
         stats::add(&s.slow_consumer_closes, tally.slow_closes);
+        for (counter, &n) in s.push_writes.iter().zip(&tally.paths) {
+            stats::add(counter, n);
+        }
+        // Whole direct writes are counted here, once per RPC, as the
+        // connection tasks count theirs (only raw TCP has direct writes);
+        // the shard is the RPC's, not a connection's.
+        let direct = tally.paths[WritePath::Direct as usize];
+        if direct > 0 {
+            s.traffic.written(
+                d.delivered,
+                Wire::Tcp,
+                direct as usize,
+                tally.direct_bytes as usize,
+            );
+        }
         for (counter, n) in s
             .recipients
             .iter()
@@ -250,7 +281,7 @@ impl Inner {
         );
     }
 
-    pub(crate) fn push_one(&self, session: &Session, frame: &Bytes) -> Queued {
+    pub(crate) fn push_one(&self, session: &Session, frame: &Bytes) -> Pushed {
         session.push(frame, self.now_ms(), self.slow_ms())
     }
 }
@@ -396,10 +427,14 @@ impl CometApi for Comet {
         let inner = &self.inner;
         let (now, slow) = (inner.now_ms(), inner.slow_ms());
         let mut tally = Tally::default();
+        // Members are pushed to outside the bucket's lock: a push may be a
+        // socket write.
+        let mut members = Vec::new();
         for bucket in inner.buckets() {
-            bucket.for_each_member(&req.room_id, |session| {
+            bucket.members_into(&req.room_id, &mut members);
+            for session in members.drain(..) {
                 tally.record(session.push(&frame, now, slow));
-            });
+            }
         }
         inner.count(Rpc::Room, started, &tally);
         Ok(tally.delivery)
@@ -417,14 +452,16 @@ impl CometApi for Comet {
         let inner = &self.inner;
         let (now, slow) = (inner.now_ms(), inner.slow_ms());
         let mut tally = Tally::default();
+        let mut members = Vec::new();
         for bucket in inner.buckets() {
-            bucket.for_each_in_channel(&req.group, |session| {
+            bucket.channel_into(&req.group, &mut members);
+            for session in members.drain(..) {
                 if session.accepts(req.proto_op) {
                     tally.record(session.push(&frame, now, slow));
                 } else {
                     tally.delivery.filtered += 1;
                 }
-            });
+            }
         }
         inner.count(Rpc::Group, started, &tally);
         Ok(tally.delivery)

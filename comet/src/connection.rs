@@ -2,6 +2,7 @@
 //! handshake timeout), registration in its bucket, the read/write loop, and
 //! cleanup that reports the disconnect to logic exactly once.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +68,9 @@ pub(crate) async fn serve<T: Transport>(
             return;
         }
     };
+    if let Some(writer) = transport.direct_writer() {
+        session.attach_direct(writer);
+    }
     let end = run(
         &inner,
         &mut transport,
@@ -77,6 +81,9 @@ pub(crate) async fn serve<T: Transport>(
         send_limit,
     )
     .await;
+    // From here on only this task touches the socket: no push writes to a
+    // connection that is closing, and the close below owns the stream.
+    session.detach_direct();
     Box::pin(finish(
         &inner,
         &mut transport,
@@ -332,7 +339,8 @@ async fn run<T: Transport>(
     auth_reply: Bytes,
     mut send_limit: im::SendLimit,
 ) -> End {
-    // Replies this connection owes its client; written before queued pushes.
+    // Replies this connection owes its client; written before queued pushes
+    // (only the rest of a push a direct write began goes before them).
     let mut replies: Vec<Bytes> = vec![auth_reply];
     let deadline = tokio::time::sleep(idle_limit);
     tokio::pin!(deadline);
@@ -341,14 +349,19 @@ async fn run<T: Transport>(
         if let Some(reason) = session.close_reason() {
             return End::Closed(reason);
         }
-        let mut frames = std::mem::take(&mut replies);
-        frames.extend(session.take_queued());
-        if !frames.is_empty()
-            && let Some(end) = Box::pin(write(inner, transport, session, wire, &frames)).await
-        {
-            return end;
+        // Pushers write directly again only once this finds nothing to
+        // write: after a write the loop comes back here to look.
+        let taken = session.take_for_write(!replies.is_empty());
+        if !replies.is_empty() || !taken.frames.is_empty() {
+            let frames = in_order(std::mem::take(&mut replies), taken.frames, taken.head_sent);
+            let head_sent = taken.head_sent;
+            if let Some(end) =
+                Box::pin(write(inner, transport, session, wire, head_sent, &frames)).await
+            {
+                return end;
+            }
+            continue;
         }
-        drop(frames);
 
         let frame = tokio::select! {
             biased;
@@ -360,6 +373,9 @@ async fn run<T: Transport>(
                 Err(err) => return End::Read(err),
             },
         };
+        // Whatever this frame asks may be answered: from now until the
+        // answer is written, pushes queue behind it.
+        session.hold_direct();
         inner
             .stats
             .traffic
@@ -439,11 +455,12 @@ async fn write<T: Transport>(
     transport: &mut T,
     session: &Session,
     wire: Wire,
+    head_sent: usize,
     frames: &[Bytes],
 ) -> Option<End> {
     let write = tokio::time::timeout(
         inner.config.slow_consumer_timeout,
-        transport.write_frames(frames),
+        transport.write_frames(head_sent, frames),
     );
     tokio::pin!(write);
     loop {
@@ -469,6 +486,24 @@ async fn write<T: Transport>(
             }
         }
     }
+}
+
+/// Orders what the task writes: the rest of a push a direct write began
+/// (it is on the wire in part: nothing may come between), then the replies
+/// owed, then the other queued pushes.
+fn in_order(replies: Vec<Bytes>, mut queued: VecDeque<Bytes>, head_sent: usize) -> Vec<Bytes> {
+    if replies.is_empty() && head_sent == 0 {
+        return Vec::from(queued);
+    }
+    let mut frames = Vec::with_capacity(replies.len() + queued.len());
+    if head_sent > 0
+        && let Some(begun) = queued.pop_front()
+    {
+        frames.push(begun);
+    }
+    frames.extend(replies);
+    frames.extend(queued);
+    frames
 }
 
 /// Renews the connection's presence lease; an IM connection also gets its
@@ -563,4 +598,29 @@ fn frame_len(frame: &Frame) -> usize {
 /// exceed the wire limit.
 fn encode(frame: Frame) -> Bytes {
     frame.to_bytes().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rest_of_a_begun_push_goes_before_replies_and_replies_before_queued_pushes() {
+        let (begun, reply, queued) = (
+            Bytes::from_static(b"begun"),
+            Bytes::from_static(b"reply"),
+            Bytes::from_static(b"queued"),
+        );
+        let both = || VecDeque::from([begun.clone(), queued.clone()]);
+        assert_eq!(
+            in_order(vec![reply.clone()], both(), 2),
+            [begun.clone(), reply.clone(), queued.clone()]
+        );
+        // Nothing begun: replies first, as always.
+        assert_eq!(
+            in_order(vec![reply.clone()], both(), 0),
+            [reply.clone(), begun.clone(), queued.clone()]
+        );
+        assert_eq!(in_order(Vec::new(), both(), 0), [begun, queued]);
+    }
 }

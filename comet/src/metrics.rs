@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rim_metrics::{DescriptorEncoder, Registry, counter, counter_family, gauge, gauge_family};
 
 use crate::comet::{Comet, Inner};
-use crate::stats::{Rpc, Wire, get};
+use crate::stats::{Rpc, Wire, WritePath, get};
 
 impl Comet {
     /// Registers this comet's metrics (`rim_comet_*`) in `registry`.
@@ -154,6 +154,13 @@ impl rim_metrics::Collector for Collector {
             ["delivered", "filtered", "missing", "dropped"]
                 .into_iter()
                 .zip(s.recipients.iter().map(get)),
+        )?;
+        counter_family(
+            &mut e,
+            "rim_comet_push_writes",
+            "Delivered pushes by how they reached the socket: direct (written whole by the pushing task, the connection task not woken; raw TCP only), partial (begun by the pushing task, finished by the connection task), queued (written by the connection task).",
+            "path",
+            WritePath::ALL.map(|p| (p.as_str(), get(&s.push_writes[p as usize]))),
         )?;
         Ok(())
     }

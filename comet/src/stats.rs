@@ -56,6 +56,32 @@ impl Rpc {
     }
 }
 
+/// How a pushed frame reached the socket, as `/metrics` labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum WritePath {
+    /// Written whole by the pushing task; the connection task not woken.
+    Direct = 0,
+    /// Begun by the pushing task, finished by the connection task.
+    Partial = 1,
+    /// Queued for the connection task.
+    Queued = 2,
+}
+
+impl WritePath {
+    pub(crate) const ALL: [WritePath; 3] =
+        [WritePath::Direct, WritePath::Partial, WritePath::Queued];
+
+    /// Returns the `path` label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            WritePath::Direct => "direct",
+            WritePath::Partial => "partial",
+            WritePath::Queued => "queued",
+        }
+    }
+}
+
 /// The `rpc` label set of the RPC duration histogram.
 pub(crate) type RpcLabels = [(&'static str, &'static str); 1];
 
@@ -91,6 +117,8 @@ pub(crate) struct Stats {
     pub(crate) rpcs: [AtomicU64; 4],
     /// Recipients of push RPCs: delivered, filtered, missing, dropped.
     pub(crate) recipients: [AtomicU64; 4],
+    /// Delivered pushes by [`WritePath`].
+    pub(crate) push_writes: [AtomicU64; 3],
     pub(crate) rpc_seconds: RpcSeconds,
     pub(crate) traffic: Traffic,
 }
@@ -112,6 +140,7 @@ impl Default for Stats {
             slow_consumer_closes: AtomicU64::new(0),
             rpcs: Default::default(),
             recipients: Default::default(),
+            push_writes: Default::default(),
             rpc_seconds: Family::new_with_constructor(rpc_histogram),
             traffic: Traffic::default(),
         };

@@ -1,11 +1,14 @@
 //! How frames move over one client connection: raw TCP or WebSocket.
 //!
 //! Both read with a cancel-safe `read_frame` (the connection loop selects on
-//! it) and write a batch of encoded frames with one flush.
+//! it) and write a batch of encoded frames with one flush. Raw TCP also
+//! offers a [`DirectWriter`], with which pushers write a frame straight to
+//! the socket when the connection task has nothing to write.
 
 use std::borrow::Cow;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -140,7 +143,24 @@ pub(crate) trait Transport: Send + 'static {
 
     /// Writes encoded frames (an op-9 batch as the transport wants it) and
     /// flushes; returns the frame bytes written (without WebSocket framing).
-    fn write_frames(&mut self, frames: &[Bytes]) -> impl Future<Output = io::Result<usize>> + Send;
+    ///
+    /// `head_sent` wire bytes of the first frame are on the socket already
+    /// (a [`DirectWriter`] began it): only its rest is written, and the
+    /// bytes returned count that frame whole, so that each frame's bytes
+    /// are counted once, by whoever finishes it. Always 0 for a transport
+    /// without a direct writer.
+    fn write_frames(
+        &mut self,
+        head_sent: usize,
+        frames: &[Bytes],
+    ) -> impl Future<Output = io::Result<usize>> + Send;
+
+    /// Returns a writer that other tasks may use to write frames straight
+    /// to the socket, if this transport has one (raw TCP does; TLS and
+    /// WebSocket, whose writes go through a stateful encoder, do not).
+    fn direct_writer(&self) -> Option<DirectWriter> {
+        None
+    }
 
     /// Closes the connection politely: a WebSocket close frame saying why
     /// (or the echo of the client's), then the socket's FIN.
@@ -151,9 +171,63 @@ fn is_batch(frame: &[u8]) -> bool {
     frame.len() >= HEADER_LEN && frame[8..12] == Op::RAW.0.to_be_bytes()
 }
 
+/// Returns a frame's form on a TCP stream: an op-9 batch goes out as its
+/// inner frames (its body already is those frames back to back), anything
+/// else as it is.
+fn tcp_wire(frame: &[u8]) -> &[u8] {
+    if is_batch(frame) {
+        &frame[HEADER_LEN..]
+    } else {
+        frame
+    }
+}
+
+/// Writes frames to a raw TCP socket from outside the connection task,
+/// without waiting. Shares the socket with the connection's
+/// [`TcpTransport`]; the session's outbox decides who may write when.
+#[derive(Clone, Debug)]
+pub(crate) struct DirectWriter(Arc<TcpStream>);
+
+/// What one direct write put on the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Sent {
+    /// Wire bytes the socket took.
+    pub(crate) bytes: usize,
+    /// The frame's wire length.
+    wire_len: usize,
+}
+
+impl Sent {
+    /// Returns whether the whole frame went out.
+    pub(crate) fn is_whole(&self) -> bool {
+        self.bytes == self.wire_len
+    }
+}
+
+impl DirectWriter {
+    /// Writes as much of `frame`'s TCP wire form as the socket takes now,
+    /// in one nonblocking syscall; a full socket buffer is 0 bytes sent,
+    /// not an error.
+    pub(crate) fn write_now(&self, frame: &[u8]) -> io::Result<Sent> {
+        let wire = tcp_wire(frame);
+        let wire_len = wire.len();
+        if wire_len == 0 {
+            return Ok(Sent { bytes: 0, wire_len });
+        }
+        match self.0.try_write(wire) {
+            Ok(bytes) => Ok(Sent { bytes, wire_len }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Sent { bytes: 0, wire_len }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// goim frames back to back on a TCP stream.
 pub(crate) struct TcpTransport {
-    stream: TcpStream,
+    /// Shared with the session's [`DirectWriter`] while the connection is
+    /// open; the connection task holds the only other reference once the
+    /// session lets go of it, before the close.
+    stream: Arc<TcpStream>,
     /// Empty and unallocated while no partial frame is pending, so an idle
     /// connection holds no read buffer.
     buf: BytesMut,
@@ -163,7 +237,7 @@ pub(crate) struct TcpTransport {
 impl TcpTransport {
     pub(crate) fn new(stream: TcpStream, max_body: usize) -> Self {
         TcpTransport {
-            stream,
+            stream: Arc::new(stream),
             buf: BytesMut::new(),
             codec: FrameCodec::new(max_body),
         }
@@ -198,37 +272,47 @@ impl Transport for TcpTransport {
         }
     }
 
-    async fn write_frames(&mut self, frames: &[Bytes]) -> io::Result<usize> {
-        // An op-9 batch goes out as its inner frames: its body already is
-        // those frames back to back.
-        let parts: Vec<&[u8]> = frames
-            .iter()
-            .map(|f| {
-                if is_batch(f) {
-                    &f[HEADER_LEN..]
-                } else {
-                    &f[..]
-                }
-            })
-            .filter(|p| !p.is_empty())
-            .collect();
+    async fn write_frames(&mut self, head_sent: usize, frames: &[Bytes]) -> io::Result<usize> {
+        let mut parts: Vec<&[u8]> = frames.iter().map(|f| tcp_wire(f)).collect();
         let total = parts.iter().map(|p| p.len()).sum();
+        if let Some(first) = parts.first_mut() {
+            *first = first.get(head_sent..).unwrap_or_default();
+        }
+        parts.retain(|p| !p.is_empty());
         for chunk in parts.chunks(MAX_IOV) {
             let mut slices: Vec<IoSlice<'_>> = chunk.iter().map(|p| IoSlice::new(p)).collect();
             let mut slices = &mut slices[..];
             while !slices.is_empty() {
-                let n = self.stream.write_vectored(slices).await?;
-                if n == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
+                // The socket is shared with the direct writer, so it is
+                // written through `&TcpStream`: try, and wait for room
+                // only when it is full.
+                let n = match self.stream.try_write_vectored(slices) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.stream.writable().await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 IoSlice::advance_slices(&mut slices, n);
             }
         }
         Ok(total)
     }
 
+    fn direct_writer(&self) -> Option<DirectWriter> {
+        Some(DirectWriter(Arc::clone(&self.stream)))
+    }
+
     async fn close(&mut self, _goodbye: Goodbye) {
-        let _ = self.stream.shutdown().await;
+        // The session let go of its direct writer when the connection
+        // ended, so the stream is this transport's alone; were it not, the
+        // socket would close (without an explicit FIN first) when the last
+        // reference goes.
+        if let Some(stream) = Arc::get_mut(&mut self.stream) {
+            let _ = stream.shutdown().await;
+        }
     }
 }
 
@@ -276,7 +360,9 @@ where
         }
     }
 
-    async fn write_frames(&mut self, frames: &[Bytes]) -> io::Result<usize> {
+    async fn write_frames(&mut self, head_sent: usize, frames: &[Bytes]) -> io::Result<usize> {
+        // No direct writer: nothing is ever begun outside this task.
+        debug_assert_eq!(head_sent, 0);
         let mut total = 0;
         for frame in frames {
             total += frame.len();

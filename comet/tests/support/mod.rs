@@ -236,18 +236,42 @@ pub async fn start_as(
     wss: Vec<TcpListener>,
 ) -> TestComet {
     let logic = Arc::new(logic);
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_parts(node, config, Arc::clone(&logic), logic, tcp, wss).await
+}
+
+/// Like [`start`], with `logic` answering the comet (it may wrap
+/// `scripted`, which the test then reads as usual) and raw TCP clients
+/// accepted on `tcp` (a listener with socket options of the test's choice).
+pub async fn start_custom(
+    config: CometConfig,
+    scripted: Arc<ScriptedLogic>,
+    logic: Arc<dyn LogicApi>,
+    tcp: TcpListener,
+) -> TestComet {
+    let node = NodeConfig {
+        id: "comet-test".into(),
+        ..NodeConfig::default()
+    };
+    start_parts(node, config, scripted, logic, tcp, vec![]).await
+}
+
+async fn start_parts(
+    node: NodeConfig,
+    config: CometConfig,
+    scripted: Arc<ScriptedLogic>,
+    logic: Arc<dyn LogicApi>,
+    tcp: TcpListener,
+    wss: Vec<TcpListener>,
+) -> TestComet {
     let bind = || TcpListener::bind("127.0.0.1:0");
-    let (tcp, ws, grpc) = (
-        bind().await.unwrap(),
-        bind().await.unwrap(),
-        bind().await.unwrap(),
-    );
+    let (ws, grpc) = (bind().await.unwrap(), bind().await.unwrap());
     let (tcp_addr, ws_addr, grpc_addr) = (
         tcp.local_addr().unwrap(),
         ws.local_addr().unwrap(),
         grpc.local_addr().unwrap(),
     );
-    let comet = Comet::new(&node, config, logic.clone());
+    let comet = Comet::new(&node, config, logic);
     let shutdown = Shutdown::new();
     let listeners = Listeners {
         tcp: vec![tcp],
@@ -258,7 +282,7 @@ pub async fn start_as(
     let task = tokio::spawn(comet.clone().run(listeners, shutdown.clone()));
     TestComet {
         comet,
-        logic,
+        logic: scripted,
         tcp: tcp_addr,
         ws: ws_addr,
         grpc: grpc_addr,
