@@ -801,6 +801,12 @@ pub struct QueueConfig {
     /// in rim and the broker per message — and that much more latency.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// Produce requests the Kafka producer keeps in flight per broker
+    /// (`max.in.flight.requests.per.connection`, 1..=5 with idempotence).
+    /// 1 sends a message at once when nothing is in flight and gathers the
+    /// ones that come meanwhile into the next request: batches grow with
+    /// the load and the broker's answer time, without a fixed wait.
+    pub produce_in_flight: u32,
     /// Extra librdkafka properties of the Kafka producer (logic) and
     /// consumer (job), for TLS and SASL only: `security.protocol`, `ssl.*`,
     /// `sasl.*` and `enable.ssl.certificate.verification`. A key may be
@@ -870,6 +876,7 @@ impl Default for QueueConfig {
             max_bytes: 64 << 20,
             fetch_wait: Duration::from_millis(100),
             linger: Duration::from_millis(5),
+            produce_in_flight: 5,
             kafka: std::collections::BTreeMap::new(),
             session_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(1),
@@ -903,6 +910,12 @@ impl QueueConfig {
             self.linger.as_millis().try_into().unwrap_or(u64::MAX),
             0,
             1_000,
+        )?;
+        in_range(
+            "queue.produce_in_flight",
+            u64::from(self.produce_in_flight),
+            1,
+            5,
         )?;
         // librdkafka wants max.poll.interval.ms (300 s) >= session.timeout.ms.
         in_range(

@@ -894,6 +894,20 @@ fn the_producer_linger_names_its_key() {
 }
 
 #[test]
+fn produce_in_flight_is_one_to_five() {
+    for bad in ["0", "6"] {
+        let err = load_err::<StandaloneConfig>(None, &[("RIM_QUEUE__PRODUCE_IN_FLIGHT", bad)]);
+        assert!(
+            err.starts_with("invalid value for queue.produce_in_flight"),
+            "{err}"
+        );
+    }
+    let config =
+        StandaloneConfig::load_from(None, env(&[("RIM_QUEUE__PRODUCE_IN_FLIGHT", "1")])).unwrap();
+    assert_eq!(config.queue.produce_in_flight, 1);
+}
+
+#[test]
 fn consumer_group_keys_default_to_static_membership_from_the_node_id() {
     let job = JobRoleConfig::load_from(None, env(&[("RIM_NODE__ID", "job-7")])).unwrap();
     assert_eq!(job.queue.session_timeout, Duration::from_secs(10));

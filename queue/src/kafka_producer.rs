@@ -14,6 +14,16 @@ use crate::{Error, Producer, PushMsg, Result, partition_key};
 /// How long one message may take to be acknowledged before the push fails.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How the producer gathers messages into produce requests
+/// (`queue.linger`, `queue.produce_in_flight`).
+#[derive(Clone, Copy, Debug)]
+pub struct Batching {
+    /// The longest a message waits for others (`linger.ms`).
+    pub linger: Duration,
+    /// Requests in flight per broker (1..=5, idempotence keeps order).
+    pub in_flight: u32,
+}
+
 /// Produces push messages to a Kafka topic.
 pub struct KafkaProducer {
     producer: FutureProducer,
@@ -30,17 +40,22 @@ impl std::fmt::Debug for KafkaProducer {
 
 impl KafkaProducer {
     /// Creates a producer for `topic` on the given bootstrap brokers that
-    /// gathers messages for up to `linger` into one request.
+    /// gathers messages for up to `linger` into one request, with up to 5
+    /// requests in flight.
     pub fn new(brokers: &[String], topic: &str, linger: Duration) -> Result<KafkaProducer> {
-        Self::with_properties(brokers, topic, linger, &[])
+        let batching = Batching {
+            linger,
+            in_flight: 5,
+        };
+        Self::with_properties(brokers, topic, batching, &[])
     }
 
-    /// Like [`KafkaProducer::new`], with extra librdkafka `properties`
-    /// (`queue.kafka`: TLS and SASL).
+    /// Like [`KafkaProducer::new`], with its batching and extra librdkafka
+    /// `properties` (`queue.kafka`: TLS and SASL).
     pub fn with_properties(
         brokers: &[String],
         topic: &str,
-        linger: Duration,
+        batching: Batching,
         properties: &[(String, String)],
     ) -> Result<KafkaProducer> {
         let producer: FutureProducer = ClientConfig::new()
@@ -51,7 +66,11 @@ impl KafkaProducer {
                 "message.timeout.ms",
                 DELIVERY_TIMEOUT.as_millis().to_string(),
             )
-            .set("linger.ms", linger.as_millis().min(1_000).to_string())
+            .set("linger.ms", linger_ms(batching.linger))
+            .set(
+                "max.in.flight.requests.per.connection",
+                batching.in_flight.clamp(1, 5).to_string(),
+            )
             .set_properties(properties)
             .create()
             .map_err(Error::kafka(format!(
@@ -63,6 +82,12 @@ impl KafkaProducer {
             topic: topic.to_owned(),
         })
     }
+}
+
+/// `linger.ms` with its fraction (librdkafka takes 0.5), at most 1 s.
+fn linger_ms(linger: Duration) -> String {
+    let micros = linger.as_micros().min(1_000_000);
+    format!("{}.{:03}", micros / 1_000, micros % 1_000)
 }
 
 #[async_trait]
@@ -90,5 +115,18 @@ impl Producer for KafkaProducer {
         })
         .await
         .map_err(|_| Error::Closed("the kafka metadata task ended without an answer"))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linger_keeps_its_fraction_of_a_millisecond() {
+        assert_eq!(linger_ms(Duration::ZERO), "0.000");
+        assert_eq!(linger_ms(Duration::from_micros(500)), "0.500");
+        assert_eq!(linger_ms(Duration::from_millis(5)), "5.000");
+        assert_eq!(linger_ms(Duration::from_secs(5)), "1000.000");
     }
 }

@@ -22,6 +22,7 @@ impl ClientProperties for ClientConfig {
 mod tests {
     use std::time::Duration;
 
+    use crate::kafka_producer::Batching;
     use crate::{KafkaConsumer, KafkaConsumerOptions, KafkaProducer};
 
     fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -30,6 +31,11 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }
+
+    const BATCHING: Batching = Batching {
+        linger: Duration::from_millis(5),
+        in_flight: 1,
+    };
 
     /// No broker is needed: librdkafka checks the properties when the
     /// client is created and connects later, in the background.
@@ -45,7 +51,7 @@ mod tests {
             ("ssl.endpoint.identification.algorithm", "https"),
         ]);
         let brokers = [NOWHERE.to_string()];
-        KafkaProducer::with_properties(&brokers, "rim-push", Duration::from_millis(5), &sasl_ssl)
+        KafkaProducer::with_properties(&brokers, "rim-push", BATCHING, &sasl_ssl)
             .expect("librdkafka is built with SSL and SCRAM");
         let options = KafkaConsumerOptions {
             brokers: brokers.to_vec(),
@@ -64,10 +70,7 @@ mod tests {
         // The properties are really set: a value librdkafka refuses fails
         // the client's creation.
         let bad = props(&[("ssl.endpoint.identification.algorithm", "nonsense")]);
-        assert!(
-            KafkaProducer::with_properties(&brokers, "rim-push", Duration::from_millis(5), &bad)
-                .is_err()
-        );
+        assert!(KafkaProducer::with_properties(&brokers, "rim-push", BATCHING, &bad).is_err());
         assert!(KafkaConsumer::with_properties(&options, &bad).is_err());
     }
 }

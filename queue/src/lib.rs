@@ -30,7 +30,7 @@ pub use rim_proto::pb::queue::v1::push_msg::Type as PushType;
 pub use crate::budget::HeldBytes;
 pub use crate::consumer::{Consumer, Delivery, Lag, Receipt};
 pub use crate::kafka_consumer::{KafkaConsumer, KafkaConsumerOptions};
-pub use crate::kafka_producer::KafkaProducer;
+pub use crate::kafka_producer::{Batching, KafkaProducer};
 pub use crate::memory::{MemoryConsumer, MemoryProducer, MemoryQueue, memory_queue};
 
 /// Messages a consumer hands out before it waits for some to be handled
@@ -120,7 +120,10 @@ pub fn kafka_producer(config: &QueueConfig) -> Result<Arc<dyn Producer>> {
         QueueBackend::Kafka => Ok(Arc::new(KafkaProducer::with_properties(
             &config.brokers,
             &config.topic,
-            config.linger,
+            Batching {
+                linger: config.linger,
+                in_flight: config.produce_in_flight,
+            },
             &config.kafka_properties(),
         )?)),
         QueueBackend::Memory => Err(Error::Invalid(
