@@ -207,11 +207,97 @@ pub trait LogicApi: Send + Sync + 'static {
     async fn nodes(&self, req: logic::NodesRequest) -> RpcResult<logic::NodesReply>;
 }
 
+/// The most pushes one `PushMsgs` call may carry; a comet refuses a larger
+/// batch whole as `InvalidArgument`. The job sends at most a quarter of it,
+/// so that a later job may send more without a comet refusing it.
+pub const PUSH_BATCH_MAX_PUSHES: usize = 1024;
+
+/// The most encoded bytes (the pushes' protobuf lengths summed) one
+/// `PushMsgs` call may carry; a comet refuses a larger batch whole as
+/// `InvalidArgument`. It is also tonic's default limit on a decoded message.
+pub const PUSH_BATCH_MAX_BYTES: usize = 4 << 20;
+
+/// Refuses a `PushMsgs` batch over [`PUSH_BATCH_MAX_PUSHES`] or
+/// [`PUSH_BATCH_MAX_BYTES`], before any push of it is applied.
+pub fn check_push_batch(req: &comet::PushMsgsRequest) -> RpcResult<()> {
+    use prost::Message as _;
+    if req.pushes.len() > PUSH_BATCH_MAX_PUSHES {
+        return Err(RpcError::InvalidArgument(format!(
+            "push batch of {} pushes: the most is {PUSH_BATCH_MAX_PUSHES}",
+            req.pushes.len()
+        )));
+    }
+    let bytes: usize = req.pushes.iter().map(|push| push.encoded_len()).sum();
+    if bytes > PUSH_BATCH_MAX_BYTES {
+        return Err(RpcError::InvalidArgument(format!(
+            "push batch of {bytes} bytes: the most is {PUSH_BATCH_MAX_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// A `PushMsgs` reply built one push's result at a time.
+#[derive(Debug, Default)]
+pub struct PushBatchReply {
+    reply: comet::PushMsgsReply,
+    total: comet::Delivery,
+}
+
+impl PushBatchReply {
+    /// Adds the result of the push at `index`: its counts, or its refusal
+    /// as invalid (listed, the batch goes on); any other error is handed
+    /// back, failing the whole call.
+    pub fn add(&mut self, index: usize, result: RpcResult<comet::Delivery>) -> RpcResult<()> {
+        match result {
+            Ok(delivery) => {
+                let total = &mut self.total;
+                total.delivered += delivery.delivered;
+                total.filtered += delivery.filtered;
+                total.missing += delivery.missing;
+                total.dropped += delivery.dropped;
+                Ok(())
+            }
+            Err(RpcError::InvalidArgument(reason)) => {
+                self.reply.refused.push(comet::RefusedPush {
+                    // A checked batch has at most PUSH_BATCH_MAX_PUSHES pushes.
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    reason,
+                });
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Returns the reply: the summed counts and the refused pushes.
+    pub fn finish(mut self) -> comet::PushMsgsReply {
+        self.reply.delivery = Some(self.total);
+        self.reply
+    }
+}
+
 /// What the job (and admin endpoints) ask of a comet (protocol.md §3, comet service).
 #[async_trait]
 pub trait CometApi: Send + Sync + 'static {
     /// Delivers a frame to connections by key, filtered by their accepted ops.
     async fn push_msg(&self, req: comet::PushMsgRequest) -> RpcResult<comet::Delivery>;
+    /// Applies a batch of pushes in order, each as [`CometApi::push_msg`]:
+    /// a push refused as invalid is listed in the reply's `refused` and the
+    /// others still go; any other error fails the whole call (the caller
+    /// retries it all). A batch over [`check_push_batch`]'s bounds is
+    /// refused whole.
+    ///
+    /// The default does exactly that with `push_msg`, so that an in-process
+    /// comet or a test fake needs nothing more; [`RemoteComet`] overrides
+    /// it with the one `PushMsgs` RPC.
+    async fn push_msgs(&self, req: comet::PushMsgsRequest) -> RpcResult<comet::PushMsgsReply> {
+        check_push_batch(&req)?;
+        let mut reply = PushBatchReply::default();
+        for (index, push) in req.pushes.into_iter().enumerate() {
+            reply.add(index, self.push_msg(push).await)?;
+        }
+        Ok(reply.finish())
+    }
     /// Delivers a frame to every connection accepting the op, paced.
     async fn broadcast(&self, req: comet::BroadcastRequest) -> RpcResult<comet::Delivery>;
     /// Delivers a frame to every member of a room.
@@ -374,6 +460,15 @@ impl CometApi for RemoteComet {
             .await?
             .into_inner();
         Ok(reply.delivery.unwrap_or_default())
+    }
+
+    async fn push_msgs(&self, req: comet::PushMsgsRequest) -> RpcResult<comet::PushMsgsReply> {
+        Ok(self
+            .client
+            .clone()
+            .push_msgs(self.token.request(req))
+            .await?
+            .into_inner())
     }
 
     async fn broadcast(&self, req: comet::BroadcastRequest) -> RpcResult<comet::Delivery> {
@@ -545,6 +640,13 @@ impl<T: CometApi> comet::comet_server::Comet for CometGrpc<T> {
         Ok(Response::new(comet::PushMsgReply {
             delivery: Some(delivery),
         }))
+    }
+
+    async fn push_msgs(
+        &self,
+        req: Request<comet::PushMsgsRequest>,
+    ) -> Result<Response<comet::PushMsgsReply>, Status> {
+        Ok(Response::new(self.0.push_msgs(req.into_inner()).await?))
     }
 
     async fn broadcast(
