@@ -378,3 +378,6 @@ async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
