@@ -709,3 +709,151 @@ impl<T: CometApi> comet::comet_server::Comet for CometGrpc<T> {
         Ok(Response::new(self.0.stats().await?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    /// Answers pushes by their op: 0 = invalid, 1 = unavailable, else one
+    /// delivery per key; records the keys of every push it applies.
+    #[derive(Default)]
+    struct ByOp(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl CometApi for ByOp {
+        async fn push_msg(&self, req: comet::PushMsgRequest) -> RpcResult<comet::Delivery> {
+            match req.proto_op {
+                0 => Err(RpcError::InvalidArgument("op 0".into())),
+                1 => Err(RpcError::Unavailable("down".into())),
+                _ => {
+                    self.0.lock().unwrap().push(req.keys.join(","));
+                    Ok(comet::Delivery {
+                        delivered: req.keys.len() as u64,
+                        ..comet::Delivery::default()
+                    })
+                }
+            }
+        }
+        async fn broadcast(&self, _: comet::BroadcastRequest) -> RpcResult<comet::Delivery> {
+            unreachable!()
+        }
+        async fn broadcast_room(
+            &self,
+            _: comet::BroadcastRoomRequest,
+        ) -> RpcResult<comet::Delivery> {
+            unreachable!()
+        }
+        async fn broadcast_group(
+            &self,
+            _: comet::BroadcastGroupRequest,
+        ) -> RpcResult<comet::Delivery> {
+            unreachable!()
+        }
+        async fn change_group(
+            &self,
+            _: comet::ChangeGroupRequest,
+        ) -> RpcResult<comet::ChangeGroupReply> {
+            unreachable!()
+        }
+        async fn rooms(&self) -> RpcResult<Vec<String>> {
+            unreachable!()
+        }
+        async fn kick(&self, _: Vec<String>) -> RpcResult<u64> {
+            unreachable!()
+        }
+        async fn stats(&self) -> RpcResult<comet::StatsReply> {
+            unreachable!()
+        }
+    }
+
+    fn push(keys: &[&str], op: i32) -> comet::PushMsgRequest {
+        comet::PushMsgRequest {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            proto_op: op,
+            ..comet::PushMsgRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_push_msgs_applies_in_order_and_refuses_invalid_pushes_alone() {
+        let comet = ByOp::default();
+        let reply = comet
+            .push_msgs(comet::PushMsgsRequest {
+                pushes: vec![push(&["a"], 5), push(&["x"], 0), push(&["b", "c"], 5)],
+            })
+            .await
+            .unwrap();
+        assert_eq!(*comet.0.lock().unwrap(), vec!["a", "b,c"]);
+        assert_eq!(reply.delivery.unwrap().delivered, 3);
+        assert_eq!(
+            reply.refused,
+            vec![comet::RefusedPush {
+                index: 1,
+                reason: "op 0".into()
+            }]
+        );
+        // Any other error fails the whole call.
+        let err = comet
+            .push_msgs(comet::PushMsgsRequest {
+                pushes: vec![push(&["d"], 5), push(&["y"], 1)],
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn batches_over_the_bounds_are_refused_before_any_push() {
+        let comet = ByOp::default();
+        let err = comet
+            .push_msgs(comet::PushMsgsRequest {
+                pushes: vec![push(&["k"], 5); PUSH_BATCH_MAX_PUSHES + 1],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::InvalidArgument(_)), "{err}");
+        let key = "k".repeat(PUSH_BATCH_MAX_BYTES / 2);
+        let err = comet
+            .push_msgs(comet::PushMsgsRequest {
+                pushes: vec![push(&[&key], 5); 2],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::InvalidArgument(_)), "{err}");
+        assert!(comet.0.lock().unwrap().is_empty());
+        let at_bound = comet::PushMsgsRequest {
+            pushes: vec![push(&["k"], 5); PUSH_BATCH_MAX_PUSHES],
+        };
+        assert!(check_push_batch(&at_bound).is_ok());
+    }
+
+    #[test]
+    fn push_batches_round_trip_through_protobuf() {
+        let req = comet::PushMsgsRequest {
+            pushes: vec![
+                push(&["a", "b"], 1000),
+                comet::PushMsgRequest {
+                    bodies: vec![bytes::Bytes::from("x")],
+                    ..push(&["c"], 21)
+                },
+            ],
+        };
+        let decoded = comet::PushMsgsRequest::decode(req.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded, req);
+        let reply = comet::PushMsgsReply {
+            delivery: Some(comet::Delivery {
+                delivered: 3,
+                missing: 1,
+                ..comet::Delivery::default()
+            }),
+            refused: vec![comet::RefusedPush {
+                index: 7,
+                reason: "proto is missing".into(),
+            }],
+        };
+        let decoded = comet::PushMsgsReply::decode(reply.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded, reply);
+    }
+}
