@@ -247,7 +247,10 @@ async fn attempt(comet: &Comet, work: &Work) -> Result<Vec<u32>, RpcError> {
             for r in &reply.refused {
                 tracing::warn!(comet = %comet.id, index = r.index, reason = %r.reason, "comet refused a push of a batch as invalid; dropped");
             }
+            // Sorted and unique: the lane walks them once, in step with the
+            // pushes.
             refused.sort_unstable();
+            refused.dedup();
             refused
         }),
     };
