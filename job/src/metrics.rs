@@ -1,6 +1,7 @@
 //! The job's Prometheus metrics: messages by kind and result, push latency
 //! from the api's accept to the comets' answer, comet RPC errors and
-//! durations, room batch sizes, messages in flight and consumer lag.
+//! durations, room batch sizes, pushes per push call, messages in flight and
+//! consumer lag.
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
