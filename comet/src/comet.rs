@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use rim_config::{CometConfig, NodeConfig};
-use rim_proto::api::{CometApi, LogicApi, RpcError, RpcResult};
+use rim_proto::api::{CometApi, LogicApi, PushBatchReply, RpcError, RpcResult, check_push_batch};
 use rim_proto::pb::comet::v1 as pb;
 use rim_proto::pb::frame::v1::Proto;
 use rim_proto::{BatchBuilder, Frame};
@@ -359,9 +359,9 @@ fn encode(proto: Option<Proto>) -> RpcResult<Bytes> {
         .map_err(|e| RpcError::InvalidArgument(e.to_string()))
 }
 
-#[async_trait]
-impl CometApi for Comet {
-    async fn push_msg(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
+impl Comet {
+    /// Delivers one push (PushMsg, or one push of a PushMsgs batch).
+    fn push(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
         let started = Instant::now();
         let span = tracing::debug_span!(
             "push_rpc",
@@ -402,6 +402,24 @@ impl CometApi for Comet {
         }
         inner.count(Rpc::Push, started, &tally);
         Ok(tally.delivery)
+    }
+}
+
+#[async_trait]
+impl CometApi for Comet {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
+        self.push(req)
+    }
+
+    /// Applies each push as `push_msg` does (its span, its counts), without
+    /// a future per push.
+    async fn push_msgs(&self, req: pb::PushMsgsRequest) -> RpcResult<pb::PushMsgsReply> {
+        check_push_batch(&req)?;
+        let mut reply = PushBatchReply::default();
+        for (index, push) in req.pushes.into_iter().enumerate() {
+            reply.add(index, self.push(push))?;
+        }
+        Ok(reply.finish())
     }
 
     async fn broadcast(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {

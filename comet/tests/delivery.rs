@@ -637,3 +637,140 @@ async fn many_keys_in_one_push_all_arrive_once() {
     }
     comet.stop().await;
 }
+
+/// Issue #15: PushMsgs over gRPC (behind the token check) applies each push
+/// in order exactly as PushMsg (accepts filter, per-recipient bodies), and
+/// refuses an invalid push alone while the others are delivered.
+#[tokio::test]
+async fn push_msgs_delivers_each_push_in_order_and_refuses_invalid_ones_alone() {
+    const GRPC_TOKEN: &str = "batch-token";
+    let comet = start_with_grpc_token(GRPC_TOKEN, test_config(), ScriptedLogic::default()).await;
+    let mut all = clients(&comet, "b", 4, "", &[1000, MARK]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", comet.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let push = |keys: &[&str], op: i32, body: &str| pb::PushMsgRequest {
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        proto_op: op,
+        proto: Some(proto(op, body)),
+        bodies: Vec::new(),
+    };
+    let batch = pb::PushMsgsRequest {
+        pushes: vec![
+            push(&["b0"], 1000, "one"),
+            push(&["b1"], 1000, "two"),
+            // No frame: refused alone.
+            pb::PushMsgRequest {
+                proto: None,
+                ..push(&["b0"], 1000, "")
+            },
+            push(&["b0", "b1", "nobody"], 1000, "three"),
+            // Bodies that do not pair with keys: refused alone.
+            pb::PushMsgRequest {
+                bodies: vec![Bytes::from("lonely")],
+                ..push(&["b2", "b3"], 1000, "")
+            },
+            // b2 does not accept op 1001.
+            push(&["b2"], 1001, "filtered"),
+            pb::PushMsgRequest {
+                bodies: vec![Bytes::from("for b2"), Bytes::from("for b3")],
+                ..push(&["b2", "b3"], 1000, "")
+            },
+            push(&["b0"], 1000, "four"),
+        ],
+    };
+    let err = RemoteComet::new(channel.clone())
+        .push_msgs(batch.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, rim_proto::api::RpcError::Unauthenticated(_)),
+        "{err}"
+    );
+    let remote = RemoteComet::new(channel)
+        .with_token(Some(GRPC_TOKEN))
+        .unwrap();
+    let reply = remote.push_msgs(batch).await.unwrap();
+    let refused: Vec<u32> = reply.refused.iter().map(|r| r.index).collect();
+    assert_eq!(refused, vec![2, 4], "{:?}", reply.refused);
+    assert!(
+        reply.refused[1].reason.contains("bodies"),
+        "{:?}",
+        reply.refused
+    );
+    let d = reply.delivery.unwrap();
+    assert_eq!(
+        (d.delivered, d.filtered, d.missing, d.dropped),
+        (7, 1, 1, 0)
+    );
+    let expected: [&[&str]; 4] = [
+        &["one", "three", "four"],
+        &["two", "three"],
+        &["for b2"],
+        &["for b3"],
+    ];
+    for (i, (client, bodies)) in all.iter_mut().zip(expected).enumerate() {
+        for body in bodies {
+            let frame = next(client).await;
+            assert_eq!(
+                (frame.op, &frame.body[..]),
+                (Op(1000), body.as_bytes()),
+                "b{i}"
+            );
+        }
+        assert_nothing_before_marker(&comet, client, &format!("b{i}")).await;
+    }
+    comet.stop().await;
+}
+
+/// Issue #15: a PushMsgs batch over the comet's bounds (count or bytes) is
+/// refused whole as InvalidArgument before any push of it is applied.
+#[tokio::test]
+async fn push_msgs_over_the_bounds_are_refused_whole() {
+    use rim_proto::api::{PUSH_BATCH_MAX_BYTES, PUSH_BATCH_MAX_PUSHES, RpcError};
+    let comet = start(test_config(), ScriptedLogic::default()).await;
+    let mut client = comet
+        .client(TransportKind::Tcp, token(1, "over", "", &[1000, MARK]))
+        .await;
+    let push = |body: Bytes| pb::PushMsgRequest {
+        keys: vec!["over".into()],
+        proto_op: 1000,
+        proto: Some(Frame::new(Op(1000), 0, body).into()),
+        bodies: Vec::new(),
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", comet.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let remote = RemoteComet::new(channel);
+    // One push too many, over gRPC: the code crosses the wire.
+    let too_many = pb::PushMsgsRequest {
+        pushes: vec![push(Bytes::from("x")); PUSH_BATCH_MAX_PUSHES + 1],
+    };
+    let err = remote.push_msgs(too_many.clone()).await.unwrap_err();
+    assert!(matches!(err, RpcError::InvalidArgument(_)), "{err}");
+    let err = comet.comet.push_msgs(too_many).await.unwrap_err();
+    assert!(matches!(err, RpcError::InvalidArgument(_)), "{err}");
+    // Too many bytes (in process: tonic's own 4 MiB decode limit would
+    // refuse it over gRPC before the comet saw it).
+    let big = Bytes::from(vec![b'x'; PUSH_BATCH_MAX_BYTES / 4]);
+    let too_big = pb::PushMsgsRequest {
+        pushes: vec![push(big); 4],
+    };
+    let err = comet.comet.push_msgs(too_big).await.unwrap_err();
+    assert!(matches!(err, RpcError::InvalidArgument(_)), "{err}");
+    // None of the refused pushes reached the client.
+    assert_nothing_before_marker(&comet, &mut client, "over").await;
+    // At the bound it goes.
+    let at_bound = pb::PushMsgsRequest {
+        pushes: vec![push(Bytes::from("x")); PUSH_BATCH_MAX_PUSHES],
+    };
+    let reply = remote.push_msgs(at_bound).await.unwrap();
+    assert!(reply.refused.is_empty(), "{:?}", reply.refused);
+    let d = reply.delivery.unwrap();
+    assert_eq!(d.delivered + d.dropped, PUSH_BATCH_MAX_PUSHES as u64);
+    comet.stop().await;
+}

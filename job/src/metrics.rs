@@ -1,6 +1,7 @@
 //! The job's Prometheus metrics: messages by kind and result, push latency
 //! from the api's accept to the comets' answer, comet RPC errors and
-//! durations, room batch sizes, messages in flight and consumer lag.
+//! durations, room batch sizes, pushes per push call, messages in flight and
+//! consumer lag.
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,6 +27,8 @@ pub(crate) struct JobMetrics {
     rpc_errors: Family<[(&'static str, String); 1], Counter>,
     rpc_seconds: HistogramFamily,
     room_batch: Histogram,
+    /// Pushes per delivery call to a comet (1 = PushMsg, more = PushMsgs).
+    push_batch: Histogram,
     /// Room batch calls to comets, by whether the comet hosts the room.
     room_calls: Family<[(&'static str, &'static str); 1], Counter>,
     /// Big groups' messages over the group's cap, not delivered.
@@ -47,6 +50,7 @@ impl Default for JobMetrics {
             rpc_errors: Family::default(),
             rpc_seconds: Family::new_with_constructor(latency_histogram),
             room_batch: Histogram::new(rim_metrics::size_buckets()),
+            push_batch: Histogram::new(rim_metrics::size_buckets()),
             room_calls: Family::default(),
             group_thinned: Counter::default(),
             group_truncated: Counter::default(),
@@ -71,6 +75,7 @@ impl Default for JobMetrics {
             let _ = metrics.push_latency.get_or_create(&[("kind", kind)]);
             let _ = metrics.rpc_seconds.get_or_create(&[("rpc", kind)]);
         }
+        let _ = metrics.rpc_seconds.get_or_create(&[("rpc", "push_batch")]);
         metrics
     }
 }
@@ -150,6 +155,12 @@ impl JobMetrics {
         self.room_batch.observe(messages as f64);
     }
 
+    /// Records the number of pushes sent to a comet in one call (once per
+    /// call, not per retry).
+    pub(crate) fn push_batch(&self, pushes: usize) {
+        self.push_batch.observe(pushes as f64);
+    }
+
     /// Counts a room batch call made to a comet hosting the room, or
     /// skipped for one that does not.
     pub(crate) fn room_call(&self, sent: bool) {
@@ -196,13 +207,18 @@ impl JobMetrics {
         );
         registry.register(
             "rim_job_comet_rpc_duration_seconds",
-            "Duration of delivery RPC attempts to comets, by RPC (push, room, broadcast, group, change_group)",
+            "Duration of delivery RPC attempts to comets, by RPC (push, push_batch, room, broadcast, group, change_group)",
             self.rpc_seconds.clone(),
         );
         registry.register(
             "rim_job_room_batch_messages",
             "Messages merged into one room batch (op 9) per flush",
             self.room_batch.clone(),
+        );
+        registry.register(
+            "rim_job_push_batch_pushes",
+            "Pushes sent to a comet in one delivery call: 1 = a PushMsg alone, more = one PushMsgs of the pushes queued back to back for that comet",
+            self.push_batch.clone(),
         );
         registry.register(
             "rim_job_room_calls",

@@ -912,3 +912,107 @@ async fn adaptive_gathering_waits_at_most_room_flush() {
         ]
     );
 }
+
+/// A comet that holds its first push until the test releases it, and
+/// records each PushMsgs as "batch <keys>".
+struct HeldPushes {
+    inner: FakeComet,
+    arrived: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl CometApi for HeldPushes {
+    async fn push_msg(&self, req: pb::PushMsgRequest) -> RpcResult<pb::Delivery> {
+        let answer = self.inner.push_msg(req).await;
+        self.arrived.notify_one();
+        let _permit = self.release.acquire().await.unwrap();
+        answer
+    }
+    async fn push_msgs(&self, req: pb::PushMsgsRequest) -> RpcResult<pb::PushMsgsReply> {
+        let keys: Vec<String> = req.pushes.iter().map(|p| p.keys.join(",")).collect();
+        self.inner.record(format!("batch {}", keys.join(" ")))?;
+        let mut reply = rim_proto::api::PushBatchReply::default();
+        for (index, push) in req.pushes.into_iter().enumerate() {
+            reply.add(index, self.inner.push_msg(push).await)?;
+        }
+        Ok(reply.finish())
+    }
+    async fn broadcast(&self, req: pb::BroadcastRequest) -> RpcResult<pb::Delivery> {
+        self.inner.broadcast(req).await
+    }
+    async fn broadcast_room(&self, req: pb::BroadcastRoomRequest) -> RpcResult<pb::Delivery> {
+        self.inner.broadcast_room(req).await
+    }
+    async fn broadcast_group(&self, req: pb::BroadcastGroupRequest) -> RpcResult<pb::Delivery> {
+        self.inner.broadcast_group(req).await
+    }
+    async fn change_group(&self, req: pb::ChangeGroupRequest) -> RpcResult<pb::ChangeGroupReply> {
+        self.inner.change_group(req).await
+    }
+    async fn rooms(&self) -> RpcResult<Vec<String>> {
+        Ok(vec![])
+    }
+    async fn kick(&self, _keys: Vec<String>) -> RpcResult<u64> {
+        Ok(0)
+    }
+    async fn stats(&self) -> RpcResult<pb::StatsReply> {
+        Ok(pb::StatsReply::default())
+    }
+}
+
+/// Issue #15: the pushes handed to the job while a comet is answering an
+/// earlier one reach it in one PushMsgs, in order; a join between them
+/// splits the batch.
+#[tokio::test]
+async fn pushes_handed_out_while_the_comet_answers_go_as_one_batch_in_order() {
+    let comet = Arc::new(HeldPushes {
+        inner: FakeComet::default(),
+        arrived: tokio::sync::Notify::new(),
+        release: tokio::sync::Semaphore::new(0),
+    });
+    let job = job_ruled(
+        RoomFlushRule::Adaptive,
+        20,
+        Duration::from_millis(50),
+        &[("a", comet.clone())],
+    );
+    let mut tickets = vec![job.deliver(push("a", &["k0"], "0")).await];
+    tokio::time::timeout(Duration::from_secs(10), comet.arrived.notified())
+        .await
+        .expect("the first push reached the comet");
+    for i in 1..=3 {
+        tickets.push(job.deliver(push("a", &["k"], &i.to_string())).await);
+    }
+    let join = PushMsg {
+        r#type: PushType::GroupJoin as i32,
+        server: "a".into(),
+        room: "g:1".into(),
+        keys: vec!["k".into()],
+        ..PushMsg::default()
+    };
+    tickets.push(job.deliver(join).await);
+    for i in 4..=5 {
+        tickets.push(job.deliver(push("a", &["k"], &i.to_string())).await);
+    }
+    comet
+        .release
+        .add_permits(tokio::sync::Semaphore::MAX_PERMITS);
+    for ticket in tickets {
+        assert_eq!(done(ticket).await, Outcome::Delivered);
+    }
+    assert_eq!(
+        comet.inner.calls(),
+        vec![
+            "push k0 op=1000 0",
+            "batch k k k",
+            "push k op=1000 1",
+            "push k op=1000 2",
+            "push k op=1000 3",
+            "join g:1 k",
+            "batch k k",
+            "push k op=1000 4",
+            "push k op=1000 5",
+        ]
+    );
+}

@@ -207,11 +207,97 @@ pub trait LogicApi: Send + Sync + 'static {
     async fn nodes(&self, req: logic::NodesRequest) -> RpcResult<logic::NodesReply>;
 }
 
+/// The most pushes one `PushMsgs` call may carry; a comet refuses a larger
+/// batch whole as `InvalidArgument`. The job sends at most a quarter of it,
+/// so that a later job may send more without a comet refusing it.
+pub const PUSH_BATCH_MAX_PUSHES: usize = 1024;
+
+/// The most encoded bytes (the pushes' protobuf lengths summed) one
+/// `PushMsgs` call may carry; a comet refuses a larger batch whole as
+/// `InvalidArgument`. It is also tonic's default limit on a decoded message.
+pub const PUSH_BATCH_MAX_BYTES: usize = 4 << 20;
+
+/// Refuses a `PushMsgs` batch over [`PUSH_BATCH_MAX_PUSHES`] or
+/// [`PUSH_BATCH_MAX_BYTES`], before any push of it is applied.
+pub fn check_push_batch(req: &comet::PushMsgsRequest) -> RpcResult<()> {
+    use prost::Message as _;
+    if req.pushes.len() > PUSH_BATCH_MAX_PUSHES {
+        return Err(RpcError::InvalidArgument(format!(
+            "push batch of {} pushes: the most is {PUSH_BATCH_MAX_PUSHES}",
+            req.pushes.len()
+        )));
+    }
+    let bytes: usize = req.pushes.iter().map(|push| push.encoded_len()).sum();
+    if bytes > PUSH_BATCH_MAX_BYTES {
+        return Err(RpcError::InvalidArgument(format!(
+            "push batch of {bytes} bytes: the most is {PUSH_BATCH_MAX_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// A `PushMsgs` reply built one push's result at a time.
+#[derive(Debug, Default)]
+pub struct PushBatchReply {
+    reply: comet::PushMsgsReply,
+    total: comet::Delivery,
+}
+
+impl PushBatchReply {
+    /// Adds the result of the push at `index`: its counts, or its refusal
+    /// as invalid (listed, the batch goes on); any other error is handed
+    /// back, failing the whole call.
+    pub fn add(&mut self, index: usize, result: RpcResult<comet::Delivery>) -> RpcResult<()> {
+        match result {
+            Ok(delivery) => {
+                let total = &mut self.total;
+                total.delivered += delivery.delivered;
+                total.filtered += delivery.filtered;
+                total.missing += delivery.missing;
+                total.dropped += delivery.dropped;
+                Ok(())
+            }
+            Err(RpcError::InvalidArgument(reason)) => {
+                self.reply.refused.push(comet::RefusedPush {
+                    // A checked batch has at most PUSH_BATCH_MAX_PUSHES pushes.
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    reason,
+                });
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Returns the reply: the summed counts and the refused pushes.
+    pub fn finish(mut self) -> comet::PushMsgsReply {
+        self.reply.delivery = Some(self.total);
+        self.reply
+    }
+}
+
 /// What the job (and admin endpoints) ask of a comet (protocol.md §3, comet service).
 #[async_trait]
 pub trait CometApi: Send + Sync + 'static {
     /// Delivers a frame to connections by key, filtered by their accepted ops.
     async fn push_msg(&self, req: comet::PushMsgRequest) -> RpcResult<comet::Delivery>;
+    /// Applies a batch of pushes in order, each as [`CometApi::push_msg`]:
+    /// a push refused as invalid is listed in the reply's `refused` and the
+    /// others still go; any other error fails the whole call (the caller
+    /// retries it all). A batch over [`check_push_batch`]'s bounds is
+    /// refused whole.
+    ///
+    /// The default does exactly that with `push_msg`, so that an in-process
+    /// comet or a test fake needs nothing more; [`RemoteComet`] overrides
+    /// it with the one `PushMsgs` RPC.
+    async fn push_msgs(&self, req: comet::PushMsgsRequest) -> RpcResult<comet::PushMsgsReply> {
+        check_push_batch(&req)?;
+        let mut reply = PushBatchReply::default();
+        for (index, push) in req.pushes.into_iter().enumerate() {
+            reply.add(index, self.push_msg(push).await)?;
+        }
+        Ok(reply.finish())
+    }
     /// Delivers a frame to every connection accepting the op, paced.
     async fn broadcast(&self, req: comet::BroadcastRequest) -> RpcResult<comet::Delivery>;
     /// Delivers a frame to every member of a room.
@@ -374,6 +460,15 @@ impl CometApi for RemoteComet {
             .await?
             .into_inner();
         Ok(reply.delivery.unwrap_or_default())
+    }
+
+    async fn push_msgs(&self, req: comet::PushMsgsRequest) -> RpcResult<comet::PushMsgsReply> {
+        Ok(self
+            .client
+            .clone()
+            .push_msgs(self.token.request(req))
+            .await?
+            .into_inner())
     }
 
     async fn broadcast(&self, req: comet::BroadcastRequest) -> RpcResult<comet::Delivery> {
@@ -547,6 +642,13 @@ impl<T: CometApi> comet::comet_server::Comet for CometGrpc<T> {
         }))
     }
 
+    async fn push_msgs(
+        &self,
+        req: Request<comet::PushMsgsRequest>,
+    ) -> Result<Response<comet::PushMsgsReply>, Status> {
+        Ok(Response::new(self.0.push_msgs(req.into_inner()).await?))
+    }
+
     async fn broadcast(
         &self,
         req: Request<comet::BroadcastRequest>,
@@ -605,5 +707,153 @@ impl<T: CometApi> comet::comet_server::Comet for CometGrpc<T> {
         _req: Request<comet::StatsRequest>,
     ) -> Result<Response<comet::StatsReply>, Status> {
         Ok(Response::new(self.0.stats().await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    /// Answers pushes by their op: 0 = invalid, 1 = unavailable, else one
+    /// delivery per key; records the keys of every push it applies.
+    #[derive(Default)]
+    struct ByOp(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl CometApi for ByOp {
+        async fn push_msg(&self, req: comet::PushMsgRequest) -> RpcResult<comet::Delivery> {
+            match req.proto_op {
+                0 => Err(RpcError::InvalidArgument("op 0".into())),
+                1 => Err(RpcError::Unavailable("down".into())),
+                _ => {
+                    self.0.lock().unwrap().push(req.keys.join(","));
+                    Ok(comet::Delivery {
+                        delivered: req.keys.len() as u64,
+                        ..comet::Delivery::default()
+                    })
+                }
+            }
+        }
+        async fn broadcast(&self, _: comet::BroadcastRequest) -> RpcResult<comet::Delivery> {
+            unreachable!()
+        }
+        async fn broadcast_room(
+            &self,
+            _: comet::BroadcastRoomRequest,
+        ) -> RpcResult<comet::Delivery> {
+            unreachable!()
+        }
+        async fn broadcast_group(
+            &self,
+            _: comet::BroadcastGroupRequest,
+        ) -> RpcResult<comet::Delivery> {
+            unreachable!()
+        }
+        async fn change_group(
+            &self,
+            _: comet::ChangeGroupRequest,
+        ) -> RpcResult<comet::ChangeGroupReply> {
+            unreachable!()
+        }
+        async fn rooms(&self) -> RpcResult<Vec<String>> {
+            unreachable!()
+        }
+        async fn kick(&self, _: Vec<String>) -> RpcResult<u64> {
+            unreachable!()
+        }
+        async fn stats(&self) -> RpcResult<comet::StatsReply> {
+            unreachable!()
+        }
+    }
+
+    fn push(keys: &[&str], op: i32) -> comet::PushMsgRequest {
+        comet::PushMsgRequest {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            proto_op: op,
+            ..comet::PushMsgRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_push_msgs_applies_in_order_and_refuses_invalid_pushes_alone() {
+        let comet = ByOp::default();
+        let reply = comet
+            .push_msgs(comet::PushMsgsRequest {
+                pushes: vec![push(&["a"], 5), push(&["x"], 0), push(&["b", "c"], 5)],
+            })
+            .await
+            .unwrap();
+        assert_eq!(*comet.0.lock().unwrap(), vec!["a", "b,c"]);
+        assert_eq!(reply.delivery.unwrap().delivered, 3);
+        assert_eq!(
+            reply.refused,
+            vec![comet::RefusedPush {
+                index: 1,
+                reason: "op 0".into()
+            }]
+        );
+        // Any other error fails the whole call.
+        let err = comet
+            .push_msgs(comet::PushMsgsRequest {
+                pushes: vec![push(&["d"], 5), push(&["y"], 1)],
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn batches_over_the_bounds_are_refused_before_any_push() {
+        let comet = ByOp::default();
+        let err = comet
+            .push_msgs(comet::PushMsgsRequest {
+                pushes: vec![push(&["k"], 5); PUSH_BATCH_MAX_PUSHES + 1],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::InvalidArgument(_)), "{err}");
+        let key = "k".repeat(PUSH_BATCH_MAX_BYTES / 2);
+        let err = comet
+            .push_msgs(comet::PushMsgsRequest {
+                pushes: vec![push(&[&key], 5); 2],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::InvalidArgument(_)), "{err}");
+        assert!(comet.0.lock().unwrap().is_empty());
+        let at_bound = comet::PushMsgsRequest {
+            pushes: vec![push(&["k"], 5); PUSH_BATCH_MAX_PUSHES],
+        };
+        assert!(check_push_batch(&at_bound).is_ok());
+    }
+
+    #[test]
+    fn push_batches_round_trip_through_protobuf() {
+        let req = comet::PushMsgsRequest {
+            pushes: vec![
+                push(&["a", "b"], 1000),
+                comet::PushMsgRequest {
+                    bodies: vec![bytes::Bytes::from("x")],
+                    ..push(&["c"], 21)
+                },
+            ],
+        };
+        let decoded = comet::PushMsgsRequest::decode(req.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded, req);
+        let reply = comet::PushMsgsReply {
+            delivery: Some(comet::Delivery {
+                delivered: 3,
+                missing: 1,
+                ..comet::Delivery::default()
+            }),
+            refused: vec![comet::RefusedPush {
+                index: 7,
+                reason: "proto is missing".into(),
+            }],
+        };
+        let decoded = comet::PushMsgsReply::decode(reply.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded, reply);
     }
 }
