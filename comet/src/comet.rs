@@ -96,6 +96,19 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
+    fn merge(&mut self, other: Tally) {
+        let (d, o) = (&mut self.delivery, other.delivery);
+        d.delivered += o.delivered;
+        d.filtered += o.filtered;
+        d.missing += o.missing;
+        d.dropped += o.dropped;
+        self.slow_closes += other.slow_closes;
+        for (path, n) in self.paths.iter_mut().zip(other.paths) {
+            *path += n;
+        }
+        self.direct_bytes += other.direct_bytes;
+    }
+
     fn record(&mut self, pushed: Pushed) {
         match pushed {
             Pushed::Queued => {
@@ -118,6 +131,66 @@ impl Tally {
             }
         }
     }
+}
+
+/// Members one task pushes a room's (or channel's) frame to before the
+/// rest is split over the runtime's workers: a push to an idle connection
+/// is a socket write on the pushing task, and one big room's writes should
+/// use every core, as the connection tasks' writes did.
+const FAN_OUT_CHUNK: usize = 1024;
+
+/// Pushes `frame` to every member (only to those accepting `op`, when
+/// given); a big list is split over the runtime's workers.
+async fn fan_out(
+    members: Vec<Arc<Session>>,
+    frame: Bytes,
+    op: Option<i32>,
+    now: u64,
+    slow: u64,
+) -> Tally {
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    if workers < 2 || members.len() <= FAN_OUT_CHUNK {
+        return push_each(&members, &frame, op, now, slow);
+    }
+    let chunk = members.len().div_ceil(workers).max(FAN_OUT_CHUNK);
+    let members = Arc::new(members);
+    let mut others = Vec::new();
+    let mut start = chunk;
+    while start < members.len() {
+        let end = (start + chunk).min(members.len());
+        let (members, frame) = (Arc::clone(&members), frame.clone());
+        others.push(tokio::spawn(async move {
+            push_each(&members[start..end], &frame, op, now, slow)
+        }));
+        start = end;
+    }
+    let mut tally = push_each(&members[..chunk], &frame, op, now, slow);
+    for other in others {
+        match other.await {
+            Ok(part) => tally.merge(part),
+            // Pushing does not panic; should it, the other parts still went.
+            Err(err) => tracing::error!(reason = %err, "a fan-out part failed"),
+        }
+    }
+    tally
+}
+
+fn push_each(
+    members: &[Arc<Session>],
+    frame: &Bytes,
+    op: Option<i32>,
+    now: u64,
+    slow: u64,
+) -> Tally {
+    let mut tally = Tally::default();
+    for session in members {
+        if op.is_none_or(|op| session.accepts(op)) {
+            tally.record(session.push(frame, now, slow));
+        } else {
+            tally.delivery.filtered += 1;
+        }
+    }
+    tally
 }
 
 impl Comet {
@@ -437,23 +510,20 @@ impl CometApi for Comet {
         let op = req.proto.as_ref().map_or(0, |p| p.op);
         // The room id is the pusher's text: escaped.
         let span = tracing::debug_span!("push_rpc", rpc = "room", op, room = ?req.room_id);
-        let _entered = span.enter();
         if req.room_id.is_empty() {
             return Err(RpcError::InvalidArgument("room_id is empty".into()));
         }
         let frame = encode(req.proto)?;
         let inner = &self.inner;
-        let (now, slow) = (inner.now_ms(), inner.slow_ms());
-        let mut tally = Tally::default();
         // Members are pushed to outside the bucket's lock: a push may be a
         // socket write.
         let mut members = Vec::new();
         for bucket in inner.buckets() {
             bucket.members_into(&req.room_id, &mut members);
-            for session in members.drain(..) {
-                tally.record(session.push(&frame, now, slow));
-            }
         }
+        let tally = fan_out(members, frame, None, inner.now_ms(), inner.slow_ms())
+            .instrument(span)
+            .await;
         inner.count(Rpc::Room, started, &tally);
         Ok(tally.delivery)
     }
@@ -462,25 +532,19 @@ impl CometApi for Comet {
         let started = Instant::now();
         let span =
             tracing::debug_span!("push_rpc", rpc = "group", op = req.proto_op, group = ?req.group);
-        let _entered = span.enter();
         if req.group.is_empty() {
             return Err(RpcError::InvalidArgument("group is empty".into()));
         }
         let frame = encode(req.proto)?;
         let inner = &self.inner;
-        let (now, slow) = (inner.now_ms(), inner.slow_ms());
-        let mut tally = Tally::default();
         let mut members = Vec::new();
         for bucket in inner.buckets() {
             bucket.channel_into(&req.group, &mut members);
-            for session in members.drain(..) {
-                if session.accepts(req.proto_op) {
-                    tally.record(session.push(&frame, now, slow));
-                } else {
-                    tally.delivery.filtered += 1;
-                }
-            }
         }
+        let op = Some(req.proto_op);
+        let tally = fan_out(members, frame, op, inner.now_ms(), inner.slow_ms())
+            .instrument(span)
+            .await;
         inner.count(Rpc::Group, started, &tally);
         Ok(tally.delivery)
     }
@@ -555,5 +619,49 @@ impl Inner {
 
     pub(crate) fn closed(&self, wire: Wire) {
         stats::decr(self.stats.connections(wire));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize) -> Vec<Arc<Session>> {
+        (0..n)
+            .map(|i| {
+                // Every third member does not accept op 1000.
+                let op = if i % 3 == 0 { 1001 } else { 1000 };
+                let accepts = crate::limits::check_accepts(&[op]).unwrap_or_default();
+                Arc::new(Session::new(
+                    i as u64,
+                    &format!("k{i}"),
+                    i as i64,
+                    IpAddr::from([127, 0, 0, 1]),
+                    accepts,
+                    4,
+                ))
+            })
+            .collect()
+    }
+
+    /// A room bigger than one task's share is split over the workers; every
+    /// member still gets the frame once and the counts add up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_big_fan_out_reaches_every_member_once() {
+        for n in [10, FAN_OUT_CHUNK + 1, 5 * FAN_OUT_CHUNK + 7] {
+            let all = members(n);
+            let frame = Bytes::from_static(b"frame");
+            let tally = fan_out(all.clone(), frame.clone(), None, 1, 10_000).await;
+            assert_eq!(tally.delivery.delivered, n as u64, "{n} members");
+            assert!(all.iter().all(|s| s.take_queued().len() == 1));
+
+            let tally = fan_out(all.clone(), frame, Some(1000), 1, 10_000).await;
+            let accepting = (0..n).filter(|i| i % 3 != 0).count() as u64;
+            assert_eq!(tally.delivery.delivered, accepting, "{n} members");
+            assert_eq!(tally.delivery.filtered, n as u64 - accepting);
+            for (i, s) in all.iter().enumerate() {
+                assert_eq!(s.take_queued().len(), usize::from(i % 3 != 0), "member {i}");
+            }
+        }
     }
 }
