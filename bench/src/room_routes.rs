@@ -1236,6 +1236,20 @@ fn print_report(r: &Report) {
             human(p.latency_us.max)
         );
     }
+    for p in &r.phases {
+        if p.phase == Phase::Routed && p.totals.calls_skipped == 0 {
+            println!(
+                "  warning: the routed phase skipped no room call: routing did not apply (see job-routed.log)"
+            );
+        }
+        if p.deliveries_missing > 0 {
+            println!(
+                "  warning: phase {} lost {} deliveries",
+                p.phase.name(),
+                p.deliveries_missing
+            );
+        }
+    }
     println!(
         "  routed vs unrouted, per message: job CPU {:.0}% less, comets' CPU {:.0}% less",
         r.job_cpu_saved_percent, r.comets_cpu_saved_percent
@@ -1353,6 +1367,36 @@ mod tests {
         assert!(toml.contains("bind = \"127.0.0.1:34002\""), "{toml}");
         assert_eq!(toml.matches("[[discovery.comets]]").count(), 4);
         assert!(toml.contains("id = \"bench-comet-3\"\ngrpc = \"127.0.0.1:34049\""));
+    }
+
+    /// The broker is required, routing needs 4 comets, and the defaults are
+    /// the setup (20 comets, 1,000 rooms, one member per comet).
+    #[test]
+    fn flags_and_defaults() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["rim-bench", "room-routes"];
+            argv.extend(extra);
+            <crate::Cli as clap::Parser>::try_parse_from(argv)
+        };
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--brokers", "127.0.0.1:1", "--comets", "3"]).is_err());
+        assert!(parse(&["--brokers", "127.0.0.1:1", "--rate", "0"]).is_err());
+        let cli = parse(&["--brokers", "127.0.0.1:1,127.0.0.2:2"]).unwrap();
+        let crate::Command::RoomRoutes(args) = cli.command else {
+            panic!("parsed {:?}", cli.command)
+        };
+        let json = serde_json::to_value(&args).unwrap();
+        assert_eq!(
+            json["brokers"],
+            serde_json::json!(["127.0.0.1:1", "127.0.0.2:2"])
+        );
+        assert_eq!(
+            (json["comets"].as_u64(), json["rooms"].as_u64()),
+            (Some(20), Some(1000))
+        );
+        assert_eq!(json["members_per_comet"], 1);
+        assert_eq!(json["rim"], "target/release/rim");
+        assert_eq!(json["port_base"], 34_000);
     }
 
     #[test]
