@@ -88,6 +88,20 @@ impl Cluster {
         log_dir: &Path,
         extra_env: &[(String, String)],
     ) -> anyhow::Result<Cluster> {
+        Cluster::start_with(rim, comets, base, log_dir, extra_env, &[]).await
+    }
+
+    /// [`Cluster::start`] with `logic_env` set for the logic after the
+    /// benchmark's own settings, so it may override them (e.g. a real
+    /// Kafka broker in `RIM_QUEUE__BROKERS`).
+    pub async fn start_with(
+        rim: &Path,
+        comets: u16,
+        base: u16,
+        log_dir: &Path,
+        extra_env: &[(String, String)],
+        logic_env: &[(String, String)],
+    ) -> anyhow::Result<Cluster> {
         anyhow::ensure!(
             u32::from(base) + 20 + 10 * u32::from(comets) < 65_000,
             "--port-base {base} leaves no room for {comets} comets"
@@ -116,11 +130,13 @@ impl Cluster {
             .env("RIM_ROUTER__BACKEND", "memory")
             // The logic process has no in-process queue; fan-out and
             // connection benchmarks never push through it, so the Kafka
-            // producer points at a closed port.
+            // producer points at a closed port (unless `logic_env` names a
+            // broker).
             .env("RIM_QUEUE__BACKEND", "kafka")
             .env("RIM_QUEUE__BROKERS", "127.0.0.1:9")
             .env("RIM_DISCOVERY__BACKEND", "static")
             .env("RIM_DISCOVERY__LOGICS", logic_grpc.to_string())
+            .envs(logic_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log_file(log_dir, "logic.log")?)
             .stderr(log_file(log_dir, "logic.err")?)

@@ -24,6 +24,7 @@ mod pacing;
 mod plot;
 mod procstat;
 mod push_latency;
+mod room_routes;
 mod wire;
 
 use std::process::ExitCode;
@@ -70,6 +71,12 @@ enum Command {
     /// PostgreSQL CPU, for 1:1, groups and big groups, on one PostgreSQL
     /// primary or sharded over several.
     ImStore(im_store::Args),
+    /// Room routing (issue #15, part 3): job and comet CPU per room
+    /// message with the job sending a room's batches only to the comets
+    /// hosting it, then to every comet; K comets, one logic and one job
+    /// per phase as processes, through a Kafka-protocol broker. Plot: bars
+    /// per phase.
+    RoomRoutes(room_routes::Args),
     /// The raw tokio fan-out server `fanout` compares rim with.
     Baseline(baseline::Args),
     /// A load-generator child process driven over stdin (used by the other
@@ -95,6 +102,7 @@ fn main() -> ExitCode {
             Command::PushLatency(args) => push_latency::run(args).await,
             Command::Connections(args) => connections::run(args).await,
             Command::Fanout(args) => fanout::run(args).await,
+            Command::RoomRoutes(args) => room_routes::run(args).await,
             Command::Baseline(args) => baseline::run(args).await,
             Command::ImSend(args) => im_send::run(args).await,
             Command::ImCatchup(args) => im_catchup::run(args).await,
