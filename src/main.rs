@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         Role::Standalone(args) => load::<StandaloneConfig>("standalone", &args).map_or_else(
             |code| code,
             |config| {
-                serve("standalone", |shutdown| {
+                serve("standalone", config.node.worker_threads, |shutdown| {
                     roles::standalone::run(config, shutdown)
                 })
             },
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         Role::Comet(args) => load::<CometRoleConfig>("comet", &args).map_or_else(
             |code| code,
             |config| {
-                serve("comet", |shutdown| async move {
+                serve("comet", config.node.worker_threads, |shutdown| async move {
                     let (listeners, metrics) = roles::comet::bind(&config)?;
                     Ok(roles::comet::run(config, listeners, metrics, shutdown).await?)
                 })
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
         Role::Logic(args) => load::<LogicRoleConfig>("logic", &args).map_or_else(
             |code| code,
             |config| {
-                serve("logic", |shutdown| async move {
+                serve("logic", config.node.worker_threads, |shutdown| async move {
                     let listeners = roles::logic::Listeners::bind(&config)?;
                     roles::logic::run(config, listeners, shutdown).await
                 })
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
         Role::Job(args) => load::<JobRoleConfig>("job", &args).map_or_else(
             |code| code,
             |config| {
-                serve("job", |shutdown| async move {
+                serve("job", config.node.worker_threads, |shutdown| async move {
                     let metrics = roles::job::bind(&config)?;
                     roles::job::run(config, metrics, shutdown).await
                 })
@@ -145,18 +145,19 @@ fn load<C: Load + Serialize>(role: &str, args: &RoleArgs) -> Result<C, ExitCode>
     Ok(config)
 }
 
-/// Runs a role on a multi-threaded runtime until it returns, with
-/// SIGINT/SIGTERM wired to its shutdown signal.
-fn serve<F, Fut>(role: &str, run: F) -> ExitCode
+/// Runs a role on a multi-threaded runtime (`workers` threads, 0 = one per
+/// core) until it returns, with SIGINT/SIGTERM wired to its shutdown signal.
+fn serve<F, Fut>(role: &str, workers: u32, run: F) -> ExitCode
 where
     F: FnOnce(Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     raise_fd_limit(role);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers as usize);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("rim {role}: cannot start the runtime: {err}");

@@ -118,6 +118,11 @@ pub struct NodeConfig {
     /// Mutual TLS: this node's gRPC server refuses clients without a
     /// certificate signed by `tls_ca`; needs `tls_ca`, `tls_cert` and `tls_key`.
     pub tls_client_auth: bool,
+    /// Threads of the process's async runtime; 0 = one per CPU core. Fewer
+    /// threads wake each other less: a logic or job that needs at most a
+    /// core, or roles sharing a host, spend less CPU per push with 1
+    /// (docs/benchmarks.md, "CPU per push").
+    pub worker_threads: u32,
 }
 
 impl Default for NodeConfig {
@@ -134,6 +139,7 @@ impl Default for NodeConfig {
             tls_key: None,
             tls_ca: None,
             tls_client_auth: false,
+            worker_threads: 0,
         }
     }
 }
@@ -146,6 +152,12 @@ impl NodeConfig {
         not_blank("node.region", &self.region)?;
         not_blank("node.zone", &self.zone)?;
         in_range("node.weight", u64::from(self.weight), 1, 1 << 20)?;
+        in_range(
+            "node.worker_threads",
+            u64::from(self.worker_threads),
+            0,
+            1024,
+        )?;
         in_range(
             "node.listen_backlog",
             u64::from(self.listen_backlog),
@@ -874,9 +886,9 @@ impl Default for QueueConfig {
             topic: "rim-push".into(),
             capacity: 65_536,
             max_bytes: 64 << 20,
-            fetch_wait: Duration::from_millis(100),
-            linger: Duration::from_millis(5),
-            produce_in_flight: 5,
+            fetch_wait: Duration::from_millis(5),
+            linger: Duration::from_millis(1),
+            produce_in_flight: 1,
             kafka: std::collections::BTreeMap::new(),
             session_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(1),

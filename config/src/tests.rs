@@ -880,7 +880,7 @@ fn the_fetch_wait_names_its_key() {
         );
     }
     let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
-    assert_eq!(config.queue.fetch_wait, Duration::from_millis(100));
+    assert_eq!(config.queue.fetch_wait, Duration::from_millis(5));
 }
 
 #[test]
@@ -890,7 +890,7 @@ fn the_producer_linger_names_its_key() {
     let config = StandaloneConfig::load_from(None, env(&[("RIM_QUEUE__LINGER", "0s")])).unwrap();
     assert_eq!(config.queue.linger, Duration::ZERO, "0 = send at once");
     let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
-    assert_eq!(config.queue.linger, Duration::from_millis(5));
+    assert_eq!(config.queue.linger, Duration::from_millis(1));
 }
 
 #[test]
@@ -903,7 +903,9 @@ fn produce_in_flight_is_one_to_five() {
         );
     }
     let config =
-        StandaloneConfig::load_from(None, env(&[("RIM_QUEUE__PRODUCE_IN_FLIGHT", "1")])).unwrap();
+        StandaloneConfig::load_from(None, env(&[("RIM_QUEUE__PRODUCE_IN_FLIGHT", "5")])).unwrap();
+    assert_eq!(config.queue.produce_in_flight, 5);
+    let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
     assert_eq!(config.queue.produce_in_flight, 1);
 }
 
@@ -1045,4 +1047,18 @@ fn the_room_flush_rule_defaults_to_adaptive_and_names_its_key() {
     let err = load_err::<StandaloneConfig>(None, &[("RIM_JOB__ROOM_FLUSH_RULE", "nagle")]);
     assert!(err.contains("job.room_flush_rule"), "{err}");
     assert!(err.contains("adaptive") && err.contains("fixed"), "{err}");
+}
+
+#[test]
+fn worker_threads_default_to_one_per_core() {
+    let config = StandaloneConfig::load_from(None, env(&[])).unwrap();
+    assert_eq!(config.node.worker_threads, 0);
+    let config =
+        StandaloneConfig::load_from(None, env(&[("RIM_NODE__WORKER_THREADS", "1")])).unwrap();
+    assert_eq!(config.node.worker_threads, 1);
+    let err = load_err::<StandaloneConfig>(None, &[("RIM_NODE__WORKER_THREADS", "5000")]);
+    assert!(
+        err.starts_with("invalid value for node.worker_threads"),
+        "{err}"
+    );
 }
