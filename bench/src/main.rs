@@ -24,6 +24,7 @@ mod pacing;
 mod plot;
 mod procstat;
 mod push_latency;
+mod receiver;
 mod room_routes;
 mod wire;
 

@@ -22,10 +22,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
 use clap::ValueEnum;
 use hdrhistogram::Histogram;
 use rim_client::{AuthToken, Client};
@@ -38,7 +37,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::latency::{self, Percentiles, Recorder, human};
 use crate::options::{ClientOptions, Output};
 use crate::procstat::{self, CpuUse, Snapshot, Watched};
-use crate::wire::Transport;
+use crate::receiver::{FrameSink, start_receivers};
+use crate::wire::{Transport, now_nanos, parse_body};
 
 /// How long one client may take to connect and authenticate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -127,33 +127,27 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// One progress line: (seconds since the pushes started, accepted pushes/s,
 /// deliveries/s, p50 ms, p99 ms).
 type SecondSample = (f64, f64, f64, f64, f64);
 
 /// Counters of the HTTP side, one set for the warmup and one measured.
 #[derive(Default)]
-struct PushCounters {
-    sent: AtomicU64,
-    accepted: AtomicU64,
+pub(crate) struct PushCounters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) accepted: AtomicU64,
     /// Accepted, but the API found no connection for the key.
-    no_recipient: AtomicU64,
+    pub(crate) no_recipient: AtomicU64,
     /// Answered with a status other than 200.
-    rejected: AtomicU64,
+    pub(crate) rejected: AtomicU64,
     /// No answer: connection error or timeout.
-    failed: AtomicU64,
+    pub(crate) failed: AtomicU64,
     /// Not sent: `max_in_flight` pushes were already waiting.
-    skipped: AtomicU64,
+    pub(crate) skipped: AtomicU64,
 }
 
 /// Reads a counter.
-fn load(c: &AtomicU64) -> u64 {
+pub(crate) fn load(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
@@ -194,7 +188,7 @@ impl Shared {
         }
     }
 
-    fn on_frame(&self, client: usize, frame: &Frame) {
+    fn record_frame(&self, client: usize, frame: &Frame) {
         let received = now_nanos();
         if frame.op != self.operation {
             self.other_frames.fetch_add(1, Ordering::Relaxed);
@@ -219,11 +213,14 @@ impl Shared {
     }
 }
 
-/// Parses a push body `"<send nanos> <seq>"`.
-fn parse_body(body: &[u8]) -> Option<(u64, u64)> {
-    let text = std::str::from_utf8(body).ok()?;
-    let (sent, seq) = text.split_once(' ')?;
-    Some((sent.parse().ok()?, seq.parse().ok()?))
+impl FrameSink for Shared {
+    fn on_frame(&self, client: usize, frame: &Frame) {
+        self.record_frame(client, frame);
+    }
+
+    fn on_lost(&self) {
+        self.lost_clients.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A small xorshift generator: which client a unicast push targets.
@@ -577,73 +574,8 @@ async fn connect_all(
             }
         });
     }
-    let mut keys = Vec::new();
-    let mut clients = JoinSet::new();
-    let mut failures = 0usize;
     let heartbeat = Duration::from_secs(args.client.heartbeat);
-    while let Some(done) = connecting.join_next().await {
-        match done {
-            Ok(Ok((i, key, client))) => {
-                keys.push(key);
-                clients.spawn(receive(
-                    client,
-                    i,
-                    Arc::clone(shared),
-                    stop.clone(),
-                    heartbeat,
-                    deadline,
-                ));
-            }
-            Ok(Err(err)) => {
-                failures += 1;
-                if failures <= 5 {
-                    eprintln!("warning: {err}");
-                }
-            }
-            Err(err) => {
-                failures += 1;
-                eprintln!("warning: connect task: {err}");
-            }
-        }
-    }
-    if failures > 5 {
-        eprintln!("warning: {failures} clients failed to connect in all");
-    }
-    (keys, clients)
-}
-
-/// One client's receive loop: records every push frame, heartbeats, ends
-/// on `stop`, on the deadline or when the server closes.
-async fn receive(
-    mut client: Client,
-    index: usize,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    heartbeat: Duration,
-    deadline: Instant,
-) {
-    let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    let end = tokio::time::sleep_until(deadline);
-    tokio::pin!(end);
-    loop {
-        tokio::select! {
-            () = &mut end => return,
-            _ = stop.changed() => return,
-            _ = beat.tick() => {
-                if client.send(Frame::new(Op::HEARTBEAT, 0, Bytes::new())).await.is_err() {
-                    break;
-                }
-            }
-            // next_frame is cancel-safe: a partial frame stays in the codec's buffer.
-            frame = client.next_frame() => match frame {
-                Ok(Some(frame)) => shared.on_frame(index, &frame),
-                Ok(None) | Err(_) => break,
-            },
-        }
-    }
-    if !*stop.borrow() {
-        shared.lost_clients.fetch_add(1, Ordering::Relaxed);
-    }
+    start_receivers(connecting, shared, stop, heartbeat, deadline).await
 }
 
 /// Sends one push and counts its answer.

@@ -35,10 +35,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
 use rim_client::{AuthToken, Client};
 use rim_proto::{Frame, Op};
 use serde::Serialize;
@@ -51,6 +50,9 @@ use crate::cluster::{self, Cluster};
 use crate::latency::{Percentiles, Recorder, human};
 use crate::options::{Output, RimProcesses};
 use crate::procstat::{CpuUse, Snapshot, Watched};
+use crate::push_latency::{PushCounters, load};
+use crate::receiver::{FrameSink, start_receivers};
+use crate::wire::{now_nanos, parse_body};
 
 /// How long one client may take to connect and authenticate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,12 +143,6 @@ pub struct Args {
 
 fn parse_rate(s: &str) -> Result<f64, String> {
     crate::pacing::parse_rate(s, MAX_RATE)
-}
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// The two comets hosting `room` among `comets` (≥ 2): `room mod K` and
@@ -274,30 +270,6 @@ pub fn saving_percent(before: f64, after: f64) -> f64 {
     }
 }
 
-/// Parses a push body `"<send nanos> <seq>"`.
-fn parse_body(body: &[u8]) -> Option<(u64, u64)> {
-    let text = std::str::from_utf8(body).ok()?;
-    let (sent, seq) = text.split_once(' ')?;
-    Some((sent.parse().ok()?, seq.parse().ok()?))
-}
-
-/// Counters of the HTTP side of one stretch of pushes.
-#[derive(Default)]
-struct PushCounters {
-    sent: AtomicU64,
-    accepted: AtomicU64,
-    /// Answered with a status other than 200.
-    rejected: AtomicU64,
-    /// No answer: connection error or timeout.
-    failed: AtomicU64,
-    /// Not sent: `max_in_flight` pushes were already waiting.
-    skipped: AtomicU64,
-}
-
-fn load(c: &AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
-}
-
 /// State shared by the pushers and the clients.
 struct Shared {
     operation: Op,
@@ -329,7 +301,7 @@ impl Shared {
             && seq < self.measure_to.load(Ordering::Acquire)
     }
 
-    fn on_frame(&self, client: usize, frame: &Frame) {
+    fn record_frame(&self, client: usize, frame: &Frame) {
         let received = now_nanos();
         if frame.op != self.operation {
             self.other_frames.fetch_add(1, Ordering::Relaxed);
@@ -368,6 +340,16 @@ impl Shared {
     /// Deliveries the measured pushes accepted so far should make.
     fn expected(&self, members_per_room: u64) -> u64 {
         self.room_accepted.iter().map(load).sum::<u64>() * members_per_room
+    }
+}
+
+impl FrameSink for Shared {
+    fn on_frame(&self, client: usize, frame: &Frame) {
+        self.record_frame(client, frame);
+    }
+
+    fn on_lost(&self) {
+        self.lost_clients.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -1082,76 +1064,15 @@ async fn connect_all(
                 Ok::<_, rim_client::Error>(client)
             };
             match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-                Ok(Ok(client)) => Ok((i, client)),
+                Ok(Ok(client)) => Ok((i, (), client)),
                 Ok(Err(err)) => Err(format!("client {i} via {addr}: {err}")),
                 Err(_) => Err(format!("client {i} via {addr}: no auth reply in time")),
             }
         });
     }
-    let mut connected = 0;
-    let mut clients = JoinSet::new();
-    let mut failures = 0usize;
     let heartbeat = Duration::from_secs(args.heartbeat);
-    while let Some(done) = connecting.join_next().await {
-        match done {
-            Ok(Ok((i, client))) => {
-                connected += 1;
-                clients.spawn(receive(
-                    client,
-                    i,
-                    Arc::clone(shared),
-                    stop.clone(),
-                    heartbeat,
-                    deadline,
-                ));
-            }
-            Ok(Err(err)) => {
-                failures += 1;
-                if failures <= 5 {
-                    eprintln!("warning: {err}");
-                }
-            }
-            Err(err) => {
-                failures += 1;
-                eprintln!("warning: connect task: {err}");
-            }
-        }
-    }
-    (connected, clients)
-}
-
-/// One client's receive loop: records every push frame, heartbeats, ends
-/// on `stop`, on the deadline or when the server closes.
-async fn receive(
-    mut client: Client,
-    index: usize,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    heartbeat: Duration,
-    deadline: Instant,
-) {
-    let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    let end = tokio::time::sleep_until(deadline);
-    tokio::pin!(end);
-    loop {
-        tokio::select! {
-            () = &mut end => return,
-            _ = stop.changed() => return,
-            _ = beat.tick() => {
-                if client.send(Frame::new(Op::HEARTBEAT, 0, Bytes::new())).await.is_err() {
-                    break;
-                }
-            }
-            // next_frame is cancel-safe: a partial frame stays in the codec's buffer.
-            frame = client.next_frame() => match frame {
-                Ok(Some(frame)) => shared.on_frame(index, &frame),
-                Ok(None) | Err(_) => break,
-            },
-        }
-    }
-    if !*stop.borrow() {
-        shared.lost_clients.fetch_add(1, Ordering::Relaxed);
-    }
+    let (connected, clients) = start_receivers(connecting, shared, stop, heartbeat, deadline).await;
+    (connected.len(), clients)
 }
 
 /// Bars per phase: job CPU, comets' CPU and room calls per message.
