@@ -37,8 +37,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::latency::{self, Percentiles, Recorder, human};
 use crate::options::{ClientOptions, Output};
 use crate::procstat::{self, CpuUse, Snapshot, Watched};
-use crate::receiver::{FrameSink, start_receivers};
-use crate::wire::{Transport, now_nanos, parse_body};
+use crate::receiver::{FrameCounts, FrameSink, start_receivers};
+use crate::wire::{Transport, now_nanos};
 
 /// How long one client may take to connect and authenticate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -158,18 +158,9 @@ struct Shared {
     measure_from: AtomicU64,
     warmup: PushCounters,
     measured: PushCounters,
-    /// Every push frame received (warmup included).
-    deliveries: AtomicU64,
     /// Push frames of measured pushes received.
     measured_deliveries: AtomicU64,
-    /// Push frames whose body was not `"<nanos> <seq>"`.
-    bad_bodies: AtomicU64,
-    /// Frames with another op (heartbeat replies and the like).
-    other_frames: AtomicU64,
-    /// Received before they were sent (clock stepped): recorded as 1 µs.
-    negative: AtomicU64,
-    /// Clients whose connection ended before the benchmark did.
-    lost_clients: AtomicU64,
+    frames: FrameCounts,
     /// Send → receipt.
     latency: Recorder,
     /// HTTP request → answer, measured pushes.
@@ -187,39 +178,22 @@ impl Shared {
             &self.warmup
         }
     }
+}
 
-    fn record_frame(&self, client: usize, frame: &Frame) {
-        let received = now_nanos();
-        if frame.op != self.operation {
-            self.other_frames.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let Some((sent, seq)) = parse_body(&frame.body) else {
-            self.bad_bodies.fetch_add(1, Ordering::Relaxed);
+impl FrameSink for Shared {
+    fn counts(&self) -> &FrameCounts {
+        &self.frames
+    }
+
+    fn on_frame(&self, client: usize, frame: &Frame) {
+        let Some((seq, micros)) = self.frames.push(self.operation, frame) else {
             return;
         };
-        self.deliveries.fetch_add(1, Ordering::Relaxed);
         let measured = seq >= self.measure_from.load(Ordering::Acquire);
         if measured {
             self.measured_deliveries.fetch_add(1, Ordering::Relaxed);
         }
-        let micros = if received >= sent {
-            (received - sent) / 1_000
-        } else {
-            self.negative.fetch_add(1, Ordering::Relaxed);
-            1
-        };
         self.latency.record(client, micros, measured);
-    }
-}
-
-impl FrameSink for Shared {
-    fn on_frame(&self, client: usize, frame: &Frame) {
-        self.record_frame(client, frame);
-    }
-
-    fn on_lost(&self) {
-        self.lost_clients.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -310,12 +284,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         measure_from: AtomicU64::new(u64::MAX),
         warmup: PushCounters::default(),
         measured: PushCounters::default(),
-        deliveries: AtomicU64::new(0),
         measured_deliveries: AtomicU64::new(0),
-        bad_bodies: AtomicU64::new(0),
-        other_frames: AtomicU64::new(0),
-        negative: AtomicU64::new(0),
-        lost_clients: AtomicU64::new(0),
+        frames: FrameCounts::default(),
         latency: Recorder::new(SHARDS),
         http: parking_lot::Mutex::new(latency::histogram()),
         series: parking_lot::Mutex::new(Vec::new()),
@@ -458,15 +428,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // ---- report
     let deliveries = shared.measured_deliveries.load(Ordering::Relaxed);
-    let lost_clients = shared.lost_clients.load(Ordering::Relaxed);
+    let lost_clients = shared.frames.lost_clients.load(Ordering::Relaxed);
     let http_hist = shared.http.lock().clone();
     let (missing, extra) = (
         expected.saturating_sub(deliveries),
         deliveries.saturating_sub(expected),
     );
     let (bad_bodies, negative) = (
-        shared.bad_bodies.load(Ordering::Relaxed),
-        shared.negative.load(Ordering::Relaxed),
+        shared.frames.bad_bodies.load(Ordering::Relaxed),
+        shared.frames.negative.load(Ordering::Relaxed),
     );
     let errors = load(&m.no_recipient)
         + load(&m.rejected)
@@ -495,7 +465,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         deliveries_missing: missing,
         deliveries_extra: extra,
         bad_bodies,
-        other_frames: shared.other_frames.load(Ordering::Relaxed),
+        other_frames: shared.frames.other_frames.load(Ordering::Relaxed),
         negative_latencies: negative,
         lost_clients,
         errors,
@@ -634,13 +604,13 @@ async fn progress(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, deadline
         let (sent, accepted, delivered) = (
             total(|c| &c.sent),
             total(|c| &c.accepted),
-            shared.deliveries.load(Ordering::Relaxed),
+            shared.frames.deliveries.load(Ordering::Relaxed),
         );
         let errors = total(|c| &c.rejected)
             + total(|c| &c.failed)
             + total(|c| &c.skipped)
             + total(|c| &c.no_recipient)
-            + shared.lost_clients.load(Ordering::Relaxed);
+            + shared.frames.lost_clients.load(Ordering::Relaxed);
         let window = Percentiles::of(&shared.latency.take_interval());
         let rate = |n: u64, before: u64| (n - before) as f64 / secs;
         eprintln!(
@@ -788,16 +758,6 @@ fn print_report(r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_push_bodies() {
-        assert_eq!(
-            parse_body(b"1700000000000000000 42"),
-            Some((1_700_000_000_000_000_000, 42))
-        );
-        assert_eq!(parse_body(b"hello"), None);
-        assert_eq!(parse_body(b"1 x"), None);
-    }
 
     #[test]
     fn rates_are_bounded() {

@@ -51,8 +51,8 @@ use crate::latency::{Percentiles, Recorder, human};
 use crate::options::{Output, RimProcesses};
 use crate::procstat::{CpuUse, Snapshot, Watched};
 use crate::push_latency::{PushCounters, load};
-use crate::receiver::{FrameSink, start_receivers};
-use crate::wire::{now_nanos, parse_body};
+use crate::receiver::{FrameCounts, FrameSink, start_receivers};
+use crate::wire::now_nanos;
 
 /// How long one client may take to connect and authenticate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -282,16 +282,9 @@ struct Shared {
     client_got: Vec<AtomicU64>,
     /// Measured pushes accepted, per room.
     room_accepted: Vec<AtomicU64>,
-    /// Every push frame received (probes and warmup included).
-    deliveries: AtomicU64,
     /// Measured push frames received.
     measured_deliveries: AtomicU64,
-    bad_bodies: AtomicU64,
-    other_frames: AtomicU64,
-    /// Received before they were sent (clock stepped): recorded as 1 µs.
-    negative: AtomicU64,
-    /// Clients whose connection ended before the benchmark did.
-    lost_clients: AtomicU64,
+    frames: FrameCounts,
     latency: Recorder,
 }
 
@@ -299,33 +292,6 @@ impl Shared {
     fn measured(&self, seq: u64) -> bool {
         seq >= self.measure_from.load(Ordering::Acquire)
             && seq < self.measure_to.load(Ordering::Acquire)
-    }
-
-    fn record_frame(&self, client: usize, frame: &Frame) {
-        let received = now_nanos();
-        if frame.op != self.operation {
-            self.other_frames.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let Some((sent, seq)) = parse_body(&frame.body) else {
-            self.bad_bodies.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        self.deliveries.fetch_add(1, Ordering::Relaxed);
-        let measured = self.measured(seq);
-        if measured {
-            self.measured_deliveries.fetch_add(1, Ordering::Relaxed);
-            if let Some(got) = self.client_got.get(client) {
-                got.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let micros = if received >= sent {
-            (received - sent) / 1_000
-        } else {
-            self.negative.fetch_add(1, Ordering::Relaxed);
-            1
-        };
-        self.latency.record(client, micros, measured);
     }
 
     /// Forgets the previous phase's measured counts.
@@ -344,12 +310,22 @@ impl Shared {
 }
 
 impl FrameSink for Shared {
-    fn on_frame(&self, client: usize, frame: &Frame) {
-        self.record_frame(client, frame);
+    fn counts(&self) -> &FrameCounts {
+        &self.frames
     }
 
-    fn on_lost(&self) {
-        self.lost_clients.fetch_add(1, Ordering::Relaxed);
+    fn on_frame(&self, client: usize, frame: &Frame) {
+        let Some((seq, micros)) = self.frames.push(self.operation, frame) else {
+            return;
+        };
+        let measured = self.measured(seq);
+        if measured {
+            self.measured_deliveries.fetch_add(1, Ordering::Relaxed);
+            if let Some(got) = self.client_got.get(client) {
+                got.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency.record(client, micros, measured);
     }
 }
 
@@ -625,12 +601,8 @@ async fn measure(
         client_room: places.iter().map(|&(room, _)| room).collect(),
         client_got: places.iter().map(|_| AtomicU64::new(0)).collect(),
         room_accepted: (0..args.rooms).map(|_| AtomicU64::new(0)).collect(),
-        deliveries: AtomicU64::new(0),
         measured_deliveries: AtomicU64::new(0),
-        bad_bodies: AtomicU64::new(0),
-        other_frames: AtomicU64::new(0),
-        negative: AtomicU64::new(0),
-        lost_clients: AtomicU64::new(0),
+        frames: FrameCounts::default(),
         latency: Recorder::new(SHARDS),
     });
     let phase_secs = READY_LIMIT.as_secs()
@@ -751,10 +723,10 @@ async fn measure(
         connect_secs,
         job_cpu_saved_percent: saving_percent(unrouted.job_cpu_us, routed.job_cpu_us),
         comets_cpu_saved_percent: saving_percent(unrouted.comets_cpu_us, routed.comets_cpu_us),
-        bad_bodies: load(&shared.bad_bodies),
-        other_frames: load(&shared.other_frames),
-        negative_latencies: load(&shared.negative),
-        lost_clients: load(&shared.lost_clients),
+        bad_bodies: load(&shared.frames.bad_bodies),
+        other_frames: load(&shared.frames.other_frames),
+        negative_latencies: load(&shared.frames.negative),
+        lost_clients: load(&shared.frames.lost_clients),
         phases,
         args: args.clone(),
     })
@@ -885,9 +857,9 @@ async fn run_phase(
     let result = async {
         // ---- ready: a probe every 500 ms until one is delivered
         let probes = Arc::new(PushCounters::default());
-        let before = load(&shared.deliveries);
+        let before = load(&shared.frames.deliveries);
         let ready_deadline = Instant::now() + READY_LIMIT;
-        while load(&shared.deliveries) == before {
+        while load(&shared.frames.deliveries) == before {
             ensure!(
                 Instant::now() < ready_deadline,
                 "the job delivered no probe push in {READY_LIMIT:?} (see job-{}.log)",
@@ -1020,10 +992,10 @@ async fn run_phase(
 /// Waits until no frame arrived for one second, `limit` at most.
 async fn quiet(shared: &Shared, limit: Duration) {
     let deadline = Instant::now() + limit;
-    let mut last = load(&shared.deliveries);
+    let mut last = load(&shared.frames.deliveries);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = load(&shared.deliveries);
+        let now = load(&shared.frames.deliveries);
         if now == last {
             return;
         }
@@ -1318,11 +1290,5 @@ mod tests {
         assert_eq!(json["members_per_comet"], 1);
         assert_eq!(json["rim"], "target/release/rim");
         assert_eq!(json["port_base"], 34_000);
-    }
-
-    #[test]
-    fn parses_push_bodies() {
-        assert_eq!(parse_body(b"17 42"), Some((17, 42)));
-        assert_eq!(parse_body(b"x"), None);
     }
 }
