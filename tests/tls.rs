@@ -5,32 +5,20 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rim_proto::api::{CometApi, RemoteComet};
-use rim_testkit::TestCa;
+use rim_testkit::{TestCa, read_to_close};
 use rim_tls::{GrpcTls, GrpcTlsFiles};
 use support::start_standalone;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::rustls::pki_types::ServerName;
 
 const BOUND: Duration = Duration::from_secs(20);
 
 const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-
-async fn read_all(stream: &mut (impl AsyncReadExt + Unpin)) -> String {
-    let mut answer = Vec::new();
-    let _ = timeout(BOUND, stream.read_to_end(&mut answer))
-        .await
-        .expect("the server answers or closes in time");
-    String::from_utf8_lossy(&answer).into_owned()
-}
 
 #[tokio::test]
 async fn standalone_serves_https_and_mutual_tls_grpc() {
@@ -53,33 +41,23 @@ async fn standalone_serves_https_and_mutual_tls_grpc() {
     let grpc = rim.addr_after("grpc=Some(").to_string();
 
     // HTTPS with the CA answers.
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca.ca()).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
     let tcp = TcpStream::connect(http).await.unwrap();
     let mut tls = timeout(
         BOUND,
-        TlsConnector::from(Arc::new(config))
+        ca.client()
             .connect(ServerName::try_from("localhost").unwrap(), tcp),
     )
     .await
     .expect("handshake in time")
     .expect("the API's certificate is trusted through the CA");
     tls.write_all(HEALTHZ).await.unwrap();
-    let answer = read_all(&mut tls).await;
+    let answer = read_to_close(&mut tls, BOUND).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // Plain HTTP gets no answer.
     let mut plain = TcpStream::connect(http).await.unwrap();
     plain.write_all(HEALTHZ).await.unwrap();
-    let answer = read_all(&mut plain).await;
+    let answer = read_to_close(&mut plain, BOUND).await;
     assert!(!answer.contains("HTTP/1.1"), "{answer}");
 
     // The comet gRPC: a caller with a certificate from the CA gets through.

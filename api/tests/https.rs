@@ -5,47 +5,19 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use rim_testkit::TestCa;
+use rim_testkit::{TestCa, read_to_close};
 use support::Setup;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// A bound on every exchange with the server.
 const BOUND: Duration = Duration::from_secs(10);
 
 const REQUEST: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-
-/// A TLS client trusting only the CA in `ca`.
-fn connector(ca: &std::path::Path) -> TlsConnector {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-}
-
-/// Reads what the server sends until it closes (or an error), bounded.
-async fn read_all(stream: &mut (impl AsyncReadExt + Unpin)) -> String {
-    let mut answer = Vec::new();
-    let _ = timeout(BOUND, stream.read_to_end(&mut answer))
-        .await
-        .expect("the server answers or closes in time");
-    String::from_utf8_lossy(&answer).into_owned()
-}
 
 #[tokio::test]
 async fn the_api_answers_over_tls_and_refuses_plaintext_and_untrusting_clients() {
@@ -62,19 +34,19 @@ async fn the_api_answers_over_tls_and_refuses_plaintext_and_untrusting_clients()
     // HTTPS with the CA: an answer.
     let tcp = TcpStream::connect(api.addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = timeout(BOUND, connector(&ca.ca()).connect(name.clone(), tcp))
+    let mut tls = timeout(BOUND, ca.client().connect(name.clone(), tcp))
         .await
         .expect("handshake in time")
         .expect("the handshake succeeds with the CA");
     tls.write_all(REQUEST).await.unwrap();
-    let answer = read_all(&mut tls).await;
+    let answer = read_to_close(&mut tls, BOUND).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"ok\""), "{answer}");
 
     // Plain HTTP on the same port: no HTTP answer, the connection is closed.
     let mut plain = TcpStream::connect(api.addr).await.unwrap();
     plain.write_all(REQUEST).await.unwrap();
-    let answer = read_all(&mut plain).await;
+    let answer = read_to_close(&mut plain, BOUND).await;
     assert!(
         !answer.contains("HTTP/1.1"),
         "plaintext got an answer: {answer}"
@@ -83,7 +55,7 @@ async fn the_api_answers_over_tls_and_refuses_plaintext_and_untrusting_clients()
     // A client trusting another CA refuses the server's certificate.
     let other = TestCa::new("other ca");
     let tcp = TcpStream::connect(api.addr).await.unwrap();
-    let refused = timeout(BOUND, connector(&other.ca()).connect(name, tcp))
+    let refused = timeout(BOUND, other.client().connect(name, tcp))
         .await
         .expect("handshake ends in time");
     assert!(
@@ -96,14 +68,15 @@ async fn the_api_answers_over_tls_and_refuses_plaintext_and_untrusting_clients()
     let mut counted = 0.0;
     for _ in 0..100 {
         let tcp = TcpStream::connect(api.addr).await.unwrap();
-        let mut tls = connector(&ca.ca())
+        let mut tls = ca
+            .client()
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .unwrap();
         tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let metrics = read_all(&mut tls).await;
+        let metrics = read_to_close(&mut tls, BOUND).await;
         counted = metrics
             .lines()
             .find_map(|l| {

@@ -15,7 +15,7 @@ mod zookeeper;
 pub use logs::Logs;
 pub use postgres::PostgresServer;
 pub use tansu::TansuServer;
-pub use tls::{CertFiles, TestCa};
+pub use tls::{CertFiles, TestCa, read_to_close};
 pub use zookeeper::ZkServer;
 
 use std::time::Duration;

@@ -4,7 +4,9 @@
 //! lives as long as the CA.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -59,6 +61,26 @@ impl TestCa {
         self.ca.clone()
     }
 
+    /// A TLS client (no certificate of its own) trusting only this CA.
+    pub fn client(&self) -> tokio_rustls::TlsConnector {
+        use tokio_rustls::rustls::pki_types::CertificateDer;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&self.ca).expect("read ca.pem") {
+            roots
+                .add(cert.expect("a CA certificate"))
+                .expect("trust the CA");
+        }
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
     /// Issues a certificate for `127.0.0.1` and `localhost`, usable by a
     /// server and by a client, and writes it with its key.
     pub fn issue(&self, name: &str) -> CertFiles {
@@ -83,4 +105,18 @@ impl TestCa {
         std::fs::write(&files.key, key.serialize_pem()).expect("write key");
         files
     }
+}
+
+/// Reads what a server sends until it closes the stream (or fails), within
+/// `bound`; panics when the server neither answers nor closes in time.
+pub async fn read_to_close(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    bound: Duration,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(bound, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server answers or closes in time");
+    String::from_utf8_lossy(&answer).into_owned()
 }
