@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use rim_proto::api::{CometApi, RemoteComet};
 use serde::Serialize;
 use tokio::time::Instant;
@@ -155,16 +155,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     cluster.stop().await;
     let report = result?;
     print_report(&report);
-    if let Some(path) = &args.output.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("results written to {}", path.display());
-    }
-    if let Some(path) = &args.output.svg {
-        std::fs::write(path, plot(&report))
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("plot written to {}", path.display());
-    }
+    args.output
+        .write(|| serde_json::to_string_pretty(&report), || plot(&report))?;
     ensure!(report.connected > 0, "no client connected");
     Ok(())
 }

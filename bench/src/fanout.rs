@@ -355,16 +355,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ratios,
     };
     print_report(&report);
-    if let Some(path) = &args.output.json {
-        std::fs::write(path, serde_json::to_string(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("results written to {}", path.display());
-    }
-    if let Some(path) = &args.output.svg {
-        std::fs::write(path, plot(&report))
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("plot written to {}", path.display());
-    }
+    args.output
+        .write(|| serde_json::to_string(&report), || plot(&report))?;
     Ok(())
 }
 

@@ -56,3 +56,25 @@ pub struct Output {
     #[arg(long)]
     pub svg: Option<PathBuf>,
 }
+
+impl Output {
+    /// Writes `json` (the serialized report) and the plot `svg` draws to
+    /// the paths given, saying where on stderr.
+    pub fn write(
+        &self,
+        json: impl FnOnce() -> serde_json::Result<String>,
+        svg: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        if let Some(path) = &self.json {
+            std::fs::write(path, json()? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("results written to {}", path.display());
+        }
+        if let Some(path) = &self.svg {
+            std::fs::write(path, svg()).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("plot written to {}", path.display());
+        }
+        Ok(())
+    }
+}

@@ -477,16 +477,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args,
     };
     print_report(&report);
-    if let Some(path) = &report.args.output.json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("results written to {}", path.display());
-    }
-    if let Some(path) = &report.args.output.svg {
-        std::fs::write(path, plot(&report))
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("plot written to {}", path.display());
-    }
+    report
+        .args
+        .output
+        .write(|| serde_json::to_string_pretty(&report), || plot(&report))?;
     if report.pushes_accepted == 0 {
         bail!("no push was accepted");
     }

@@ -544,16 +544,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     cluster.stop().await;
     let report = result?;
     print_report(&report);
-    if let Some(path) = &report.args.output.json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("results written to {}", path.display());
-    }
-    if let Some(path) = &report.args.output.svg {
-        std::fs::write(path, plot(&report))
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("plot written to {}", path.display());
-    }
+    report
+        .args
+        .output
+        .write(|| serde_json::to_string_pretty(&report), || plot(&report))?;
     if report.phases.iter().any(|p| p.pushes_accepted == 0) {
         bail!("a phase had no accepted push");
     }
